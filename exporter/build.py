@@ -1,0 +1,107 @@
+"""Build an artifact (format v1) from a model, a plan and the samplers to bake.
+
+The build writes into a temporary sibling directory and renames it into place, so a crash
+never leaves half an artifact where the runtime would look.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ditbake.exporter.adapters import Adapter
+from ditbake.exporter.sampler import bake, make_scheduler
+from ditbake.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, PLAN, WEIGHTS, Profile, sha256_file
+from ditbake.runtime.errors import BackendError, PlanError
+from ditbake.runtime.plan import Plan
+
+log = logging.getLogger(__name__)
+
+PRODUCER_VERSION = "0.1.0"
+BUILD_BACKENDS = ("eager",)
+
+
+def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
+    if plan.architecture != adapter.architecture:
+        raise PlanError(f"plan is for {plan.architecture!r} but the model is {adapter.architecture!r}")
+    if plan.num_blocks != adapter.num_blocks:
+        raise PlanError(f"plan has {plan.num_blocks} blocks but the model has {adapter.num_blocks}")
+    if set(plan.linear_layers) != set(adapter.linear_layers):
+        raise PlanError("plan's linear layers differ from the model's; re-run `ditbake plan` on this model's calibration")
+    if dict(plan.attention_sites) != adapter.attention_sites:
+        raise PlanError("plan's attention sites differ from the model's; re-run `ditbake plan`")
+
+
+def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profile], samplers: list[str],
+          dtype: torch.dtype = torch.bfloat16, backend: str = "eager", label: str = "",
+          scheduler_config: dict | None = None, progress: bool = True) -> Path:
+    if backend not in BUILD_BACKENDS:
+        raise BackendError(f"backend {backend!r} cannot be built yet; available: {BUILD_BACKENDS}")
+    check_plan_fits(adapter, plan)
+    if not samplers:
+        raise PlanError("at least one sampler must be baked")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        steps = ["weights", "samplers", "manifest"]
+        bar = tqdm(steps, desc="build", disable=not progress)
+        bar.set_postfix_str("weights")
+        weights = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
+                   for k, v in adapter.weights().items()}
+        for p in profiles:
+            weights.update({k: v.contiguous() for k, v in adapter.profile_tensors(p.to_json()).items()})
+        save_file(weights, str(tmp / WEIGHTS))
+        plan.save(tmp / PLAN)
+        (tmp / "engines").mkdir()
+        bar.update(1)
+        bar.set_postfix_str("samplers")
+        tables = {name: bake(make_scheduler(name, adapter.architecture, scheduler_config), plan.num_steps, name)
+                  for name in samplers}
+        bar.update(1)
+        files = {rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
+                 for rel in (WEIGHTS, PLAN)}
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "producer": {"name": "ditbake", "version": PRODUCER_VERSION, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "model": {"architecture": adapter.architecture, "diffusers_class": adapter.diffusers_class,
+                      "config": adapter.config, "label": label,
+                      "parameters": int(sum(v.numel() for k, v in adapter.weights().items()))},
+            "dtype": str(dtype).removeprefix("torch."),
+            "profiles": [p.to_json() for p in profiles],
+            "samplers": {name: t.to_json() for name, t in tables.items()},
+            "default_sampler": samplers[0],
+            "plan_file": PLAN,
+            "backend": backend,
+            "engines": [],  # the eager backend composes ops at run time; compiled backends list files here
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        bar.update(1)
+        bar.close()
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built %s (%s, %d variants, %d steps)", out, backend, len(plan.variants), plan.num_steps)
+    return out
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing target is swapped out first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,156 @@
+"""The calibration pass: run the model's real diffusers scheduler over N prompts through every
+step, with forward hooks on the blocks recording per (prompt, CFG branch, step, block):
+
+- gamma        Γ = ‖out − in‖₁ / ‖in‖₁, the relative L1 change a block makes to its input
+- delta_l1     ‖Δ‖₁ / numel with Δ = out − in, the residual a skip would reuse
+- delta_change ‖Δ_t − Δ_{t−1}‖₁ / ‖Δ_{t−1}‖₁ (NaN at the first step): how stale a cached Δ gets
+
+Stored as safetensors (tensors) + JSON (metadata). Later techniques add their statistics to
+this one pass (through `extra_hooks`) rather than adding passes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ditbake.exporter.adapters import Adapter
+from ditbake.exporter.sampler import make_scheduler
+from ditbake.runtime.errors import DitbakeError, InputError
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "stats.safetensors"
+META_FILE = "calibration.json"
+BRANCHES = ("cond", "uncond")
+
+
+class CalibrationError(DitbakeError):
+    exit_code = 10
+
+
+@dataclass
+class CalibrationStats:
+    meta: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(out / STATS_FILE))
+        (out / META_FILE).write_text(json.dumps(self.meta, indent=1))
+        return out
+
+    @staticmethod
+    def load(path: str | Path) -> "CalibrationStats":
+        path = Path(path)
+        if not (path / META_FILE).exists() or not (path / STATS_FILE).exists():
+            raise CalibrationError(f"{path} holds no calibration ({META_FILE} + {STATS_FILE}); "
+                                   "run `ditbake calibrate` first")
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{path / META_FILE} is not valid JSON; re-run `ditbake calibrate`") from exc
+        return CalibrationStats(meta, load_file(str(path / STATS_FILE)))
+
+
+def load_prompt_embeds(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A safetensors file with `embeds` [N, L, D] and optionally `negative` [N, L, D] or [L, D]."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for bad files
+        raise InputError(f"cannot read prompt embeddings from {path}: {exc}") from exc
+    if "embeds" not in tensors:
+        raise InputError(f"{path} has no 'embeds' tensor (found {sorted(tensors)})")
+    embeds = tensors["embeds"]
+    if embeds.ndim == 2:
+        embeds = embeds[None]
+    return embeds.float(), tensors.get("negative")
+
+
+def random_prompt_embeds(n: int, text_len: int, text_dim: int, seed: int) -> torch.Tensor:
+    """Stand-in prompt embeddings for random-weight models (no text encoder is shipped yet)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, text_len, text_dim, generator=gen)
+
+
+class _BlockRecorder:
+    """Forward hooks on every block, writing into [prompt, branch, step, block] tensors at `where`."""
+
+    def __init__(self, adapter: Adapter, shape: tuple[int, int, int, int]):
+        self.adapter = adapter
+        self.gamma = torch.zeros(shape)
+        self.delta_l1 = torch.zeros(shape)
+        self.delta_change = torch.full(shape, float("nan"))
+        self.where = (0, 0, 0)  # prompt, branch, step
+        self.prev_delta: dict[tuple[int, int, int], torch.Tensor] = {}  # (prompt, branch, block) → Δ
+        self.handles = [m.register_forward_hook(self._hook(i), with_kwargs=True)
+                        for i, m in enumerate(adapter.block_modules())]
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            p, b, step = self.where
+            inp, out = self.adapter.block_io(args, kwargs, output)
+            inp, out = inp.float(), out.float()
+            delta = out - inp
+            self.gamma[p, b, step, index] = delta.abs().mean() / inp.abs().mean().clamp_min(1e-12)
+            self.delta_l1[p, b, step, index] = delta.abs().mean()
+            prev = self.prev_delta.pop((p, b, index), None)
+            if prev is not None:
+                self.delta_change[p, b, step, index] = (delta - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
+            self.prev_delta[(p, b, index)] = delta
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | None, *, latent: tuple[int, ...],
+              sampler: str, num_steps: int, guidance_scale: float, seed: int, source: str,
+              scheduler_config: dict | None = None, progress: bool = True) -> CalibrationStats:
+    model = adapter.model
+    dtype = next(model.parameters()).dtype
+    n, text_len, _ = embeds.shape
+    use_cfg = guidance_scale > 1.0
+    if negative is None:
+        negative = torch.zeros_like(embeds[:1])
+    if negative.ndim == 2:
+        negative = negative[None]
+    branches = BRANCHES if use_cfg else BRANCHES[:1]
+    recorder = _BlockRecorder(adapter, (n, len(branches), num_steps, adapter.num_blocks))
+    bar = tqdm(total=n * num_steps, desc="calibrate", unit="step", disable=not progress)
+    try:
+        for p in range(n):
+            scheduler = make_scheduler(sampler, adapter.architecture, scheduler_config)
+            scheduler.set_timesteps(num_steps)
+            gen = torch.Generator().manual_seed(seed + p)
+            x = torch.randn((1, *latent), generator=gen) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+            texts = {"cond": embeds[p:p + 1].to(dtype), "uncond": negative[p % negative.shape[0]][None].to(dtype)}
+            for i, t in enumerate(scheduler.timesteps):
+                outs = {}
+                for bi, b in enumerate(branches):
+                    recorder.where = (p, bi, i)
+                    outs[b] = adapter.diffusers_forward(x.to(dtype), t.expand(1), texts[b]).float()
+                out = outs["cond"] if not use_cfg else outs["uncond"] + guidance_scale * (outs["cond"] - outs["uncond"])
+                x = scheduler.step(out, t, x, return_dict=False)[0]
+                bar.update(1)
+            recorder.prev_delta.clear()
+    finally:
+        recorder.remove()
+        bar.close()
+    meta = {"source": source, "architecture": adapter.architecture, "diffusers_class": adapter.diffusers_class,
+            "num_blocks": adapter.num_blocks, "linear_layers": list(adapter.linear_layers),
+            "attention_sites": adapter.attention_sites, "sampler": sampler, "num_steps": num_steps,
+            "guidance_scale": guidance_scale, "seed": seed, "num_prompts": n, "branches": list(branches),
+            "latent_shape": list(latent), "text_len": text_len,
+            "layout": {"gamma": "prompt, branch, step, block", "delta_l1": "prompt, branch, step, block",
+                       "delta_change": "prompt, branch, step, block (NaN at step 0)"}}
+    return CalibrationStats(meta, {"gamma": recorder.gamma, "delta_l1": recorder.delta_l1,
+                                   "delta_change": recorder.delta_change})

@@ -1,0 +1,17 @@
+"""Registry of the architectures the runtime implements, by the name stored in the artifact."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from ditbake.runtime import arch_cogvideox, arch_wan
+from ditbake.runtime.errors import ArtifactError
+
+ARCHITECTURES: dict[str, ModuleType] = {m.NAME: m for m in (arch_wan, arch_cogvideox)}
+
+
+def get(name: str) -> ModuleType:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ArtifactError(f"architecture {name!r} is not implemented by this runtime "
+                            f"(it runs {sorted(ARCHITECTURES)}); upgrade ditbake") from None

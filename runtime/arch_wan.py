@@ -1,0 +1,138 @@
+"""WanTransformer3DModel (Wan 2.1 text-to-video) in plain torch over diffusers-named weights.
+
+Token layout: the blocks carry visual tokens only ([B, F·H·W, D], frame-major); text enters
+through cross-attention, so the self-attention that the plan compresses has no text range.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ditbake.runtime.nn import (Weights, dense, gelu_tanh_mlp, layer_norm, quantizable_linear, rms_norm,
+                                rotate_interleaved, timestep_embedding)
+
+NAME = "wan"
+BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+                 "ffn.net.0.proj", "ffn.net.2")
+COMPRESSIBLE_ATTENTION = ("attn1",)
+
+
+def num_blocks(config: dict) -> int:
+    return int(config["num_layers"])
+
+
+def heads(config: dict) -> int:
+    return int(config["num_attention_heads"])
+
+
+def latent_shape(config: dict, frames: int, height: int, width: int) -> tuple[int, ...]:
+    """Shape of one sample's latents: [C, F, H, W]."""
+    return (int(config["in_channels"]), frames, height, width)
+
+
+def grid(config: dict, latent: tuple[int, ...]) -> tuple[int, int, int]:
+    p_t, p_h, p_w = config["patch_size"]
+    _, f, h, w = latent
+    return f // p_t, h // p_h, w // p_w
+
+
+def _rope_1d(dim: int, length: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), freqs)
+    return angles.cos().repeat_interleave(2, dim=1).float(), angles.sin().repeat_interleave(2, dim=1).float()
+
+
+def rope(config: dict, latent: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-axis rotary tables [1, S, 1, D] over (frame, height, width), as diffusers' WanRotaryPosEmbed."""
+    d = int(config["attention_head_dim"])
+    h_dim = w_dim = 2 * (d // 6)
+    t_dim = d - h_dim - w_dim
+    f, h, w = grid(config, latent)
+    cos_parts, sin_parts = [], []
+    for axis, (dim, n) in enumerate(((t_dim, f), (h_dim, h), (w_dim, w))):
+        c, s = _rope_1d(dim, n)
+        shape = [1, 1, 1, dim]
+        shape[axis] = n
+        cos_parts.append(c.view(shape).expand(f, h, w, dim))
+        sin_parts.append(s.view(shape).expand(f, h, w, dim))
+    cos = torch.cat(cos_parts, dim=-1).reshape(1, f * h * w, 1, d).to(device)
+    sin = torch.cat(sin_parts, dim=-1).reshape(1, f * h * w, 1, d).to(device)
+    return cos, sin
+
+
+def prologue(w: Weights, config: dict, latents: torch.Tensor, timestep: torch.Tensor,
+             text: torch.Tensor, profile: dict) -> tuple[torch.Tensor, dict]:
+    """Patchify + time and text embeddings. latents [B, C, F, H, W] → tokens [B, S, D]."""
+    dtype = w["patch_embedding.weight"].dtype
+    x = F.conv3d(latents.to(dtype), w["patch_embedding.weight"], w["patch_embedding.bias"],
+                 stride=tuple(config["patch_size"]))
+    x = x.flatten(2).transpose(1, 2).contiguous()
+    t = timestep_embedding(timestep, int(config["freq_dim"]), flip_sin_to_cos=True, shift=0)
+    t = t.to(w["condition_embedder.time_embedder.linear_1.weight"].dtype)
+    temb = dense(F.silu(dense(t, w, "condition_embedder.time_embedder.linear_1")), w,
+                 "condition_embedder.time_embedder.linear_2").to(dtype)
+    timestep_proj = dense(F.silu(temb), w, "condition_embedder.time_proj").unflatten(1, (6, -1))
+    ctx_text = dense(F.gelu(dense(text.to(dtype), w, "condition_embedder.text_embedder.linear_1"),
+                            approximate="tanh"), w, "condition_embedder.text_embedder.linear_2")
+    ctx = {"temb": temb, "timestep_proj": timestep_proj, "text": ctx_text,
+           "rope": rope(config, tuple(latents.shape[1:]), latents.device), "latent": tuple(latents.shape)}
+    return x, ctx
+
+
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.unflatten(2, (n, -1))  # [B, S, H, Dh]
+
+
+def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, variant, attention,
+          branch: str) -> torch.Tensor:
+    """One WanTransformerBlock: modulated self-attention (rope), cross-attention to text, FFN."""
+    p = f"blocks.{index}."
+    prec = {k: v for k, v in variant.precision_map.items()}
+    lin = lambda x, name: quantizable_linear(x, w, p + name, prec.get(name, "bf16"))  # noqa: E731
+    eps = float(config.get("eps", 1e-6))
+    n = heads(config)
+    mod = (w[p + "scale_shift_table"].float() + ctx["timestep_proj"].float()).chunk(6, dim=1)
+    shift, scale, gate, c_shift, c_scale, c_gate = mod
+
+    x = (layer_norm(h, None, None, eps) * (1 + scale) + shift).type_as(h)
+    q = rms_norm(lin(x, "attn1.to_q"), w[p + "attn1.norm_q.weight"], eps)
+    k = rms_norm(lin(x, "attn1.to_k"), w[p + "attn1.norm_k.weight"], eps)
+    v = lin(x, "attn1.to_v")
+    cos, sin = ctx["rope"]
+    q = rotate_interleaved(_heads(q, n), cos, sin).transpose(1, 2)
+    k = rotate_interleaved(_heads(k, n), cos, sin).transpose(1, 2)
+    v = _heads(v, n).transpose(1, 2)
+    a = attention((branch, index, "attn1"), q, k, v, variant.head_map.get("attn1"), (0, 0))
+    a = lin(a.transpose(1, 2).flatten(2).type_as(h), "attn1.to_out.0")
+    h = (h.float() + a * gate).type_as(h)
+
+    x = layer_norm(h, w, p + "norm2", eps).type_as(h) if config.get("cross_attn_norm", True) else h
+    text = ctx["text"]
+    q = rms_norm(lin(x, "attn2.to_q"), w[p + "attn2.norm_q.weight"], eps)
+    k = rms_norm(lin(text, "attn2.to_k"), w[p + "attn2.norm_k.weight"], eps)
+    v = lin(text, "attn2.to_v")
+    a = F.scaled_dot_product_attention(_heads(q, n).transpose(1, 2), _heads(k, n).transpose(1, 2),
+                                       _heads(v, n).transpose(1, 2))
+    h = h + lin(a.transpose(1, 2).flatten(2).type_as(h), "attn2.to_out.0")
+
+    x = (layer_norm(h, None, None, eps) * (1 + c_scale) + c_shift).type_as(h)
+    ff = gelu_tanh_mlp(x, w, p + "ffn", {p + k_: v_ for k_, v_ in prec.items()})
+    return (h.float() + ff.float() * c_gate).type_as(h)
+
+
+def epilogue(w: Weights, config: dict, h: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """Modulated output norm, projection, unpatchify → [B, C, F, H, W]."""
+    eps = float(config.get("eps", 1e-6))
+    shift, scale = (w["scale_shift_table"].float() + ctx["temb"].float().unsqueeze(1)).chunk(2, dim=1)
+    h = (layer_norm(h, None, None, eps) * (1 + scale) + shift).type_as(h)
+    h = dense(h, w, "proj_out")
+    b = h.shape[0]
+    p_t, p_h, p_w = config["patch_size"]
+    f, gh, gw = grid(config, ctx["latent"][1:])
+    h = h.reshape(b, f, gh, gw, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def text_range(config: dict, ctx: dict) -> tuple[int, int]:
+    return (0, 0)

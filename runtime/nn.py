@@ -1,0 +1,83 @@
+"""Functional building blocks shared by the architectures the runtime implements.
+
+The runtime re-implements each supported architecture in plain torch over a flat weight dict
+keyed by the diffusers state-dict names, so production never needs diffusers. The exporter's
+tests hold these functions to the diffusers modules' outputs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ditbake.runtime.errors import BackendError
+
+Weights = dict[str, torch.Tensor]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of a 1-D tensor of timesteps, as diffusers' Timesteps (fp32)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - shift))
+    angles = t[:, None].float() * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def dense(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+    """A plain linear layer `name` (weights `name.weight`, optional `name.bias`)."""
+    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+
+def quantizable_linear(x: torch.Tensor, w: Weights, name: str, precision: str) -> torch.Tensor:
+    """A linear layer the plan may run at reduced precision.
+
+    `bf16` runs the stored 16-bit weight. `nvfp4`/`int8`/`fp8` dispatch to the mixed-precision
+    linear op of ditbake.plugins, whose weight tensors the artifact stores beside the name.
+    """
+    if precision == "bf16":
+        return dense(x, w, name)
+    try:
+        from ditbake.plugins import mixed_linear  # noqa: PLC0415 - optional until quantized plans
+    except ImportError as exc:  # pragma: no cover - depends on the plugins build
+        raise BackendError(f"precision {precision!r} for {name} needs ditbake.plugins.mixed_linear, "
+                           f"which is not available here ({exc}); rebuild the plan with bf16") from exc
+    return mixed_linear.run_stored(x, w, name, precision)
+
+
+def layer_norm(x: torch.Tensor, w: Weights | None, name: str | None, eps: float) -> torch.Tensor:
+    """LayerNorm in fp32 (as diffusers' FP32LayerNorm), affine when the weights exist."""
+    weight = bias = None
+    if w is not None and name is not None:
+        weight = w.get(name + ".weight")
+        bias = w.get(name + ".bias")
+        weight = weight.float() if weight is not None else None
+        bias = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def gelu_tanh_mlp(x: torch.Tensor, w: Weights, name: str, precisions: dict[str, str]) -> torch.Tensor:
+    """diffusers FeedForward with activation 'gelu-approximate': proj → tanh-GELU → out."""
+    up, down = name + ".net.0.proj", name + ".net.2"
+    h = quantizable_linear(x, w, up, precisions.get(up, "bf16"))
+    h = F.gelu(h, approximate="tanh")
+    return quantizable_linear(h, w, down, precisions.get(down, "bf16"))
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs (x[2i], x[2i+1]); x is [B, S, H, D], cos/sin [1, S, 1, D]."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    return out.type_as(x)

@@ -1,0 +1,208 @@
+"""The plan: how every sampling step computes every block. Versioned JSON, validated on load.
+
+Layout (format "ditbake-plan", version 1)::
+
+    {"format": "ditbake-plan", "version": 1, "mode": "baked" | "adaptive",
+     "architecture": "wan", "num_blocks": 30, "num_steps": 50,
+     "linear_layers": ["attn1.to_q", ...],          # per-block linear layers (relative names)
+     "attention_sites": {"attn1": 12},              # compressible attention sites → head count
+     "variants": [BlockVariant, ...],               # distinct block configurations
+     "steps": [{"cond": [vid per block], "uncond": [vid per block]}, ...],
+     "adaptive": null | {...},                      # predictor tables for adaptive mode
+     "predicted": {...}}                            # planner's cost / memory estimate
+
+A BlockVariant says: compute or skip (reuse cached Δ); whether a compute is a purified
+refresh; the activation precision of each linear layer; the scheme of each attention head.
+Identical configurations share one variant id, so one engine serves them all.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ditbake.runtime.errors import PlanError
+
+PLAN_FORMAT = "ditbake-plan"
+PLAN_VERSION = 1
+PRECISIONS = ("bf16", "int8", "fp8", "nvfp4")
+HEAD_KINDS = ("full", "arrow", "cached")
+BRANCHES = ("cond", "uncond")
+
+
+@dataclass(frozen=True)
+class HeadScheme:
+    """One attention head's scheme: full; arrow with a band [i-left, i+right] over visual tokens;
+    or cached (reuse that head's output from the previous step)."""
+
+    kind: str = "full"
+    left: int = 0
+    right: int = 0
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise PlanError(f"unknown head scheme {self.kind!r}; expected one of {HEAD_KINDS}")
+        if self.left < 0 or self.right < 0:
+            raise PlanError(f"arrow widths must be >= 0, got ({self.left}, {self.right})")
+
+    def to_json(self) -> list:
+        return [self.kind, self.left, self.right]
+
+
+@dataclass(frozen=True)
+class BlockVariant:
+    """A distinct block configuration; `compute=False` means skip with the cached residual Δ."""
+
+    compute: bool = True
+    purified: bool = False
+    precisions: tuple[tuple[str, str], ...] = ()
+    heads: tuple[tuple[str, tuple[HeadScheme, ...]], ...] = ()
+
+    def __post_init__(self):
+        if self.purified and not self.compute:
+            raise PlanError("a skipped block cannot be a purified refresh")
+        for layer, precision in self.precisions:
+            if precision not in PRECISIONS:
+                raise PlanError(f"layer {layer}: unknown precision {precision!r}; expected one of {PRECISIONS}")
+
+    @property
+    def precision_map(self) -> dict[str, str]:
+        return dict(self.precisions)
+
+    @property
+    def head_map(self) -> dict[str, tuple[HeadScheme, ...]]:
+        return dict(self.heads)
+
+    @property
+    def uses_cached_heads(self) -> bool:
+        return any(s.kind == "cached" for _, schemes in self.heads for s in schemes)
+
+    def to_json(self) -> dict:
+        return {"compute": self.compute, "purified": self.purified,
+                "precisions": dict(self.precisions),
+                "heads": {site: [s.to_json() for s in schemes] for site, schemes in self.heads}}
+
+    @staticmethod
+    def from_json(d: dict) -> "BlockVariant":
+        try:
+            return BlockVariant(
+                compute=bool(d["compute"]), purified=bool(d.get("purified", False)),
+                precisions=tuple(sorted(d.get("precisions", {}).items())),
+                heads=tuple(sorted((site, tuple(HeadScheme(str(k), int(l), int(r)) for k, l, r in schemes))
+                                   for site, schemes in d.get("heads", {}).items())))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"malformed block variant {d!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Plan:
+    architecture: str
+    num_blocks: int
+    linear_layers: tuple[str, ...]
+    attention_sites: tuple[tuple[str, int], ...]
+    variants: tuple[BlockVariant, ...]
+    steps: tuple[dict[str, tuple[int, ...]], ...]
+    mode: str = "baked"
+    adaptive: dict | None = None
+    predicted: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def validate(self) -> None:
+        if self.mode not in ("baked", "adaptive"):
+            raise PlanError(f"plan mode must be 'baked' or 'adaptive', got {self.mode!r}")
+        if self.mode == "adaptive" and not self.adaptive:
+            raise PlanError("an adaptive plan needs its 'adaptive' predictor section; re-run `ditbake plan`")
+        if not self.variants:
+            raise PlanError("plan has no block variants")
+        heads = dict(self.attention_sites)
+        for vid, variant in enumerate(self.variants):
+            unknown = set(variant.precision_map) - set(self.linear_layers)
+            if unknown:
+                raise PlanError(f"variant {vid} sets precision of unknown layers {sorted(unknown)}")
+            for site, schemes in variant.heads:
+                if site not in heads:
+                    raise PlanError(f"variant {vid} names unknown attention site {site!r}")
+                if len(schemes) != heads[site]:
+                    raise PlanError(f"variant {vid} site {site}: {len(schemes)} head schemes for {heads[site]} heads")
+        for i, step in enumerate(self.steps):
+            if "cond" not in step:
+                raise PlanError(f"step {i} has no 'cond' branch")
+            for branch, ids in step.items():
+                if branch not in BRANCHES:
+                    raise PlanError(f"step {i}: unknown branch {branch!r}; expected {BRANCHES}")
+                if len(ids) != self.num_blocks:
+                    raise PlanError(f"step {i} branch {branch}: {len(ids)} block entries for {self.num_blocks} blocks")
+                for b, vid in enumerate(ids):
+                    if not 0 <= vid < len(self.variants):
+                        raise PlanError(f"step {i} block {b}: unknown variant id {vid}")
+                    v = self.variants[vid]
+                    if i == 0 and (not v.compute or v.uses_cached_heads):
+                        raise PlanError(f"step 0 block {b} reuses a cache that does not exist yet; compute it")
+
+    def variant_for(self, step: int, branch: str, block: int) -> BlockVariant:
+        ids = self.steps[step].get(branch, self.steps[step]["cond"])
+        return self.variants[ids[block]]
+
+    def skip_fraction(self) -> float:
+        total = skipped = 0
+        for step in self.steps:
+            for ids in step.values():
+                total += len(ids)
+                skipped += sum(not self.variants[v].compute for v in ids)
+        return skipped / max(total, 1)
+
+    def to_json(self) -> dict:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "mode": self.mode,
+                "architecture": self.architecture, "num_blocks": self.num_blocks,
+                "num_steps": self.num_steps, "linear_layers": list(self.linear_layers),
+                "attention_sites": dict(self.attention_sites),
+                "variants": [v.to_json() for v in self.variants],
+                "steps": [{b: list(ids) for b, ids in s.items()} for s in self.steps],
+                "adaptive": self.adaptive, "predicted": self.predicted}
+
+    @staticmethod
+    def from_json(d: dict) -> "Plan":
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not a ditbake plan (format {d.get('format') if isinstance(d, dict) else None!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {d.get('version')!r} is not supported (this runtime reads "
+                            f"version {PLAN_VERSION}); re-run `ditbake plan` with this version")
+        try:
+            plan = Plan(architecture=str(d["architecture"]), num_blocks=int(d["num_blocks"]),
+                        linear_layers=tuple(d["linear_layers"]),
+                        attention_sites=tuple(sorted((k, int(v)) for k, v in d["attention_sites"].items())),
+                        variants=tuple(BlockVariant.from_json(v) for v in d["variants"]),
+                        steps=tuple({b: tuple(int(x) for x in ids) for b, ids in s.items()} for s in d["steps"]),
+                        mode=str(d.get("mode", "baked")), adaptive=d.get("adaptive"),
+                        predicted=dict(d.get("predicted") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"malformed plan: {exc!r}") from exc
+        if int(d.get("num_steps", plan.num_steps)) != plan.num_steps:
+            raise PlanError(f"plan says num_steps={d['num_steps']} but lists {plan.num_steps} steps")
+        return plan
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @staticmethod
+    def load(path: str | Path) -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise PlanError(f"plan file {path} not found; run `ditbake plan` first") from exc
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        return Plan.from_json(data)
+
+
+def collapse(configs: list[list[list[BlockVariant]]]) -> tuple[tuple[BlockVariant, ...], list[list[list[int]]]]:
+    """Give identical block configurations one variant id. configs[step][branch][block]."""
+    ids: dict[BlockVariant, int] = {}
+    table = [[[ids.setdefault(v, len(ids)) for v in branch] for branch in step] for step in configs]
+    return tuple(ids), table

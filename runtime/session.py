@@ -1,0 +1,193 @@
+"""The runtime session: load an artifact once, then generate.
+
+    session = ditbake.runtime.load("artifacts/built/tiny-wan")
+    result = session.generate(text_embeds, seed=0, guidance_scale=5.0)
+
+Per step: look up each block's variant in the plan (no host synchronisation in baked mode),
+run prologue → blocks → epilogue for each CFG branch, combine with the guidance scale, apply the
+baked sampler. A skipped block adds its cached residual Δ (Temporal Delta Cache); caches are
+kept per CFG branch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ditbake.runtime import arch as runtime_arch
+from ditbake.runtime.artifact import Artifact, Profile, load_artifact
+from ditbake.runtime.attention import AttentionRunner
+from ditbake.runtime.errors import BackendError, InputError
+from ditbake.runtime.sampler import BakedSampler
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("eager",)
+
+
+@dataclass
+class GenerationReport:
+    """What ran: counts the fidelity harness and benchmarks read."""
+
+    steps: int = 0
+    block_computes: int = 0
+    block_skips: int = 0
+    attention_flops_done: float = 0.0
+    attention_flops_dense: float = 0.0
+    seconds: float = 0.0
+    sampler: str = ""
+    profile: str = ""
+    variants_used: list[int] = field(default_factory=list)
+
+    @property
+    def skip_fraction(self) -> float:
+        return self.block_skips / max(self.block_computes + self.block_skips, 1)
+
+    @property
+    def attention_flops_fraction(self) -> float:
+        return self.attention_flops_done / max(self.attention_flops_dense, 1.0)
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "block_computes": self.block_computes, "block_skips": self.block_skips,
+                "skip_fraction": self.skip_fraction, "attention_flops_fraction": self.attention_flops_fraction,
+                "seconds": self.seconds, "sampler": self.sampler, "profile": self.profile,
+                "variants_used": sorted(set(self.variants_used))}
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor
+    report: GenerationReport
+    trajectory: list[torch.Tensor] | None = None
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise InputError(f"{name} contains NaN or Inf; pass finite values")
+
+
+class Session:
+    def __init__(self, artifact: Artifact, device: torch.device, dtype: torch.dtype | None):
+        self.artifact = artifact
+        self.device = device
+        self.arch = runtime_arch.get(artifact.architecture)
+        self.config = artifact.config
+        stored = {t.dtype for t in artifact.weights.values() if t.is_floating_point()}
+        self.dtype = dtype or (torch.bfloat16 if torch.bfloat16 in stored else torch.float32)
+        self.weights = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in artifact.weights.items()}
+        self.plan = artifact.plan
+        if self.plan.num_blocks != self.arch.num_blocks(self.config):
+            raise InputError(f"plan has {self.plan.num_blocks} blocks but the model has "
+                             f"{self.arch.num_blocks(self.config)}; re-run `ditbake plan` for this model")
+
+    @property
+    def profiles(self) -> tuple[Profile, ...]:
+        return self.artifact.profiles
+
+    def profile(self, name: str | None = None) -> Profile:
+        if name is None:
+            return self.profiles[0]
+        for p in self.profiles:
+            if p.name == name:
+                return p
+        raise InputError(f"shape profile {name!r} is not in this artifact; it supports "
+                         f"{', '.join(f'{p.name} (latent {list(p.latent_shape)}, text {p.text_len})' for p in self.profiles)}")
+
+    def _text(self, embeds: torch.Tensor, profile: Profile, what: str) -> torch.Tensor:
+        if not isinstance(embeds, torch.Tensor):
+            raise InputError(f"{what} must be a torch.Tensor, got {type(embeds).__name__}")
+        if embeds.ndim == 2:
+            embeds = embeds[None]
+        text_dim = int(self.config.get("text_dim", self.config.get("text_embed_dim", 0)))
+        if embeds.ndim != 3 or embeds.shape[1:] != (profile.text_len, text_dim):
+            raise InputError(f"{what} has shape {list(embeds.shape)}; profile {profile.name} expects "
+                             f"[batch, {profile.text_len}, {text_dim}]")
+        _check_finite(what, embeds)
+        return embeds.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def generate(self, text_embeds: torch.Tensor, negative_embeds: torch.Tensor | None = None, *,
+                 seed: int = 0, guidance_scale: float = 5.0, profile: str | None = None,
+                 sampler: str | None = None, latents: torch.Tensor | None = None,
+                 keep_trajectory: bool = False, progress=None) -> GenerationResult:
+        """Run the whole denoising loop; returns the final latents [B, *latent_shape] (fp32)."""
+        prof = self.profile(profile)
+        sampler_name = sampler or self.artifact.default_sampler
+        if sampler_name not in self.artifact.samplers:
+            raise InputError(f"sampler {sampler_name!r} is not baked into this artifact; it has "
+                             f"{sorted(self.artifact.samplers)}")
+        table = self.artifact.samplers[sampler_name]
+        cond = self._text(text_embeds, prof, "text_embeds")
+        batch = cond.shape[0]
+        use_cfg = guidance_scale > 1.0
+        if use_cfg:
+            if negative_embeds is None:
+                negative_embeds = torch.zeros_like(cond)
+            uncond = self._text(negative_embeds, prof, "negative_embeds")
+            if uncond.shape[0] != batch:
+                raise InputError(f"negative_embeds batch {uncond.shape[0]} differs from text_embeds batch {batch}")
+        shape = (batch, *prof.latent_shape)
+        if latents is None:
+            gen = torch.Generator(device="cpu").manual_seed(int(seed))
+            latents = torch.randn(shape, generator=gen, dtype=torch.float32) * table.init_noise_sigma
+        elif tuple(latents.shape) != shape:
+            raise InputError(f"latents have shape {list(latents.shape)}; profile {prof.name} expects {list(shape)}")
+        _check_finite("latents", latents)
+        x = latents.to(self.device, torch.float32)
+
+        report = GenerationReport(sampler=sampler_name, profile=prof.name)
+        attention = AttentionRunner()
+        deltas: dict[tuple[str, int], torch.Tensor] = {}
+        baked = BakedSampler(table)
+        trajectory = [x.clone()] if keep_trajectory else None
+        branches = [("cond", cond)] + ([("uncond", uncond)] if use_cfg else [])
+        start = time.perf_counter()
+        steps = range(table.num_steps)
+        for i in (progress(steps) if progress else steps):
+            t = torch.full((batch,), table.timesteps[i], device=self.device, dtype=torch.float32)
+            outputs = {}
+            for branch, text in branches:
+                outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report)
+            out = outputs["cond"]
+            if use_cfg:
+                out = outputs["uncond"] + guidance_scale * (outputs["cond"] - outputs["uncond"])
+            x = baked.step(i, x, out.float())
+            if trajectory is not None:
+                trajectory.append(x.clone())
+        report.steps = table.num_steps
+        report.seconds = time.perf_counter() - start
+        report.attention_flops_done = attention.flops_done
+        report.attention_flops_dense = attention.flops_dense
+        return GenerationResult(latents=x, report=report, trajectory=trajectory)
+
+    def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report) -> torch.Tensor:
+        w, cfg = self.weights, self.config
+        h, ctx = self.arch.prologue(w, cfg, x.to(self.dtype), t, text, prof.to_json())
+        for b in range(self.plan.num_blocks):
+            ids = self.plan.steps[step].get(branch, self.plan.steps[step]["cond"])
+            variant = self.plan.variants[ids[b]]
+            report.variants_used.append(ids[b])
+            key = (branch, b)
+            if variant.compute:
+                out = self.arch.block(w, cfg, b, h, ctx, variant, attention, branch)
+                deltas[key] = out - h
+                h = out
+                report.block_computes += 1
+            else:
+                h = h + deltas[key]
+                report.block_skips += 1
+        return self.arch.epilogue(w, cfg, h, ctx)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         backend: str = "eager") -> Session:
+    """Load and validate an artifact (hashes, format version, plan) and return a Session."""
+    if backend not in BACKENDS:
+        raise BackendError(f"backend {backend!r} is not available in this runtime; choose one of {BACKENDS}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError("device 'cuda' requested but no CUDA GPU is visible; use device='cpu'")
+    return Session(load_artifact(path, device=device), device, dtype)
