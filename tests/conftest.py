@@ -19,3 +19,30 @@ def rng_seed():
     seed = random.randrange(2**31)
     torch.manual_seed(seed)
     return seed
+
+
+def build_tiny_artifact(tmp_path, name="tiny-wan", steps=4, samplers=None, plan_fn=None, dtype=torch.float32,
+                        latent=None, text_len=None, guidance=True):
+    """Build a tiny random-weight artifact through the exporter API (fast: no calibration run).
+
+    Returns (artifact_path, adapter)."""
+    from ditbake.exporter import build as builder, models
+    from ditbake.exporter.adapters import adapter_for
+    from ditbake.exporter.planner import plan_from_calibration
+    from ditbake.exporter.sampler import SAMPLERS
+    from ditbake.runtime.artifact import Profile
+
+    adapter = adapter_for(models.load(name))
+    if adapter.architecture == "wan":
+        latent = latent or adapter.latent_shape(3, 8, 8)
+        text_len = text_len or 8
+    else:
+        latent = latent or adapter.latent_shape(3, 8, 8)
+        text_len = int(adapter.config["max_text_seq_length"])
+    meta = {"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
+            "linear_layers": list(adapter.linear_layers), "attention_sites": adapter.attention_sites,
+            "num_steps": steps, "branches": ["cond", "uncond"] if guidance else ["cond"]}
+    plan = (plan_fn or plan_from_calibration)(meta)
+    out = builder.build(adapter, plan, tmp_path / name, profiles=[Profile("p0", tuple(latent), text_len)],
+                        samplers=list(samplers or SAMPLERS[adapter.architecture]), dtype=dtype, progress=False)
+    return out, adapter

@@ -1,0 +1,52 @@
+"""The calibration pass records Γ and Δ statistics that match a direct computation."""
+import math
+
+import pytest
+import torch
+
+from ditbake.exporter import calibrate as cal, models
+from ditbake.exporter.adapters import adapter_for
+from ditbake.exporter.sampler import make_scheduler
+
+
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-cogvideox"])
+def test_stats_match_direct_computation(tmp_path, name, rng_seed):
+    adapter = adapter_for(models.load(name, seed=rng_seed))
+    latent = adapter.latent_shape(3, 8, 8)
+    text_len = 8
+    embeds = torch.randn(2, text_len, 32)
+    stats = cal.calibrate(adapter, embeds, None, latent=latent, sampler=("unipc" if name == "tiny-wan" else "ddim"),
+                          num_steps=3, guidance_scale=4.0, seed=5, source=name, progress=False)
+    g = stats.tensors["gamma"]
+    assert g.shape == (2, 2, 3, 3)
+    assert torch.isnan(stats.tensors["delta_change"][:, :, 0]).all()
+    assert torch.isfinite(stats.tensors["delta_change"][:, :, 1:]).all()
+
+    # Step 0, prompt 1, cond branch, block 0 by hand.
+    scheduler = make_scheduler(stats.meta["sampler"], adapter.architecture)
+    scheduler.set_timesteps(3)
+    x = torch.randn((1, *latent), generator=torch.Generator().manual_seed(5 + 1))
+    captured = {}
+    block = adapter.block_modules()[0]
+
+    def hook(module, args, kwargs, output):
+        captured.setdefault("io", adapter.block_io(args, kwargs, output))
+
+    handle = block.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        adapter.diffusers_forward(x, scheduler.timesteps[:1], embeds[1:2])
+    handle.remove()
+    inp, out = captured["io"]
+    gamma = ((out - inp).abs().mean() / inp.abs().mean()).item()
+    assert math.isclose(g[1, 0, 0, 0].item(), gamma, rel_tol=1e-5)
+    assert math.isclose(stats.tensors["delta_l1"][1, 0, 0, 0].item(), (out - inp).abs().mean().item(), rel_tol=1e-5)
+
+    path = stats.save(tmp_path / "cal")
+    again = cal.CalibrationStats.load(path)
+    assert again.meta == stats.meta
+    assert torch.equal(again.tensors["gamma"], g)
+
+
+def test_missing_calibration_is_a_clear_error(tmp_path):
+    with pytest.raises(cal.CalibrationError, match="run `ditbake calibrate` first"):
+        cal.CalibrationStats.load(tmp_path)
