@@ -1,0 +1,47 @@
+# ditbake — make targets. Everything goes through `make setup`, which creates (or reuses) the
+# virtual environment and pins torch first so that a CPU machine takes the CPU wheel instead of
+# pulling gigabytes of CUDA packages.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ditbake-setup
+
+# demo knobs (latent units; the demo model works in pixel space)
+DEMO_MODEL ?= artifacts/demo-wan/config.json
+DEMO_OUT ?= out/demo
+DEMO_STEPS ?= 20
+DEMO_SHAPE ?= --frames 8 --height 32 --width 32 --text-len 16
+
+.PHONY: setup test test-gpu demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e '.[exporter,test]'
+	touch $@
+
+# pytest exits 5 when it collected no test: that is a broken suite, not a pass.
+test: setup
+	$(BIN)/python -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# On a GPU machine: only the tests marked `gpu` (kernels against their references).
+test-gpu: setup
+	$(BIN)/python -m pytest -q -ra -m gpu; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-gpu: no GPU tests collected" >&2; exit 1; fi; exit $$rc
+
+demo: setup
+	$(BIN)/ditbake calibrate --model $(DEMO_MODEL) --out $(DEMO_OUT)/calibration --steps $(DEMO_STEPS) \
+		--sampler unipc --num-prompts 2 $(DEMO_SHAPE)
+	$(BIN)/ditbake plan --calibration $(DEMO_OUT)/calibration --out $(DEMO_OUT)/plan.json
+	$(BIN)/ditbake build --model $(DEMO_MODEL) --plan $(DEMO_OUT)/plan.json --calibration $(DEMO_OUT)/calibration \
+		--out artifacts/built/demo-wan --dtype float32 --label "RANDOM WEIGHTS (demo stand-in, untrained)"
+	$(BIN)/ditbake run artifacts/built/demo-wan --out $(DEMO_OUT) --seed 0
+	@echo "demo: $(DEMO_OUT)/clip.gif, $(DEMO_OUT)/strip.png, $(DEMO_OUT)/report.json"
+
+clean:
+	rm -rf out artifacts/built build dist *.egg-info
