@@ -42,10 +42,12 @@ class AttentionRunner:
                 raise BackendError(f"head-wise attention needs ditbake.plugins.head_attention ({exc}); "
                                    "rebuild the plan with full attention") from exc
             table = _scheme_tensor(schemes)
-            out = head_attention.head_attention(q, k, v, table, text_range[0], text_range[1], self.cache.get(key))
-            self.flops_done += b * head_attention.attention_flops(table, text_range, s_q, d)
-        if schemes and any(s.kind != "cached" for s in schemes):
-            self.cache[key] = out
-        elif not schemes:
-            self.cache[key] = out
+            cached = self.cache.get(key)
+            if cached is None and any(s.kind == "cached" for s in schemes):
+                raise BackendError(f"attention site {key} reuses cached heads before any output was cached; "
+                                   "the plan must compute every head at the first step")
+            out = head_attention.head_attention(q, k, v, table, text_range, cached)
+            text_tokens = text_range[1] - text_range[0]
+            self.flops_done += float(head_attention.attention_flops(table, text_tokens, s_q - text_tokens, d, batch=b))
+        self.cache[key] = out  # cached heads copied their old output in, so this is always current
         return out

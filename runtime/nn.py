@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ditbake.runtime.errors import BackendError
+from ditbake.runtime.errors import ArtifactError, BackendError
 
 Weights = dict[str, torch.Tensor]
 
@@ -39,17 +39,24 @@ def dense(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
 def quantizable_linear(x: torch.Tensor, w: Weights, name: str, precision: str) -> torch.Tensor:
     """A linear layer the plan may run at reduced precision.
 
-    `bf16` runs the stored 16-bit weight. `nvfp4`/`int8`/`fp8` dispatch to the mixed-precision
-    linear op of ditbake.plugins, whose weight tensors the artifact stores beside the name.
+    `bf16` runs the stored 16-bit weight. `nvfp4`/`int8`/`fp8` run the mixed-precision linear op
+    of ditbake.plugins on the NVFP4 weight the artifact stores as `name.nvfp4_packed`,
+    `name.nvfp4_block_scales`, `name.nvfp4_global_scale` (Hadamard folded in when
+    `name.nvfp4_hadamard` is present).
     """
     if precision == "bf16":
         return dense(x, w, name)
+    packed = w.get(name + ".nvfp4_packed")
+    if packed is None:
+        raise ArtifactError(f"layer {name} is planned at {precision} but the artifact stores no NVFP4 weight "
+                            "for it; rebuild the artifact from this plan")
     try:
-        from ditbake.plugins import mixed_linear  # noqa: PLC0415 - optional until quantized plans
+        from ditbake.plugins.mixed_linear import mixed_linear  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - depends on the plugins build
-        raise BackendError(f"precision {precision!r} for {name} needs ditbake.plugins.mixed_linear, "
-                           f"which is not available here ({exc}); rebuild the plan with bf16") from exc
-    return mixed_linear.run_stored(x, w, name, precision)
+        raise BackendError(f"precision {precision!r} for {name} needs ditbake.plugins.mixed_linear ({exc}); "
+                           "rebuild the plan with bf16") from exc
+    return mixed_linear(x, packed, w[name + ".nvfp4_block_scales"], w[name + ".nvfp4_global_scale"],
+                        w.get(name + ".bias"), precision, (name + ".nvfp4_hadamard") in w)
 
 
 def layer_norm(x: torch.Tensor, w: Weights | None, name: str | None, eps: float) -> torch.Tensor:

@@ -120,3 +120,30 @@ def test_skip_reuses_cached_delta_per_branch(tmp_path, name):
             uncond, _ = forward(x, i, "uncond")
             x = sampler.step(i, x, uncond + 5.0 * (cond - uncond))
     torch.testing.assert_close(x, res.latents, rtol=1e-5, atol=1e-5)
+
+
+def _head_plan(meta):
+    """Arrow heads from step 1 and a cached head at step 2, in the cond branch."""
+    plan = plan_from_calibration(meta).to_json()
+    arrow = plan["variants"][0] | {"heads": {"attn1": [["arrow", 3, 3], ["full", 0, 0]]}}
+    cached = plan["variants"][0] | {"heads": {"attn1": [["cached", 0, 0], ["arrow", 2, 5]]}}
+    plan["variants"] += [arrow, cached]
+    plan["steps"][1]["cond"] = [1, 1, 1]
+    plan["steps"][2]["cond"] = [2, 1, 0]
+    return Plan.from_json(plan)
+
+
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-cogvideox"])
+def test_head_schemes_run_and_count_flops(tmp_path, name):
+    pytest.importorskip("ditbake.plugins.head_attention")
+    path, _ = build_tiny_artifact(tmp_path, name, steps=3, plan_fn=_head_plan)
+    full_path, _ = build_tiny_artifact(tmp_path / "full", name, steps=3)
+    s, full = load(path), load(full_path)
+    e = torch.randn(1, s.profile().text_len, 32)
+    res = s.generate(e, seed=0, guidance_scale=1.0, keep_trajectory=True)
+    ref = full.generate(e, seed=0, guidance_scale=1.0, keep_trajectory=True)
+    assert torch.isfinite(res.latents).all()
+    assert 0.3 < res.report.attention_flops_fraction < 1.0
+    assert ref.report.attention_flops_fraction == 1.0
+    torch.testing.assert_close(res.trajectory[1], ref.trajectory[1], rtol=0, atol=0)  # step 0 all full
+    assert not torch.allclose(res.trajectory[2], ref.trajectory[2])
