@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
 from ditbake.exporter.sampler import bake, make_scheduler
+from ditbake.runtime import atomic
 from ditbake.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, PLAN, WEIGHTS, Profile, sha256_file
 from ditbake.runtime.errors import BackendError, PlanError
 from ditbake.runtime.plan import Plan
@@ -49,8 +48,7 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
     if not samplers:
         raise PlanError("at least one sampler must be baked")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    tmp = atomic.staging_dir(out)
     try:
         steps = ["weights", "samplers", "manifest"]
         bar = tqdm(steps, desc="build", disable=not progress)
@@ -88,20 +86,10 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         bar.update(1)
         bar.close()
-        _replace_dir(tmp, out)
+        atomic.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("built %s (%s, %d variants, %d steps)", out, backend, len(plan.variants), plan.num_steps)
     return out
 
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing target is swapped out first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

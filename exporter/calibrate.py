@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
 from ditbake.exporter.sampler import make_scheduler
+from ditbake.runtime import atomic
 from ditbake.runtime.errors import DitbakeError, InputError
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,14 @@ class CalibrationStats:
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(out / STATS_FILE))
-        (out / META_FILE).write_text(json.dumps(self.meta, indent=1))
+        tmp = atomic.staging_dir(out)
+        try:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / STATS_FILE))
+            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=1))
+            atomic.replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return out
 
     @staticmethod

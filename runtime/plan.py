@@ -21,6 +21,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ditbake.runtime import atomic
 from ditbake.runtime.errors import PlanError
 
 PLAN_FORMAT = "ditbake-plan"
@@ -188,7 +189,7 @@ class Plan:
         return plan
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        atomic.write_text(path, json.dumps(self.to_json(), indent=1))
 
     @staticmethod
     def load(path: str | Path) -> "Plan":

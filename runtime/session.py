@@ -190,4 +190,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device 'cuda' requested but no CUDA GPU is visible; use device='cpu'")
-    return Session(load_artifact(path, device=device), device, dtype)
+    artifact = load_artifact(path, device=device)
+    built_for = artifact.manifest.get("backend", "eager")
+    if built_for != backend:
+        raise BackendError(f"artifact {path} was built for backend {built_for!r}, not {backend!r}; load it with "
+                           f"backend={built_for!r} or rebuild it with `ditbake build --backend {backend}`")
+    return Session(artifact, device, dtype)

@@ -1,4 +1,6 @@
 """Runtime session: bad inputs get typed one-line errors; the block loop skips with cached Δ."""
+import json
+
 import pytest
 import torch
 
@@ -54,6 +56,11 @@ def test_backend_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(BackendError, match="no CUDA GPU"):
             load(path, device="cuda")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["backend"] = "aoti"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match="built for backend 'aoti', not 'eager'"):
+        load(path)
 
 
 def test_seed_determinism_and_cfg(session):
