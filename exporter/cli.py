@@ -73,8 +73,14 @@ def cmd_plan(args) -> int:
     from ditbake.exporter.calibrate import CalibrationStats  # noqa: PLC0415
     from ditbake.exporter.planner import plan_from_calibration  # noqa: PLC0415
 
+    from ditbake.exporter.plan_cache import CacheConfig  # noqa: PLC0415
+
     stats = CalibrationStats.load(args.calibration)
-    plan = plan_from_calibration(stats.meta, mode=args.mode)
+    cache = None
+    if args.tdc_tau is not None or args.tdc_skip_budget is not None:
+        cache = CacheConfig(tau=args.tdc_tau if args.tdc_tau is not None else 0.0, max_run=args.tdc_max_run,
+                            skip_budget=args.tdc_skip_budget)
+    plan = plan_from_calibration(stats.meta, mode=args.mode, tensors=stats.tensors, cache=cache)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(args.out)
     log.info("plan written to %s: %d steps, %d variants, skip fraction %.2f", args.out, plan.num_steps,
@@ -176,7 +182,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="decide per step and block how to compute; writes plan.json")
     p.add_argument("--calibration", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--mode", choices=("baked", "adaptive"), default="baked")
+    p.add_argument("--mode", choices=("baked",), default="baked",
+                   help="baked: the runtime only looks each step up (adaptive mode: not yet)")
+    g = p.add_argument_group("Temporal Delta Cache (skip blocks, reuse cached residual)")
+    g.add_argument("--tdc-tau", type=float, help="accumulated Δ-change threshold per skip run")
+    g.add_argument("--tdc-skip-budget", type=float, help="target fraction of block computations to skip (searches tau)")
+    g.add_argument("--tdc-max-run", type=int, default=2, help="most consecutive skips of one block")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("build", help="bake model, plan and samplers into an artifact directory")

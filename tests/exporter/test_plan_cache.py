@@ -1,0 +1,77 @@
+"""TDC skip schedules obey their rules on synthetic and calibrated statistics."""
+import pytest
+import torch
+
+from ditbake.exporter.plan_cache import CacheConfig, mean_change, plan_schedule, schedule, search_tau, unsafe_prefix
+from ditbake.exporter.planner import plan_from_calibration
+from ditbake.runtime.errors import PlanError
+
+
+def _random_change(seed, prompts=3, branches=2, steps=20, blocks=6):
+    g = torch.Generator().manual_seed(seed)
+    # fast-moving early steps, calmer later: like a real trajectory
+    decay = torch.linspace(2.0, 0.05, steps)[None, None, :, None]
+    change = decay * torch.rand(prompts, branches, steps, blocks, generator=g) * 2
+    change[:, :, 0] = float("nan")
+    return change
+
+
+@pytest.mark.parametrize("tau,max_run", [(0.05, 1), (0.2, 2), (0.6, 3), (10.0, 2)])
+def test_schedule_rules(tau, max_run, rng_seed):
+    change = mean_change(_random_change(rng_seed))
+    s = schedule(change, tau, max_run)
+    for br, unsafe in enumerate(s.unsafe_steps):
+        assert unsafe >= 1 and not s.skip[br, :unsafe].any()
+    for br in range(change.shape[0]):
+        for b in range(change.shape[2]):
+            run, acc = 0, 0.0
+            for i in range(change.shape[1]):
+                if s.skip[br, i, b]:
+                    run += 1
+                    acc += float(change[br, i, b])
+                    assert run <= max_run
+                    assert acc <= tau + 1e-12
+                    assert s.predicted_error[br, i, b] == pytest.approx(acc)
+                else:
+                    run, acc = 0, 0.0
+
+
+def test_skip_fraction_monotone_in_tau_and_budget_search(rng_seed):
+    change = mean_change(_random_change(rng_seed))
+    fractions = [schedule(change, t, 2).skip_fraction for t in (0.0, 0.05, 0.1, 0.3, 1.0, 5.0)]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0
+    for budget in (0.1, 0.3):
+        s = search_tau(change, budget, 2)
+        assert s.skip_fraction >= budget
+        assert schedule(change, s.tau * 0.98, 2).skip_fraction < budget + 0.05  # smallest tau, close to budget
+
+
+def test_branches_are_planned_separately():
+    change = torch.full((1, 2, 6, 2), 0.01, dtype=torch.float64)
+    change[0, 1] = 5.0  # the uncond branch changes fast: never skipped
+    change[:, :, 0] = float("nan")
+    s = plan_schedule(change, CacheConfig(tau=0.05, max_run=2))
+    assert s.skip[0].any() and not s.skip[1].any()
+
+
+def test_unsafe_prefix_measured():
+    change = torch.tensor([float("inf"), 0.9, 0.7, 0.1, 0.1, 0.8]).unsqueeze(-1).double()
+    assert unsafe_prefix(change, 0.5) == 3  # late spikes do not extend the prefix
+
+
+def test_config_validation():
+    for bad in (dict(tau=-1), dict(max_run=-1), dict(skip_budget=1.5)):
+        with pytest.raises(PlanError):
+            CacheConfig(**bad)
+
+
+def test_plan_from_calibrated_tdc(rng_seed):
+    meta = {"architecture": "wan", "num_blocks": 6, "linear_layers": ["x"], "attention_sites": {"attn1": 2},
+            "num_steps": 20, "branches": ["cond", "uncond"]}
+    tensors = {"delta_change": _random_change(rng_seed)}
+    plan = plan_from_calibration(meta, tensors=tensors, cache=CacheConfig(skip_budget=0.3))
+    assert plan.skip_fraction() >= 0.3
+    assert plan.predicted["skip_fraction"] == pytest.approx(plan.skip_fraction())
+    assert len(plan.variants) == 2  # compute and skip
+    with pytest.raises(PlanError, match="delta_change"):
+        plan_from_calibration(meta, tensors={}, cache=CacheConfig())
