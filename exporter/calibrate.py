@@ -6,7 +6,7 @@ step, with forward hooks on the blocks recording per (prompt, CFG branch, step, 
 - delta_change ‖Δ_t − Δ_{t−1}‖₁ / ‖Δ_{t−1}‖₁ (NaN at the first step): how stale a cached Δ gets
 
 Stored as safetensors (tensors) + JSON (metadata). Later techniques add their statistics to
-this one pass (through `extra_hooks`) rather than adding passes.
+this one pass as further observers (see `Observer`) rather than adding passes.
 """
 from __future__ import annotations
 
@@ -86,7 +86,23 @@ def random_prompt_embeds(n: int, text_len: int, text_dim: int, seed: int) -> tor
     return torch.randn(n, text_len, text_dim, generator=gen)
 
 
-class _BlockRecorder:
+class Observer:
+    """A statistic gathered during the calibration pass. The pass sets `where` = (prompt, branch
+    index, step) before every model forward; `results()` returns named tensors to store."""
+
+    where: tuple[int, int, int] = (0, 0, 0)
+
+    def results(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def end_prompt(self) -> None:
+        """Called after each prompt's trajectory (drop per-trajectory state)."""
+
+    def remove(self) -> None:
+        """Detach hooks."""
+
+
+class BlockResidualObserver(Observer):
     """Forward hooks on every block, writing into [prompt, branch, step, block] tensors at `where`."""
 
     def __init__(self, adapter: Adapter, shape: tuple[int, int, int, int]):
@@ -113,6 +129,12 @@ class _BlockRecorder:
             self.prev_delta[(p, b, index)] = delta
         return hook
 
+    def results(self) -> dict[str, torch.Tensor]:
+        return {"gamma": self.gamma, "delta_l1": self.delta_l1, "delta_change": self.delta_change}
+
+    def end_prompt(self) -> None:
+        self.prev_delta.clear()
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -121,7 +143,10 @@ class _BlockRecorder:
 @torch.no_grad()
 def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | None, *, latent: tuple[int, ...],
               sampler: str, num_steps: int, guidance_scale: float, seed: int, source: str,
-              scheduler_config: dict | None = None, progress: bool = True) -> CalibrationStats:
+              scheduler_config: dict | None = None, progress: bool = True,
+              observers: list | None = None) -> CalibrationStats:
+    """One pass over prompts × steps × CFG branches. `observers` are factories
+    `(adapter, (prompts, branches, steps, blocks)) -> Observer` for statistics beyond Γ and Δ."""
     model = adapter.model
     dtype = next(model.parameters()).dtype
     n, text_len, _ = embeds.shape
@@ -131,7 +156,8 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
     if negative.ndim == 2:
         negative = negative[None]
     branches = BRANCHES if use_cfg else BRANCHES[:1]
-    recorder = _BlockRecorder(adapter, (n, len(branches), num_steps, adapter.num_blocks))
+    shape = (n, len(branches), num_steps, adapter.num_blocks)
+    active = [BlockResidualObserver(adapter, shape)] + [make(adapter, shape) for make in (observers or [])]
     bar = tqdm(total=n * num_steps, desc="calibrate", unit="step", disable=not progress)
     try:
         for p in range(n):
@@ -143,14 +169,17 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
             for i, t in enumerate(scheduler.timesteps):
                 outs = {}
                 for bi, b in enumerate(branches):
-                    recorder.where = (p, bi, i)
+                    for obs in active:
+                        obs.where = (p, bi, i)
                     outs[b] = adapter.diffusers_forward(x.to(dtype), t.expand(1), texts[b]).float()
                 out = outs["cond"] if not use_cfg else outs["uncond"] + guidance_scale * (outs["cond"] - outs["uncond"])
                 x = scheduler.step(out, t, x, return_dict=False)[0]
                 bar.update(1)
-            recorder.prev_delta.clear()
+            for obs in active:
+                obs.end_prompt()
     finally:
-        recorder.remove()
+        for obs in active:
+            obs.remove()
         bar.close()
     meta = {"source": source, "architecture": adapter.architecture, "diffusers_class": adapter.diffusers_class,
             "num_blocks": adapter.num_blocks, "linear_layers": list(adapter.linear_layers),
@@ -159,5 +188,7 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
             "latent_shape": list(latent), "text_len": text_len,
             "layout": {"gamma": "prompt, branch, step, block", "delta_l1": "prompt, branch, step, block",
                        "delta_change": "prompt, branch, step, block (NaN at step 0)"}}
-    return CalibrationStats(meta, {"gamma": recorder.gamma, "delta_l1": recorder.delta_l1,
-                                   "delta_change": recorder.delta_change})
+    tensors: dict[str, torch.Tensor] = {}
+    for obs in active:
+        tensors.update(obs.results())
+    return CalibrationStats(meta, tensors)

@@ -50,3 +50,29 @@ def test_stats_match_direct_computation(tmp_path, name, rng_seed):
 def test_missing_calibration_is_a_clear_error(tmp_path):
     with pytest.raises(cal.CalibrationError, match="run `ditbake calibrate` first"):
         cal.CalibrationStats.load(tmp_path)
+
+
+def test_extra_observers_share_the_single_pass():
+    """A later technique adds its statistic as an observer; it sees every (prompt, branch, step)."""
+    adapter = adapter_for(models.load("tiny-wan"))
+
+    class CountForwards(cal.Observer):
+        def __init__(self, adapter, shape):
+            self.seen = torch.zeros(shape[:3])
+            self.handle = adapter.model.register_forward_pre_hook(lambda *_: self.seen.__setitem__(self.where, 1.0))
+            self.ended = 0
+
+        def results(self):
+            return {"forwards": self.seen}
+
+        def end_prompt(self):
+            self.ended += 1
+
+        def remove(self):
+            self.handle.remove()
+
+    stats = cal.calibrate(adapter, torch.randn(2, 8, 32), None, latent=adapter.latent_shape(2, 8, 8), sampler="unipc",
+                          num_steps=3, guidance_scale=3.0, seed=0, source="tiny-wan", progress=False,
+                          observers=[CountForwards])
+    assert torch.equal(stats.tensors["forwards"], torch.ones(2, 2, 3))
+    assert not adapter.model._forward_pre_hooks  # removed after the pass
