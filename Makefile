@@ -13,7 +13,20 @@ DEMO_OUT ?= out/demo
 DEMO_STEPS ?= 20
 DEMO_SHAPE ?= --frames 8 --height 32 --width 32 --text-len 16
 
-.PHONY: setup test test-gpu demo clean
+# engines / package / run knobs
+MODEL ?= $(DEMO_MODEL)
+BACKEND ?= eager
+NAME ?= $(notdir $(patsubst %/config.json,%,$(patsubst %/,%,$(MODEL))))
+BUILD_DIR ?= artifacts/built
+ARTIFACT ?= $(BUILD_DIR)/$(NAME)
+STEPS ?= 20
+SHAPE ?=
+PROMPTS ?=
+TDC_SKIP_BUDGET ?=
+SEED ?= 0
+OUT ?= out/run
+
+.PHONY: setup test test-gpu demo engines package run clean
 
 setup: $(STAMP)
 
@@ -42,6 +55,22 @@ demo: setup
 		--out artifacts/built/demo-wan --dtype float32 --label "RANDOM WEIGHTS (demo stand-in, untrained)"
 	$(BIN)/ditbake run artifacts/built/demo-wan --out $(DEMO_OUT) --seed 0
 	@echo "demo: $(DEMO_OUT)/clip.gif, $(DEMO_OUT)/strip.png, $(DEMO_OUT)/report.json"
+
+# calibrate → plan → build for MODEL (local diffusers dir, config .json, tiny-wan, tiny-cogvideox)
+engines: setup
+	$(BIN)/ditbake calibrate --model $(MODEL) --out $(BUILD_DIR)/$(NAME).calibration --steps $(STEPS) $(SHAPE) \
+		$(if $(PROMPTS),--prompts $(PROMPTS))
+	$(BIN)/ditbake plan --calibration $(BUILD_DIR)/$(NAME).calibration --out $(BUILD_DIR)/$(NAME).plan.json \
+		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET))
+	$(BIN)/ditbake build --model $(MODEL) --plan $(BUILD_DIR)/$(NAME).plan.json \
+		--calibration $(BUILD_DIR)/$(NAME).calibration --out $(ARTIFACT) --backend $(BACKEND)
+
+# one tar with the manifest's hashes, verified again by `ditbake unpack`
+package: setup
+	$(BIN)/ditbake package $(ARTIFACT) --out $(ARTIFACT).tar
+
+run: setup
+	$(BIN)/ditbake run $(ARTIFACT) --out $(OUT) --seed $(SEED) $(if $(PROMPTS),--prompts $(PROMPTS))
 
 clean:
 	rm -rf out artifacts/built build dist *.egg-info

@@ -1,4 +1,4 @@
-"""The `ditbake` command: calibrate → plan → build → run, plus inspect."""
+"""The `ditbake` command: calibrate → plan → build → run, plus inspect, package and unpack."""
 from __future__ import annotations
 
 import argparse
@@ -160,6 +160,21 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_package(args) -> int:
+    from ditbake.runtime.package import pack  # noqa: PLC0415
+
+    out = pack(args.artifact, args.out)
+    log.info("packaged %s → %s (%.1f MB)", args.artifact, out, out.stat().st_size / 1e6)
+    return 0
+
+
+def cmd_unpack(args) -> int:
+    from ditbake.runtime.package import unpack  # noqa: PLC0415
+
+    log.info("unpacked and verified %s → %s", args.package, unpack(args.package, args.out))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditbake", description="Ahead-of-time compiler for diffusion transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -212,6 +227,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("package", help="write the artifact as one tar (manifest + indexed files, hashes checked)")
+    p.add_argument("artifact")
+    p.add_argument("--out", required=True, help="output .tar")
+    p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser("unpack", help="unpack a package safely and verify every hash before it lands")
+    p.add_argument("package")
+    p.add_argument("--out", required=True, help="artifact directory to create or replace")
+    p.set_defaults(func=cmd_unpack)
 
     p = sub.add_parser("inspect", help="validate an artifact (hashes, plan) and print its summary")
     p.add_argument("artifact")

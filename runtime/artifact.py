@@ -73,7 +73,7 @@ class Artifact:
         return self.manifest["default_sampler"]
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise ArtifactError(f"artifact {path} does not exist or is not a directory; build it with `ditbake build`")
     mpath = path / MANIFEST
@@ -112,7 +112,7 @@ def verify_files(path: Path, manifest: dict) -> None:
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Artifact:
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
     for required in (WEIGHTS, manifest["plan_file"]):

@@ -7,7 +7,7 @@ import pytest
 
 from ditbake.exporter.cli import main
 
-SUBCOMMANDS = ("calibrate", "plan", "build", "run", "inspect")
+SUBCOMMANDS = ("calibrate", "plan", "build", "run", "inspect", "package", "unpack")
 
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)
@@ -39,6 +39,9 @@ def test_calibrate_plan_build_run_inspect(tmp_path, model, sampler, capsys):
     assert main(["inspect", art]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["hashes"] == "verified" and summary["plan"]["steps"] == 3
+    assert main(["package", art, "--out", str(tmp_path / "a.tar")]) == 0
+    assert main(["unpack", str(tmp_path / "a.tar"), "--out", str(tmp_path / "b")]) == 0
+    assert main(["inspect", str(tmp_path / "b")]) == 0
 
 
 def test_errors_map_to_exit_codes(tmp_path, caplog):
