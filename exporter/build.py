@@ -25,7 +25,7 @@ from ditbake.runtime.plan import Plan
 log = logging.getLogger(__name__)
 
 PRODUCER_VERSION = "0.1.0"
-BUILD_BACKENDS = ("eager",)
+BUILD_BACKENDS = ("eager", "aoti")
 
 
 def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
@@ -41,7 +41,7 @@ def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
 
 def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profile], samplers: list[str],
           dtype: torch.dtype = torch.bfloat16, backend: str = "eager", label: str = "",
-          scheduler_config: dict | None = None, progress: bool = True) -> Path:
+          scheduler_config: dict | None = None, progress: bool = True, device: str = "cpu") -> Path:
     if backend not in BUILD_BACKENDS:
         raise BackendError(f"backend {backend!r} cannot be built yet; available: {BUILD_BACKENDS}")
     check_plan_fits(adapter, plan)
@@ -65,8 +65,14 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
         tables = {name: bake(make_scheduler(name, adapter.architecture, scheduler_config), plan.num_steps, name)
                   for name in samplers}
         bar.update(1)
+        engines = []
+        if backend == "aoti":
+            from ditbake.exporter.engine_aoti import compile_engines  # noqa: PLC0415
+
+            engines = compile_engines(adapter.arch, adapter.config, weights, plan, profiles, tmp, device=device,
+                                      progress=progress)
         files = {rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
-                 for rel in (WEIGHTS, PLAN)}
+                 for rel in (WEIGHTS, PLAN, *(e["file"] for e in engines))}
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "producer": {"name": "ditbake", "version": PRODUCER_VERSION, "torch": torch.__version__,
@@ -80,7 +86,7 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
             "default_sampler": samplers[0],
             "plan_file": PLAN,
             "backend": backend,
-            "engines": [],  # the eager backend composes ops at run time; compiled backends list files here
+            "engines": engines,  # empty for eager: the runtime composes the ops itself
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -107,7 +107,7 @@ def cmd_build(args) -> int:
         samplers.remove(stats.meta["sampler"])
         samplers.insert(0, stats.meta["sampler"])
     out = builder.build(adapter, plan, args.out, profiles=[profile], samplers=samplers, dtype=DTYPES[args.dtype],
-                        backend=args.backend, label=args.label)
+                        backend=args.backend, label=args.label, device=args.device)
     log.info("artifact ready: %s", out)
     return 0
 
@@ -210,7 +210,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.add_argument("--calibration", required=True, help="calibration dir (shape profile, weights seed)")
     p.add_argument("--out", required=True)
-    p.add_argument("--backend", default="eager", help="eager (aoti and tensorrt: see README)")
+    p.add_argument("--backend", default="eager", choices=("eager", "aoti"),
+                   help="eager: ops composed at run time; aoti: AOTInductor packages per block variant")
+    p.add_argument("--device", default="cpu", help="device the aoti engines are compiled for")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--samplers", help="comma-separated samplers to bake; the first is the default")
     p.add_argument("--label", default="", help="shown on outputs, e.g. 'RANDOM WEIGHTS'")

@@ -113,3 +113,16 @@ def epilogue(w: Weights, config: dict, h: torch.Tensor, ctx: dict) -> torch.Tens
 
 def text_range(config: dict, ctx: dict) -> tuple[int, int]:
     return (0, ctx["text_len"])
+
+
+BLOCK_PREFIX = "transformer_blocks."
+
+
+def pack_ctx(ctx: dict) -> tuple[torch.Tensor, ...]:
+    """The context's tensors in a fixed order (compiled engines take them positionally)."""
+    return (ctx["emb"],)
+
+
+def unpack_ctx(tensors, latent: tuple[int, ...], text_len: int) -> dict:
+    (emb,) = tensors
+    return {"emb": emb, "text_len": text_len, "latent": latent}

@@ -136,3 +136,16 @@ def epilogue(w: Weights, config: dict, h: torch.Tensor, ctx: dict) -> torch.Tens
 
 def text_range(config: dict, ctx: dict) -> tuple[int, int]:
     return (0, 0)
+
+
+BLOCK_PREFIX = "blocks."
+
+
+def pack_ctx(ctx: dict) -> tuple[torch.Tensor, ...]:
+    """The context's tensors in a fixed order (compiled engines take them positionally)."""
+    return (ctx["temb"], ctx["timestep_proj"], ctx["text"], *ctx["rope"])
+
+
+def unpack_ctx(tensors, latent: tuple[int, ...], text_len: int) -> dict:
+    temb, timestep_proj, text, cos, sin = tensors
+    return {"temb": temb, "timestep_proj": timestep_proj, "text": text, "rope": (cos, sin), "latent": latent}

@@ -26,18 +26,31 @@ class AttentionRunner:
         self.flops_done = 0.0
         self.flops_dense = 0.0
 
+    def account(self, schemes: tuple[HeadScheme, ...] | None, batch: int, heads: int, seq: int, head_dim: int,
+                text_range: tuple[int, int]) -> None:
+        """Count the FLOPs an attention site does (called by compiled engines, which cannot count inside)."""
+        dense = 4.0 * batch * heads * seq * seq * head_dim
+        self.flops_dense += dense
+        if not schemes or all(s.kind == "full" for s in schemes):
+            self.flops_done += dense
+            return
+        from ditbake.plugins import head_attention  # noqa: PLC0415
+
+        text_tokens = text_range[1] - text_range[0]
+        self.flops_done += float(head_attention.attention_flops(_scheme_tensor(schemes), text_tokens,
+                                                                seq - text_tokens, head_dim, batch=batch))
+
     def __call__(self, key: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  schemes: tuple[HeadScheme, ...] | None, text_range: tuple[int, int]) -> torch.Tensor:
         """q, k, v: [B, H, S, D]. key identifies (branch, block, site) for the head cache."""
-        b, h, s_q, d = q.shape
-        dense_flops = 4.0 * b * h * s_q * k.shape[2] * d
-        self.flops_dense += dense_flops
+        tracing = torch.compiler.is_compiling()  # inside torch.export: no host-side accounting
+        if not tracing:
+            self.account(schemes, q.shape[0], q.shape[1], q.shape[2], q.shape[3], text_range)
         if not schemes or all(s.kind == "full" for s in schemes):
             out = F.scaled_dot_product_attention(q, k, v)
-            self.flops_done += dense_flops
         else:
             try:
-                from ditbake.plugins import head_attention  # noqa: PLC0415
+                import ditbake.plugins.head_attention  # noqa: F401, PLC0415 - registers ditbake::head_attention
             except ImportError as exc:  # pragma: no cover - depends on the plugins build
                 raise BackendError(f"head-wise attention needs ditbake.plugins.head_attention ({exc}); "
                                    "rebuild the plan with full attention") from exc
@@ -46,8 +59,9 @@ class AttentionRunner:
             if cached is None and any(s.kind == "cached" for s in schemes):
                 raise BackendError(f"attention site {key} reuses cached heads before any output was cached; "
                                    "the plan must compute every head at the first step")
-            out = head_attention.head_attention(q, k, v, table, text_range, cached)
-            text_tokens = text_range[1] - text_range[0]
-            self.flops_done += float(head_attention.attention_flops(table, text_tokens, s_q - text_tokens, d, batch=b))
+            # The plan validated the schemes; calling the op directly keeps host-side checks (which
+            # read tensor values) out of traced graphs, so torch.export sees one custom op.
+            out = torch.ops.ditbake.head_attention(q, k, v, table.to(q.device), text_range[0], text_range[1],
+                                                   cached, None)
         self.cache[key] = out  # cached heads copied their old output in, so this is always current
         return out

@@ -20,12 +20,13 @@ import torch
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.artifact import Artifact, Profile, load_artifact
 from ditbake.runtime.attention import AttentionRunner
+from ditbake.runtime.engines import AotiEngines, EagerEngines
 from ditbake.runtime.errors import BackendError, InputError
 from ditbake.runtime.sampler import BakedSampler
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager",)
+BACKENDS = ("eager", "aoti")
 
 
 @dataclass
@@ -79,6 +80,11 @@ class Session:
         self.dtype = dtype or (torch.bfloat16 if torch.bfloat16 in stored else torch.float32)
         self.weights = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in artifact.weights.items()}
         self.plan = artifact.plan
+        if artifact.manifest.get("backend", "eager") == "aoti":
+            self.engines = AotiEngines(self.arch, self.config, self.weights, artifact.path,
+                                       artifact.manifest["engines"], device)
+        else:
+            self.engines = EagerEngines(self.arch, self.config, self.weights)
         if self.plan.num_blocks != self.arch.num_blocks(self.config):
             raise InputError(f"plan has {self.plan.num_blocks} blocks but the model has "
                              f"{self.arch.num_blocks(self.config)}; re-run `ditbake plan` for this model")
@@ -164,22 +170,21 @@ class Session:
         return GenerationResult(latents=x, report=report, trajectory=trajectory)
 
     def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report) -> torch.Tensor:
-        w, cfg = self.weights, self.config
-        h, ctx = self.arch.prologue(w, cfg, x.to(self.dtype), t, text, prof.to_json())
+        h, ctx = self.engines.prologue(x.to(self.dtype), t, text, prof)
         for b in range(self.plan.num_blocks):
             ids = self.plan.steps[step].get(branch, self.plan.steps[step]["cond"])
             variant = self.plan.variants[ids[b]]
             report.variants_used.append(ids[b])
             key = (branch, b)
             if variant.compute:
-                out = self.arch.block(w, cfg, b, h, ctx, variant, attention, branch)
+                out = self.engines.block(ids[b], variant, b, h, ctx, attention, branch)
                 deltas[key] = out - h
                 h = out
                 report.block_computes += 1
             else:
                 h = h + deltas[key]
                 report.block_skips += 1
-        return self.arch.epilogue(w, cfg, h, ctx)
+        return self.engines.epilogue(h, ctx)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -22,7 +22,7 @@ def rng_seed():
 
 
 def build_tiny_artifact(tmp_path, name="tiny-wan", steps=4, samplers=None, plan_fn=None, dtype=torch.float32,
-                        latent=None, text_len=None, guidance=True):
+                        latent=None, text_len=None, guidance=True, backend="eager"):
     """Build a tiny random-weight artifact through the exporter API (fast: no calibration run).
 
     Returns (artifact_path, adapter)."""
@@ -44,5 +44,6 @@ def build_tiny_artifact(tmp_path, name="tiny-wan", steps=4, samplers=None, plan_
             "num_steps": steps, "branches": ["cond", "uncond"] if guidance else ["cond"]}
     plan = (plan_fn or plan_from_calibration)(meta)
     out = builder.build(adapter, plan, tmp_path / name, profiles=[Profile("p0", tuple(latent), text_len)],
-                        samplers=list(samplers or SAMPLERS[adapter.architecture]), dtype=dtype, progress=False)
+                        samplers=list(samplers or SAMPLERS[adapter.architecture]), dtype=dtype, progress=False,
+                        backend=backend)
     return out, adapter

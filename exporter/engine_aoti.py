@@ -1,0 +1,133 @@
+"""The `aoti` backend: torch.export + AOTInductor packages per distinct block configuration.
+
+Engines take weights as inputs (never constants), so one compiled block serves every block that
+shares its configuration, and the weights exist once in memory. Prologue and epilogue are
+engines too. The positional conventions come from ditbake.runtime.engines.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ditbake.runtime.artifact import Profile, sha256_file
+from ditbake.runtime.attention import AttentionRunner
+from ditbake.runtime.engines import block_weight_names, engine_key, global_weight_names
+from ditbake.runtime.errors import BackendError
+from ditbake.runtime.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+class _Prologue(torch.nn.Module):
+    def __init__(self, arch, config, names, profile: Profile):
+        super().__init__()
+        self.arch, self.config, self.names, self.profile = arch, config, names, profile
+
+    def forward(self, x, t, text, *weights):
+        h, ctx = self.arch.prologue(dict(zip(self.names, weights)), self.config, x, t, text, self.profile.to_json())
+        return (h, *self.arch.pack_ctx(ctx))
+
+
+class _Block(torch.nn.Module):
+    """A block of one configuration; its weights arrive under block 0's names."""
+
+    def __init__(self, arch, config, names, variant, latent, text_len, n_ctx):
+        super().__init__()
+        self.arch, self.config, self.variant = arch, config, variant
+        self.names = [f"{arch.BLOCK_PREFIX}0.{n}" for n in names]
+        self.latent, self.text_len, self.n_ctx = latent, text_len, n_ctx
+
+    def forward(self, h, *rest):
+        ctx = self.arch.unpack_ctx(rest[: self.n_ctx], self.latent, self.text_len)
+        w = dict(zip(self.names, rest[self.n_ctx:]))
+        return self.arch.block(w, self.config, 0, h, ctx, self.variant, AttentionRunner(), "cond")
+
+
+class _Epilogue(torch.nn.Module):
+    def __init__(self, arch, config, names, latent, text_len, n_ctx):
+        super().__init__()
+        self.arch, self.config, self.names = arch, config, names
+        self.latent, self.text_len, self.n_ctx = latent, text_len, n_ctx
+
+    def forward(self, h, *rest):
+        ctx = self.arch.unpack_ctx(rest[: self.n_ctx], self.latent, self.text_len)
+        return self.arch.epilogue(dict(zip(self.names, rest[self.n_ctx:])), self.config, h, ctx)
+
+
+def _compile(module: torch.nn.Module, args: tuple, path: Path) -> None:
+    exported = torch.export.export(module, args)
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+
+
+def _content_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: Plan, profiles: list[Profile],
+                    out_dir: Path, device: str = "cpu", progress: bool = True) -> list[dict]:
+    """Compile prologue, every computed block variant and epilogue for each profile into out_dir/engines."""
+    for vid, v in enumerate(plan.variants):
+        if v.compute and v.uses_cached_heads:
+            raise BackendError(f"variant {vid} reuses cached heads, which the aoti backend does not compile yet; "
+                               "build with --backend eager or plan without head caching")
+        sparse = any(s.kind != "full" for _, schemes in v.heads for s in schemes)
+        if v.compute and sparse and torch.device(device).type != "cuda":
+            # Inductor inlines the Triton op's CUDA body; on CPU that body has no kernel to run.
+            raise BackendError(f"variant {vid} uses arrow heads, which aoti compiles only for CUDA engines; "
+                               "build with --device cuda, or --backend eager on CPU")
+    device_weights = {k: v.to(device) for k, v in weights.items()}
+    built_for = {"device": torch.device(device).type, "torch": torch.__version__,
+                 "capability": list(torch.cuda.get_device_capability()) if torch.device(device).type == "cuda" else None}
+    used = sorted({vid for step in plan.steps for ids in step.values() for vid in ids if plan.variants[vid].compute})
+    jobs = len(profiles) * (2 + len(used))
+    bar = tqdm(total=jobs, desc="compile aoti", unit="engine", disable=not progress)
+    entries = []
+    (out_dir / "engines").mkdir(exist_ok=True)
+    dtype = next(v.dtype for v in weights.values() if v.is_floating_point())
+    text_dim = int(config.get("text_dim", config.get("text_embed_dim")))
+    for prof in profiles:
+        gnames = global_weight_names(device_weights, arch, prof.name)
+        gw = [device_weights[k] for k in gnames]
+        x = torch.randn(1, *prof.latent_shape, device=device, dtype=dtype)
+        t = torch.full((1,), 500.0, device=device)
+        text = torch.randn(1, prof.text_len, text_dim, device=device, dtype=dtype)
+        h, ctx = arch.prologue(device_weights, config, x, t, text, prof.to_json())
+        ctx_tensors = arch.pack_ctx(ctx)
+        bnames = block_weight_names(device_weights, arch, 0)
+        bw = [device_weights[f"{arch.BLOCK_PREFIX}0.{n}"] for n in bnames]
+        jobs = [("prologue", None, _Prologue(arch, config, gnames, prof), (x, t, text, *gw))]
+        for vid in used:
+            module = _Block(arch, config, bnames, plan.variants[vid], tuple(x.shape), prof.text_len, len(ctx_tensors))
+            jobs.append(("block", vid, module, (h, *ctx_tensors, *bw)))
+        jobs.append(("epilogue", None, _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, len(ctx_tensors)),
+                     (h, *ctx_tensors, *gw)))
+        for part, vid, module, args in jobs:
+            key = engine_key(part, vid, prof.name)
+            config_json = plan.variants[vid].to_json() if vid is not None else None
+            content = _content_key(part, config_json, prof.to_json(), arch.NAME, config, str(dtype), built_for)
+            rel = f"engines/{part}-{content}.pt2"
+            bar.set_postfix_str(key)
+            _compile(module, args, out_dir / rel)
+            entries.append({"key": key, "part": part, "variant": vid, "profile": prof.name, "backend": "aoti",
+                            "file": rel, "sha256": sha256_file(out_dir / rel), "built_for": built_for,
+                            "inputs": _input_names(part, gnames, bnames, len(ctx_tensors)),
+                            "outputs": ["hidden", *[f"ctx{i}" for i in range(len(ctx_tensors))]] if part == "prologue"
+                            else ["hidden" if part == "block" else "model_output"]})
+            bar.update(1)
+    bar.close()
+    return entries
+
+
+def _input_names(part: str, gnames, bnames, n_ctx: int) -> list[str]:
+    ctx = [f"ctx{i}" for i in range(n_ctx)]
+    if part == "prologue":
+        return ["latents", "timestep", "text", *gnames]
+    if part == "block":
+        return ["hidden", *ctx, *[f"block.{n}" for n in bnames]]
+    return ["hidden", *ctx, *gnames]

@@ -1,0 +1,118 @@
+"""Engines: how the runtime executes prologue, block variants and epilogue.
+
+`EagerEngines` composes the architecture's torch functions (and the plugins' ops) directly.
+`AotiEngines` calls AOTInductor packages compiled per (part, variant, profile) by the exporter.
+Compiled engines take weights as inputs, never as constants, so all blocks that share a
+configuration share one engine and the weights exist once in memory. The positional calling
+convention below is shared by the exporter (which compiles against it) and the runtime.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ditbake.runtime.errors import ArtifactError, BackendError
+from ditbake.runtime.plan import BlockVariant
+
+log = logging.getLogger(__name__)
+
+
+def block_weight_names(weights: dict, arch, index: int) -> list[str]:
+    """Block `index`'s weights, by name relative to the block, sorted."""
+    prefix = f"{arch.BLOCK_PREFIX}{index}."
+    return sorted(k[len(prefix):] for k in weights if k.startswith(prefix))
+
+
+def global_weight_names(weights: dict, arch, profile: str) -> list[str]:
+    """Non-block weights plus this profile's shape constants, sorted."""
+    mine = f"profile.{profile}."
+    return sorted(k for k in weights if not k.startswith(arch.BLOCK_PREFIX)
+                  and (not k.startswith("profile.") or k.startswith(mine)))
+
+
+def profile_weights(weights: dict, arch, profile: str) -> dict:
+    return {k: weights[k] for k in global_weight_names(weights, arch, profile)}
+
+
+def engine_key(part: str, variant: int | None, profile: str) -> str:
+    return f"{part}" + (f"-v{variant}" if variant is not None else "") + f"-{profile}"
+
+
+class EagerEngines:
+    name = "eager"
+
+    def __init__(self, arch, config: dict, weights: dict):
+        self.arch, self.config, self.weights = arch, config, weights
+
+    def prologue(self, x, t, text, profile):
+        return self.arch.prologue(self.weights, self.config, x, t, text, profile.to_json())
+
+    def block(self, vid: int, variant: BlockVariant, index: int, h, ctx, attention, branch: str):
+        return self.arch.block(self.weights, self.config, index, h, ctx, variant, attention, branch)
+
+    def epilogue(self, h, ctx):
+        return self.arch.epilogue(self.weights, self.config, h, ctx)
+
+
+class AotiEngines:
+    """AOTInductor packages listed in the manifest, loaded once; weights passed on every call."""
+
+    name = "aoti"
+
+    def __init__(self, arch, config: dict, weights: dict, artifact_path: Path, entries: list[dict], device):
+        self.arch, self.config, self.weights = arch, config, weights
+        self.device = torch.device(device)
+        self.packages: dict[str, object] = {}
+        self._block_args: dict[int, list[torch.Tensor]] = {}
+        self._global_args: dict[str, list[torch.Tensor]] = {}
+        for e in entries:
+            built = e.get("built_for", {}).get("device", "cpu")
+            if built != self.device.type:
+                raise BackendError(f"engine {e['file']} was compiled for {built}, not {self.device.type}; "
+                                   f"load with device={built!r} or rebuild the artifact on a {self.device.type} machine")
+            try:
+                self.packages[e["key"]] = torch._inductor.aoti_load_package(str(artifact_path / e["file"]))
+            except Exception as exc:  # the loader raises RuntimeError and others
+                raise BackendError(f"cannot load engine {e['file']} ({type(exc).__name__}: {exc}); rebuild it "
+                                   f"with this torch ({torch.__version__})") from exc
+
+    def _engine(self, key: str):
+        try:
+            return self.packages[key]
+        except KeyError:
+            raise ArtifactError(f"artifact has no compiled engine {key!r}; rebuild it for this plan and profile") from None
+
+    def _globals(self, profile: str) -> list[torch.Tensor]:
+        if profile not in self._global_args:
+            self._global_args[profile] = [self.weights[k] for k in global_weight_names(self.weights, self.arch, profile)]
+        return self._global_args[profile]
+
+    def _block_weights(self, index: int) -> list[torch.Tensor]:
+        if index not in self._block_args:
+            prefix = f"{self.arch.BLOCK_PREFIX}{index}."
+            self._block_args[index] = [self.weights[prefix + n]
+                                       for n in block_weight_names(self.weights, self.arch, index)]
+        return self._block_args[index]
+
+    def prologue(self, x, t, text, profile):
+        outs = self._engine(engine_key("prologue", None, profile.name))(x, t, text, *self._globals(profile.name))
+        h, *ctx_tensors = outs
+        ctx = self.arch.unpack_ctx(ctx_tensors, tuple(x.shape), profile.text_len)
+        ctx["_profile"] = profile.name
+        return h, ctx
+
+    def block(self, vid: int, variant: BlockVariant, index: int, h, ctx, attention, branch: str):
+        engine = self._engine(engine_key("block", vid, ctx["_profile"]))
+        out = engine(h, *self.arch.pack_ctx(ctx), *self._block_weights(index))
+        text_range = self.arch.text_range(self.config, ctx)
+        for site, schemes in variant.heads or (("attn1", None),):
+            attention.account(schemes, h.shape[0], self.arch.heads(self.config), h.shape[1],
+                              int(self.config["attention_head_dim"]), text_range)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def epilogue(self, h, ctx):
+        engine = self._engine(engine_key("epilogue", None, ctx["_profile"]))
+        out = engine(h, *self.arch.pack_ctx(ctx), *self._globals(ctx["_profile"]))
+        return out[0] if isinstance(out, (list, tuple)) else out

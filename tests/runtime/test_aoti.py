@@ -1,0 +1,70 @@
+"""The aoti backend: AOTInductor engines per block variant, weights as inputs, same results as eager."""
+import json
+
+import pytest
+import torch
+
+from ditbake.exporter.planner import plan_from_calibration
+from ditbake.runtime import ArtifactError, BackendError, load
+from ditbake.runtime.plan import BlockVariant, Plan
+
+from tests.conftest import build_tiny_artifact
+
+
+def _mixed_plan(meta):
+    """Full blocks, a TDC skip, and a purified-refresh variant: two compiled block engines."""
+    plan = plan_from_calibration(meta).to_json()
+    plan["variants"].append(BlockVariant(compute=False).to_json())
+    plan["variants"].append(plan["variants"][0] | {"purified": True})
+    plan["steps"][1]["cond"] = [2, 2, 0]
+    plan["steps"][2]["cond"] = [0, 1, 2]
+    return Plan.from_json(plan)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aoti")
+    aoti, _ = build_tiny_artifact(root / "a", "tiny-wan", steps=3, plan_fn=_mixed_plan, backend="aoti")
+    eager, _ = build_tiny_artifact(root / "e", "tiny-wan", steps=3, plan_fn=_mixed_plan)
+    return aoti, eager
+
+
+def test_engines_per_variant_and_match_eager(artifacts):
+    aoti, eager = artifacts
+    manifest = json.loads((aoti / "manifest.json").read_text())
+    parts = sorted((e["part"], e["variant"]) for e in manifest["engines"])
+    assert parts == [("block", 0), ("block", 2), ("epilogue", None), ("prologue", None)]  # no engine for skips
+    assert all(e["file"] in manifest["files"] and e["built_for"]["device"] == "cpu" for e in manifest["engines"])
+    a, e = load(aoti, backend="aoti"), load(eager)
+    text = torch.randn(1, a.profile().text_len, 32)
+    ra, re_ = a.generate(text, seed=4), e.generate(text, seed=4)
+    torch.testing.assert_close(ra.latents, re_.latents, rtol=1e-4, atol=1e-4)
+    assert ra.report.block_skips == re_.report.block_skips == 1
+    assert ra.report.attention_flops_fraction == re_.report.attention_flops_fraction == 1.0
+
+
+def test_tampered_engine_refused(artifacts, tmp_path):
+    import shutil
+    aoti, _ = artifacts
+    dst = tmp_path / "t"
+    shutil.copytree(aoti, dst)
+    engine = next((dst / "engines").iterdir())
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 mismatch for engines/"):
+        load(dst, backend="aoti")
+
+
+@pytest.mark.parametrize("heads,message", [([["cached", 0, 0], ["full", 0, 0]], "cached heads"),
+                                            ([["arrow", 2, 2], ["full", 0, 0]], "only for CUDA")])
+def test_head_schemes_not_compiled_on_cpu(tmp_path, heads, message):
+    def head_plan(meta):
+        plan = plan_from_calibration(meta).to_json()
+        plan["variants"].append(plan["variants"][0] | {"heads": {"attn1": heads}})
+        plan["steps"][1]["cond"] = [1, 0, 0]
+        return Plan.from_json(plan)
+
+    with pytest.raises(BackendError, match=message):
+        build_tiny_artifact(tmp_path, "tiny-wan", steps=2, plan_fn=head_plan, backend="aoti")
+    assert list(tmp_path.iterdir()) == []
