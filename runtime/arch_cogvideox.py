@@ -9,19 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from ditbake.runtime.nn import Weights, dense, gelu_tanh_mlp, quantizable_linear, timestep_embedding
+from ditbake.runtime.nn import heads, num_blocks  # noqa: F401 - part of the architecture interface
 
 NAME = "cogvideox"
 BLOCK_LINEARS = ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                  "norm2.linear", "ff.net.0.proj", "ff.net.2")
 COMPRESSIBLE_ATTENTION = ("attn1",)
-
-
-def num_blocks(config: dict) -> int:
-    return int(config["num_layers"])
-
-
-def heads(config: dict) -> int:
-    return int(config["num_attention_heads"])
 
 
 def latent_shape(config: dict, frames: int, height: int, width: int) -> tuple[int, ...]:

@@ -10,20 +10,13 @@ import torch.nn.functional as F
 
 from ditbake.runtime.nn import (Weights, dense, gelu_tanh_mlp, layer_norm, quantizable_linear, rms_norm,
                                 rotate_interleaved, timestep_embedding)
+from ditbake.runtime.nn import heads, num_blocks  # noqa: F401 - part of the architecture interface
 
 NAME = "wan"
 BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                  "ffn.net.0.proj", "ffn.net.2")
 COMPRESSIBLE_ATTENTION = ("attn1",)
-
-
-def num_blocks(config: dict) -> int:
-    return int(config["num_layers"])
-
-
-def heads(config: dict) -> int:
-    return int(config["num_attention_heads"])
 
 
 def latent_shape(config: dict, frames: int, height: int, width: int) -> tuple[int, ...]:

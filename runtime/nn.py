@@ -16,6 +16,15 @@ from ditbake.runtime.errors import ArtifactError, BackendError
 Weights = dict[str, torch.Tensor]
 
 
+def num_blocks(config: dict) -> int:
+    """Transformer blocks of a diffusers DiT config (both supported families name it num_layers)."""
+    return int(config["num_layers"])
+
+
+def heads(config: dict) -> int:
+    return int(config["num_attention_heads"])
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float,
                        max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of a 1-D tensor of timesteps, as diffusers' Timesteps (fp32)."""
