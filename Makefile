@@ -42,9 +42,12 @@ test: setup
 	$(BIN)/python -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-# On a GPU machine: only the tests marked `gpu` (kernels against their references).
-test-gpu: setup
-	$(BIN)/python -m pytest -q -ra -m gpu; rc=$$?; \
+# On a GPU machine: only the tests marked `gpu` (kernels against their references). GPU images
+# usually bring their own CUDA torch: `make test-gpu GPU_PYTHON=python3` uses it (ditbake installed
+# there with `pip install --no-deps -e .`) instead of the CPU venv.
+GPU_PYTHON ?= $(BIN)/python
+test-gpu:
+	$(GPU_PYTHON) -m pytest -q -ra -m gpu; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-gpu: no GPU tests collected" >&2; exit 1; fi; exit $$rc
 
 demo: setup

@@ -1,0 +1,103 @@
+"""Does AOTInductor work on this GPU machine, and do ditbake's aoti engines run on CUDA?
+
+Each probe runs in a fresh subprocess (a segfault must not take the check down) and records its
+exit code and the tail of its output. DESIGN.md reports `aoti_load_package` segfaulting on the
+H100 image (torch 2.11 + CUDA 13) even for a two-layer MLP loaded in a fresh process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+MLP_COMPILE = """
+import torch, sys
+m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+x = torch.randn(4, 64, device="cuda")
+ep = torch.export.export(m, (x,))
+path = torch._inductor.aoti_compile_and_package(ep, package_path=sys.argv[1])
+print("compiled", path)
+"""
+
+MLP_LOAD = """
+import torch, sys
+m = torch._inductor.aoti_load_package(sys.argv[1])
+print("loaded")
+x = torch.randn(4, 64, device="cuda")
+print("ran", m(x).shape)
+"""
+
+MLP_LEGACY = """
+import torch, sys
+m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+x = torch.randn(4, 64, device="cuda")
+so = torch._export.aot_compile(m, (x,))
+print("compiled legacy", so)
+fn = torch._export.aot_load(so, "cuda")
+print("ran legacy", fn(x).shape)
+"""
+
+DITBAKE = """
+import json, sys, torch
+from pathlib import Path
+sys.path.insert(0, ".")
+from tests.conftest import build_tiny_artifact
+from tests.runtime.test_aoti import _mixed_plan
+from ditbake.runtime import load
+root = Path(sys.argv[1])
+kw = dict(steps=3, plan_fn=_mixed_plan)
+eager, _ = build_tiny_artifact(root / "e", "tiny-wan", **kw)
+from ditbake.exporter import build as builder
+orig = builder.build
+builder.build = lambda *a, **k: orig(*a, **{**k, "backend": "aoti", "device": "cuda"})
+aoti, _ = build_tiny_artifact(root / "a", "tiny-wan", **kw)
+print("built aoti cuda engines")
+e, a = load(eager, device="cuda"), load(aoti, device="cuda", backend="aoti")
+text = torch.randn(1, e.profile().text_len, 32)
+re_, ra = e.generate(text, seed=1), a.generate(text, seed=1)
+print("max abs diff", (re_.latents - ra.latents).abs().max().item())
+"""
+
+
+def probe(name: str, code: str, *args: str, env: dict | None = None, timeout: int = 120) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(textwrap.dedent(code))
+    try:
+        p = subprocess.run([sys.executable, f.name, *args], capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})})
+        result = {"returncode": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
+    except subprocess.TimeoutExpired:
+        result = {"returncode": "timeout"}
+    print(f"{name}: {result['returncode']}")
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="aoti_cuda.json")
+    args = ap.parse_args()
+    import torch
+
+    tmp = tempfile.mkdtemp()
+    pkg = os.path.join(tmp, "mlp.pt2")
+    report = {"torch": torch.__version__, "cuda": torch.version.cuda,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    report["mlp_compile"] = probe("mlp_compile", MLP_COMPILE, pkg)
+    report["mlp_load_fresh_process"] = probe("mlp_load", MLP_LOAD, pkg)
+    if report["mlp_load_fresh_process"]["returncode"] != 0:
+        # candidate causes: the package loader vs the legacy .so path; lazy CUDA init in the loader
+        report["mlp_legacy_so"] = probe("mlp_legacy", MLP_LEGACY)
+        report["mlp_load_after_cuda_init"] = probe("mlp_load_cuda_init", "import torch; torch.zeros(1, device='cuda')\n"
+                                                   + MLP_LOAD, pkg)
+    report["ditbake_aoti_cuda"] = probe("ditbake_aoti_cuda", DITBAKE, tmp, timeout=300)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
