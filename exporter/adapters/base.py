@@ -33,7 +33,7 @@ class Adapter:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.arch: ModuleType = runtime_arch.get(self.architecture)
-        self.config = json.loads(json.dumps(dict(model.config), default=list))
+        self.config = json.loads(json.dumps(dict(model.config), default=str))
         self.check_supported()
 
     # --- metadata -----------------------------------------------------------------------------
