@@ -149,6 +149,7 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
     `(adapter, (prompts, branches, steps, blocks)) -> Observer` for statistics beyond Γ and Δ."""
     model = adapter.model
     dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
     n, text_len, _ = embeds.shape
     use_cfg = guidance_scale > 1.0
     if negative is None:
@@ -164,14 +165,15 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
             scheduler = make_scheduler(sampler, adapter.architecture, scheduler_config)
             scheduler.set_timesteps(num_steps)
             gen = torch.Generator().manual_seed(seed + p)
-            x = torch.randn((1, *latent), generator=gen) * float(getattr(scheduler, "init_noise_sigma", 1.0))
-            texts = {"cond": embeds[p:p + 1].to(dtype), "uncond": negative[p % negative.shape[0]][None].to(dtype)}
+            x = torch.randn((1, *latent), generator=gen).to(device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+            texts = {"cond": embeds[p:p + 1].to(device, dtype),
+                     "uncond": negative[p % negative.shape[0]][None].to(device, dtype)}
             for i, t in enumerate(scheduler.timesteps):
                 outs = {}
                 for bi, b in enumerate(branches):
                     for obs in active:
                         obs.where = (p, bi, i)
-                    outs[b] = adapter.diffusers_forward(x.to(dtype), t.expand(1), texts[b]).float()
+                    outs[b] = adapter.diffusers_forward(x.to(dtype), t.expand(1).to(device), texts[b]).float()
                 out = outs["cond"] if not use_cfg else outs["uncond"] + guidance_scale * (outs["cond"] - outs["uncond"])
                 x = scheduler.step(out, t, x, return_dict=False)[0]
                 bar.update(1)
