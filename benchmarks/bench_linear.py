@@ -24,6 +24,12 @@ log = logging.getLogger("bench_linear")
 
 SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536)]  # (K, N): attention/FFN linears of Wan2.1-1.3B
 M_LARGE, M_SMALL = 32760, 128
+# Other DiTs at their production token counts: (M, [(K, N), ...]) for the attention and FFN linears.
+# CogVideoX-5B at 480×720×49 frames: 13×30×45 visual + 226 text tokens; Flux.1-dev at 1024²: 4096 + 512.
+OTHER_MODELS = {
+    "cogvideox-5b": (17776, [(3072, 3072), (3072, 12288), (12288, 3072)]),
+    "flux-dev": (4608, [(3072, 3072), (3072, 12288), (12288, 3072)]),
+}
 L2_MISS_BYTES = 160 * 2**20  # rotate weight copies until this many bytes (> 3x the 50 MB L2)
 
 
@@ -189,9 +195,9 @@ def bench_shape(m: int, k: int, n: int, results: dict, graphs_everywhere: bool =
     results[key] = row
 
 
-def ratio(results, m, name, reduce=statistics.geometric_mean):
+def ratio(results, m, name, reduce=statistics.geometric_mean, shapes=None):
     vals = []
-    for k, n in SHAPES:
+    for k, n in shapes or SHAPES:
         row = results.get(f"M{m}_K{k}_N{n}", {})
         if row.get(name) and row.get("bf16_torch"):
             vals.append(row["bf16_torch"] / row[name])
@@ -215,6 +221,7 @@ def main() -> None:
     parser.add_argument("--graphs", action="store_true",
                         help="time M=32760 ops by CUDA-graph replay too (eager do_bench numbers include "
                              "Python launch overhead of the multi-kernel ops)")
+    parser.add_argument("--other-models", default="", help=f"comma list of {sorted(OTHER_MODELS)} to time too")
     args = parser.parse_args()
     torch.manual_seed(0)
     ceilings = measure_ceilings()
@@ -224,6 +231,15 @@ def main() -> None:
         for k, n in (SHAPES[1:2] if args.quick else SHAPES):
             bench_shape(m, k, n, raw, args.graphs)
             log.info("M=%d K=%d N=%d %s", m, k, n, {a: (round(b, 4) if isinstance(b, float) else b) for a, b in raw[f"M{m}_K{k}_N{n}"].items()})
+    per_model = {}
+    for name in filter(None, args.other_models.split(",")):
+        m, shapes = OTHER_MODELS[name]
+        for k, n in shapes:
+            bench_shape(m, k, n, raw, args.graphs)
+            log.info("%s M=%d K=%d N=%d %s", name, m, k, n, raw[f"M{m}_K{k}_N{n}"])
+        per_model[name] = {"M": m, "shapes": shapes, **{
+            kernel: ratio(raw, m, kernel, shapes=shapes)
+            for kernel in ("w4a16", "w4a8_int8_had", "w4a8_fp8_had", "w8a8_int8", "w8a8_fp8")}}
     w4a8, w4a8_best = best_of(raw, M_LARGE, ["w4a8_int8_had", "w4a8_fp8_had", "w4a8_fp8_had_scaled_mm"])
     int8_ratio = ratio(raw, M_LARGE, "w8a8_int8")
     copy_fracs = [raw[key][f"act_quant_int8_had_gbps"] / ceilings["copy_gbps"]
@@ -243,6 +259,7 @@ def main() -> None:
                  f"{SHAPES}; quantization (act quant, Hadamard, weight conversion) included in "
                  "w4a8/w8a8; act_quant fraction = int8+Hadamard pass bytes/s over copy bytes/s, M=32760",
         "ceilings": ceilings,
+        "other_models_vs_bf16": per_model,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "times_ms": raw,

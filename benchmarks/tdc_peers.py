@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/tdc.json")
     p.add_argument("--plot", default="benchmarks/results/tdc.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--embeds", default=None, help="cache of the prompt embeddings (.pt): read when it exists, "
+                   "written otherwise; lets a machine without the text encoder package run the sweep")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
@@ -145,7 +147,11 @@ def main(argv=None) -> int:
     latent = adapter.latent_shape(args.frames, args.size, args.size)
     text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim")))
     text_len = 16
-    if text_dim == 384:  # the test-bed models: real captions through the shipped text encoder
+    if args.embeds and Path(args.embeds).is_file():
+        cached = torch.load(args.embeds)
+        calib_embeds, eval_embeds, negative, prompts_note = (cached["calib"], cached["eval"], cached["negative"],
+                                                             cached["note"])
+    elif text_dim == 384:  # the test-bed models: real captions through the shipped text encoder
         from ditbake.exporter.testbed import data
         from ditbake.runtime.text_encoder import TextEncoder
 
@@ -160,6 +166,9 @@ def main(argv=None) -> int:
         eval_embeds = cal.random_prompt_embeds(args.eval_prompts, text_len, text_dim, seed=2)
         negative = torch.zeros(1, text_len, text_dim)
         prompts_note = "random prompt embeddings"
+    if args.embeds and not Path(args.embeds).is_file():
+        Path(args.embeds).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"calib": calib_embeds, "eval": eval_embeds, "negative": negative, "note": prompts_note}, args.embeds)
     dev = torch.device(args.device)
     calib_embeds, eval_embeds, negative = calib_embeds.to(dev), eval_embeds.to(dev), negative.to(dev)
 
