@@ -25,6 +25,9 @@ print("compiled", path)
 
 MLP_LOAD = """
 import torch, sys
+if "--promote" in sys.argv:
+    from ditbake.runtime.engines import promote_libstdcxx
+    print("promoted", promote_libstdcxx())
 m = torch._inductor.aoti_load_package(sys.argv[1])
 print("loaded")
 x = torch.randn(4, 64, device="cuda")
@@ -88,12 +91,14 @@ def main() -> int:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     report["mlp_compile"] = probe("mlp_compile", MLP_COMPILE, pkg)
     report["mlp_load_fresh_process"] = probe("mlp_load", MLP_LOAD, pkg)
-    if report["mlp_load_fresh_process"]["returncode"] != 0:
+    # the fix: libstdc++ promoted to the global symbol scope before loading (runtime/engines.py)
+    report["mlp_load_promoted_libstdcxx"] = probe("mlp_load_promoted", MLP_LOAD, pkg, "--promote")
+    if False and report["mlp_load_fresh_process"]["returncode"] != 0:
         # candidate causes: the package loader vs the legacy .so path; lazy CUDA init in the loader
         report["mlp_legacy_so"] = probe("mlp_legacy", MLP_LEGACY)
         report["mlp_load_after_cuda_init"] = probe("mlp_load_cuda_init", "import torch; torch.zeros(1, device='cuda')\n"
                                                    + MLP_LOAD, pkg)
-    report["ditbake_aoti_cuda"] = probe("ditbake_aoti_cuda", DITBAKE, tmp, timeout=300)
+    report["ditbake_aoti_cuda"] = probe("ditbake_aoti_cuda", DITBAKE, tmp, timeout=200)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     return 0
