@@ -1,0 +1,175 @@
+"""Head-wise attention (DiTFastAttnV2) on the shipped test beds: attention FLOPs vs fidelity.
+
+    .venv/bin/python benchmarks/heads.py                       # both models, default deltas
+    .venv/bin/python benchmarks/heads.py --models sd3 --deltas 0.05,0.2
+
+For each model and δ: the progressive calibration + MILP search (calibrate_heads) on training
+captions, the plan (heads_pass), then generation through the ditbake eager runtime on held-out
+captions with fixed seeds, against the same runtime with the uncompressed plan: attention FLOPs
+reduction (counted by the runtime), PSNR and SSIM (exporter/evaluate.py), search wall time.
+Ablation: arrow-only (no cached heads) vs arrow + caching (+ local3d windows for Wan).
+Writes benchmarks/results/heads.json (merged per model) and benchmarks/results/heads_heatmap.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditbake.exporter import build as builder, models
+from ditbake.exporter.adapters import adapter_for
+from ditbake.exporter.calibrate_heads import calibrate_heads
+from ditbake.exporter.evaluate import psnr, ssim, to_frames
+from ditbake.exporter.plan_heads import VALIDATED, HeadsConfig, heads_pass
+from ditbake.exporter.planner import plan_from_calibration
+from ditbake.exporter.testbed import data
+from ditbake.runtime import load
+from ditbake.runtime.artifact import Profile
+from ditbake.runtime.text_encoder import TextEncoder
+
+log = logging.getLogger("benchmarks.heads")
+RESULTS = Path(__file__).parent / "results"
+TEXT_LEN = 16
+MODELS = {  # name → (model dir, sampler, clip kind, latent args (frames, height, width))
+    "sd3": ("artifacts/testbed-sd3", "flow_euler", "image", (1, 32, 32)),
+    "wan": ("artifacts/testbed-wan", "unipc", "video", (8, 32, 32)),
+}
+
+
+def captions(kind: str, held_out: bool, n: int) -> list[str]:
+    ids = [i for i in range(data.num_captions(kind)) if data.is_held_out(i) == held_out]
+    picks = [ids[(k * len(ids)) // n] for k in range(n)]
+    return [data.caption_from_attributes(kind, data.attributes_of(kind, i)) for i in picks]
+
+
+def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], steps: int, cal_prompts: int,
+                eval_prompts: int, out_dir: Path) -> dict:
+    src, sampler, kind, (frames, height, width) = MODELS[name]
+    model = models.load(src)
+    model.register_to_config(_name_or_path=str(src))
+    adapter = adapter_for(model)
+    latent = adapter.latent_shape(frames, height, width)
+    encoder = TextEncoder.load(max_length=TEXT_LEN)
+    cal_text = encoder.encode(captions(kind, False, cal_prompts))
+    eval_caps = captions(kind, True, eval_prompts)
+    eval_text, negative = encoder.encode(eval_caps), encoder.encode([""])
+    meta = {"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
+            "linear_layers": list(adapter.linear_layers), "attention_sites": adapter.attention_sites,
+            "num_steps": steps, "branches": ["cond", "uncond"]}
+    baseline = plan_from_calibration(meta)
+    art = builder.build(adapter, baseline, out_dir / f"heads-{name}", profiles=[Profile("p", latent, TEXT_LEN)],
+                        samplers=[sampler], dtype=torch.float32, progress=False, label=f"test-bed {name}")
+    session = load(art)
+
+    def generate_all(plan):
+        session.plan = plan
+        results = [session.generate(eval_text[i:i + 1], negative, seed=i, guidance_scale=5.0) for i in range(len(eval_caps))]
+        return results
+
+    reference = generate_all(baseline)
+    ref_frames = [to_frames(r.latents[0], adapter.architecture) for r in reference]
+    base_cfg = replace(VALIDATED[name], delta=1.0)
+    points, ablation, searches = [], [], {}
+    runs = [(d, True) for d in deltas] + [(d, False) for d in ablation_deltas]
+    for delta, caching in runs:
+        cfg = replace(base_cfg, delta=delta, caching=caching)
+        start = time.perf_counter()
+        tensors, heads_meta = calibrate_heads(adapter, cal_text, negative, latent=latent, sampler=sampler,
+                                              num_steps=steps, guidance_scale=5.0, seed=0, config=cfg, progress=False)
+        search_seconds = time.perf_counter() - start
+        plan = plan_from_calibration(meta | {"heads": heads_meta}, passes=[heads_pass(tensors, heads_meta)])
+        outs = generate_all(plan)
+        done = sum(o.report.attention_flops_done for o in outs)
+        dense = sum(o.report.attention_flops_dense for o in outs)
+        frames = [to_frames(o.latents[0], adapter.architecture) for o in outs]
+        point = {"delta": delta, "attention_flops_reduction": 1.0 - done / dense,
+                 "psnr_db": float(np.mean([psnr(f, r) for f, r in zip(frames, ref_frames)])),
+                 "ssim": float(np.mean([ssim(f, r) for f, r in zip(frames, ref_frames)])),
+                 "search_seconds": search_seconds, "milp_seconds": heads_meta["search_seconds"],
+                 "predicted_attention_flops_fraction": plan.predicted["attention_flops_fraction"],
+                 "kind_fractions": plan.predicted["heads"]["kind_fractions"]}
+        (points if caching else ablation).append(point)
+        if caching:
+            searches[delta] = (tensors, heads_meta)
+        print(f"{name} delta={delta:<6g} caching={caching!s:<5} attn FLOPs -{point['attention_flops_reduction']:.1%} "
+              f"PSNR {point['psnr_db']:.2f} dB SSIM {point['ssim']:.4f} search {search_seconds:.0f} s "
+              f"(MILP {point['milp_seconds']:.2f} s) kinds {point['kind_fractions']}", flush=True)
+    return {"points": points, "ablation_arrow_only": ablation, "searches": searches,
+            "setup": {"steps": steps, "sampler": sampler, "guidance_scale": 5.0, "calibration_prompts": cal_prompts,
+                      "eval_prompts": eval_caps, "seeds": list(range(len(eval_caps))), "config": base_cfg.to_json(),
+                      "machine": f"CPU, {torch.get_num_threads()} threads (shared)", "torch": torch.__version__}}
+
+
+def heatmap_data(delta: float, tensors: dict, meta: dict) -> dict:
+    """What the heatmap draws, kept in heads.json so a later run of one model redraws both."""
+    site = next(iter(meta["sites"]))
+    return {"delta": delta, "site": site,
+            "menu": [k if k in ("full", "cached") else f"{k} {l}" for k, l, _ in meta["sites"][site]["candidates"]],
+            "choice_cond": tensors[f"heads_choice.{site}"][0].tolist()}  # [step][block][head]
+
+
+def heatmap(searches: dict[str, dict], path: Path, steps_to_show=(0, 1, 5, 10, 19)) -> Path:
+    """Chosen scheme per head (rows) and layer (columns) for a few steps, cond branch."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415
+
+    rows = len(searches)
+    fig, axes = plt.subplots(rows, len(steps_to_show), figsize=(3.0 * len(steps_to_show), 2.6 * rows), squeeze=False)
+    for r, (name, info) in enumerate(searches.items()):
+        delta, menu = info["delta"], info["menu"]
+        choice = np.array(info["choice_cond"])  # cond: [step, block, head]
+        cmap = ListedColormap(plt.get_cmap("tab10").colors[:len(menu)])
+        for c, step in enumerate(s for s in steps_to_show if s < choice.shape[0]):
+            ax = axes[r, c]
+            im = ax.imshow(choice[step].T, cmap=cmap, vmin=-0.5, vmax=len(menu) - 0.5, aspect="auto")
+            ax.set_title(f"{name} δ={delta:g} step {step}", fontsize=8)
+            ax.set_xlabel("layer", fontsize=7)
+            ax.set_ylabel("head", fontsize=7)
+            ax.tick_params(labelsize=6)
+        cbar = fig.colorbar(im, ax=list(axes[r]), ticks=range(len(menu)))
+        cbar.ax.set_yticklabels(menu, fontsize=6)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="sd3,wan")
+    p.add_argument("--deltas", default="0.05,0.1,0.2,0.4")
+    p.add_argument("--ablation-deltas", default="0.1,0.4", help="arrow-only runs (no cached heads)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--calibration-prompts", type=int, default=2)
+    p.add_argument("--eval-prompts", type=int, default=2)
+    p.add_argument("--heatmap-delta", type=float, help="δ whose schemes the heatmap shows (default: largest run)")
+    p.add_argument("--out", default="artifacts/built")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "heads.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for name in args.models.split(","):
+        deltas = [float(x) for x in args.deltas.split(",")]
+        ablation = [float(x) for x in args.ablation_deltas.split(",") if x]
+        r = bench_model(name, deltas, ablation, args.steps, args.calibration_prompts, args.eval_prompts, Path(args.out))
+        d = args.heatmap_delta if args.heatmap_delta in r["searches"] else max(r["searches"])
+        r["heatmap"] = heatmap_data(d, *r.pop("searches")[d])
+        results[name] = r
+        path.write_text(json.dumps(results, indent=1))
+    heatmap({name: r["heatmap"] for name, r in results.items() if "heatmap" in r}, RESULTS / "heads_heatmap.png")
+    print(f"wrote {path} and {RESULTS / 'heads_heatmap.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
