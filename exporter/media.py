@@ -15,6 +15,8 @@ def latents_to_frames(latents: torch.Tensor, architecture: str) -> np.ndarray:
     first three channels, normalised over the clip (a view for eyes, not a decode).
     """
     x = latents.detach().float().cpu()
+    if x.ndim == 3:  # an image [C, H, W]: one frame
+        x = x[:, None]
     if architecture == "cogvideox":
         x = x.permute(1, 0, 2, 3)  # [F, C, H, W] → [C, F, H, W]
     c = x.shape[0]

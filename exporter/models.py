@@ -23,6 +23,11 @@ TINY_CONFIGS: dict[str, dict] = {
                        "text_embed_dim": 32, "num_layers": 3, "sample_width": 8, "sample_height": 8,
                        "sample_frames": 9, "patch_size": 2, "temporal_compression_ratio": 4,
                        "max_text_seq_length": 8},
+    # pooled_projection_dim == joint_attention_dim: the runtime derives the pooled vector from the tokens
+    "tiny-sd3": {"_class_name": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 2, "in_channels": 4,
+                 "out_channels": 4, "num_layers": 3, "attention_head_dim": 16, "num_attention_heads": 2,
+                 "joint_attention_dim": 32, "caption_projection_dim": 32, "pooled_projection_dim": 32,
+                 "pos_embed_max_size": 8},
 }
 
 

@@ -51,11 +51,12 @@ def cache_pass(tensors: dict[str, torch.Tensor] | None, cache: CacheConfig) -> T
 
 def plan_from_calibration(meta: dict, mode: str = "baked", tensors: dict[str, torch.Tensor] | None = None,
                           cache: CacheConfig | None = None, passes: list[TechniquePass] | None = None,
-                          adaptive: dict | None = None) -> Plan:
+                          adaptive: dict | None = None, after_cache: list[TechniquePass] | None = None) -> Plan:
     """The plan for the model and trajectory that `meta` (calibration.json) describes: uncompressed,
     then changed by each technique pass in order. `cache` appends the Temporal Delta Cache pass
-    (kept as a keyword for the common case); `passes` run before it; `adaptive` is the runtime
-    predictor section an adaptive plan carries."""
+    (kept as a keyword for the common case); `passes` run before it and `after_cache` after it
+    (Purified Delta Refresh needs the skips); `adaptive` is the runtime predictor section an
+    adaptive plan carries."""
     variant = baseline_variant(meta["linear_layers"], meta["attention_sites"])
     branches = meta.get("branches", ["cond", "uncond"])
     configs = [[[variant] * meta["num_blocks"] for _ in branches] for _ in range(meta["num_steps"])]
@@ -64,11 +65,14 @@ def plan_from_calibration(meta: dict, mode: str = "baked", tensors: dict[str, to
     all_passes = list(passes or [])
     if cache is not None:
         all_passes.append(cache_pass(tensors, cache))
+    all_passes += list(after_cache or [])
     for technique in all_passes:
         technique(configs, meta, predicted)
     variants, table = collapse(configs)
     steps = tuple({b: tuple(ids) for b, ids in zip(branches, step)} for step in table)
+    # the heads pass records the 3D tiles its local3d heads use; the plan carries them for the runtime
+    tiles = tuple(sorted((site, tuple(tile)) for site, tile in predicted.get("heads", {}).get("tiles", {}).items()))
     return Plan(architecture=meta["architecture"], num_blocks=meta["num_blocks"],
                 linear_layers=tuple(meta["linear_layers"]),
                 attention_sites=tuple(sorted(meta["attention_sites"].items())), variants=variants, steps=steps,
-                mode=mode, adaptive=adaptive, predicted=predicted)
+                mode=mode, adaptive=adaptive, predicted=predicted, tiles=tiles)

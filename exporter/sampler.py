@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 SAMPLERS = {
     "wan": ("unipc", "flow_euler"),
     "cogvideox": ("ddim", "dpmpp"),
+    "sd3": ("flow_euler",),  # FlowMatchEulerDiscreteScheduler, shift 3 (SD3's and the test bed's)
 }
 
 

@@ -96,7 +96,8 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     q = rotate_interleaved(_heads(q, n), cos, sin).transpose(1, 2)
     k = rotate_interleaved(_heads(k, n), cos, sin).transpose(1, 2)
     v = _heads(v, n).transpose(1, 2)
-    a = attention((branch, index, "attn1"), q, k, v, variant.head_map.get("attn1"), (0, 0))
+    a = attention((branch, index, "attn1"), q, k, v, variant.head_map.get("attn1"), (0, 0),
+                  grid(config, ctx["latent"][1:]))
     a = lin(a.transpose(1, 2).flatten(2).type_as(h), "attn1.to_out.0")
     h = (h.float() + a * gate).type_as(h)
 

@@ -8,6 +8,7 @@ Layout (format "ditbake-plan", version 1)::
      "attention_sites": {"attn1": 12},              # compressible attention sites → head count
      "variants": [BlockVariant, ...],               # distinct block configurations
      "steps": [{"cond": [vid per block], "uncond": [vid per block]}, ...],
+     "tiles": {"attn1": [2, 4, 4]},                 # per site: 3D tile of "local3d" heads (optional)
      "adaptive": null | {...},                      # predictor tables for adaptive mode
      "predicted": {...}}                            # planner's cost / memory estimate
 
@@ -27,14 +28,16 @@ from ditbake.runtime.errors import PlanError
 PLAN_FORMAT = "ditbake-plan"
 PLAN_VERSION = 1
 PRECISIONS = ("bf16", "int8", "fp8", "nvfp4")
-HEAD_KINDS = ("full", "arrow", "cached")
+HEAD_KINDS = ("full", "arrow", "cached", "local3d")
 BRANCHES = ("cond", "uncond")
 
 
 @dataclass(frozen=True)
 class HeadScheme:
     """One attention head's scheme: full; arrow with a band [i-left, i+right] over visual tokens;
-    or cached (reuse that head's output from the previous step)."""
+    cached (reuse that head's output from the previous step); or local3d: the arrow band taken
+    after reordering the visual tokens into the site's 3D tiles (`Plan.tiles`), i.e. a local
+    window in frames × height × width."""
 
     kind: str = "full"
     left: int = 0
@@ -106,6 +109,7 @@ class Plan:
     mode: str = "baked"
     adaptive: dict | None = None
     predicted: dict = field(default_factory=dict)
+    tiles: tuple[tuple[str, tuple[int, int, int]], ...] = ()
 
     def __post_init__(self):
         self.validate()
@@ -122,6 +126,12 @@ class Plan:
         if not self.variants:
             raise PlanError("plan has no block variants")
         heads = dict(self.attention_sites)
+        tiles = dict(self.tiles)
+        for site, tile in self.tiles:
+            if site not in heads:
+                raise PlanError(f"tiles name unknown attention site {site!r}")
+            if len(tile) != 3 or any(int(t) <= 0 for t in tile):
+                raise PlanError(f"site {site}: tile must be three positive ints (frames, height, width), got {tile}")
         for vid, variant in enumerate(self.variants):
             unknown = set(variant.precision_map) - set(self.linear_layers)
             if unknown:
@@ -131,6 +141,9 @@ class Plan:
                     raise PlanError(f"variant {vid} names unknown attention site {site!r}")
                 if len(schemes) != heads[site]:
                     raise PlanError(f"variant {vid} site {site}: {len(schemes)} head schemes for {heads[site]} heads")
+                if site not in tiles and any(s.kind == "local3d" for s in schemes):
+                    raise PlanError(f"variant {vid} site {site} has local3d heads but the plan gives no tile for "
+                                    f"{site}; re-run `ditbake plan`")
         for i, step in enumerate(self.steps):
             if "cond" not in step:
                 raise PlanError(f"step {i} has no 'cond' branch")
@@ -165,7 +178,8 @@ class Plan:
                 "attention_sites": dict(self.attention_sites),
                 "variants": [v.to_json() for v in self.variants],
                 "steps": [{b: list(ids) for b, ids in s.items()} for s in self.steps],
-                "adaptive": self.adaptive, "predicted": self.predicted}
+                "adaptive": self.adaptive, "predicted": self.predicted,
+                "tiles": {site: list(tile) for site, tile in self.tiles}}
 
     @staticmethod
     def from_json(d: dict) -> "Plan":
@@ -181,7 +195,8 @@ class Plan:
                         variants=tuple(BlockVariant.from_json(v) for v in d["variants"]),
                         steps=tuple({b: tuple(int(x) for x in ids) for b, ids in s.items()} for s in d["steps"]),
                         mode=str(d.get("mode", "baked")), adaptive=d.get("adaptive"),
-                        predicted=dict(d.get("predicted") or {}))
+                        predicted=dict(d.get("predicted") or {}),
+                        tiles=tuple(sorted((k, tuple(int(x) for x in v)) for k, v in (d.get("tiles") or {}).items())))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed plan: {exc!r}") from exc
         if int(d.get("num_steps", plan.num_steps)) != plan.num_steps:

@@ -26,7 +26,7 @@ from ditbake.runtime.sampler import BakedSampler
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "aoti")
+BACKENDS = ("eager", "aoti", "tensorrt")
 
 
 @dataclass
@@ -42,6 +42,9 @@ class GenerationReport:
     sampler: str = ""
     profile: str = ""
     variants_used: list[int] = field(default_factory=list)
+    # adaptive mode: device→host reads (at most one per step) and picks the plan had not precompiled
+    host_syncs: int = 0
+    adaptive_fallbacks: int = 0
 
     @property
     def skip_fraction(self) -> float:
@@ -55,7 +58,8 @@ class GenerationReport:
         return {"steps": self.steps, "block_computes": self.block_computes, "block_skips": self.block_skips,
                 "skip_fraction": self.skip_fraction, "attention_flops_fraction": self.attention_flops_fraction,
                 "seconds": self.seconds, "sampler": self.sampler, "profile": self.profile,
-                "variants_used": sorted(set(self.variants_used))}
+                "variants_used": sorted(set(self.variants_used)), "host_syncs": self.host_syncs,
+                "adaptive_fallbacks": self.adaptive_fallbacks}
 
 
 @dataclass
@@ -78,10 +82,18 @@ class Session:
         self.config = artifact.config
         stored = {t.dtype for t in artifact.weights.values() if t.is_floating_point()}
         self.dtype = dtype or (torch.bfloat16 if torch.bfloat16 in stored else torch.float32)
-        self.weights = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in artifact.weights.items()}
+        # NVFP4 tensors keep their formats (e4m3 block scales, fp32 global scale): casting them to the
+        # compute dtype would round the global scale.
+        self.weights = {k: (v.to(self.dtype) if v.is_floating_point() and ".nvfp4_" not in k else v)
+                        for k, v in artifact.weights.items()}
         self.plan = artifact.plan
         self._text_encoder = None
-        if artifact.manifest.get("backend", "eager") == "aoti":
+        if artifact.manifest.get("backend", "eager") == "tensorrt":
+            from ditbake.runtime.engines_trt import TrtEngines  # noqa: PLC0415 - needs tensorrt, loaded on demand
+
+            self.engines = TrtEngines(self.arch, self.config, self.weights, artifact.path,
+                                      artifact.manifest["engines"], device)
+        elif artifact.manifest.get("backend", "eager") == "aoti":
             self.engines = AotiEngines(self.arch, self.config, self.weights, artifact.path,
                                        artifact.manifest["engines"], device)
         else:
@@ -178,18 +190,25 @@ class Session:
         x = latents.to(self.device, torch.float32)
 
         report = GenerationReport(sampler=sampler_name, profile=prof.name)
-        attention = AttentionRunner()
+        attention = AttentionRunner(tiles=dict(self.plan.tiles))
         deltas: dict[tuple[str, int], torch.Tensor] = {}
         baked = BakedSampler(table)
         trajectory = [x.clone()] if keep_trajectory else None
         branches = [("cond", cond)] + ([("uncond", uncond)] if use_cfg else [])
         start = time.perf_counter()
         steps = range(table.num_steps)
+        adaptive = None
+        if self.plan.mode == "adaptive":  # baked mode (the default) never reads back from the device
+            from ditbake.runtime.adaptive import AdaptiveController  # noqa: PLC0415
+
+            adaptive = AdaptiveController(self.plan, [b for b, _ in branches], self.device)
         for i in (progress(steps) if progress else steps):
+            if adaptive is not None:
+                adaptive.begin_step(i)
             t = torch.full((batch,), table.timesteps[i], device=self.device, dtype=torch.float32)
             outputs = {}
             for branch, text in branches:
-                outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report)
+                outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive)
             out = outputs["cond"]
             if use_cfg:
                 out = outputs["uncond"] + guidance_scale * (outputs["cond"] - outputs["uncond"])
@@ -200,17 +219,25 @@ class Session:
         report.seconds = time.perf_counter() - start
         report.attention_flops_done = attention.flops_done
         report.attention_flops_dense = attention.flops_dense
+        if adaptive is not None:
+            report.host_syncs, report.adaptive_fallbacks = adaptive.host_syncs, adaptive.fallbacks
         return GenerationResult(latents=x, report=report, trajectory=trajectory)
 
-    def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report) -> torch.Tensor:
+    def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report,
+                 adaptive=None) -> torch.Tensor:
         h, ctx = self.engines.prologue(x.to(self.dtype), t, text, prof)
         for b in range(self.plan.num_blocks):
             ids = self.plan.steps[step].get(branch, self.plan.steps[step]["cond"])
+            if adaptive is not None:
+                ids = list(ids)
+                ids[b] = adaptive.variant_id(branch, b)
             variant = self.plan.variants[ids[b]]
             report.variants_used.append(ids[b])
             key = (branch, b)
             if variant.compute:
                 out = self.engines.block(ids[b], variant, b, h, ctx, attention, branch)
+                if adaptive is not None:
+                    adaptive.record(branch, b, h, out, deltas.get(key))
                 deltas[key] = out - h
                 h = out
                 report.block_computes += 1
@@ -221,16 +248,21 @@ class Session:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         backend: str = "eager") -> Session:
-    """Load and validate an artifact (hashes, format version, plan) and return a Session."""
-    if backend not in BACKENDS:
+         backend: str | None = None) -> Session:
+    """Load and validate an artifact (hashes, format version, plan) and return a Session.
+
+    `backend` defaults to the one the artifact was built for; naming another is an error."""
+    if backend is not None and backend not in BACKENDS:
         raise BackendError(f"backend {backend!r} is not available in this runtime; choose one of {BACKENDS}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device 'cuda' requested but no CUDA GPU is visible; use device='cpu'")
     artifact = load_artifact(path, device=device)
     built_for = artifact.manifest.get("backend", "eager")
-    if built_for != backend:
+    if built_for not in BACKENDS:
+        raise BackendError(f"artifact {path} was built for backend {built_for!r}, which this runtime does not have; "
+                           f"it has {BACKENDS}")
+    if backend is not None and built_for != backend:
         raise BackendError(f"artifact {path} was built for backend {built_for!r}, not {backend!r}; load it with "
                            f"backend={built_for!r} or rebuild it with `ditbake build --backend {backend}`")
     return Session(artifact, device, dtype)

@@ -5,10 +5,11 @@ import torch
 
 from ditbake.exporter.adapters.base import Adapter, TokenLayout
 from ditbake.exporter.adapters.cogvideox import CogVideoXAdapter
+from ditbake.exporter.adapters.sd3 import SD3Adapter
 from ditbake.exporter.adapters.wan import WanAdapter
 from ditbake.runtime.errors import UnsupportedModelError
 
-ADAPTERS: dict[str, type[Adapter]] = {a.diffusers_class: a for a in (WanAdapter, CogVideoXAdapter)}
+ADAPTERS: dict[str, type[Adapter]] = {a.diffusers_class: a for a in (WanAdapter, CogVideoXAdapter, SD3Adapter)}
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:

@@ -51,7 +51,9 @@ def test_bad_latents_profile_sampler(session):
 
 def test_backend_errors(tmp_path):
     path, _ = build_tiny_artifact(tmp_path, "tiny-wan", steps=2)
-    with pytest.raises(BackendError, match="backend 'tensorrt' is not available"):
+    with pytest.raises(BackendError, match="backend 'openvino' is not available"):
+        load(path, backend="openvino")
+    with pytest.raises(BackendError, match="built for backend 'eager', not 'tensorrt'"):
         load(path, backend="tensorrt")
     if not torch.cuda.is_available():
         with pytest.raises(BackendError, match="no CUDA GPU"):
@@ -60,7 +62,7 @@ def test_backend_errors(tmp_path):
     manifest["backend"] = "aoti"
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendError, match="built for backend 'aoti', not 'eager'"):
-        load(path)
+        load(path, backend="eager")
 
 
 def test_seed_determinism_and_cfg(session):
