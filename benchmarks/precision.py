@@ -53,6 +53,11 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="4.5,5.5,6.5")
     p.add_argument("--out", default="benchmarks/results/precision.json")
     p.add_argument("--scatter", default="benchmarks/results/precision_scatter.png")
+    p.add_argument("--dmpq-out", default="benchmarks/results/dmpq.json",
+                   help="the summary the issue asks for: mixed (at --headline-bits) vs uniform W4A4 / W4A8")
+    p.add_argument("--headline-bits", default="6.5")
+    p.add_argument("--embeds", default=None, help="prompt embeddings cache (.pt with calib/eval/negative), for "
+                   "machines without the text encoder package")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
@@ -60,14 +65,19 @@ def main(argv=None) -> int:
     adapter = adapter_for(models.load(args.model))
     latent = adapter.latent_shape(8, 32, 32)
     text_len = 16
-    from ditbake.exporter.testbed import data
-    from ditbake.runtime.text_encoder import TextEncoder
-
-    encoder = TextEncoder.load(max_length=text_len)
-    train = [c for i, c in enumerate(data.all_captions("video")) if not data.is_held_out(i)]
-    calib_embeds = encoder.encode([train[(k * 97) % len(train)] for k in range(args.calib_prompts)])
     prompts = default_prompts(args.eval_prompts)
-    eval_embeds, negative = encoder.encode(prompts), encoder.encode([""])
+    if args.embeds:  # same captions, encoded beforehand (benchmarks/tdc_peers.py --embeds writes this file)
+        cached = torch.load(args.embeds)
+        calib_embeds, eval_embeds = cached["calib"][:args.calib_prompts], cached["eval"][:args.eval_prompts]
+        negative = cached["negative"]
+    else:
+        from ditbake.exporter.testbed import data
+        from ditbake.runtime.text_encoder import TextEncoder
+
+        encoder = TextEncoder.load(max_length=text_len)
+        train = [c for i, c in enumerate(data.all_captions("video")) if not data.is_held_out(i)]
+        calib_embeds = encoder.encode([train[(k * 97) % len(train)] for k in range(args.calib_prompts)])
+        eval_embeds, negative = encoder.encode(prompts), encoder.encode([""])
 
     stats = cal.calibrate(adapter, calib_embeds, negative, latent=latent, sampler=args.sampler, num_steps=args.steps,
                           guidance_scale=args.guidance, seed=7, source=args.model,
@@ -133,6 +143,17 @@ def main(argv=None) -> int:
     results["seconds"] = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
+    headline = results["plans"].get(f"mixed@{args.headline_bits}")
+    if headline is not None:
+        keys = ("psnr_db", "ssim", "avg_activation_bits")
+        dmpq = {"model": args.model, "machine": results["machine"], "reference": "16-bit plan (float32 compute)",
+                "weight_bytes_ratio_vs_bf16": headline["weight_bytes_ratio_vs_bf16"],
+                "predictor_r2": results["predictor"]["r2_within"],
+                "predictor_r2_note": "within-layer R² of E_rel = α·Γ(t−1) + β (per-layer fit); see precision.json",
+                "mixed": {k: headline[k] for k in keys}, "mixed_budget_bits": float(args.headline_bits),
+                "w4a4": {k: results["plans"]["w4a4"][k] for k in keys},
+                "w4a8": {k: results["plans"]["w4a8"][k] for k in keys}}
+        Path(args.dmpq_out).write_text(json.dumps(dmpq, indent=1))
     print(f"predictor R² within layers {results['predictor']['r2_within']:.3f} (step-table bound "
           f"{r2_step_table:.3f}); mean E_rel nvfp4 {results['mean_erel']['nvfp4']:.4f} int8 "
           f"{results['mean_erel']['int8']:.4f}")
