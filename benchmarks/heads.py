@@ -48,6 +48,19 @@ def captions(kind: str, held_out: bool, n: int) -> list[str]:
     return [data.caption_from_attributes(kind, data.attributes_of(kind, i)) for i in picks]
 
 
+EMBEDS: dict[str, torch.Tensor] = {}  # caption → [TEXT_LEN, D], filled from --embeds or the encoder
+
+
+def encode(texts: list[str]) -> torch.Tensor:
+    """Prompt embeddings through the shipped text encoder, or from a cache written on a machine
+    that has it (the GPU host does not carry the encoder package)."""
+    missing = [t for t in texts if t not in EMBEDS]
+    if missing:
+        encoded = TextEncoder.load(max_length=TEXT_LEN).encode(missing)
+        EMBEDS.update(zip(missing, encoded))
+    return torch.stack([EMBEDS[t] for t in texts])
+
+
 def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], steps: int, cal_prompts: int,
                 eval_prompts: int, out_dir: Path) -> dict:
     src, sampler, kind, (frames, height, width) = MODELS[name]
@@ -55,10 +68,9 @@ def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], st
     model.register_to_config(_name_or_path=str(src))
     adapter = adapter_for(model)
     latent = adapter.latent_shape(frames, height, width)
-    encoder = TextEncoder.load(max_length=TEXT_LEN)
-    cal_text = encoder.encode(captions(kind, False, cal_prompts))
+    cal_text = encode(captions(kind, False, cal_prompts))
     eval_caps = captions(kind, True, eval_prompts)
-    eval_text, negative = encoder.encode(eval_caps), encoder.encode([""])
+    eval_text, negative = encode(eval_caps), encode([""])
     meta = {"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
             "linear_layers": list(adapter.linear_layers), "attention_sites": adapter.attention_sites,
             "num_steps": steps, "branches": ["cond", "uncond"]}
@@ -152,7 +164,17 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=int, default=2)
     p.add_argument("--heatmap-delta", type=float, help="δ whose schemes the heatmap shows (default: largest run)")
     p.add_argument("--out", default="artifacts/built")
+    p.add_argument("--embeds", help="caption-embedding cache (.pt): read if present, written after the run")
+    p.add_argument("--only-embeds", action="store_true", help="fill the --embeds cache for the models and stop")
     args = p.parse_args(argv)
+    if args.embeds and Path(args.embeds).is_file():
+        EMBEDS.update(torch.load(args.embeds))
+    if args.only_embeds:
+        for name in args.models.split(","):
+            kind = MODELS[name][2]
+            encode(captions(kind, False, args.calibration_prompts) + captions(kind, True, args.eval_prompts) + [""])
+        torch.save(EMBEDS, args.embeds)
+        return 0
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     RESULTS.mkdir(exist_ok=True)
