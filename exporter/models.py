@@ -28,6 +28,11 @@ TINY_CONFIGS: dict[str, dict] = {
                  "out_channels": 4, "num_layers": 3, "attention_head_dim": 16, "num_attention_heads": 2,
                  "joint_attention_dim": 32, "caption_projection_dim": 32, "pooled_projection_dim": 32,
                  "pos_embed_max_size": 8},
+    # 2 double-stream + 2 single-stream blocks; pooled_projection_dim == joint_attention_dim as for SD3
+    "tiny-flux": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16, "num_layers": 2,
+                  "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                  "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": False,
+                  "axes_dims_rope": [4, 6, 6]},
 }
 
 

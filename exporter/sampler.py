@@ -22,6 +22,7 @@ SAMPLERS = {
     "wan": ("unipc", "flow_euler"),
     "cogvideox": ("ddim", "dpmpp"),
     "sd3": ("flow_euler",),  # FlowMatchEulerDiscreteScheduler, shift 3 (SD3's and the test bed's)
+    "flux": ("flow_euler",),  # FlowMatchEulerDiscreteScheduler with a static shift (dynamic `mu` is refused)
 }
 
 
@@ -37,6 +38,9 @@ def make_scheduler(kind: str, architecture: str, base_config: dict | None = None
 
     base = dict(base_config or {})
     if kind == "flow_euler":
+        if base.get("use_dynamic_shifting"):
+            raise SamplerError("flow_euler with use_dynamic_shifting (resolution-dependent `mu`, as FluxPipeline "
+                               "uses) is not supported; bake a static shift (set use_dynamic_shifting false, shift S)")
         return diffusers.FlowMatchEulerDiscreteScheduler(shift=base.get("shift", base.get("flow_shift", 3.0)))
     if kind == "unipc":
         return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,

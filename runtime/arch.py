@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ditbake.runtime import arch_cogvideox, arch_sd3, arch_wan
+from ditbake.runtime import arch_cogvideox, arch_flux, arch_sd3, arch_wan
 from ditbake.runtime.errors import ArtifactError
 
-ARCHITECTURES: dict[str, ModuleType] = {m.NAME: m for m in (arch_wan, arch_cogvideox, arch_sd3)}
+ARCHITECTURES: dict[str, ModuleType] = {m.NAME: m for m in (arch_wan, arch_cogvideox, arch_sd3, arch_flux)}
 
 
 def get(name: str) -> ModuleType:

@@ -5,11 +5,13 @@ import torch
 
 from ditbake.exporter.adapters.base import Adapter, TokenLayout
 from ditbake.exporter.adapters.cogvideox import CogVideoXAdapter
+from ditbake.exporter.adapters.flux import FluxAdapter
 from ditbake.exporter.adapters.sd3 import SD3Adapter
 from ditbake.exporter.adapters.wan import WanAdapter
 from ditbake.runtime.errors import UnsupportedModelError
 
-ADAPTERS: dict[str, type[Adapter]] = {a.diffusers_class: a for a in (WanAdapter, CogVideoXAdapter, SD3Adapter)}
+ADAPTERS: dict[str, type[Adapter]] = {a.diffusers_class: a for a in (WanAdapter, CogVideoXAdapter, SD3Adapter,
+                                                                      FluxAdapter)}
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:
