@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.5")
     p.add_argument("--max-runs", default="2", help="comma list of TDC max consecutive skips to sweep")
+    p.add_argument("--granularities", default="block", help="comma list: block, step")
+    p.add_argument("--metrics", default="relative", help="comma list of TDC metrics to sweep (relative, residual)")
     p.add_argument("--no-peers", action="store_true", help="ditbake TDC only (with the uncached reference)")
     p.add_argument("--pdr-bits", type=float, default=None,
                    help="also run TDC on top of a mixed-precision plan at this average activation bit budget, "
@@ -237,11 +239,13 @@ def main(argv=None) -> int:
     stats = cal.calibrate(adapter, calib_embeds.cpu(), negative.cpu(), latent=latent, sampler=args.sampler, num_steps=args.steps,
                           guidance_scale=args.guidance, seed=7, source=args.model, progress=False, observers=observers)
     with tempfile.TemporaryDirectory() as tmp:
-        sweep = [] if args.no_tdc_sweep else [(float(b), int(r)) for r in args.max_runs.split(",")
-                                               for b in args.budgets.split(",")]
-        for budget, max_run in sweep:
+        sweep = [] if args.no_tdc_sweep else [(float(b), int(r), m, g) for g in args.granularities.split(",")
+                                               for m in args.metrics.split(",")
+                                               for r in args.max_runs.split(",") for b in args.budgets.split(",")]
+        for budget, max_run, metric, gran in sweep:
             plan = plan_from_calibration(stats.meta, tensors=stats.tensors,
-                                         cache=CacheConfig(skip_budget=budget, max_run=max_run))
+                                         cache=CacheConfig(skip_budget=budget, max_run=max_run, metric=metric,
+                                                           granularity=gran))
             path = builder.build(adapter, plan, Path(tmp) / f"tdc{budget}", profiles=[Profile("p", latent, text_len)],
                                  samplers=[args.sampler], dtype=torch.float32, progress=False)
             session = load(path, device=args.device)
@@ -251,7 +255,8 @@ def main(argv=None) -> int:
                 outs.append(r.latents.cpu())
                 skips.append(r.report.skip_fraction)
             psnr_db, ssim_value = fidelity(outs, reference)
-            label = "ditbake TDC" if max_run == 2 else f"ditbake TDC max_run={max_run}"
+            label = "ditbake TDC" + ("" if max_run == 2 else f" max_run={max_run}") + (
+                "" if metric == "relative" else f" ({metric})") + ("" if gran == "block" else " per step")
             results["methods"].setdefault(label, []).append(
                 {"knob": budget, "tau": plan.predicted["tdc"]["tau"], "skip_fraction": sum(skips) / len(skips),
                  "psnr_db": psnr_db, "ssim": ssim_value})

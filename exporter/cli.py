@@ -135,7 +135,8 @@ def cmd_plan(args) -> int:
     cache = None
     if args.tdc_tau is not None or args.tdc_skip_budget is not None:
         cache = CacheConfig(tau=args.tdc_tau if args.tdc_tau is not None else 0.0, max_run=args.tdc_max_run,
-                            skip_budget=args.tdc_skip_budget)
+                            skip_budget=args.tdc_skip_budget, metric=args.tdc_metric,
+                            granularity=args.tdc_granularity)
     passes = []
     if args.heads or args.heads_delta is not None or args.heads_c is not None:
         from ditbake.exporter.plan_heads import HeadsConfig, heads_pass  # noqa: PLC0415
@@ -315,6 +316,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--tdc-tau", type=float, help="accumulated Δ-change threshold per skip run")
     g.add_argument("--tdc-skip-budget", type=float, help="target fraction of block computations to skip (searches tau)")
     g.add_argument("--tdc-max-run", type=int, default=2, help="most consecutive skips of one block")
+    g.add_argument("--tdc-metric", default="relative", choices=("relative", "residual"),
+                   help="skip error measured against the block's Δ (paper) or against its input")
+    g.add_argument("--tdc-granularity", default="block", choices=("block", "step"),
+                   help="skip each block on its own (paper) or all blocks of a step together")
     g = p.add_argument_group("head-wise attention (arrow / local3d / cached heads, DiTFastAttnV2)")
     g.add_argument("--heads", action="store_true", help="bake the head schemes the calibration's search chose")
     g.add_argument("--heads-delta", type=float,

@@ -23,6 +23,10 @@ from ditbake.runtime.errors import PlanError
 log = logging.getLogger(__name__)
 
 
+METRICS = ("relative", "residual")
+GRANULARITIES = ("block", "step")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Knobs of the skip schedule.
@@ -30,11 +34,20 @@ class CacheConfig:
     tau: accumulated relative Δ change a skip run may incur (larger → more skips).
     max_run: most consecutive skips of one block (the paper uses 2).
     skip_budget: if set, search tau so that about this fraction of block computations is skipped.
+    metric: what a skip's error is measured in. "relative" (the paper): ‖Δᵢ − Δᵢ₋₁‖ / ‖Δᵢ₋₁‖, the
+        change of the block's own residual. "residual": the same change over the block's input,
+        ‖Δᵢ − Δᵢ₋₁‖ / ‖hᵢ₋₁‖ = relative · Γᵢ₋₁, i.e. the error the skip adds to the residual stream;
+        a block whose Δ is small next to its input may then skip even when its Δ moves a lot.
+    granularity: "block" (the paper: each block decides alone) or "step": all blocks of a branch
+        skip together, scored by the mean change over blocks, so the cached residuals are reused
+        as one consistent stack (what diffusers' MagCache does for the whole transformer).
     """
 
     tau: float = 0.2
     max_run: int = 2
     skip_budget: float | None = None
+    metric: str = "relative"
+    granularity: str = "block"
 
     def __post_init__(self):
         if not self.tau >= 0:
@@ -43,6 +56,10 @@ class CacheConfig:
             raise PlanError(f"TDC max_run must be >= 0, got {self.max_run}")
         if self.skip_budget is not None and not 0.0 <= self.skip_budget < 1.0:
             raise PlanError(f"TDC skip budget must be in [0, 1), got {self.skip_budget}")
+        if self.metric not in METRICS:
+            raise PlanError(f"TDC metric must be one of {METRICS}, got {self.metric!r}")
+        if self.granularity not in GRANULARITIES:
+            raise PlanError(f"TDC granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
 
 @dataclass(frozen=True)
@@ -113,8 +130,31 @@ def search_tau(change: torch.Tensor, budget: float, max_run: int, iters: int = 4
     return best
 
 
-def plan_schedule(delta_change: torch.Tensor, config: CacheConfig) -> SkipSchedule:
+def residual_change(delta_change: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """‖Δᵢ − Δᵢ₋₁‖ / ‖hᵢ₋₁‖ per [prompt, branch, step, block]: the relative change times the previous
+    step's Γ = ‖Δ‖ / ‖h‖ (NaN at the first step, as delta_change)."""
+    if gamma.shape != delta_change.shape:
+        raise PlanError(f"gamma {list(gamma.shape)} and delta_change {list(delta_change.shape)} differ; "
+                        "re-run `ditbake calibrate`")
+    previous = torch.full_like(gamma, float("nan"))
+    previous[:, :, 1:] = gamma[:, :, :-1]
+    return delta_change * previous
+
+
+def plan_schedule(delta_change: torch.Tensor, config: CacheConfig, gamma: torch.Tensor | None = None) -> SkipSchedule:
+    if config.metric == "residual":
+        if gamma is None:
+            raise PlanError("the 'residual' TDC metric needs the calibration's gamma statistics")
+        delta_change = residual_change(delta_change, gamma)
     change = mean_change(delta_change)
+    blocks = change.shape[-1]
+    if config.granularity == "step":
+        change = change.mean(dim=-1, keepdim=True)  # one decision per (branch, step)
     if config.skip_budget is not None:
-        return search_tau(change, config.skip_budget, config.max_run)
-    return schedule(change, config.tau, config.max_run)
+        sched = search_tau(change, config.skip_budget, config.max_run)
+    else:
+        sched = schedule(change, config.tau, config.max_run)
+    if config.granularity == "step":
+        sched = SkipSchedule(sched.skip.expand(-1, -1, blocks).clone(), sched.tau, sched.unsafe_steps,
+                             sched.predicted_error.expand(-1, -1, blocks).clone())
+    return sched

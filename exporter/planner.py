@@ -37,14 +37,14 @@ def cache_pass(tensors: dict[str, torch.Tensor] | None, cache: CacheConfig) -> T
         raise PlanError("a TDC plan needs the calibration's delta_change statistics; re-run `ditbake calibrate`")
 
     def apply(configs: VariantTable, meta: dict, predicted: dict) -> None:
-        sched = plan_schedule(tensors["delta_change"], cache)
+        sched = plan_schedule(tensors["delta_change"], cache, tensors.get("gamma"))
         for i, step in enumerate(configs):
             for br, blocks in enumerate(step):
                 for b in range(len(blocks)):
                     if sched.skip[br, i, b]:
                         blocks[b] = SKIP
         predicted.update(skip_fraction=sched.skip_fraction, relative_block_cost=1.0 - sched.skip_fraction,
-                         tdc={"tau": sched.tau, "max_run": cache.max_run, "unsafe_steps": sched.unsafe_steps,
+                         tdc={"tau": sched.tau, "max_run": cache.max_run, "metric": cache.metric, "granularity": cache.granularity, "unsafe_steps": sched.unsafe_steps,
                               "max_predicted_error": float(sched.predicted_error.max())})
     return apply
 

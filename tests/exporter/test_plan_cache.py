@@ -75,3 +75,40 @@ def test_plan_from_calibrated_tdc(rng_seed):
     assert len(plan.variants) == 2  # compute and skip
     with pytest.raises(PlanError, match="delta_change"):
         plan_from_calibration(meta, tensors={}, cache=CacheConfig())
+
+
+def test_residual_metric_weights_change_by_previous_gamma(rng_seed):
+    """The 'residual' metric scores a skip by ‖Δᵢ − Δᵢ₋₁‖ / ‖hᵢ₋₁‖ = change · Γᵢ₋₁: a block whose Δ is
+    tiny next to its input becomes skippable even though its Δ moves a lot, and vice versa."""
+    from ditbake.exporter.plan_cache import residual_change
+
+    change = _random_change(rng_seed, prompts=2, branches=1, steps=10, blocks=2)
+    change[:, :, 1:, 0] = 1.0   # block 0: its Δ changes completely every step ...
+    change[:, :, 1:, 1] = 0.05  # block 1: its Δ barely moves ...
+    gamma = torch.ones_like(change)
+    gamma[..., 0] = 0.01        # ... but block 0's Δ is 1 % of its input
+    gamma[..., 1] = 2.0         # ... and block 1's Δ is twice its input
+    weighted = residual_change(change, gamma)
+    assert torch.isnan(weighted[:, :, 0]).all()
+    assert torch.allclose(weighted[:, :, 1:, 0], torch.full_like(weighted[:, :, 1:, 0], 0.01))
+    assert torch.allclose(weighted[:, :, 1:, 1], torch.full_like(weighted[:, :, 1:, 1], 0.1))
+    relative = plan_schedule(change, CacheConfig(tau=0.06, max_run=1))
+    residual = plan_schedule(change, CacheConfig(tau=0.06, max_run=1, metric="residual"), gamma)
+    assert not relative.skip[..., 0].any() and relative.skip[..., 1].any()
+    assert residual.skip[..., 0].any() and not residual.skip[..., 1].any()
+    with pytest.raises(PlanError, match="needs the calibration's gamma"):
+        plan_schedule(change, CacheConfig(metric="residual"))
+    with pytest.raises(PlanError, match="metric must be one of"):
+        CacheConfig(metric="absolute")
+    with pytest.raises(PlanError, match="differ"):
+        residual_change(change, gamma[:, :, :5])
+
+
+def test_step_granularity_skips_whole_steps(rng_seed):
+    change = _random_change(rng_seed, prompts=2, branches=2, steps=16, blocks=5)
+    s = plan_schedule(change, CacheConfig(skip_budget=0.3, granularity="step"))
+    per_step = s.skip.any(dim=-1)
+    assert torch.equal(s.skip, per_step[..., None].expand_as(s.skip))  # all blocks of a step alike
+    assert s.skip_fraction >= 0.3 and not s.skip[:, 0].any()
+    with pytest.raises(PlanError, match="granularity must be one of"):
+        CacheConfig(granularity="layer")
