@@ -94,21 +94,10 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
     dtype = next(v.dtype for v in weights.values() if v.is_floating_point())
     text_dim = int(config.get("text_dim", config.get("text_embed_dim")))
     for prof in profiles:
-        gnames = global_weight_names(device_weights, arch, prof.name)
-        gw = [device_weights[k] for k in gnames]
         x = torch.randn(1, *prof.latent_shape, device=device, dtype=dtype)
         t = torch.full((1,), 500.0, device=device)
         text = torch.randn(1, prof.text_len, text_dim, device=device, dtype=dtype)
-        h, ctx = arch.prologue(device_weights, config, x, t, text, prof.to_json())
-        ctx_tensors = arch.pack_ctx(ctx)
-        bnames = block_weight_names(device_weights, arch, 0)
-        bw = [device_weights[f"{arch.BLOCK_PREFIX}0.{n}"] for n in bnames]
-        jobs = [("prologue", None, _Prologue(arch, config, gnames, prof), (x, t, text, *gw))]
-        for vid in used:
-            module = _Block(arch, config, bnames, plan.variants[vid], tuple(x.shape), prof.text_len, len(ctx_tensors))
-            jobs.append(("block", vid, module, (h, *ctx_tensors, *bw)))
-        jobs.append(("epilogue", None, _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, len(ctx_tensors)),
-                     (h, *ctx_tensors, *gw)))
+        jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, device_weights, plan, used, prof, x, t, text)
         for part, vid, module, args in jobs:
             key = engine_key(part, vid, prof.name)
             config_json = plan.variants[vid].to_json() if vid is not None else None
@@ -118,12 +107,32 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
             _compile(module, args, out_dir / rel)
             entries.append({"key": key, "part": part, "variant": vid, "profile": prof.name, "backend": "aoti",
                             "file": rel, "sha256": sha256_file(out_dir / rel), "built_for": built_for,
-                            "inputs": _input_names(part, gnames, bnames, len(ctx_tensors)),
-                            "outputs": ["hidden", *[f"ctx{i}" for i in range(len(ctx_tensors))]] if part == "prologue"
+                            "inputs": _input_names(part, gnames, bnames, n_ctx),
+                            "outputs": ["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
                             else ["hidden" if part == "block" else "model_output"]})
             bar.update(1)
     bar.close()
     return entries
+
+
+def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], prof: Profile, x, t, text):
+    """One shape profile's engines in the shared calling convention, traced at the example inputs
+    x, t, text: ([(part, variant id, wrapper module, example args)], global weight names, block
+    weight names, number of context tensors). Shared by the AOTInductor and TensorRT exporters."""
+    gnames = global_weight_names(weights, arch, prof.name)
+    gw = [weights[k] for k in gnames]
+    h, ctx = arch.prologue(weights, config, x, t, text, prof.to_json())
+    ctx_tensors = arch.pack_ctx(ctx)
+    bnames = block_weight_names(weights, arch, 0)
+    bw = [weights[f"{arch.BLOCK_PREFIX}0.{n}"] for n in bnames]
+    n_ctx = len(ctx_tensors)
+    jobs = [("prologue", None, _Prologue(arch, config, gnames, prof), (x, t, text, *gw))]
+    for vid in used:
+        module = _Block(arch, config, bnames, plan.variants[vid], tuple(x.shape), prof.text_len, n_ctx)
+        jobs.append(("block", vid, module, (h, *ctx_tensors, *bw)))
+    jobs.append(("epilogue", None, _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, n_ctx),
+                 (h, *ctx_tensors, *gw)))
+    return jobs, gnames, bnames, n_ctx
 
 
 def _input_names(part: str, gnames, bnames, n_ctx: int) -> list[str]:

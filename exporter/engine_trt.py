@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ditbake.exporter.engine_aoti import _content_key, _Epilogue, _input_names, _Prologue, _Block
+from ditbake.exporter.engine_aoti import _content_key, _input_names, engine_jobs
 from ditbake.runtime.artifact import Profile, sha256_file
-from ditbake.runtime.engines import block_weight_names, engine_key, global_weight_names
+from ditbake.runtime.engines import engine_key
 from ditbake.runtime.errors import BackendError
 from ditbake.runtime.plan import Plan
 
@@ -137,28 +137,17 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
     bar = tqdm(total=len(profiles) * (2 + len(used)), desc="export onnx", unit="engine", disable=not progress)
     entries = []
     for prof in profiles:
-        gnames = global_weight_names(weights, arch, prof.name)
-        gw = [weights[k] for k in gnames]
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(1, *prof.latent_shape, generator=gen).to(dtype)
         t = torch.full((1,), 500.0)
         text = torch.randn(1, prof.text_len, text_dim, generator=gen).to(dtype)
-        h, ctx = arch.prologue(weights, config, x, t, text, prof.to_json())
-        ctx_tensors = arch.pack_ctx(ctx)
-        bnames = block_weight_names(weights, arch, 0)
-        bw = [weights[f"{arch.BLOCK_PREFIX}0.{n}"] for n in bnames]
-        jobs = [("prologue", None, _Prologue(arch, config, gnames, prof), (x, t, text, *gw))]
-        for vid in used:
-            module = _Block(arch, config, bnames, plan.variants[vid], tuple(x.shape), prof.text_len, len(ctx_tensors))
-            jobs.append(("block", vid, module, (h, *ctx_tensors, *bw)))
-        jobs.append(("epilogue", None, _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, len(ctx_tensors)),
-                     (h, *ctx_tensors, *gw)))
+        jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, weights, plan, used, prof, x, t, text)
         for part, vid, module, args in jobs:
             key = engine_key(part, vid, prof.name)
             config_json = plan.variants[vid].to_json() if vid is not None else None
             content = _content_key(part, config_json, prof.to_json(), arch.NAME, config, str(dtype), "tensorrt")
-            inputs = _input_names(part, gnames, bnames, len(ctx_tensors))
-            outputs = (["hidden", *[f"ctx{i}" for i in range(len(ctx_tensors))]] if part == "prologue"
+            inputs = _input_names(part, gnames, bnames, n_ctx)
+            outputs = (["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
                        else ["hidden_out" if part == "block" else "model_output"])
             onnx_rel = f"engines/{part}-{content}.onnx"
             bar.set_postfix_str(key)

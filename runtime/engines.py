@@ -96,6 +96,10 @@ class AotiEngines:
         self.packages: dict[str, object] = {}
         self._block_args: dict[int, list[torch.Tensor]] = {}
         self._global_args: dict[str, list[torch.Tensor]] = {}
+        self._load(Path(artifact_path), entries)
+
+    def _load(self, artifact_path: Path, entries: list[dict]) -> None:
+        """Load every engine the manifest lists into self.packages (backends override this)."""
         for e in entries:
             built = e.get("built_for", {}).get("device", "cpu")
             if built != self.device.type:

@@ -69,12 +69,7 @@ class TrtEngines(AotiEngines):
 
     name = "tensorrt"
 
-    def __init__(self, arch, config: dict, weights: dict, artifact_path: Path, entries: list[dict], device):
-        self.arch, self.config, self.weights = arch, config, weights
-        self.device = torch.device(device)
-        self.packages: dict[str, object] = {}
-        self._block_args: dict[int, list[torch.Tensor]] = {}
-        self._global_args: dict[str, list[torch.Tensor]] = {}
+    def _load(self, artifact_path: Path, entries: list[dict]) -> None:
         if any(not e.get("file") for e in entries):
             raise BackendError("this artifact holds ONNX graphs only (built with --onnx-only where TensorRT was "
                                "missing); rebuild it with `ditbake build --backend tensorrt` on a CUDA machine with "
