@@ -101,6 +101,7 @@ class Session:
         if self.plan.num_blocks != self.arch.num_blocks(self.config):
             raise InputError(f"plan has {self.plan.num_blocks} blocks but the model has "
                              f"{self.arch.num_blocks(self.config)}; re-run `ditbake plan` for this model")
+        self._stack_skips, self._cached_blocks = _delta_needs(self.plan)
 
     @property
     def profiles(self) -> tuple[Profile, ...]:
@@ -226,8 +227,19 @@ class Session:
     def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report,
                  adaptive=None) -> torch.Tensor:
         h, ctx = self.engines.prologue(x.to(self.dtype), t, text, prof)
+        ids = self.plan.steps[step].get(branch, self.plan.steps[step]["cond"])
+        stack_key = (branch, -1)
+        if adaptive is None and (step, branch) in self._stack_skips:
+            # the whole stack is skipped: Σ of the blocks' cached Δ is the last computed step's
+            # output − input, so one add replaces num_blocks adds and per-block Δs need not be kept
+            if stack_key not in deltas:
+                raise InputError(f"plan skips every block at step {step} ({branch}) before any was computed; "
+                                 "re-run `ditbake plan`")
+            report.variants_used.extend(ids)
+            report.block_skips += self.plan.num_blocks
+            return self.engines.epilogue(h + deltas[stack_key], ctx)
+        h_in = h
         for b in range(self.plan.num_blocks):
-            ids = self.plan.steps[step].get(branch, self.plan.steps[step]["cond"])
             if adaptive is not None:
                 ids = list(ids)
                 ids[b] = adaptive.variant_id(branch, b)
@@ -238,13 +250,32 @@ class Session:
                 out = self.engines.block(ids[b], variant, b, h, ctx, attention, branch)
                 if adaptive is not None:
                     adaptive.record(branch, b, h, out, deltas.get(key))
-                deltas[key] = out - h
+                if adaptive is not None or key in self._cached_blocks:
+                    deltas[key] = out - h
                 h = out
                 report.block_computes += 1
             else:
                 h = h + deltas[key]
                 report.block_skips += 1
+        if adaptive is None and any(b == branch for _, b in self._stack_skips):
+            deltas[stack_key] = h - h_in
         return self.engines.epilogue(h, ctx)
+
+
+def _delta_needs(plan) -> tuple[set[tuple[int, str]], set[tuple[str, int]]]:
+    """Baked plans: the (step, branch) pairs that skip every block (served from one stack residual),
+    and the (branch, block) pairs some other step skips on their own (their Δ must be cached).
+    Keeping only these bounds the cache: a whole-step skip plan holds one residual per branch, not
+    one per block (30 blocks × 2 branches × 100 MB for Wan2.1-1.3B at 480×832×81)."""
+    stack, blocks = set(), set()
+    for i, step in enumerate(plan.steps):
+        for branch in ("cond", "uncond"):  # a plan without an uncond table runs cond's for both
+            variants = [plan.variants[v] for v in step.get(branch, step["cond"])]
+            if not any(v.compute for v in variants):
+                stack.add((i, branch))
+            else:
+                blocks.update((branch, b) for b, v in enumerate(variants) if not v.compute)
+    return stack, blocks
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -131,6 +131,55 @@ def test_skip_reuses_cached_delta_per_branch(tmp_path, name):
     torch.testing.assert_close(x, res.latents, rtol=1e-5, atol=1e-5)
 
 
+def _whole_step_plan(meta):
+    """Step 2 skips every block in the uncond branch; step 3 skips block 0 of cond only."""
+    plan = plan_from_calibration(meta).to_json()
+    plan["variants"].append(BlockVariant(compute=False).to_json())
+    skip = len(plan["variants"]) - 1
+    plan["steps"][2]["uncond"] = [skip] * 3
+    plan["steps"][3]["cond"] = [skip, 0, 0]
+    return Plan.from_json(plan)
+
+
+def test_whole_step_skip_uses_one_stack_residual(tmp_path):
+    path, _ = build_tiny_artifact(tmp_path, "tiny-wan", steps=4, plan_fn=_whole_step_plan)
+    session = load(path)
+    assert session._stack_skips == {(2, "uncond")}
+    assert session._cached_blocks == {("cond", 0)}  # only a block skipped on its own keeps its Δ
+    e = torch.randn(1, session.profile().text_len, 32)
+    n = torch.randn_like(e)
+    res = session.generate(e, n, seed=3)
+    assert res.report.block_skips == 4 and res.report.block_computes == 4 * 3 * 2 - 4
+
+    # reference: the per-block rule written out (every block's Δ kept, skipped blocks add theirs)
+    from ditbake.runtime.attention import AttentionRunner
+    from ditbake.runtime.sampler import BakedSampler
+
+    w, cfg, arch, plan = session.weights, session.config, session.arch, session.plan
+    prof = session.profile().to_json()
+    table = session.artifact.samplers[session.artifact.default_sampler]
+    deltas = {}
+    with torch.no_grad():
+        sampler = BakedSampler(table)
+        x = torch.randn((1, *session.profile().latent_shape), generator=torch.Generator().manual_seed(3))
+        x = x * table.init_noise_sigma
+        for i in range(4):
+            out = {}
+            for branch, text in (("cond", e), ("uncond", n)):
+                h, ctx = arch.prologue(w, cfg, x, torch.full((1,), table.timesteps[i]), text, prof)
+                for b, vid in enumerate(plan.steps[i][branch]):
+                    if plan.variants[vid].compute:
+                        o = arch.block(w, cfg, b, h, ctx, plan.variants[vid], AttentionRunner(), branch)
+                        deltas[branch, b] = o - h
+                        h = o
+                    else:
+                        h = h + deltas[branch, b]
+                out[branch] = arch.epilogue(w, cfg, h, ctx)
+            x = sampler.step(i, x, out["uncond"] + 5.0 * (out["cond"] - out["uncond"]))
+    # fp32; the stack residual sums the same Δs in another order: rounding-level differences only
+    torch.testing.assert_close(res.latents, x, rtol=1e-5, atol=1e-5)
+
+
 def _head_plan(meta):
     """Arrow heads from step 1 and a cached head at step 2, in the cond branch."""
     plan = plan_from_calibration(meta).to_json()
