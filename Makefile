@@ -31,7 +31,7 @@ PLAN_MODE ?= baked
 SEED ?= 0
 OUT ?= out/run
 
-.PHONY: setup test test-gpu demo engines package run clean
+.PHONY: setup test test-gpu demo engines package run bench clean
 
 setup: $(STAMP)
 
@@ -85,6 +85,16 @@ package: setup
 run: setup
 	$(BIN)/ditbake run $(ARTIFACT) --out $(OUT) --seed $(SEED) $(if $(PROMPTS),--prompts $(PROMPTS)) \
 		$(if $(PROMPT),--prompt "$(PROMPT)")
+
+# On a GPU machine: the end-to-end race (Wan2.1-1.3B architecture at 480×832×81, 50 steps, CFG):
+# ditbake aoti vs diffusers eager / torch.compile / cache hooks + torch.compile. Two processes so
+# each fits a 10-minute slot; the merged table lands in $(BENCH_OUT)/e2e.json.
+BENCH_OUT ?= out/bench
+bench:
+	mkdir -p $(BENCH_OUT)
+	$(GPU_PYTHON) benchmarks/e2e.py --phase ditbake --artifact $(BENCH_OUT)/artifact --out $(BENCH_OUT)/e2e_ditbake.json
+	$(GPU_PYTHON) benchmarks/e2e.py --phase peers --out $(BENCH_OUT)/e2e_peers.json
+	$(GPU_PYTHON) benchmarks/e2e.py --merge $(BENCH_OUT)/e2e_ditbake.json $(BENCH_OUT)/e2e_peers.json --out $(BENCH_OUT)/e2e.json
 
 clean:
 	rm -rf out artifacts/built build dist *.egg-info

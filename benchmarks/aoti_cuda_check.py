@@ -34,16 +34,6 @@ x = torch.randn(4, 64, device="cuda")
 print("ran", m(x).shape)
 """
 
-MLP_LEGACY = """
-import torch, sys
-m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
-x = torch.randn(4, 64, device="cuda")
-so = torch._export.aot_compile(m, (x,))
-print("compiled legacy", so)
-fn = torch._export.aot_load(so, "cuda")
-print("ran legacy", fn(x).shape)
-"""
-
 DITBAKE = """
 import json, sys, torch
 from pathlib import Path
@@ -93,11 +83,6 @@ def main() -> int:
     report["mlp_load_fresh_process"] = probe("mlp_load", MLP_LOAD, pkg)
     # the fix: libstdc++ promoted to the global symbol scope before loading (runtime/engines.py)
     report["mlp_load_promoted_libstdcxx"] = probe("mlp_load_promoted", MLP_LOAD, pkg, "--promote")
-    if False and report["mlp_load_fresh_process"]["returncode"] != 0:
-        # candidate causes: the package loader vs the legacy .so path; lazy CUDA init in the loader
-        report["mlp_legacy_so"] = probe("mlp_legacy", MLP_LEGACY)
-        report["mlp_load_after_cuda_init"] = probe("mlp_load_cuda_init", "import torch; torch.zeros(1, device='cuda')\n"
-                                                   + MLP_LOAD, pkg)
     report["ditbake_aoti_cuda"] = probe("ditbake_aoti_cuda", DITBAKE, tmp, timeout=200)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -214,6 +214,7 @@ def main(argv=None) -> int:
         if args.no_peers:
             raise RuntimeError("peers not requested")
         ratios = mag_ratios(adapter, {"steps": args.steps, "call": lambda: run_all("magcache-calibration")})
+        results["mag_ratios"] = [float(r) for r in ratios]  # MagCache's skips depend only on these (e2e reuses them)
     except Exception as exc:  # MagCache may not support this model; record why
         results["magcache_error"] = f"{type(exc).__name__}: {exc}"
         log.warning("MagCache unavailable: %s", exc)
