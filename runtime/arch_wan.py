@@ -30,27 +30,29 @@ def grid(config: dict, latent: tuple[int, ...]) -> tuple[int, int, int]:
     return f // p_t, h // p_h, w // p_w
 
 
-def _rope_1d(dim: int, length: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), freqs)
+def _rope_1d(dim: int, length: int, device=None, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device)[: dim // 2] / dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64, device=device), freqs)
     return angles.cos().repeat_interleave(2, dim=1).float(), angles.sin().repeat_interleave(2, dim=1).float()
 
 
 def rope(config: dict, latent: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-axis rotary tables [1, S, 1, D] over (frame, height, width), as diffusers' WanRotaryPosEmbed."""
+    """3-axis rotary tables [1, S, 1, D] over (frame, height, width), as diffusers' WanRotaryPosEmbed.
+    Computed on the device: built on the host they cost a 34 MB host-to-device copy per forward at
+    480×832×81 (inside compiled engines too), and a host copy cannot be captured in a CUDA graph."""
     d = int(config["attention_head_dim"])
     h_dim = w_dim = 2 * (d // 6)
     t_dim = d - h_dim - w_dim
     f, h, w = grid(config, latent)
     cos_parts, sin_parts = [], []
     for axis, (dim, n) in enumerate(((t_dim, f), (h_dim, h), (w_dim, w))):
-        c, s = _rope_1d(dim, n)
+        c, s = _rope_1d(dim, n, device)
         shape = [1, 1, 1, dim]
         shape[axis] = n
         cos_parts.append(c.view(shape).expand(f, h, w, dim))
         sin_parts.append(s.view(shape).expand(f, h, w, dim))
-    cos = torch.cat(cos_parts, dim=-1).reshape(1, f * h * w, 1, d).to(device)
-    sin = torch.cat(sin_parts, dim=-1).reshape(1, f * h * w, 1, d).to(device)
+    cos = torch.cat(cos_parts, dim=-1).reshape(1, f * h * w, 1, d)
+    sin = torch.cat(sin_parts, dim=-1).reshape(1, f * h * w, 1, d)
     return cos, sin
 
 
