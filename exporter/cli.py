@@ -204,7 +204,8 @@ def cmd_run(args) -> int:
     from ditbake.exporter.media import latents_to_frames, write_gif, write_strip  # noqa: PLC0415
     from ditbake.runtime import load  # noqa: PLC0415
 
-    session = load(args.artifact, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    session = load(args.artifact, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+                   cuda_graphs=args.cuda_graphs)
     prof = session.profile(args.profile)
     embeds = negative = None
     if args.prompts:
@@ -356,6 +357,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each step's forward from a CUDA graph (default: where the artifact allows)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("package", help="write the artifact as one tar (manifest + indexed files, hashes checked)")

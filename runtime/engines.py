@@ -107,7 +107,10 @@ class AotiEngines:
                                    f"load with device={built!r} or rebuild the artifact on a {self.device.type} machine")
             promote_libstdcxx()
             try:
-                self.packages[e["key"]] = torch._inductor.aoti_load_package(str(artifact_path / e["file"]))
+                # single-threaded: the container's cross-thread event waits are illegal inside a CUDA
+                # graph capture, and a session is driven by one thread
+                self.packages[e["key"]] = torch._inductor.aoti_load_package(str(artifact_path / e["file"]),
+                                                                            run_single_threaded=True)
             except Exception as exc:  # the loader raises RuntimeError and others
                 raise BackendError(f"cannot load engine {e['file']} ({type(exc).__name__}: {exc}); rebuild it "
                                    f"with this torch ({torch.__version__})") from exc

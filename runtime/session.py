@@ -22,6 +22,7 @@ from ditbake.runtime.artifact import Artifact, Profile, load_artifact
 from ditbake.runtime.attention import AttentionRunner
 from ditbake.runtime.engines import AotiEngines, EagerEngines
 from ditbake.runtime.errors import BackendError, InputError
+from ditbake.runtime.graphs import ForwardGraphs, graph_blockers
 from ditbake.runtime.sampler import BakedSampler
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class GenerationReport:
     # adaptive mode: device→host reads (at most one per step) and picks the plan had not precompiled
     host_syncs: int = 0
     adaptive_fallbacks: int = 0
+    # CUDA graphs: forwards captured and replayed in this call
+    graph_captures: int = 0
+    graph_replays: int = 0
 
     @property
     def skip_fraction(self) -> float:
@@ -59,7 +63,8 @@ class GenerationReport:
                 "skip_fraction": self.skip_fraction, "attention_flops_fraction": self.attention_flops_fraction,
                 "seconds": self.seconds, "sampler": self.sampler, "profile": self.profile,
                 "variants_used": sorted(set(self.variants_used)), "host_syncs": self.host_syncs,
-                "adaptive_fallbacks": self.adaptive_fallbacks}
+                "adaptive_fallbacks": self.adaptive_fallbacks, "graph_captures": self.graph_captures,
+                "graph_replays": self.graph_replays}
 
 
 @dataclass
@@ -75,7 +80,8 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 
 class Session:
-    def __init__(self, artifact: Artifact, device: torch.device, dtype: torch.dtype | None):
+    def __init__(self, artifact: Artifact, device: torch.device, dtype: torch.dtype | None,
+                 cuda_graphs: bool | None = None):
         self.artifact = artifact
         self.device = device
         self.arch = runtime_arch.get(artifact.architecture)
@@ -102,6 +108,14 @@ class Session:
             raise InputError(f"plan has {self.plan.num_blocks} blocks but the model has "
                              f"{self.arch.num_blocks(self.config)}; re-run `ditbake plan` for this model")
         self._stack_skips, self._cached_blocks = _delta_needs(self.plan)
+        self._graphs = None
+        blockers = graph_blockers(self.device, self.plan, artifact.manifest.get("backend", "eager"))
+        if cuda_graphs and blockers:
+            raise BackendError(f"CUDA graphs are not possible here: {'; '.join(blockers)}")
+        if cuda_graphs is not False and not blockers:
+            self._graphs = ForwardGraphs()
+            self._graph_deltas: dict[tuple, dict] = {}  # Δ buffers the graphs read and write, per (profile, batch)
+        self._graphs_required = bool(cuda_graphs)
 
     @property
     def profiles(self) -> tuple[Profile, ...]:
@@ -203,19 +217,41 @@ class Session:
             from ditbake.runtime.adaptive import AdaptiveController  # noqa: PLC0415
 
             adaptive = AdaptiveController(self.plan, [b for b, _ in branches], self.device)
+        graphs = self._graphs
+        if graphs is not None:
+            deltas = self._graph_deltas.setdefault((prof.name, batch), {})
+            captures, replays = graphs.captures, graphs.replays
         for i in (progress(steps) if progress else steps):
             if adaptive is not None:
                 adaptive.begin_step(i)
             t = torch.full((batch,), table.timesteps[i], device=self.device, dtype=torch.float32)
             outputs = {}
             for branch, text in branches:
-                outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive)
+                if graphs is None:
+                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive)
+                    continue
+                ids = tuple(self.plan.steps[i].get(branch, self.plan.steps[i]["cond"]))
+
+                def forward(x_, t_, text_, i=i, branch=branch):
+                    return self._forward(i, branch, x_, t_, text_, prof, attention, deltas, report)
+
+                try:
+                    outputs[branch] = graphs.run((prof.name, batch, branch, ids), (prof.name, batch, branch),
+                                                 x.to(self.dtype), t, text, forward, report, attention)
+                except RuntimeError as exc:  # a capture the driver refused: run eagerly from here on
+                    if self._graphs_required:
+                        raise BackendError(f"CUDA graph capture failed ({exc}); load with cuda_graphs=False") from exc
+                    log.warning("CUDA graph capture failed (%s); continuing without graphs", exc)
+                    self._graphs = graphs = None
+                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report)
             out = outputs["cond"]
             if use_cfg:
                 out = outputs["uncond"] + guidance_scale * (outputs["cond"] - outputs["uncond"])
             x = baked.step(i, x, out.float())
             if trajectory is not None:
                 trajectory.append(x.clone())
+        if graphs is not None:
+            report.graph_captures, report.graph_replays = graphs.captures - captures, graphs.replays - replays
         report.steps = table.num_steps
         report.seconds = time.perf_counter() - start
         report.attention_flops_done = attention.flops_done
@@ -251,15 +287,24 @@ class Session:
                 if adaptive is not None:
                     adaptive.record(branch, b, h, out, deltas.get(key))
                 if adaptive is not None or key in self._cached_blocks:
-                    deltas[key] = out - h
+                    _store_difference(deltas, key, out, h)
                 h = out
                 report.block_computes += 1
             else:
                 h = h + deltas[key]
                 report.block_skips += 1
         if adaptive is None and any(b == branch for _, b in self._stack_skips):
-            deltas[stack_key] = h - h_in
+            _store_difference(deltas, stack_key, h, h_in)
         return self.engines.epilogue(h, ctx)
+
+
+def _store_difference(deltas: dict, key, a: torch.Tensor, b: torch.Tensor) -> None:
+    """deltas[key] = a − b, written into the existing buffer when there is one (CUDA graphs hold it)."""
+    buf = deltas.get(key)
+    if buf is not None and buf.shape == a.shape and buf.dtype == a.dtype:
+        torch.sub(a, b, out=buf)
+    else:
+        deltas[key] = a - b
 
 
 def _delta_needs(plan) -> tuple[set[tuple[int, str]], set[tuple[str, int]]]:
@@ -279,10 +324,12 @@ def _delta_needs(plan) -> tuple[set[tuple[int, str]], set[tuple[str, int]]]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         backend: str | None = None) -> Session:
+         backend: str | None = None, cuda_graphs: bool | None = None) -> Session:
     """Load and validate an artifact (hashes, format version, plan) and return a Session.
 
-    `backend` defaults to the one the artifact was built for; naming another is an error."""
+    `backend` defaults to the one the artifact was built for; naming another is an error.
+    `cuda_graphs`: None uses them where possible (runtime/graphs.py says where), True requires
+    them (an error says why not), False never."""
     if backend is not None and backend not in BACKENDS:
         raise BackendError(f"backend {backend!r} is not available in this runtime; choose one of {BACKENDS}")
     device = torch.device(device)
@@ -296,4 +343,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if backend is not None and built_for != backend:
         raise BackendError(f"artifact {path} was built for backend {built_for!r}, not {backend!r}; load it with "
                            f"backend={built_for!r} or rebuild it with `ditbake build --backend {backend}`")
-    return Session(artifact, device, dtype)
+    return Session(artifact, device, dtype, cuda_graphs=cuda_graphs)
