@@ -17,6 +17,8 @@ DEMO_SHAPE ?= --frames 8 --height 32 --width 32 --text-len 16
 # engines / package / run knobs
 MODEL ?= $(DEMO_MODEL)
 BACKEND ?= eager
+# device the aoti engines are compiled for (arrow heads compile for cuda only)
+DEVICE ?= cpu
 NAME ?= $(notdir $(patsubst %/config.json,%,$(patsubst %/,%,$(MODEL))))
 BUILD_DIR ?= artifacts/built
 ARTIFACT ?= $(BUILD_DIR)/$(NAME)
@@ -24,6 +26,9 @@ STEPS ?= 20
 SHAPE ?=
 PROMPTS ?=
 TDC_SKIP_BUDGET ?=
+TDC_GRANULARITY ?= block
+# head-wise attention: per-layer error budget δ of the head search (turns on the head calibration)
+HEADS_DELTA ?=
 # mixed precision: target average activation bits (e.g. 6; turns on the calibration's precision
 # statistics) and plan mode (baked | adaptive)
 AVG_BITS ?=
@@ -71,12 +76,14 @@ demo: setup
 # calibrate → plan → build for MODEL (local diffusers dir, config .json, tiny-wan, tiny-cogvideox)
 engines: setup
 	$(BIN)/ditbake calibrate --model $(MODEL) --out $(BUILD_DIR)/$(NAME).calibration --steps $(STEPS) $(SHAPE) \
-		$(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(AVG_BITS),--precision-stats)
+		$(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(AVG_BITS),--precision-stats) \
+		$(if $(HEADS_DELTA),--heads-delta $(HEADS_DELTA))
 	$(BIN)/ditbake plan --calibration $(BUILD_DIR)/$(NAME).calibration --out $(BUILD_DIR)/$(NAME).plan.json \
-		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET)) $(if $(AVG_BITS),--avg-bits $(AVG_BITS)) \
+		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET) --tdc-granularity $(TDC_GRANULARITY)) \
+		$(if $(AVG_BITS),--avg-bits $(AVG_BITS)) $(if $(HEADS_DELTA),--heads) \
 		--mode $(PLAN_MODE)
 	$(BIN)/ditbake build --model $(MODEL) --plan $(BUILD_DIR)/$(NAME).plan.json \
-		--calibration $(BUILD_DIR)/$(NAME).calibration --out $(ARTIFACT) --backend $(BACKEND)
+		--calibration $(BUILD_DIR)/$(NAME).calibration --out $(ARTIFACT) --backend $(BACKEND) --device $(DEVICE)
 
 # one tar with the manifest's hashes, verified again by `ditbake unpack`
 package: setup
