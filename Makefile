@@ -19,6 +19,8 @@ MODEL ?= $(DEMO_MODEL)
 BACKEND ?= eager
 # device the aoti engines are compiled for (arrow heads compile for cuda only)
 DEVICE ?= cpu
+# record the shipped text encoder so that `make run PROMPT=...` works (on by default for the test beds)
+TEXT_ENCODER ?= $(if $(findstring testbed,$(MODEL)),1,)
 NAME ?= $(notdir $(patsubst %/config.json,%,$(patsubst %/,%,$(MODEL))))
 BUILD_DIR ?= artifacts/built
 ARTIFACT ?= $(BUILD_DIR)/$(NAME)
@@ -83,7 +85,8 @@ engines: setup
 		$(if $(AVG_BITS),--avg-bits $(AVG_BITS)) $(if $(HEADS_DELTA),--heads) \
 		--mode $(PLAN_MODE)
 	$(BIN)/ditbake build --model $(MODEL) --plan $(BUILD_DIR)/$(NAME).plan.json \
-		--calibration $(BUILD_DIR)/$(NAME).calibration --out $(ARTIFACT) --backend $(BACKEND) --device $(DEVICE)
+		--calibration $(BUILD_DIR)/$(NAME).calibration --out $(ARTIFACT) --backend $(BACKEND) --device $(DEVICE) \
+		$(if $(TEXT_ENCODER),--text-encoder)
 
 # one tar with the manifest's hashes, verified again by `ditbake unpack`
 package: setup
