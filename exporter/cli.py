@@ -136,7 +136,7 @@ def cmd_plan(args) -> int:
     if args.tdc_tau is not None or args.tdc_skip_budget is not None:
         cache = CacheConfig(tau=args.tdc_tau if args.tdc_tau is not None else 0.0, max_run=args.tdc_max_run,
                             skip_budget=args.tdc_skip_budget, metric=args.tdc_metric,
-                            granularity=args.tdc_granularity)
+                            granularity=args.tdc_granularity, extrapolate=args.tdc_extrapolate)
     passes = []
     if args.heads or args.heads_delta is not None or args.heads_c is not None:
         from ditbake.exporter.plan_heads import HeadsConfig, heads_pass  # noqa: PLC0415
@@ -321,6 +321,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="skip error measured against the block's Δ (paper) or against its input")
     g.add_argument("--tdc-granularity", default="block", choices=("block", "step"),
                    help="skip each block on its own (paper) or all blocks of a step together")
+    g.add_argument("--tdc-extrapolate", default="none", choices=("none", "linear"),
+                   help="a step skipping every block reuses the last stack residual, or extrapolates "
+                        "the last two linearly")
     g = p.add_argument_group("head-wise attention (arrow / local3d / cached heads, DiTFastAttnV2)")
     g.add_argument("--heads", action="store_true", help="bake the head schemes the calibration's search chose")
     g.add_argument("--heads-delta", type=float,

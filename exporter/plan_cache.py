@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ditbake.runtime.errors import PlanError
+from ditbake.runtime.plan import EXTRAPOLATIONS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class CacheConfig:
     granularity: "block" (the paper: each block decides alone) or "step": all blocks of a branch
         skip together, scored by the mean change over blocks, so the cached residuals are reused
         as one consistent stack (what diffusers' MagCache does for the whole transformer).
+    extrapolate: how a step that skips every block rebuilds the stack's residual R = output − input:
+        "none" reuses the last computed step's R; "linear" follows the line through the last two
+        computed steps' R (a first-order prediction, as TaylorSeer does for block outputs).
     """
 
     tau: float = 0.2
@@ -48,6 +52,7 @@ class CacheConfig:
     skip_budget: float | None = None
     metric: str = "relative"
     granularity: str = "block"
+    extrapolate: str = "none"
 
     def __post_init__(self):
         if not self.tau >= 0:
@@ -58,6 +63,8 @@ class CacheConfig:
             raise PlanError(f"TDC skip budget must be in [0, 1), got {self.skip_budget}")
         if self.metric not in METRICS:
             raise PlanError(f"TDC metric must be one of {METRICS}, got {self.metric!r}")
+        if self.extrapolate not in EXTRAPOLATIONS:
+            raise PlanError(f"TDC extrapolate must be one of {EXTRAPOLATIONS}, got {self.extrapolate!r}")
         if self.granularity not in GRANULARITIES:
             raise PlanError(f"TDC granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 

@@ -75,4 +75,5 @@ def plan_from_calibration(meta: dict, mode: str = "baked", tensors: dict[str, to
     return Plan(architecture=meta["architecture"], num_blocks=meta["num_blocks"],
                 linear_layers=tuple(meta["linear_layers"]),
                 attention_sites=tuple(sorted(meta["attention_sites"].items())), variants=variants, steps=steps,
-                mode=mode, adaptive=adaptive, predicted=predicted, tiles=tiles)
+                mode=mode, adaptive=adaptive, predicted=predicted, tiles=tiles,
+                stack_extrapolation=cache.extrapolate if cache is not None else "none")

@@ -29,6 +29,9 @@ PLAN_FORMAT = "ditbake-plan"
 PLAN_VERSION = 1
 PRECISIONS = ("bf16", "int8", "fp8", "nvfp4")
 HEAD_KINDS = ("full", "arrow", "cached", "local3d")
+# how a step that skips every block rebuilds the stack's residual: the last computed step's
+# ("none") or the line through the last two computed steps' residuals ("linear")
+EXTRAPOLATIONS = ("none", "linear")
 BRANCHES = ("cond", "uncond")
 
 
@@ -110,6 +113,7 @@ class Plan:
     adaptive: dict | None = None
     predicted: dict = field(default_factory=dict)
     tiles: tuple[tuple[str, tuple[int, int, int]], ...] = ()
+    stack_extrapolation: str = "none"
 
     def __post_init__(self):
         self.validate()
@@ -119,6 +123,8 @@ class Plan:
         return len(self.steps)
 
     def validate(self) -> None:
+        if self.stack_extrapolation not in EXTRAPOLATIONS:
+            raise PlanError(f"stack_extrapolation must be one of {EXTRAPOLATIONS}, got {self.stack_extrapolation!r}")
         if self.mode not in ("baked", "adaptive"):
             raise PlanError(f"plan mode must be 'baked' or 'adaptive', got {self.mode!r}")
         if self.mode == "adaptive" and not self.adaptive:
@@ -179,7 +185,8 @@ class Plan:
                 "variants": [v.to_json() for v in self.variants],
                 "steps": [{b: list(ids) for b, ids in s.items()} for s in self.steps],
                 "adaptive": self.adaptive, "predicted": self.predicted,
-                "tiles": {site: list(tile) for site, tile in self.tiles}}
+                "tiles": {site: list(tile) for site, tile in self.tiles},
+                "stack_extrapolation": self.stack_extrapolation}
 
     @staticmethod
     def from_json(d: dict) -> "Plan":
@@ -196,7 +203,8 @@ class Plan:
                         steps=tuple({b: tuple(int(x) for x in ids) for b, ids in s.items()} for s in d["steps"]),
                         mode=str(d.get("mode", "baked")), adaptive=d.get("adaptive"),
                         predicted=dict(d.get("predicted") or {}),
-                        tiles=tuple(sorted((k, tuple(int(x) for x in v)) for k, v in (d.get("tiles") or {}).items())))
+                        tiles=tuple(sorted((k, tuple(int(x) for x in v)) for k, v in (d.get("tiles") or {}).items())),
+                        stack_extrapolation=str(d.get("stack_extrapolation", "none")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed plan: {exc!r}") from exc
         if int(d.get("num_steps", plan.num_steps)) != plan.num_steps:

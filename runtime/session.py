@@ -108,6 +108,7 @@ class Session:
             raise InputError(f"plan has {self.plan.num_blocks} blocks but the model has "
                              f"{self.arch.num_blocks(self.config)}; re-run `ditbake plan` for this model")
         self._stack_skips, self._cached_blocks = _delta_needs(self.plan)
+        self._stack_coeff = _extrapolation_coefficients(self.plan, self._stack_skips)
         self._graphs = None
         blockers = graph_blockers(self.device, self.plan, artifact.manifest.get("backend", "eager"))
         if cuda_graphs and blockers:
@@ -230,7 +231,8 @@ class Session:
                 if graphs is None:
                     outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive)
                     continue
-                ids = tuple(self.plan.steps[i].get(branch, self.plan.steps[i]["cond"]))
+                # the extrapolation coefficient is a constant inside a captured graph: part of its key
+                ids = (*self.plan.steps[i].get(branch, self.plan.steps[i]["cond"]), self._stack_coeff.get((i, branch)))
 
                 def forward(x_, t_, text_, i=i, branch=branch):
                     return self._forward(i, branch, x_, t_, text_, prof, attention, deltas, report)
@@ -273,7 +275,11 @@ class Session:
                                  "re-run `ditbake plan`")
             report.variants_used.extend(ids)
             report.block_skips += self.plan.num_blocks
-            return self.engines.epilogue(h + deltas[stack_key], ctx)
+            residual = deltas[stack_key]
+            coeff = self._stack_coeff.get((step, branch), 0.0)
+            if coeff:  # the line through the last two computed residuals: R₁ + c·(R₁ − R₀)
+                residual = torch.add(residual, residual - deltas[(branch, -2)], alpha=coeff)
+            return self.engines.epilogue(h + residual, ctx)
         h_in = h
         for b in range(self.plan.num_blocks):
             if adaptive is not None:
@@ -294,6 +300,12 @@ class Session:
                 h = h + deltas[key]
                 report.block_skips += 1
         if adaptive is None and any(b == branch for _, b in self._stack_skips):
+            if self.plan.stack_extrapolation == "linear":
+                previous = deltas.get(stack_key)
+                if previous is None:  # allocated now, outside any graph capture; read only once refreshed
+                    deltas[(branch, -2)] = torch.empty_like(h)
+                else:
+                    deltas[(branch, -2)].copy_(previous)
             _store_difference(deltas, stack_key, h, h_in)
         return self.engines.epilogue(h, ctx)
 
@@ -305,6 +317,23 @@ def _store_difference(deltas: dict, key, a: torch.Tensor, b: torch.Tensor) -> No
         torch.sub(a, b, out=buf)
     else:
         deltas[key] = a - b
+
+
+def _extrapolation_coefficients(plan, stack_skips) -> dict[tuple[int, str], float]:
+    """For a plan with linear stack extrapolation: at each whole-skip step i of a branch, with j₁ and
+    j₀ its last two computed steps, c = (i − j₁)/(j₁ − j₀), so the residual used is R₁ + c·(R₁ − R₀)
+    (in step units, as TaylorSeer). 0 where fewer than two steps were computed."""
+    if plan.stack_extrapolation != "linear":
+        return {}
+    coeffs = {}
+    for branch in ("cond", "uncond"):
+        computed = []
+        for i in range(plan.num_steps):
+            if (i, branch) in stack_skips:
+                coeffs[i, branch] = (i - computed[-1]) / (computed[-1] - computed[-2]) if len(computed) >= 2 else 0.0
+            else:
+                computed.append(i)
+    return coeffs
 
 
 def _delta_needs(plan) -> tuple[set[tuple[int, str]], set[tuple[str, int]]]:

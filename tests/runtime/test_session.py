@@ -6,6 +6,7 @@ import torch
 
 from ditbake.exporter.planner import baseline_variant, plan_from_calibration
 from ditbake.runtime import BackendError, InputError, load
+from ditbake.runtime.errors import PlanError
 from ditbake.runtime.plan import BlockVariant, Plan
 
 from tests.conftest import build_tiny_artifact
@@ -131,53 +132,83 @@ def test_skip_reuses_cached_delta_per_branch(tmp_path, name):
     torch.testing.assert_close(x, res.latents, rtol=1e-5, atol=1e-5)
 
 
-def _whole_step_plan(meta):
-    """Step 2 skips every block in the uncond branch; step 3 skips block 0 of cond only."""
+def _whole_step_plan(meta, extrapolation="none"):
+    """Steps 2 and 4 skip every block in the uncond branch; step 3 skips block 0 of cond only."""
     plan = plan_from_calibration(meta).to_json()
     plan["variants"].append(BlockVariant(compute=False).to_json())
     skip = len(plan["variants"]) - 1
     plan["steps"][2]["uncond"] = [skip] * 3
+    plan["steps"][4]["uncond"] = [skip] * 3
     plan["steps"][3]["cond"] = [skip, 0, 0]
+    plan["stack_extrapolation"] = extrapolation
     return Plan.from_json(plan)
 
 
-def test_whole_step_skip_uses_one_stack_residual(tmp_path):
-    path, _ = build_tiny_artifact(tmp_path, "tiny-wan", steps=4, plan_fn=_whole_step_plan)
+@pytest.mark.parametrize("extrapolation", ["none", "linear"])
+def test_whole_step_skip_uses_one_stack_residual(tmp_path, extrapolation):
+    path, _ = build_tiny_artifact(tmp_path, "tiny-wan", steps=5, plan_fn=lambda m: _whole_step_plan(m, extrapolation))
     session = load(path)
-    assert session._stack_skips == {(2, "uncond")}
+    assert session.plan.stack_extrapolation == extrapolation
+    assert session._stack_skips == {(2, "uncond"), (4, "uncond")}
     assert session._cached_blocks == {("cond", 0)}  # only a block skipped on its own keeps its Δ
     e = torch.randn(1, session.profile().text_len, 32)
     n = torch.randn_like(e)
     res = session.generate(e, n, seed=3)
-    assert res.report.block_skips == 4 and res.report.block_computes == 4 * 3 * 2 - 4
+    assert res.report.block_skips == 7 and res.report.block_computes == 5 * 3 * 2 - 7
 
-    # reference: the per-block rule written out (every block's Δ kept, skipped blocks add theirs)
+    # reference, written out: per-block Δs for single skips; for a whole skipped step the stack
+    # residual R = out − in of the last computed step, or R₁ + c·(R₁ − R₀) with c in step units
     from ditbake.runtime.attention import AttentionRunner
     from ditbake.runtime.sampler import BakedSampler
 
     w, cfg, arch, plan = session.weights, session.config, session.arch, session.plan
     prof = session.profile().to_json()
     table = session.artifact.samplers[session.artifact.default_sampler]
-    deltas = {}
+    deltas, history = {}, {"cond": [], "uncond": []}  # history: (step, R) of computed steps
     with torch.no_grad():
         sampler = BakedSampler(table)
         x = torch.randn((1, *session.profile().latent_shape), generator=torch.Generator().manual_seed(3))
         x = x * table.init_noise_sigma
-        for i in range(4):
+        for i in range(5):
             out = {}
             for branch, text in (("cond", e), ("uncond", n)):
                 h, ctx = arch.prologue(w, cfg, x, torch.full((1,), table.timesteps[i]), text, prof)
-                for b, vid in enumerate(plan.steps[i][branch]):
+                ids = plan.steps[i][branch]
+                if not any(plan.variants[v].compute for v in ids):
+                    (j0, r0), (j1, r1) = history[branch][-2:]
+                    r = r1 + ((i - j1) / (j1 - j0)) * (r1 - r0) if extrapolation == "linear" else r1
+                    out[branch] = arch.epilogue(w, cfg, h + r, ctx)
+                    continue
+                h_in = h
+                for b, vid in enumerate(ids):
                     if plan.variants[vid].compute:
                         o = arch.block(w, cfg, b, h, ctx, plan.variants[vid], AttentionRunner(), branch)
                         deltas[branch, b] = o - h
                         h = o
                     else:
                         h = h + deltas[branch, b]
+                history[branch].append((i, h - h_in))
                 out[branch] = arch.epilogue(w, cfg, h, ctx)
             x = sampler.step(i, x, out["uncond"] + 5.0 * (out["cond"] - out["uncond"]))
     # fp32; the stack residual sums the same Δs in another order: rounding-level differences only
     torch.testing.assert_close(res.latents, x, rtol=1e-5, atol=1e-5)
+
+
+def test_extrapolation_coefficients_follow_the_computed_steps():
+    from ditbake.runtime.session import _extrapolation_coefficients
+
+    meta = {"architecture": "wan", "num_blocks": 2, "linear_layers": ["attn1.to_q"],
+            "attention_sites": {"attn1": 2}, "num_steps": 7, "branches": ["cond", "uncond"]}
+    plan = plan_from_calibration(meta).to_json()
+    plan["variants"].append(BlockVariant(compute=False).to_json())
+    for i in (2, 4, 5):  # computed: 0, 1, 3, 6
+        plan["steps"][i]["cond"] = [1, 1]
+    plan["stack_extrapolation"] = "linear"
+    plan = Plan.from_json(plan)
+    stack = {(i, "cond") for i in (2, 4, 5)}
+    assert _extrapolation_coefficients(plan, stack) == {(2, "cond"): 1.0, (4, "cond"): 0.5, (5, "cond"): 1.0}
+    with pytest.raises(PlanError, match="stack_extrapolation must be one of"):
+        Plan.from_json(plan.to_json() | {"stack_extrapolation": "cubic"})
 
 
 def _head_plan(meta):
