@@ -29,6 +29,7 @@ SHAPE ?=
 PROMPTS ?=
 TDC_SKIP_BUDGET ?=
 TDC_GRANULARITY ?= block
+TDC_EXTRAPOLATE ?= none
 # head-wise attention: per-layer error budget δ of the head search (turns on the head calibration)
 HEADS_DELTA ?=
 # mixed precision: target average activation bits (e.g. 6; turns on the calibration's precision
@@ -81,7 +82,8 @@ engines: setup
 		$(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(AVG_BITS),--precision-stats) \
 		$(if $(HEADS_DELTA),--heads-delta $(HEADS_DELTA))
 	$(BIN)/ditbake plan --calibration $(BUILD_DIR)/$(NAME).calibration --out $(BUILD_DIR)/$(NAME).plan.json \
-		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET) --tdc-granularity $(TDC_GRANULARITY)) \
+		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET) --tdc-granularity $(TDC_GRANULARITY) \
+		--tdc-extrapolate $(TDC_EXTRAPOLATE)) \
 		$(if $(AVG_BITS),--avg-bits $(AVG_BITS)) $(if $(HEADS_DELTA),--heads) \
 		--mode $(PLAN_MODE)
 	$(BIN)/ditbake build --model $(MODEL) --plan $(BUILD_DIR)/$(NAME).plan.json \

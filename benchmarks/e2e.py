@@ -11,7 +11,8 @@ Contenders, all in one process on the same GPU:
   most while reaching the ditbake plan's test-bed PSNR; their skip schedules do not depend on the
   weights, so the schedule timed here is the one whose fidelity was measured there;
 * ditbake: `ditbake build --backend aoti` of a plan transplanted from the test-bed plan
-  (`--source-plan`, made by `ditbake plan --tdc-skip-budget 0.4 --tdc-granularity step --heads` on
+  (`--source-plan`, made by `ditbake plan --tdc-skip-budget 0.4 --tdc-granularity step
+  --tdc-extrapolate linear --heads` on
   a 50-step calibration of the test bed with δ = 0.01): the same per-step skip schedule (block index
   scaled to 30 blocks), the same arrow head schemes (head index scaled, widths as fractions of the
   visual tokens; at most `--max-variants` compiled configurations, attention work kept), all block
@@ -99,7 +100,7 @@ def transplant_plan(source, adapter, visual_tokens: int, src_tokens: int, act_fo
     return Plan(architecture=adapter.architecture, num_blocks=nb, linear_layers=tuple(adapter.linear_layers),
                 attention_sites=tuple(sorted(heads.items())), variants=variants,
                 steps=tuple({"cond": tuple(r[0]), "uncond": tuple(r[1])} for r in table),
-                predicted={"transplanted_from": "test-bed plan"})
+                predicted={"transplanted_from": "test-bed plan"}, stack_extrapolation=source.stack_extrapolation)
 
 
 def attention_cost(v, visual_tokens: int) -> float:
@@ -277,10 +278,15 @@ def pick_peers(source: dict | None, min_db: float, method: str, skip: float) -> 
     for family in SCHEDULED_PEERS:
         if family == "MagCache" and not source.get("mag_ratios"):
             continue
-        points = [p for p in source["methods"].get(family, []) if p["psnr_db"] >= min_db]
+        family_points = source["methods"].get(family, [])
+        points = [p for p in family_points if p["psnr_db"] >= min_db]
         if points:
             best = max(points, key=lambda p: p["skip_fraction"])
-            picks.append((family, best["knob"], {**best, "required_psnr_db": min_db}))
+        elif family_points:  # no point of this peer is as faithful: its most faithful one
+            best = max(family_points, key=lambda p: p["psnr_db"])
+        else:
+            continue
+        picks.append((family, best["knob"], {**best, "required_psnr_db": min_db}))
     return picks
 
 
@@ -437,7 +443,7 @@ def main(argv=None) -> int:
                     help="tdc_peers.py result at the race's step count (MagCache ratios and fidelity)")
     ap.add_argument("--fidelity-db", type=float, default=0.0,
                     help="a peer must reach this test-bed PSNR vs the uncached model (default: see --fidelity-method)")
-    ap.add_argument("--fidelity-method", default="ditbake TDC per step",
+    ap.add_argument("--fidelity-method", default="ditbake TDC per step, linear extrapolation",
                     help="the peer-source curve that stands for the ditbake plan's fidelity")
     ap.add_argument("--fidelity-skip", type=float, default=0.4, help="...at this skip fraction")
     ap.add_argument("--artifact", default="out/e2e/artifact")

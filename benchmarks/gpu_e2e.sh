@@ -18,10 +18,10 @@ EMB=out/gpu_in/tdc_embeds_8.pt
 case "${1:-}" in
   testbed)
     timeout 200 python3 benchmarks/tdc_peers.py --steps 50 --calib-prompts 8 --eval-prompts 8 --embeds $EMB \
-      --budgets 0.2,0.3,0.4 --granularities block,step --out "$OUT/tdc_50steps.json" \
+      --budgets 0.2,0.3,0.4,0.5 --granularities block,step --extrapolations none,linear --out "$OUT/tdc_50steps.json" \
       --plot "$OUT/tdc_50steps.png" > "$OUT/tdc_50steps.log" 2>&1
     timeout 120 python3 benchmarks/tdc_peers.py --steps 20 --calib-prompts 8 --eval-prompts 8 --embeds $EMB \
-      --granularities block,step --out "$OUT/tdc.json" --plot "$OUT/tdc.png" > "$OUT/tdc.log" 2>&1
+      --granularities block,step --extrapolations none,linear --out "$OUT/tdc.json" --plot "$OUT/tdc.png" > "$OUT/tdc.log" 2>&1
     tail -25 "$OUT/tdc_50steps.log" "$OUT/tdc.log" ;;
   ditbake)
     timeout 560 python3 benchmarks/e2e.py --phase ditbake --artifact /tmp/e2e_artifact --out "$OUT/e2e_ditbake.json" \

@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-runs", default="2", help="comma list of TDC max consecutive skips to sweep")
     p.add_argument("--granularities", default="block", help="comma list: block, step")
     p.add_argument("--metrics", default="relative", help="comma list of TDC metrics to sweep (relative, residual)")
+    p.add_argument("--extrapolations", default="none",
+                   help="comma list: none, linear (whole-step skips only, so swept with step granularity)")
     p.add_argument("--no-peers", action="store_true", help="ditbake TDC only (with the uncached reference)")
     p.add_argument("--pdr-bits", type=float, default=None,
                    help="also run TDC on top of a mixed-precision plan at this average activation bit budget, "
@@ -240,13 +242,15 @@ def main(argv=None) -> int:
     stats = cal.calibrate(adapter, calib_embeds.cpu(), negative.cpu(), latent=latent, sampler=args.sampler, num_steps=args.steps,
                           guidance_scale=args.guidance, seed=7, source=args.model, progress=False, observers=observers)
     with tempfile.TemporaryDirectory() as tmp:
-        sweep = [] if args.no_tdc_sweep else [(float(b), int(r), m, g) for g in args.granularities.split(",")
+        sweep = [] if args.no_tdc_sweep else [(float(b), int(r), m, g, x) for g in args.granularities.split(",")
+                                               for x in args.extrapolations.split(",")
+                                               if x == "none" or g == "step"
                                                for m in args.metrics.split(",")
                                                for r in args.max_runs.split(",") for b in args.budgets.split(",")]
-        for budget, max_run, metric, gran in sweep:
+        for budget, max_run, metric, gran, extrap in sweep:
             plan = plan_from_calibration(stats.meta, tensors=stats.tensors,
                                          cache=CacheConfig(skip_budget=budget, max_run=max_run, metric=metric,
-                                                           granularity=gran))
+                                                           granularity=gran, extrapolate=extrap))
             path = builder.build(adapter, plan, Path(tmp) / f"tdc{budget}", profiles=[Profile("p", latent, text_len)],
                                  samplers=[args.sampler], dtype=torch.float32, progress=False)
             session = load(path, device=args.device)
@@ -257,7 +261,8 @@ def main(argv=None) -> int:
                 skips.append(r.report.skip_fraction)
             psnr_db, ssim_value = fidelity(outs, reference)
             label = "ditbake TDC" + ("" if max_run == 2 else f" max_run={max_run}") + (
-                "" if metric == "relative" else f" ({metric})") + ("" if gran == "block" else " per step")
+                "" if metric == "relative" else f" ({metric})") + ("" if gran == "block" else " per step") + (
+                "" if extrap == "none" else f", {extrap} extrapolation")
             results["methods"].setdefault(label, []).append(
                 {"knob": budget, "tau": plan.predicted["tdc"]["tau"], "skip_fraction": sum(skips) / len(skips),
                  "psnr_db": psnr_db, "ssim": ssim_value})
