@@ -39,15 +39,12 @@ from pathlib import Path
 
 import torch
 
-from tdc_peers import peer_configs  # noqa: E402 - benchmarks/ is the script's directory
+from block_race import LATENT, TEXT_LEN, WAN_1_3B as ONE_BLOCK  # benchmarks/ is the script's directory
+from tdc_peers import peer_configs
 
 log = logging.getLogger("e2e")
 
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-LATENT = (16, 21, 60, 104)  # 81 frames at 480×832 through Wan's VAE (4× time, 8× space)
-TEXT_LEN = 512
+WAN_1_3B = dict(ONE_BLOCK, num_layers=30)  # LATENT: 81 frames at 480×832 through Wan's VAE; TEXT_LEN: 512
 SMOKE = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=32, num_layers=4)
 
 
