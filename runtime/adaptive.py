@@ -75,7 +75,7 @@ class AdaptiveController:
         self.step = i
         for br, branch in enumerate(self.branches):
             sbr = self.section_branches.index(branch)
-            baked_ids = self.plan.steps[i].get(branch, self.plan.steps[i]["cond"])
+            baked_ids = self.plan.step_ids(i, branch)
             for b in range(self.plan.num_blocks):
                 if measured is not None and self.computed[br][b]:
                     self._update_ratios(i, br, sbr, b, measured[0][br][b], measured[1][br][b])

@@ -165,9 +165,13 @@ class Plan:
                     if i == 0 and (not v.compute or v.uses_cached_heads):
                         raise PlanError(f"step 0 block {b} reuses a cache that does not exist yet; compute it")
 
+    def step_ids(self, step: int, branch: str) -> tuple[int, ...]:
+        """The variant id of every block at this step and CFG branch (a plan without an uncond
+        table runs cond's for both)."""
+        return self.steps[step].get(branch, self.steps[step]["cond"])
+
     def variant_for(self, step: int, branch: str, block: int) -> BlockVariant:
-        ids = self.steps[step].get(branch, self.steps[step]["cond"])
-        return self.variants[ids[block]]
+        return self.variants[self.step_ids(step, branch)[block]]
 
     def skip_fraction(self) -> float:
         total = skipped = 0

@@ -108,6 +108,7 @@ class Session:
             raise InputError(f"plan has {self.plan.num_blocks} blocks but the model has "
                              f"{self.arch.num_blocks(self.config)}; re-run `ditbake plan` for this model")
         self._stack_skips, self._cached_blocks = _delta_needs(self.plan)
+        self._stack_branches = {branch for _, branch in self._stack_skips}  # branches that keep a stack residual
         self._stack_coeff = _extrapolation_coefficients(self.plan, self._stack_skips)
         self._graphs = None
         blockers = graph_blockers(self.device, self.plan, artifact.manifest.get("backend", "eager"))
@@ -232,7 +233,7 @@ class Session:
                     outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive)
                     continue
                 # the extrapolation coefficient is a constant inside a captured graph: part of its key
-                ids = (*self.plan.steps[i].get(branch, self.plan.steps[i]["cond"]), self._stack_coeff.get((i, branch)))
+                ids = (*self.plan.step_ids(i, branch), self._stack_coeff.get((i, branch)))
 
                 def forward(x_, t_, text_, i=i, branch=branch):
                     return self._forward(i, branch, x_, t_, text_, prof, attention, deltas, report)
@@ -265,7 +266,7 @@ class Session:
     def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report,
                  adaptive=None) -> torch.Tensor:
         h, ctx = self.engines.prologue(x.to(self.dtype), t, text, prof)
-        ids = self.plan.steps[step].get(branch, self.plan.steps[step]["cond"])
+        ids = self.plan.step_ids(step, branch)
         stack_key = (branch, -1)
         if adaptive is None and (step, branch) in self._stack_skips:
             # the whole stack is skipped: Σ of the blocks' cached Δ is the last computed step's
@@ -281,9 +282,10 @@ class Session:
                 residual = torch.add(residual, residual - deltas[(branch, -2)], alpha=coeff)
             return self.engines.epilogue(h + residual, ctx)
         h_in = h
+        if adaptive is not None:
+            ids = list(ids)
         for b in range(self.plan.num_blocks):
             if adaptive is not None:
-                ids = list(ids)
                 ids[b] = adaptive.variant_id(branch, b)
             variant = self.plan.variants[ids[b]]
             report.variants_used.append(ids[b])
@@ -299,7 +301,7 @@ class Session:
             else:
                 h = h + deltas[key]
                 report.block_skips += 1
-        if adaptive is None and any(b == branch for _, b in self._stack_skips):
+        if adaptive is None and branch in self._stack_branches:
             if self.plan.stack_extrapolation == "linear":
                 previous = deltas.get(stack_key)
                 if previous is None:  # allocated now, outside any graph capture; read only once refreshed
@@ -342,9 +344,9 @@ def _delta_needs(plan) -> tuple[set[tuple[int, str]], set[tuple[str, int]]]:
     Keeping only these bounds the cache: a whole-step skip plan holds one residual per branch, not
     one per block (30 blocks × 2 branches × 100 MB for Wan2.1-1.3B at 480×832×81)."""
     stack, blocks = set(), set()
-    for i, step in enumerate(plan.steps):
-        for branch in ("cond", "uncond"):  # a plan without an uncond table runs cond's for both
-            variants = [plan.variants[v] for v in step.get(branch, step["cond"])]
+    for i in range(plan.num_steps):
+        for branch in ("cond", "uncond"):
+            variants = [plan.variants[v] for v in plan.step_ids(i, branch)]
             if not any(v.compute for v in variants):
                 stack.add((i, branch))
             else:
