@@ -140,6 +140,17 @@ class BlockResidualObserver(Observer):
             h.remove()
 
 
+def cfg_inputs(embeds: torch.Tensor, negative: torch.Tensor | None,
+               guidance_scale: float) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The negative embeddings as [1 or N, L, D] (zeros when none are given) and the CFG branches
+    a calibration pass runs (cond only when guidance is off)."""
+    if negative is None:
+        negative = torch.zeros_like(embeds[:1])
+    if negative.ndim == 2:
+        negative = negative[None]
+    return negative, BRANCHES if guidance_scale > 1.0 else BRANCHES[:1]
+
+
 @torch.no_grad()
 def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | None, *, latent: tuple[int, ...],
               sampler: str, num_steps: int, guidance_scale: float, seed: int, source: str,
@@ -152,11 +163,7 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
     device = next(model.parameters()).device
     n, text_len, _ = embeds.shape
     use_cfg = guidance_scale > 1.0
-    if negative is None:
-        negative = torch.zeros_like(embeds[:1])
-    if negative.ndim == 2:
-        negative = negative[None]
-    branches = BRANCHES if use_cfg else BRANCHES[:1]
+    negative, branches = cfg_inputs(embeds, negative, guidance_scale)
     shape = (n, len(branches), num_steps, adapter.num_blocks)
     active = [BlockResidualObserver(adapter, shape)] + [make(adapter, shape) for make in (observers or [])]
     bar = tqdm(total=n * num_steps, desc="calibrate", unit="step", disable=not progress)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
+from ditbake.exporter.calibrate import cfg_inputs
 from ditbake.exporter.plan_heads import HeadsConfig, candidates, savings, solve_layer
 from ditbake.exporter.sampler import make_scheduler
 from ditbake.runtime.errors import InputError
@@ -131,11 +132,7 @@ def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tens
     begin = time.perf_counter()
     n, text_len, _ = embeds.shape
     use_cfg = guidance_scale > 1.0
-    if negative is None:
-        negative = torch.zeros_like(embeds[:1])
-    if negative.ndim == 2:
-        negative = negative[None]
-    branches = ("cond", "uncond") if use_cfg else ("cond",)
+    negative, branches = cfg_inputs(embeds, negative, guidance_scale)
     weights = adapter.weights()
     profile = {"name": "calibration", "latent_shape": list(latent), "text_len": text_len}
     weights.update(adapter.profile_tensors(profile))
