@@ -13,13 +13,15 @@ separate measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-import statistics
 import tempfile
 from pathlib import Path
 
 import torch
+
+from bench_attention import time_ms  # benchmarks/ is the script's directory
 
 log = logging.getLogger("block_race")
 
@@ -30,19 +32,7 @@ LATENT = (16, 21, 60, 104)  # 81 frames at 480×832 through Wan's VAE (4× time,
 TEXT_LEN = 512
 
 
-def cuda_time(fn, warmup: int = 3, reps: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+cuda_time = functools.partial(time_ms, warmup=3, reps=10)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
