@@ -47,3 +47,17 @@ def build_tiny_artifact(tmp_path, name="tiny-wan", steps=4, samplers=None, plan_
                         samplers=list(samplers or SAMPLERS[adapter.architecture]), dtype=dtype, progress=False,
                         backend=backend)
     return out, adapter
+
+
+def trace_block_io(adapter, x, t, text) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output) of every block, in order, from one diffusers forward through the adapter's hooks."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, k, o: seen.append(adapter.block_io(a, k, o)), with_kwargs=True)
+             for m in adapter.block_modules()]
+    try:
+        with torch.no_grad():
+            adapter.diffusers_forward(x, t, text)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

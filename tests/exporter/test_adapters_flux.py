@@ -14,6 +14,8 @@ from ditbake.runtime.attention import AttentionRunner
 from ditbake.runtime.errors import UnsupportedModelError
 from ditbake.runtime.plan import BlockVariant, HeadScheme
 
+from tests.conftest import trace_block_io
+
 
 def _flux(seed=0, **overrides):
     config = dict(models.TINY_CONFIGS["tiny-flux"]) | overrides
@@ -119,14 +121,7 @@ def test_flux_metadata_layout_and_weights():
 
 def test_flux_block_io_joint_sequence():
     adapter = _flux()
-    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 32)
-    seen = []
-    hooks = [m.register_forward_hook(lambda m, a, k, o: seen.append(adapter.block_io(a, k, o)), with_kwargs=True)
-             for m in adapter.block_modules()]
-    with torch.no_grad():
-        adapter.diffusers_forward(x, t, text)
-    for h in hooks:
-        h.remove()
+    seen = trace_block_io(adapter, torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 32))
     assert len(seen) == 4
     for (inp, out), (nxt, _) in zip(seen, seen[1:]):
         assert inp.shape == out.shape == (1, 5 + 16, 32)

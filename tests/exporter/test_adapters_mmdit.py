@@ -10,6 +10,8 @@ from ditbake.runtime.attention import AttentionRunner
 from ditbake.runtime.errors import UnsupportedModelError
 from ditbake.runtime.plan import BlockVariant
 
+from tests.conftest import trace_block_io
+
 
 def _sd3(seed=0, **overrides):
     config = dict(models.TINY_CONFIGS["tiny-sd3"]) | overrides
@@ -58,14 +60,7 @@ def test_sd3_metadata_and_layout():
 
 def test_sd3_block_io_joint_sequence():
     adapter = _sd3()
-    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 32)
-    seen = []
-    hooks = [m.register_forward_hook(lambda m, a, k, o: seen.append(adapter.block_io(a, k, o)), with_kwargs=True)
-             for m in adapter.block_modules()]
-    with torch.no_grad():
-        adapter.diffusers_forward(x, t, text)
-    for h in hooks:
-        h.remove()
+    seen = trace_block_io(adapter, torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 32))
     assert len(seen) == 3
     for inp, out in seen:
         assert inp.shape == out.shape == (1, 16 + 5, 32)
