@@ -5,10 +5,12 @@ fit of its predictor E_rel = α·Γ(t−1) + β.
 (prompt p, CFG branch br, step s, block b, layer l) it records
 
 - ``erel_<fmt>`` [p, br, s, b, l, 2]: relative error ‖y_q − y‖₂ / ‖y‖₂ of the layer output when
-  the layer runs through the ``mixed_linear`` reference with the NVFP4 weight and activations in
-  ``fmt`` (W4A4 for nvfp4, W4A8 for int8), against the model's own float output y. The last
-  axis is (plain, block-Hadamard folded): both are measured so that the build can choose per
-  layer (`choose_hadamard`) and the predictor is fitted on the variant that ships;
+  the layer runs the numerics the build ships for ``fmt``, against the model's own float output
+  y: for nvfp4 the ``mixed_linear`` reference with the NVFP4 weight (W4A4); for int8 / fp8 the
+  W8A8 reference with 8-bit per-channel weights (the build stores 8-bit weights for layers run
+  in 8 bits). The last axis is (plain, block-Hadamard folded): both are measured so that the
+  build can choose per layer (`choose_hadamard`) and the predictor is fitted on the variant that
+  ships (8-bit layers ship plain; their Hadamard entry is measured for the ablation);
 - ``outlier_ratio`` [p, br, s, b, l]: max|X| / mean|X| of the layer input (PDR's criterion).
 
 Γ(t−1) is not measured again: `BlockResidualObserver` already stores ``gamma`` [p, br, s, b].
@@ -33,6 +35,9 @@ from pathlib import Path
 import torch
 
 from ditbake.exporter.calibrate import Observer
+from ditbake.plugins.hadamard import fold_hadamard_into_weight
+from ditbake.plugins.int8 import quantize_weight_per_channel
+from ditbake.plugins.linear_8bit import linear_w8a8_ref
 from ditbake.plugins.mixed_linear import mixed_linear_ref, prepare_nvfp4_weight
 from ditbake.runtime.errors import DitbakeError
 
@@ -93,10 +98,13 @@ class PrecisionObserver(Observer):
                 module = block.get_submodule(name)
                 # NVFP4 weights once per layer and Hadamard setting (plain, folded): the same tensors
                 # the build will store, so the measured error is the shipped one.
-                weights = []
+                weights = {}
+                w = module.weight.detach().float()
                 for had in (False, True):
-                    t = prepare_nvfp4_weight(module.weight.detach().float(), hadamard=had)
-                    weights.append((t.packed, t.block_scales, t.global_scale))
+                    t = prepare_nvfp4_weight(w, hadamard=had)
+                    weights["nvfp4", had] = (t.packed, t.block_scales, t.global_scale)
+                    for fmt in set(config.formats) - {"nvfp4"}:
+                        weights[fmt, had] = quantize_weight_per_channel(fold_hadamard_into_weight(w) if had else w, fmt)
                 bias = None if module.bias is None else module.bias.detach().float()
                 self.handles.append(module.register_forward_hook(self._hook(b, li, weights, bias)))
 
@@ -114,9 +122,12 @@ class PrecisionObserver(Observer):
                                            else module.bias.float())
             norm = y.norm().clamp_min(1e-30)
             for fmt, erel in self.erel.items():
-                for h, (packed, scales, gs) in enumerate(weights):
-                    yq = mixed_linear_ref(x2, packed, scales, gs, bias, fmt, bool(h))
-                    erel[p, br, s, block, layer, h] = (yq - y).norm() / norm
+                for h in (False, True):
+                    if fmt == "nvfp4":
+                        yq = mixed_linear_ref(x2, *weights[fmt, h], bias, fmt, h)
+                    else:
+                        yq = linear_w8a8_ref(x2, *weights[fmt, h], bias, fmt, h)
+                    erel[p, br, s, block, layer, int(h)] = (yq - y).norm() / norm
         return hook
 
     def results(self) -> dict[str, torch.Tensor]:

@@ -40,25 +40,45 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: 
     return emb
 
 
+QUANTIZED_SUFFIXES = (".nvfp4_", ".fp8_", ".int8_")
+
+
+def is_quantized_tensor(name: str) -> bool:
+    """A stored quantized weight or its scales (kept in their own dtypes, never cast)."""
+    return any(s in name for s in QUANTIZED_SUFFIXES)
+
+
 def dense(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
     """A plain linear layer `name` (weights `name.weight`, optional `name.bias`)."""
     return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
 def quantizable_linear(x: torch.Tensor, w: Weights, name: str, precision: str) -> torch.Tensor:
-    """A linear layer the plan may run at reduced precision.
+    """A linear layer the plan may run at reduced precision; the stored weight format decides the kernel.
 
-    `bf16` runs the stored 16-bit weight. `nvfp4`/`int8`/`fp8` run the mixed-precision linear op
-    of ditbake.plugins on the NVFP4 weight the artifact stores as `name.nvfp4_packed`,
-    `name.nvfp4_block_scales`, `name.nvfp4_global_scale` (Hadamard folded in when
-    `name.nvfp4_hadamard` is present).
+    `bf16` runs the stored 16-bit weight. A layer run in 8 bits stores 8-bit weights (W8A8):
+    `fp8` reads `name.fp8_weight` (e4m3 [N, K]) and `name.fp8_scale` (fp32 [N]) and runs
+    ditbake.plugins.linear_fp8 (per-token activations quantized in-graph, cuBLASLt FP8 GEMM);
+    `int8` reads `name.int8_weight` / `name.int8_scale` and runs the `linear_w8a8` op. `nvfp4`
+    runs the mixed-precision op on the NVFP4 weight (`name.nvfp4_packed`, `.nvfp4_block_scales`,
+    `.nvfp4_global_scale`, Hadamard folded in when `name.nvfp4_hadamard` is present); so does an
+    8-bit precision on an artifact that stores only NVFP4 for the layer (W4A8, format of
+    artifacts built before 8-bit weights were stored).
     """
     if precision == "bf16":
         return dense(x, w, name)
+    if precision == "fp8" and name + ".fp8_weight" in w:
+        from ditbake.plugins.linear_fp8 import linear_fp8  # noqa: PLC0415
+
+        return linear_fp8(x, w[name + ".fp8_weight"], w[name + ".fp8_scale"], w.get(name + ".bias"))
+    if precision == "int8" and name + ".int8_weight" in w:
+        from ditbake.plugins.linear_8bit import linear_w8a8  # noqa: PLC0415
+
+        return linear_w8a8(x, w[name + ".int8_weight"], w[name + ".int8_scale"], w.get(name + ".bias"), "int8", False)
     packed = w.get(name + ".nvfp4_packed")
     if packed is None:
-        raise ArtifactError(f"layer {name} is planned at {precision} but the artifact stores no NVFP4 weight "
-                            "for it; rebuild the artifact from this plan")
+        raise ArtifactError(f"layer {name} is planned at {precision} but the artifact stores no weight in that "
+                            "format for it; rebuild the artifact from this plan")
     try:
         from ditbake.plugins.mixed_linear import mixed_linear  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - depends on the plugins build

@@ -23,6 +23,7 @@ from ditbake.runtime.attention import AttentionRunner
 from ditbake.runtime.engines import AotiEngines, EagerEngines
 from ditbake.runtime.errors import BackendError, InputError
 from ditbake.runtime.graphs import ForwardGraphs, graph_blockers
+from ditbake.runtime.nn import is_quantized_tensor
 from ditbake.runtime.sampler import BakedSampler
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,9 @@ class Session:
         self.config = artifact.config
         stored = {t.dtype for t in artifact.weights.values() if t.is_floating_point()}
         self.dtype = dtype or (torch.bfloat16 if torch.bfloat16 in stored else torch.float32)
-        # NVFP4 tensors keep their formats (e4m3 block scales, fp32 global scale): casting them to the
-        # compute dtype would round the global scale.
-        self.weights = {k: (v.to(self.dtype) if v.is_floating_point() and ".nvfp4_" not in k else v)
+        # quantized tensors keep their formats (NVFP4 / 8-bit weights and their fp32 scales): casting
+        # them to the compute dtype would dequantize them or round their scales.
+        self.weights = {k: (v.to(self.dtype) if v.is_floating_point() and not is_quantized_tensor(k) else v)
                         for k, v in artifact.weights.items()}
         self.plan = artifact.plan
         self._text_encoder = None

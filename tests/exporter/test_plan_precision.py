@@ -11,6 +11,8 @@ from ditbake.exporter.plan_precision import (BITS, PrecisionConfig, PrecisionCon
                                              search_threshold, stats_for)
 from ditbake.exporter.plan_quantized import quantized_plan
 from ditbake.exporter.sampler import make_scheduler
+from ditbake.plugins.int8 import quantize_weight_per_channel
+from ditbake.plugins.linear_8bit import linear_w8a8_ref
 from ditbake.plugins.mixed_linear import mixed_linear_ref, prepare_nvfp4_weight
 from ditbake.runtime import load
 from ditbake.runtime.artifact import Profile
@@ -151,6 +153,9 @@ def _reference_run(adapter, plan, embeds, latents, steps):
                 fmt = plan.variant_for(state["step"], "cond", b).precision_map[name]
                 if fmt == "bf16":
                     return output
+                if fmt != "nvfp4":  # 8-bit layers ship 8-bit weights (W8A8), plain
+                    qw, sw = quantize_weight_per_channel(module.weight.float(), fmt)
+                    return linear_w8a8_ref(args[0], qw, sw, module.bias, fmt, False)
                 return mixed_linear_ref(args[0], w.packed, w.block_scales, w.global_scale, module.bias, fmt,
                                         (b, name) in had)
             handles.append(mod.register_forward_hook(hook))
@@ -169,7 +174,7 @@ def _reference_run(adapter, plan, embeds, latents, steps):
     return x
 
 
-def test_build_stores_nvfp4_and_eager_runtime_matches_mixed_linear_reference(tiny_calibration, tmp_path):
+def test_build_stores_nvfp4_and_8bit_weights_and_eager_runtime_matches_reference(tiny_calibration, tmp_path):
     adapter, stats = tiny_calibration
     plan = quantized_plan(stats.meta, stats.tensors, PrecisionConfig(avg_bits=6.0))
     used = {p for v in plan.variants for _, p in v.precisions}
@@ -179,13 +184,16 @@ def test_build_stores_nvfp4_and_eager_runtime_matches_mixed_linear_reference(tin
                          dtype=torch.float32, progress=False)
     session = load(path)
     w = session.weights
-    name = "blocks.0.attn1.to_q"
+    name = next(layer for layer, ps in layer_precisions(plan).items() if "nvfp4" in ps)
     assert w[name + ".nvfp4_packed"].dtype == torch.uint8
     assert w[name + ".nvfp4_block_scales"].dtype == torch.float8_e4m3fn
     assert w[name + ".nvfp4_global_scale"].dtype == torch.float32
+    int8_layer = next(layer for layer, ps in layer_precisions(plan).items() if "int8" in ps)
+    assert w[int8_layer + ".int8_weight"].dtype == torch.int8 and w[int8_layer + ".int8_scale"].dtype == torch.float32
     precisions = layer_precisions(plan)
-    for layer, ps in precisions.items():
+    for layer, ps in precisions.items():  # each format the layer runs in is stored, and only those
         assert (layer + ".weight" in w) == ("bf16" in ps)
+        assert (layer + ".nvfp4_packed" in w) == ("nvfp4" in ps) and (layer + ".int8_weight" in w) == ("int8" in ps)
     embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(5))
     latents = torch.randn(1, *latent, generator=torch.Generator().manual_seed(6))
     got = session.generate(embeds, latents=latents, guidance_scale=1.0).latents
