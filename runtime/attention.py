@@ -1,11 +1,15 @@
-"""Attention as the plan asks for it: dense SDPA when every head is full, the head-wise op of
-ditbake.plugins otherwise (arrow bands, cached heads, local3d windows). Also counts the FLOPs
-actually done.
+"""Attention as the plan asks for it, and the FLOPs actually done.
+
+Each head has a scheme (full, arrow band, local3d window, cached) and a precision (bf16 or an
+8-bit format). Heads sharing (scheme class, precision) form a group that runs as ONE kernel
+call: dense bf16 through SDPA (cuDNN / flash), banded bf16 through ditbake's head-wise Triton op,
+8-bit (dense or banded) through ditbake's 8-bit Triton op, cached heads as last step's output.
+Gathering a group's heads costs a copy of its q, k, v unless they are contiguous; measured
+against permuting heads inside the q/k/v/o weights at build time in plugins/notes/attention_8bit.md.
 
 A local3d head is an arrow head run on the visual tokens reordered into the site's 3D tiles
-(frames × height × width, `Plan.tiles`): its q, k, v go through the tile permutation, the op's
-band then covers neighbouring tiles, and its output is permuted back. Heads of one layer may mix
-local3d with the other kinds in one op call (the permutation is applied per head)."""
+(frames × height × width, `Plan.tiles`): its group's q, k, v go through the tile permutation,
+the op's band then covers neighbouring tiles, and the output is permuted back."""
 from __future__ import annotations
 
 import torch
@@ -53,33 +57,89 @@ class AttentionRunner:
                  schemes: tuple[HeadScheme, ...] | None, text_range: tuple[int, int],
                  grid: tuple[int, int, int] | None = None) -> torch.Tensor:
         """q, k, v: [B, H, S, D]. key identifies (branch, block, site) for the head cache; `grid`
-        (frames, height, width of the visual tokens) is needed only by local3d heads."""
+        (frames, height, width of the visual tokens) is needed only by local3d heads.
+
+        Heads are grouped by `HeadScheme.group` (kind class, precision) and each group runs as
+        one kernel call over its heads: dense bf16 → SDPA (cuDNN / flash), banded bf16 → the
+        head-wise Triton op, 8-bit → the 8-bit Triton op, cached → last step's output. A
+        layer whose heads all share one group runs on the whole tensors (no gather); otherwise
+        each group's heads are sliced (contiguous runs) or gathered, and the outputs put back
+        in head order."""
         tracing = torch.compiler.is_compiling()  # inside torch.export: no host-side accounting
         if not tracing:
             self.account(schemes, q.shape[0], q.shape[1], q.shape[2], q.shape[3], text_range)
-        if not schemes or all(s.kind == "full" for s in schemes):
+        if not schemes or all(s.group == ("full", "bf16") for s in schemes):
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            try:
-                import ditbake.plugins.head_attention  # noqa: F401, PLC0415 - registers ditbake::head_attention
-            except ImportError as exc:  # pragma: no cover - depends on the plugins build
-                raise BackendError(f"head-wise attention needs ditbake.plugins.head_attention ({exc}); "
-                                   "rebuild the plan with full attention") from exc
-            table = _scheme_tensor(schemes)
             cached = self.cache.get(key)
             if cached is None and any(s.kind == "cached" for s in schemes):
                 raise BackendError(f"attention site {key} reuses cached heads before any output was cached; "
                                    "the plan must compute every head at the first step")
-            # The plan validated the schemes; calling the op directly keeps host-side checks (which
-            # read tensor values) out of traced graphs, so torch.export sees one custom op.
-            local = [s.kind == "local3d" for s in schemes]
-            if any(local):
-                out = self._local3d(key, q, k, v, table, local, text_range, grid, cached)
+            groups = head_groups(schemes)
+            if len(groups) == 1:
+                (group, heads), = groups.items()
+                out = self._run_group(key, group, q, k, v, schemes, text_range, grid, cached)
             else:
-                out = torch.ops.ditbake.head_attention(q, k, v, table.to(q.device), text_range[0], text_range[1],
-                                                       cached, None)
+                outs, order = [], []
+                for group, heads in groups.items():
+                    sel = self._head_selector(heads, q.device)
+                    part = cached if cached is None else _take(cached, sel)
+                    outs.append(self._run_group(key, group, _take(q, sel), _take(k, sel), _take(v, sel),
+                                                tuple(schemes[h] for h in heads), text_range, grid, part))
+                    order.extend(heads)
+                out = torch.cat(outs, dim=1)
+                if order != sorted(order):
+                    out = out.index_select(1, self._head_selector(tuple(invert_order(order)), q.device))
         self.cache[key] = out  # cached heads copied their old output in, so this is always current
         return out
+
+    def _head_selector(self, heads: tuple[int, ...], device) -> slice | torch.Tensor:
+        """A slice for a contiguous run of heads (a view, no copy), else an index tensor made once
+        per (heads, device): creating it inside a CUDA graph capture would be a host copy."""
+        if heads == tuple(range(heads[0], heads[0] + len(heads))):
+            return slice(heads[0], heads[0] + len(heads))
+        key = ("heads", heads, str(device))
+        if key not in self._perms:
+            self._perms[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return self._perms[key]
+
+    def _table(self, schemes, device) -> torch.Tensor:
+        """The kernels' per-head [H, 3] table, made once per (schemes, device) (see _head_selector)."""
+        key = ("table", schemes, str(device))
+        if key not in self._perms:
+            self._perms[key] = _scheme_tensor(schemes).to(device)
+        return self._perms[key]
+
+    def _run_group(self, key, group: tuple[str, str], q, k, v, schemes, text_range, grid, cached):
+        kind, precision = group
+        if kind == "cached":
+            return cached
+        if kind == "full" and precision == "bf16":
+            return F.scaled_dot_product_attention(q, k, v)
+        table = self._table(schemes, q.device)
+        if kind == "local3d":
+            perm, inverse = self._permutations(key[-1], grid, q.device)
+            from ditbake.plugins.head_attention import reorder_visual_tokens  # noqa: PLC0415
+
+            q, k, v = (reorder_visual_tokens(t, perm, text_range, dim=2) for t in (q, k, v))
+            out = self._kernel(precision, q, k, v, table, text_range)
+            return reorder_visual_tokens(out, inverse, text_range, dim=2)
+        return self._kernel(precision, q, k, v, table, text_range)
+
+    @staticmethod
+    def _kernel(precision: str, q, k, v, table, text_range):
+        # The plan validated the schemes; calling the ops directly keeps host-side checks (which
+        # read tensor values) out of traced graphs, so torch.export sees one custom op per group.
+        try:
+            if precision == "bf16":
+                import ditbake.plugins.head_attention  # noqa: F401, PLC0415 - registers ditbake::head_attention
+
+                return torch.ops.ditbake.head_attention(q, k, v, table, text_range[0], text_range[1], None, None)
+            import ditbake.plugins.attention_8bit  # noqa: F401, PLC0415 - registers ditbake::attention_8bit
+        except ImportError as exc:  # pragma: no cover - depends on the plugins build
+            raise BackendError(f"head-wise attention needs ditbake.plugins ({exc}); rebuild the plan with full "
+                               "bf16 attention") from exc
+        return torch.ops.ditbake.attention_8bit(q, k, v, table, text_range[0], text_range[1], None, None, precision)
 
     def _permutations(self, site: str, grid, device) -> tuple[torch.Tensor, torch.Tensor]:
         from ditbake.plugins.head_attention import invert_permutation, tile_order  # noqa: PLC0415
@@ -97,11 +157,22 @@ class AttentionRunner:
             self._perms[key] = (perm, invert_permutation(perm))
         return self._perms[key]
 
-    def _local3d(self, key, q, k, v, table, local, text_range, grid, cached):
-        from ditbake.plugins.head_attention import reorder_visual_tokens  # noqa: PLC0415
 
-        perm, inverse = self._permutations(key[-1], grid, q.device)
-        sel = torch.tensor(local, device=q.device)[None, :, None, None]
-        q, k, v = (torch.where(sel, reorder_visual_tokens(t, perm, text_range, dim=2), t) for t in (q, k, v))
-        out = torch.ops.ditbake.head_attention(q, k, v, table.to(q.device), text_range[0], text_range[1], cached, None)
-        return torch.where(sel, reorder_visual_tokens(out, inverse, text_range, dim=2), out)
+def head_groups(schemes: tuple[HeadScheme, ...]) -> dict[tuple[str, str], tuple[int, ...]]:
+    """Head indices per `HeadScheme.group`, groups in order of first appearance."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for h, s in enumerate(schemes):
+        groups.setdefault(s.group, []).append(h)
+    return {g: tuple(heads) for g, heads in groups.items()}
+
+
+def invert_order(order: list[int]) -> list[int]:
+    """Positions that put a tensor concatenated in `order` back into head order."""
+    inverse = [0] * len(order)
+    for position, head in enumerate(order):
+        inverse[head] = position
+    return inverse
+
+
+def _take(t: torch.Tensor, sel) -> torch.Tensor:
+    return t[:, sel] if isinstance(sel, slice) else t.index_select(1, sel)

@@ -19,6 +19,7 @@ Identical configurations share one variant id, so one engine serves them all.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,9 @@ PLAN_FORMAT = "ditbake-plan"
 PLAN_VERSION = 1
 PRECISIONS = ("bf16", "int8", "fp8", "nvfp4")
 HEAD_KINDS = ("full", "arrow", "cached", "local3d")
+# attention precision of a head: bf16, or 8-bit (ditbake.plugins.attention_8bit): int8 = INT8 QK
+# with per-block scales + FP8 PV (SageAttention's recipe), fp8 = FP8 QK + FP8 PV
+ATTENTION_PRECISIONS = ("bf16", "int8", "fp8")
 # how a step that skips every block rebuilds the stack's residual: the last computed step's
 # ("none") or the line through the last two computed steps' residuals ("linear")
 EXTRAPOLATIONS = ("none", "linear")
@@ -45,15 +49,36 @@ class HeadScheme:
     kind: str = "full"
     left: int = 0
     right: int = 0
+    precision: str = "bf16"
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
             raise PlanError(f"unknown head scheme {self.kind!r}; expected one of {HEAD_KINDS}")
-        if self.left < 0 or self.right < 0:
-            raise PlanError(f"arrow widths must be >= 0, got ({self.left}, {self.right})")
+        for name in ("left", "right"):  # a JSON float is refused, not truncated
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise PlanError(f"arrow widths must be integers >= 0, got ({self.left!r}, {self.right!r})")
+            object.__setattr__(self, name, int(value))
+        if self.precision not in ATTENTION_PRECISIONS:
+            raise PlanError(f"unknown attention precision {self.precision!r}; expected one of {ATTENTION_PRECISIONS}")
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """Heads of one layer that share this key run in one kernel call: same precision, and
+        dense / banded-in-token-order / banded-after-tile-reordering / cached (bands may differ
+        per head inside a call: the kernels take a per-head table)."""
+        return ("full" if self.kind == "full" else self.kind, self.precision)
 
     def to_json(self) -> list:
-        return [self.kind, self.left, self.right]
+        base = [self.kind, self.left, self.right]
+        return base if self.precision == "bf16" else [*base, self.precision]
+
+    @staticmethod
+    def from_json(item) -> "HeadScheme":
+        if not isinstance(item, (list, tuple)) or len(item) not in (3, 4):
+            raise PlanError(f"a head scheme is [kind, left, right] or [kind, left, right, precision], got {item!r}")
+        kind, left, right, *precision = item
+        return HeadScheme(str(kind), left, right, *(str(p) for p in precision))
 
 
 @dataclass(frozen=True)
@@ -95,7 +120,7 @@ class BlockVariant:
             return BlockVariant(
                 compute=bool(d["compute"]), purified=bool(d.get("purified", False)),
                 precisions=tuple(sorted(d.get("precisions", {}).items())),
-                heads=tuple(sorted((site, tuple(HeadScheme(str(k), int(l), int(r)) for k, l, r in schemes))
+                heads=tuple(sorted((site, tuple(HeadScheme.from_json(s) for s in schemes))
                                    for site, schemes in d.get("heads", {}).items())))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed block variant {d!r}: {exc}") from exc

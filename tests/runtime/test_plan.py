@@ -67,7 +67,10 @@ def test_skip_and_cached_heads_plan_is_valid():
     (lambda d: d["variants"][0]["precisions"].update({"nope": "bf16"}), "unknown layers"),
     (lambda d: d["variants"][0]["heads"].update(attn1=[["full", 0, 0]]), "1 head schemes for 2 heads"),
     (lambda d: d["variants"][0]["heads"].update(attn1=[["sparse", 0, 0]] * 2), "unknown head scheme"),
-    (lambda d: d["variants"][0]["heads"].update(attn1=[["arrow", -1, 0]] * 2), "widths must be >= 0"),
+    (lambda d: d["variants"][0]["heads"].update(attn1=[["arrow", -1, 0]] * 2), "widths must be integers >= 0"),
+    (lambda d: d["variants"][0]["heads"].update(attn1=[["arrow", 2.5, 0]] * 2), "widths must be integers >= 0"),
+    (lambda d: d["variants"][0]["heads"].update(attn1=[["arrow", 2, 2, "int4"]] * 2), "unknown attention precision"),
+    (lambda d: d["variants"][0]["heads"].update(attn1=[["arrow", 2]] * 2), r"\[kind, left, right\]"),
     (lambda d: d["variants"][0].update(compute=False, purified=True), "cannot be a purified refresh"),
     (lambda d: d["variants"][0].update(compute=False), "reuses a cache that does not exist"),
     (lambda d: d.update(num_steps=9), "num_steps=9"),
@@ -87,3 +90,16 @@ def test_plan_file_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(PlanError, match="not valid JSON"):
         Plan.load(tmp_path / "bad.json")
+
+
+def test_head_precision_round_trips_and_old_plans_read_as_bf16():
+    d = json.loads(json.dumps(_plan()))
+    d["variants"][0]["heads"]["attn1"] = [["arrow", 4, 4, "int8"], ["full", 0, 0]]
+    plan = Plan.from_json(d)
+    schemes = plan.variants[0].head_map["attn1"]
+    assert [s.precision for s in schemes] == ["int8", "bf16"]
+    assert schemes[0].group == ("arrow", "int8") and schemes[1].group == ("full", "bf16")
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again == plan
+    # bf16 heads keep the 3-element form, so plans written before attention precision still read
+    assert again.to_json()["variants"][0]["heads"]["attn1"][1] == ["full", 0, 0]
