@@ -1,0 +1,262 @@
+"""One computed forward, ditbake vs diffusers + regional torch.compile (bf16), on one GPU.
+
+Rows (every block linear and every self-attention head of the model):
+* diffusers eager bf16, diffusers + torch.compile per block (the bar);
+* ditbake bf16 — the runtime's own composition, no quantization, dense attention;
+* (a) every block linear FP8 W8A8 (FP8 weights, per-token activations quantized in-graph),
+  attention bf16 dense;
+* (b) (a) + 8-bit attention (INT8 QK with per-block scales, FP8 PV) in every head;
+* (c) (b) + every head an arrow band of `--band` of the keys (0.5: half the attention FLOPs);
+each on the `eager` backend (the runtime composing torch ops and the plugins' kernels) and, for
+Wan, on `aoti` (the artifact's AOTInductor engines, built with `ditbake.exporter.build` and run
+through the runtime session's forward — the shipped path). Flux's two block kinds do not share
+one engine per variant in the aoti layout yet (runtime/engines.py keys engines by variant), so
+Flux runs eager only.
+
+Each row: median of CUDA-event times of whole forwards after warm-up, the output's relative L2
+error vs diffusers eager bf16, and the build (compile) time of its engines. Random weights:
+speed does not depend on their values; fidelity is measured on the trained test bed
+(`benchmarks/forward_fidelity.py`).
+
+    python benchmarks/forward_race.py --model wan --out $OUT/forward_race_wan.json
+    python benchmarks/forward_race.py --model flux --out $OUT/forward_race_flux.json
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench_attention import time_ms  # benchmarks/ is the script's directory
+from block_race import LATENT, TEXT_LEN, WAN_1_3B as ONE_BLOCK
+
+log = logging.getLogger("forward_race")
+
+WAN = dict(ONE_BLOCK, num_layers=30)
+# FLUX.1 [dev] transformer; 2048² pixels → 256² latents → 128² packed tokens = 16,384 (+ 512 text)
+FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=[16, 56, 56])
+FLUX_LATENT, FLUX_TEXT = (16, 256, 256), 512
+SMOKE = {"wan": (dict(WAN, num_attention_heads=2, attention_head_dim=64, ffn_dim=128, text_dim=32, num_layers=2),
+                 (16, 2, 8, 8), 8),
+         "flux": (dict(FLUX, num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32,
+                       joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[8, 12, 12]),
+                  (16, 8, 8), 8)}
+
+timer = functools.partial(time_ms, warmup=2, reps=5)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def all_block_linears(arch, config: dict, block: int) -> tuple[str, ...]:
+    """Every linear layer of one block (Flux: its kind's), not only the plan's common list."""
+    if arch.NAME == "flux":
+        return arch.DOUBLE_BLOCK_LINEARS if block < int(config["num_layers"]) else arch.SINGLE_BLOCK_LINEARS
+    return tuple(arch.BLOCK_LINEARS)
+
+
+def contenders(arch, config: dict, band: float, visual_tokens: int):
+    """name → BlockVariant for the ditbake rows (the precision map covers every block kind's linears)."""
+    from ditbake.runtime.plan import BlockVariant, HeadScheme
+
+    site = arch.COMPRESSIBLE_ATTENTION[0]
+    heads = int(config["num_attention_heads"])
+    names = sorted({n for b in range(arch.num_blocks(config)) for n in all_block_linears(arch, config, b)})
+    fp8 = tuple((n, "fp8") for n in names)
+    half = max(1, round(band * visual_tokens / 2))
+    return {
+        "ditbake bf16": BlockVariant(),
+        "(a) linears fp8": BlockVariant(precisions=fp8),
+        "(b) + attention 8-bit": BlockVariant(precisions=fp8, heads=((site, (HeadScheme("full", precision="int8"),) * heads),)),
+        f"(c) + band {band:.2f}": BlockVariant(precisions=fp8, heads=((site, (HeadScheme("arrow", half, half, "int8"),) * heads),)),
+    }
+
+
+def add_fp8_weights(weights: dict, arch, config: dict) -> None:
+    """FP8 per-channel weights beside the 16-bit ones for every block linear (the build's format)."""
+    from ditbake.plugins.linear_fp8 import quantize_weight_fp8
+
+    for b in range(arch.num_blocks(config)):
+        for n in all_block_linears(arch, config, b):
+            name = f"{arch.BLOCK_PREFIX}{b}.{n}"
+            q, s = quantize_weight_fp8(weights[name + ".weight"])
+            weights[name + ".fp8_weight"], weights[name + ".fp8_scale"] = q, s
+
+
+def eager_forward(arch, config, weights, variant, x, t, text, profile: dict, tiles=None):
+    from ditbake.runtime.attention import AttentionRunner
+
+    h, ctx = arch.prologue(weights, config, x, t, text, profile)
+    attention = AttentionRunner(tiles)
+    for b in range(arch.num_blocks(config)):
+        h = arch.block(weights, config, b, h, ctx, variant, attention, "cond")
+    return arch.epilogue(weights, config, h, ctx)
+
+
+def diffusers_rows(model, call, rows: dict, record) -> torch.Tensor:
+    ref = call()
+    record("diffusers eager bf16", call, ref)
+    blocks = [m for name in ("blocks", "transformer_blocks", "single_transformer_blocks")
+              for m in getattr(model, name, [])]
+    for block in blocks:  # regional compile, as diffusers recommends for repeated blocks
+        block.forward = torch.compile(block.forward, fullgraph=False)
+    t0 = time.perf_counter()
+    call()
+    rows["_compile_s"] = time.perf_counter() - t0
+    record("diffusers torch.compile (regional)", call, ref, build_s=rows.pop("_compile_s"))
+    return ref
+
+
+@torch.no_grad()
+def race_wan(args, dev, dtype) -> dict:
+    import diffusers
+
+    from ditbake.exporter.adapters import adapter_for
+    from ditbake.exporter.build import build
+    from ditbake.runtime import load
+    from ditbake.runtime.artifact import Profile
+    from ditbake.runtime.plan import Plan
+
+    cfg, latent, text_len = (WAN, LATENT, TEXT_LEN) if not args.smoke else SMOKE["wan"]
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**cfg).to(dev, dtype).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, *latent, generator=gen).to(dev, dtype)
+    text = torch.randn(1, text_len, cfg["text_dim"], generator=gen).to(dev, dtype)
+    t = torch.tensor([700.0], device=dev)
+    rows: dict = {}
+    record = _recorder(rows)
+    adapter = adapter_for(model)
+    ref = diffusers_rows(model, lambda: adapter.diffusers_forward(x, t, text), rows, record)
+
+    arch, config = adapter.arch, adapter.config
+    p = cfg["patch_size"]
+    visual = (latent[1] // p[0]) * (latent[2] // p[1]) * (latent[3] // p[2])
+    variants = contenders(arch, config, args.band, visual)
+    names = list(variants)
+    # one artifact whose step i runs contender i in every block: the build stores each format once
+    plan = Plan(architecture=arch.NAME, num_blocks=adapter.num_blocks, linear_layers=tuple(adapter.linear_layers),
+                attention_sites=tuple(sorted(adapter.attention_sites.items())), variants=tuple(variants.values()),
+                steps=tuple({"cond": (i,) * adapter.num_blocks} for i in range(len(names))))
+    profile = Profile("race", latent, text_len)
+    backends = ["eager"] + ([] if args.no_aoti else ["aoti"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            t0 = time.perf_counter()
+            try:
+                path = build(adapter, plan, Path(tmp) / backend, profiles=[profile], samplers=["unipc"], dtype=dtype,
+                             backend=backend, device=dev.type, progress=False)
+            except Exception as exc:  # one backend failing must not hide the other
+                rows[f"ditbake {backend}"] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
+                log.exception("build %s failed", backend)
+                continue
+            rows[f"ditbake {backend} build"] = {"build_s": time.perf_counter() - t0,
+                                                "engines": len(load(path, device=dev).artifact.manifest["engines"])}
+            session = load(path, device=dev)
+            from ditbake.runtime.attention import AttentionRunner
+            from ditbake.runtime.session import GenerationReport
+
+            for i, name in enumerate(names):
+                def forward(i=i):
+                    return session._forward(i, "cond", x, t, text, profile, AttentionRunner(dict(plan.tiles)), {},
+                                            GenerationReport())
+                record(f"{name} [{backend}]", forward, ref)
+            del session
+    return {"model": "Wan2.1-1.3B architecture (random weights)", "tokens": visual, "rows": rows}
+
+
+@torch.no_grad()
+def race_flux(args, dev, dtype) -> dict:
+    import diffusers
+
+    from ditbake.exporter.adapters import adapter_for
+
+    cfg, latent, text_len = (FLUX, FLUX_LATENT, FLUX_TEXT) if not args.smoke else SMOKE["flux"]
+    torch.manual_seed(0)
+    with torch.device(dev):  # 12 B parameters: initialise on the GPU
+        model = diffusers.FluxTransformer2DModel(**cfg).to(dtype).eval()
+    adapter = adapter_for(model)
+    arch, config = adapter.arch, adapter.config
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, *latent, generator=gen).to(dev, dtype)
+    text = torch.randn(1, text_len, cfg["joint_attention_dim"], generator=gen).to(dev, dtype)
+    t = torch.tensor([700.0], device=dev)
+    weights = adapter.weights()
+    profile = {"name": "race", "latent_shape": list(latent), "text_len": text_len}
+    weights.update({k: v.to(dev) for k, v in adapter.profile_tensors(profile).items()})
+    h0, ctx0 = arch.prologue(weights, config, x, t, text, profile)
+    rows: dict = {}
+    record = _recorder(rows)
+    # the adapter packs latents, builds ids and the pooled vector as the runtime does (same conditioning)
+    ref = diffusers_rows(model, lambda: adapter.diffusers_forward(x, t, text), rows, record)
+    add_fp8_weights(weights, arch, config)
+    visual = h0.shape[1] - text_len
+    for name, variant in contenders(arch, config, args.band, visual).items():
+        record(f"{name} [eager]", lambda v=variant: eager_forward(arch, config, weights, v, x, t, text, profile), ref)
+    rows["ditbake aoti"] = {"skipped": "Flux's double/single blocks need one engine per (variant, block kind); "
+                                       "the aoti layout keys engines by variant only (runtime/engines.py)"}
+    return {"model": "FLUX.1 transformer architecture (random weights), 2048²", "tokens": h0.shape[1], "rows": rows}
+
+
+def _recorder(rows: dict):
+    def record(name, fn, ref, build_s=None):
+        try:
+            out = fn()
+            ms = timer(fn)
+            rows[name] = {"ms": ms, "rel_err_vs_diffusers_bf16": rel_err(out, ref)}
+            if build_s is not None:
+                rows[name]["build_s"] = build_s
+        except Exception as exc:  # one failing contender must not hide the others
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
+            log.exception("%s failed", name)
+        log.info("%-44s %s", name, rows[name])
+    return record
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("wan", "flux"), default="wan")
+    p.add_argument("--out", required=True)
+    p.add_argument("--band", type=float, default=0.5, help="arrow band of (c) as a fraction of the visual keys")
+    p.add_argument("--no-aoti", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (checks the script, times nothing)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    global timer
+    if args.smoke:
+        dev, dtype = torch.device("cpu"), torch.float32
+        timer = lambda fn: 0.0  # noqa: E731 - no CUDA events on CPU
+    else:
+        dev, dtype = torch.device("cuda"), torch.bfloat16
+    result = race_wan(args, dev, dtype) if args.model == "wan" else race_flux(args, dev, dtype)
+    comp = result["rows"].get("diffusers torch.compile (regional)", {}).get("ms")
+    for row in result["rows"].values():
+        if comp and "ms" in row:
+            row["speedup_vs_compile"] = comp / row["ms"] if row["ms"] else None
+    result |= {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)",
+               "torch": torch.__version__, "band": args.band, "method": "median CUDA-event ms of whole forwards "
+               "(2 warm-up, 5 timed); error = relative L2 of the forward output vs diffusers eager bf16"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"{result['model']}, {result['tokens']} tokens, {result['device']}")
+    print(f"{'contender':48s} {'ms':>9s} {'× compile':>10s} {'rel err':>9s} {'build s':>8s}")
+    for name, row in result["rows"].items():
+        if "ms" in row:
+            print(f"{name:48s} {row['ms']:9.2f} {row.get('speedup_vs_compile') or 0:10.3f} "
+                  f"{row['rel_err_vs_diffusers_bf16']:9.2e} {row.get('build_s', 0):8.1f}")
+        else:
+            print(f"{name:48s} {str(row)[:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
