@@ -1,0 +1,66 @@
+"""FP8 W8A8 linears as compiled engines see them: producer (modulated layer norm, or GELU) +
+per-token activation quantization + cuBLASLt FP8 GEMM, compiled by Inductor, vs the same producer
++ bf16 linear, at Wan2.1-1.3B's shapes (M = 32,760 tokens). The quantization is written in torch
+ops (plugins/linear_fp8.py) so that Inductor fuses it into the producer: the ratio includes it.
+
+    python benchmarks/bench_linear_fp8.py --out $OUT/linear_fp8_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench_attention import time_ms  # benchmarks/ is the script's directory
+
+SHAPES = {"attn1.to_q (1536→1536)": (1536, 1536, "norm"), "ffn.net.0.proj (1536→8960)": (1536, 8960, "norm"),
+          "ffn.net.2 (8960→1536)": (8960, 1536, "gelu")}
+
+
+def producer(kind: str, x, scale, shift):
+    if kind == "norm":
+        return (F.layer_norm(x.float(), (x.shape[-1],)) * (1 + scale) + shift).to(x.dtype)
+    return F.gelu(x, approximate="tanh")
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    from ditbake.plugins.linear_fp8 import linear_fp8, quantize_weight_fp8
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, default=32760)
+    args = p.parse_args(argv)
+    dev, rows = torch.device("cuda"), {}
+    for name, (k, n, kind) in SHAPES.items():
+        x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
+        scale, shift = torch.randn(1, k, device=dev) * 0.1, torch.randn(1, k, device=dev) * 0.1
+        w, bias = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5, torch.randn(n, device=dev, dtype=torch.bfloat16)
+        qw, sw = quantize_weight_fp8(w)
+        bf16 = torch.compile(lambda x: F.linear(producer(kind, x, scale, shift), w, bias))
+        fp8 = torch.compile(lambda x: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias))
+        ref = F.linear(producer(kind, x, scale, shift).double(), w.double(), bias.double())
+        row = {"tokens": args.tokens, "k": k, "n": n, "producer": kind,
+               "flops": 2 * args.tokens * k * n}
+        row["bf16_ms"] = time_ms(lambda: bf16(x), 5, 20)
+        row["fp8_ms"] = time_ms(lambda: fp8(x), 5, 20)
+        row["fp8_unfused_ms"] = time_ms(lambda: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias), 5, 20)
+        row["speedup"] = row["bf16_ms"] / row["fp8_ms"]
+        row["rel_err_bf16"] = float((bf16(x).double() - ref).norm() / ref.norm())
+        row["rel_err_fp8"] = float((fp8(x).double() - ref).norm() / ref.norm())
+        row["fp8_tflops"] = row["flops"] / row["fp8_ms"] / 1e9
+        rows[name] = row
+        print(f"{name:30s} bf16 {row['bf16_ms']:.3f} ms  fp8 {row['fp8_ms']:.3f} ms (unfused {row['fp8_unfused_ms']:.3f})"
+              f"  ×{row['speedup']:.2f}  err bf16 {row['rel_err_bf16']:.1e} fp8 {row['rel_err_fp8']:.1e}", flush=True)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+           "method": "median CUDA-event ms (bench_attention.time_ms); producer + linear compiled together by Inductor"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

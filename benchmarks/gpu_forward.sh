@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 15's GPU work in phases, each within one device call (10-minute limit); results → $OUT.
+#   kernels  — GPU tests of the 8-bit kernels, attention_8bit sweep, FP8 linear with fused quantization
+#   wan      — forward race, Wan2.1-1.3B at 32,760 tokens (eager + aoti rows)
+#   flux     — forward race, Flux at 2048² (eager rows)
+set -uo pipefail
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+case "${1:-}" in
+  kernels)
+    timeout 150 python3 -m pytest -q -ra -m gpu tests/plugins/test_attention_8bit.py tests/plugins/test_linear_fp8.py \
+      > "$OUT/test_gpu.log" 2>&1; tail -15 "$OUT/test_gpu.log"
+    timeout 240 python3 benchmarks/bench_attention_8bit.py --out "$OUT/attention_8bit_h100.json" > "$OUT/attn8.log" 2>&1
+    tail -30 "$OUT/attn8.log"
+    timeout 120 python3 benchmarks/bench_linear_fp8.py --out "$OUT/linear_fp8_h100.json" > "$OUT/linfp8.log" 2>&1
+    tail -8 "$OUT/linfp8.log" ;;
+  wan)
+    timeout 570 python3 benchmarks/forward_race.py --model wan --out "$OUT/forward_race_wan_h100.json" \
+      > "$OUT/race_wan.log" 2>&1; tail -16 "$OUT/race_wan.log" ;;
+  flux)
+    timeout 570 python3 benchmarks/forward_race.py --model flux --out "$OUT/forward_race_flux_h100.json" \
+      > "$OUT/race_flux.log" 2>&1; tail -14 "$OUT/race_flux.log" ;;
+  *) echo "usage: $0 kernels|wan|flux" >&2; exit 2 ;;
+esac
