@@ -39,6 +39,13 @@ class HeadsConfig:
     caching: offer "reuse the previous step's head output" (never at step 0).
     local3d_tile: (frames, height, width) tile for local3d candidates (video); None: no local3d.
     local3d_fractions: local3d band half-widths as fractions of the visual tokens.
+    attention_precisions: 8-bit attention formats offered beside bf16 (runtime/plan.py
+        ATTENTION_PRECISIONS, e.g. ("int8",)): every computed candidate gets an 8-bit twin, and the
+        search measures its error like any other candidate, so precision is planned per head,
+        layer, step and branch within the same δ budget.
+    eight_bit_speedup: how much faster the 8-bit kernel runs a head than bf16 on the target
+        (measured: benchmarks/results/attention_8bit_h100.json); the objective counts an 8-bit
+        candidate's time as its FLOPs over this factor.
     """
 
     delta: float = 0.05
@@ -47,8 +54,17 @@ class HeadsConfig:
     caching: bool = True
     local3d_tile: tuple[int, int, int] | None = None
     local3d_fractions: tuple[float, ...] = (0.0625, 0.125)
+    attention_precisions: tuple[str, ...] = ()
+    eight_bit_speedup: float = 1.5
 
     def __post_init__(self):
+        from ditbake.runtime.plan import ATTENTION_PRECISIONS  # noqa: PLC0415
+
+        bad = [p for p in self.attention_precisions if p not in ATTENTION_PRECISIONS or p == "bf16"]
+        if bad:
+            raise PlanError(f"heads attention precisions must be 8-bit formats of {ATTENTION_PRECISIONS[1:]}, got {bad}")
+        if not (math.isfinite(self.eight_bit_speedup) and self.eight_bit_speedup >= 1.0):
+            raise PlanError(f"eight_bit_speedup must be a number >= 1, got {self.eight_bit_speedup}")
         if not (math.isfinite(self.delta) and self.delta > 0):
             raise PlanError(f"heads delta must be a positive number, got {self.delta}")
         if not (math.isfinite(self.head_factor) and self.head_factor > 0):
@@ -69,7 +85,9 @@ class HeadsConfig:
         return HeadsConfig(delta=float(d["delta"]), head_factor=float(d["head_factor"]),
                            arrow_fractions=tuple(float(f) for f in d["arrow_fractions"]), caching=bool(d["caching"]),
                            local3d_tile=tuple(int(t) for t in d["local3d_tile"]) if d.get("local3d_tile") else None,
-                           local3d_fractions=tuple(float(f) for f in d.get("local3d_fractions", ())))
+                           local3d_fractions=tuple(float(f) for f in d.get("local3d_fractions", ())),
+                           attention_precisions=tuple(str(p) for p in d.get("attention_precisions", ())),
+                           eight_bit_speedup=float(d.get("eight_bit_speedup", 1.5)))
 
 
 # The configurations validated on the shipped test beds (benchmarks/heads.py, benchmarks/results/heads.json):
@@ -93,6 +111,8 @@ def candidates(config: HeadsConfig, visual_tokens: int) -> tuple[HeadScheme, ...
             w = max(1, round(f * visual_tokens))
             if w < visual_tokens - 1 and HeadScheme(kind, w, w) not in menu:
                 menu.append(HeadScheme(kind, w, w))
+    for precision in config.attention_precisions:  # 8-bit twins of every computed candidate
+        menu.extend(replace(s, precision=precision) for s in list(menu) if s.precision == "bf16")
     if config.caching:
         menu.append(HeadScheme("cached"))
     return tuple(menu)
@@ -107,10 +127,13 @@ def scheme_flops(scheme: HeadScheme, text_tokens: int, visual_tokens: int, head_
     return float(attention_flops(table, text_tokens, visual_tokens, head_dim))
 
 
-def savings(menu: tuple[HeadScheme, ...], text_tokens: int, visual_tokens: int, head_dim: int) -> np.ndarray:
-    """FLOPs each candidate saves on one head, as a fraction of that head's dense attention."""
+def savings(menu: tuple[HeadScheme, ...], text_tokens: int, visual_tokens: int, head_dim: int,
+            eight_bit_speedup: float = 1.5) -> np.ndarray:
+    """Time each candidate saves on one head, as a fraction of that head's dense bf16 attention:
+    its FLOPs fraction, divided by the measured 8-bit speedup for 8-bit candidates."""
     dense = scheme_flops(HeadScheme("full"), text_tokens, visual_tokens, head_dim)
-    return np.array([1.0 - scheme_flops(s, text_tokens, visual_tokens, head_dim) / dense for s in menu])
+    return np.array([1.0 - scheme_flops(s, text_tokens, visual_tokens, head_dim) / dense
+                     / (eight_bit_speedup if s.precision != "bf16" else 1.0) for s in menu])
 
 
 def _allowed(errors: np.ndarray, delta: float, head_factor: float) -> np.ndarray:
@@ -198,8 +221,9 @@ def heads_pass(tensors: dict[str, torch.Tensor], heads_meta: dict, config: Heads
         start = time.perf_counter()
         done = dense = 0.0
         kinds: dict[str, int] = {}
+        precisions: dict[str, int] = {}
         for site, info in heads_meta["sites"].items():
-            menu = tuple(HeadScheme(str(k), int(l), int(r)) for k, l, r in info["candidates"])
+            menu = tuple(HeadScheme.from_json(c) for c in info["candidates"])
             key = f"heads_choice.{site}"
             if key not in tensors:
                 raise PlanError(f"calibration lacks {key}; re-run `ditbake calibrate --heads-delta D`")
@@ -207,7 +231,8 @@ def heads_pass(tensors: dict[str, torch.Tensor], heads_meta: dict, config: Heads
             flops = np.array([scheme_flops(s, info["text_tokens"], info["visual_tokens"], info["head_dim"]) for s in menu])
             if resolve:
                 errors = tensors[f"heads_error.{site}"].double().numpy()
-                saving = 1.0 - flops / flops[0]
+                saving = savings(menu, info["text_tokens"], info["visual_tokens"], info["head_dim"],
+                                 calibrated.eight_bit_speedup)
                 choice = torch.from_numpy(np.stack([
                     np.stack([np.stack([solve_layer(errors[br, i, b], saving, config.delta, config.head_factor)
                                         for b in range(errors.shape[2])]) for i in range(errors.shape[1])])
@@ -232,6 +257,7 @@ def heads_pass(tensors: dict[str, torch.Tensor], heads_meta: dict, config: Heads
                         dense += float(flops[0]) * len(schemes)
                         for s in schemes:
                             kinds[s.kind] = kinds.get(s.kind, 0) + 1
+                            precisions[s.precision] = precisions.get(s.precision, 0) + 1
         total = max(sum(kinds.values()), 1)
         used = config or calibrated
         predicted["attention_flops_fraction"] = done / dense if dense else 1.0
@@ -240,6 +266,7 @@ def heads_pass(tensors: dict[str, torch.Tensor], heads_meta: dict, config: Heads
             "search_seconds": float(heads_meta.get("search_seconds", 0.0)) + (time.perf_counter() - start if resolve else 0.0),
             "calibration_seconds": float(heads_meta.get("calibration_seconds", 0.0)),
             "kind_fractions": {k: v / total for k, v in sorted(kinds.items())},
+            "precision_fractions": {k: v / total for k, v in sorted(precisions.items())},
             "tiles": {site: list(info["tile"]) for site, info in heads_meta["sites"].items() if info.get("tile")},
         }
     return apply

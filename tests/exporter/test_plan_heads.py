@@ -172,3 +172,18 @@ def test_wan_search_with_local3d_runs_in_runtime(tmp_path):
     session = load(_artifact(tmp_path, adapter, plan, (4, 4, 8, 8), 6))
     result = session.generate(torch.randn(1, 6, 32), seed=0, guidance_scale=4.0)
     assert result.report.attention_flops_fraction == pytest.approx(plan.predicted["attention_flops_fraction"])
+
+
+def test_eight_bit_twins_in_the_menu_and_their_saving_counts_the_speedup():
+    from ditbake.exporter.plan_heads import HeadsConfig, candidates, savings
+
+    config = HeadsConfig(arrow_fractions=(0.25,), attention_precisions=("int8",), eight_bit_speedup=2.0)
+    menu = candidates(config, 64)
+    assert menu == (HeadScheme("full"), HeadScheme("arrow", 16, 16), HeadScheme("full", precision="int8"),
+                    HeadScheme("arrow", 16, 16, "int8"), HeadScheme("cached"))
+    saving = savings(menu, 0, 64, 32, config.eight_bit_speedup)
+    band = 1.0 - saving[1]  # the band's share of dense FLOPs
+    assert saving[0] == 0.0 and saving[2] == 0.5 and abs(saving[3] - (1 - band / 2)) < 1e-12 and saving[4] == 1.0
+    assert HeadsConfig.from_json(config.to_json()) == config
+    with pytest.raises(PlanError, match="8-bit formats"):
+        HeadsConfig(attention_precisions=("bf16",))
