@@ -46,5 +46,9 @@ def test_gpu_matches_reference_and_compiles():
     ref = linear_fp8_ref(x.float().cpu(), qw.cpu(), sw.cpu(), bias.cpu())
     # fp32 accumulation vs exact, plus the bf16 output rounding (2^-9 relative)
     assert _rel(got.float().cpu(), ref) < 4e-3
+    # compiled, the quantization fuses into GELU and reads its fp32 result (eager rounds it to bf16
+    # first): different FP8 roundings, so both are held to the float result within the FP8 error
+    gelu = torch.nn.functional.gelu(x.double())
+    exact = gelu @ w.double().T + bias.double()
     compiled = torch.compile(lambda t: linear_fp8(torch.nn.functional.gelu(t), qw, sw, bias))
-    assert _rel(compiled(x).float(), linear_fp8(torch.nn.functional.gelu(x), qw, sw, bias).float()) < 1e-2
+    assert _rel(compiled(x), exact) < 4e-2 and _rel(linear_fp8(gelu.to(x.dtype), qw, sw, bias), exact) < 4e-2
