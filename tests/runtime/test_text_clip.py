@@ -83,3 +83,14 @@ def test_too_long_input_is_refused():
     model = _tiny(transformers.CLIPTextModel, 0)
     with pytest.raises(InputError, match="positions"):
         text_clip.encode(dict(model.state_dict()), model.config.to_dict(), torch.ones(1, 30, dtype=torch.int64))
+
+
+def test_fp16_follows_transformers_dtypes():
+    seed = fresh_seed()
+    model = _tiny(transformers.CLIPTextModelWithProjection, seed).to(torch.float16)
+    ids, mask = _inputs(seed, PAD)
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True)
+        ours = text_clip.encode(dict(model.state_dict()), model.config.to_dict(), ids, hidden_state_index=-2)
+    assert_close(ours["hidden_states"], ref.hidden_states[-2], "fp16 penultimate", seed, rel=1e-2)
+    assert_close(ours["text_embeds"], ref.text_embeds, "fp16 text_embeds", seed, rel=1e-2)
