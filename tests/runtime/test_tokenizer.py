@@ -86,6 +86,8 @@ def test_clip_g_style_pad_token(tmp_path):
     ours = Tokenizer.load(tmp_path)
     assert ours.settings["pad_token_id"] == hf.convert_tokens_to_ids("!") != hf.eos_token_id
     _compare(hf, ours, 10, "clip pad '!'")
+    with pytest.raises(InputError, match="too short"):  # one position cannot hold both BOS and EOS
+        ours(["a cat"], max_length=1)
 
 
 def test_max_length_override_and_hostile_inputs(tmp_path):
@@ -98,6 +100,8 @@ def test_max_length_override_and_hostile_inputs(tmp_path):
     for bad in ([], [None], 3):
         with pytest.raises(InputError):
             ours(bad)
+    one = hf(["a cat"], padding="max_length", max_length=1, truncation=True, return_tensors="pt")["input_ids"]
+    assert torch.equal(ours(["a cat"], max_length=1)["input_ids"], one) and one.tolist() == [[hf.eos_token_id]]
     (tmp_path / "tokenizer_settings.json").unlink()
     with pytest.raises(ArtifactError, match="tokenizer_settings.json"):
         Tokenizer.load(tmp_path)
