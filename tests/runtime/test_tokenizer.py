@@ -1,4 +1,5 @@
-"""runtime/tokenizer.py against transformers' CLIP and T5 tokenizers, trained offline with `tokenizers`."""
+"""runtime/tokenizer.py against transformers' CLIP and T5 fast tokenizers (trained offline with `tokenizers`; in
+transformers 5 CLIPTokenizerFast/T5TokenizerFast are the tokenizers-backed CLIPTokenizer/T5Tokenizer)."""
 import json
 
 import pytest
@@ -37,7 +38,7 @@ def _clip_like():
                                   end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     model = json.loads(tok.to_str())["model"]
-    return transformers.CLIPTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    return transformers.CLIPTokenizerFast(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
 
 
 def _t5_like():
@@ -50,7 +51,7 @@ def _t5_like():
     trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
     tok.train_from_iterator(CORPUS, trainer)
     vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
-    return transformers.T5Tokenizer(vocab=vocab, extra_ids=3)
+    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=3)
 
 
 def _compare(hf, ours: Tokenizer, length: int, what: str):
