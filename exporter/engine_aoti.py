@@ -36,16 +36,17 @@ class _Prologue(torch.nn.Module):
 class _Block(torch.nn.Module):
     """A block of one configuration; its weights arrive under block 0's names."""
 
-    def __init__(self, arch, config, names, variant, latent, text_len, n_ctx):
+    def __init__(self, arch, config, names, variant, latent, text_len, n_ctx, tiles=()):
         super().__init__()
-        self.arch, self.config, self.variant = arch, config, variant
+        self.arch, self.config, self.variant, self.tiles = arch, config, variant, dict(tiles)
         self.names = [f"{arch.BLOCK_PREFIX}0.{n}" for n in names]
         self.latent, self.text_len, self.n_ctx = latent, text_len, n_ctx
 
     def forward(self, h, *rest):
         ctx = self.arch.unpack_ctx(rest[: self.n_ctx], self.latent, self.text_len)
         w = dict(zip(self.names, rest[self.n_ctx:]))
-        return self.arch.block(w, self.config, 0, h, ctx, self.variant, AttentionRunner(), "cond")
+        # the plan's tiles: local3d heads compile their token permutation into the engine
+        return self.arch.block(w, self.config, 0, h, ctx, self.variant, AttentionRunner(self.tiles), "cond")
 
 
 class _Epilogue(torch.nn.Module):
@@ -128,7 +129,7 @@ def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], 
     n_ctx = len(ctx_tensors)
     jobs = [("prologue", None, _Prologue(arch, config, gnames, prof), (x, t, text, *gw))]
     for vid in used:
-        module = _Block(arch, config, bnames, plan.variants[vid], tuple(x.shape), prof.text_len, n_ctx)
+        module = _Block(arch, config, bnames, plan.variants[vid], tuple(x.shape), prof.text_len, n_ctx, plan.tiles)
         jobs.append(("block", vid, module, (h, *ctx_tensors, *bw)))
     jobs.append(("epilogue", None, _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, n_ctx),
                  (h, *ctx_tensors, *gw)))

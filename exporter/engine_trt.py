@@ -48,6 +48,10 @@ def _check_variants(plan: Plan, used: list[int]) -> None:
         if any(s.kind == "local3d" for _, schemes in plan.variants[vid].heads for s in schemes):
             raise BackendError(f"variant {vid} has local3d heads, which the tensorrt backend does not export yet; "
                                "build with --backend eager or plan arrow heads")
+        if any(s.precision != "bf16" for _, schemes in plan.variants[vid].heads for s in schemes):
+            raise BackendError(f"variant {vid} has 8-bit attention heads, which the tensorrt backend does not export "
+                               "yet (no plugin translation of ditbake::attention_8bit); build with --backend aoti")
+
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],

@@ -1,5 +1,7 @@
 """ONNX translations of ditbake's custom ops for the `tensorrt` backend (torch.onnx dynamo exporter).
 
+* ``ditbake::linear_w8a8`` (8-bit weights stored per output channel, W8A8): DequantizeLinear of the
+  weight (axis 0) and per-token QuantizeLinear/DequantizeLinear of the activations, then MatMul;
 * ``ditbake::mixed_linear`` (NVFP4 weights, activations nvfp4 / int8 / fp8 / bf16):
   - weights, every format: the TensorRT-native NVFP4 weight pattern, two DequantizeLinear: the E4M3
     block scales by the FP32 global scale, then the FLOAT4E2M1 weight [N, K] by those scales with
@@ -160,6 +162,23 @@ def mixed_linear(x, packed, block_scales, global_scale, bias=None, act_format: s
     return op.Cast(out, to=x_dtype.value) if x_dtype != ir.DataType.FLOAT else out
 
 
+def linear_w8a8(x, qw, w_scale, bias=None, fmt: str = "int8", hadamard: bool = False):
+    """ditbake::linear_w8a8 (8-bit weights per output channel, per-token activations; spec:
+    plugins.linear_8bit.linear_w8a8_ref): DequantizeLinear of the stored weight, per-token Q/DQ."""
+    if fmt not in _QTYPE:
+        raise BackendError(f"linear_w8a8 format {fmt!r} has no ONNX translation")
+    k = _static_dim(x, -1, "linear_w8a8")
+    x_dtype = x.dtype
+    xf = op.Cast(x, to=onnx.TensorProto.FLOAT) if x_dtype != ir.DataType.FLOAT else x
+    if hadamard:
+        xf = _hadamard(xf, k, len(x.shape))
+    w = op.DequantizeLinear(qw, w_scale, axis=0)
+    out = op.MatMul(_qdq_rows(xf, fmt, k), op.Transpose(w, perm=[1, 0]))
+    if bias is not None:
+        out = op.Add(out, op.Cast(bias, to=onnx.TensorProto.FLOAT) if bias.dtype != ir.DataType.FLOAT else bias)
+    return op.Cast(out, to=x_dtype.value) if x_dtype != ir.DataType.FLOAT else out
+
+
 def head_attention(q, k, v, schemes, text_start: int, text_end: int, cached=None, scale: float | None = None):
     """ditbake::head_attention → TensorRT plugin node (spec: plugins.head_attention.head_attention_ref)."""
     if cached is not None:
@@ -174,9 +193,11 @@ def head_attention(q, k, v, schemes, text_start: int, text_end: int, cached=None
 def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export (registers the ops first)."""
     import ditbake.plugins.head_attention  # noqa: F401, PLC0415 - registers ditbake::head_attention
+    import ditbake.plugins.linear_8bit  # noqa: F401, PLC0415 - registers ditbake::linear_w8a8
     import ditbake.plugins.mixed_linear  # noqa: F401, PLC0415 - registers ditbake::mixed_linear
 
     return {torch.ops.ditbake.mixed_linear.default: mixed_linear,
+            torch.ops.ditbake.linear_w8a8.default: linear_w8a8,
             torch.ops.ditbake.head_attention.default: head_attention}
 
 

@@ -52,8 +52,10 @@ def linear_fp8_ref(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bia
 
 def linear_fp8(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias=None) -> torch.Tensor:
     """FP8 W8A8 linear; traceable (torch.export / Inductor fuse the activation quantization)."""
-    if not x.is_cuda:
-        return linear_fp8_ref(x, qw, w_scale, bias)
+    if not x.is_cuda:  # the W8A8 op: same numerics on CPU, and one node the ONNX exporter translates
+        import ditbake.plugins.linear_8bit  # noqa: F401, PLC0415 - registers ditbake::linear_w8a8
+
+        return torch.ops.ditbake.linear_w8a8(x, qw, w_scale, bias, "fp8", False)
     lead, k, n = x.shape[:-1], x.shape[-1], qw.shape[0]
     qx, sx = quantize_rows(x.reshape(-1, k), "fp8")  # torch ops: fused into the producer by Inductor
     out = torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=w_scale.reshape(1, n),

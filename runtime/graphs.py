@@ -10,7 +10,7 @@ A step's ids are first run eagerly (kernel autotuning, Δ buffers allocated), ca
 second occurrence, replayed from then on. Bookkeeping the Python forward does (block and attention
 counts) is recorded at capture and re-applied on every replay. Eligible: CUDA, a baked plan, a
 compiled backend (aoti or tensorrt: the eager backend copies head tables from the host per call),
-no cached or local3d heads (their state lives in Python objects between steps).
+no cached heads (their state lives in Python objects between steps).
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def graph_blockers(device: torch.device, plan, backend: str) -> list[str]:
         reasons.append("the eager backend copies head tables from the host per call; build with --backend aoti")
     used = {v for step in plan.steps for ids in step.values() for v in ids}
     kinds = {s.kind for v in used for _, schemes in plan.variants[v].heads for s in schemes}
-    if kinds & {"cached", "local3d"}:
-        reasons.append(f"the plan uses {sorted(kinds & {'cached', 'local3d'})} heads, whose state is host-side")
+    if "cached" in kinds:  # local3d permutations are constants inside compiled engines
+        reasons.append("the plan uses cached heads, whose state is host-side")
     return reasons
 
 

@@ -205,3 +205,35 @@ def test_tensorrt_engines_match_eager(tmp_path):
     text = torch.randn(1, a.profile().text_len, 32)
     ra, re_ = a.generate(text, seed=1), e.generate(text, seed=1)
     torch.testing.assert_close(ra.latents, re_.latents, rtol=2e-2, atol=2e-2)  # bf16 engines vs bf16 eager
+
+
+def test_w8a8_layers_export_as_dequantized_8bit_weights(tmp_path):
+    """Layers stored with 8-bit weights (fp8 and int8, as the build stores W8A8 layers) export as
+    DequantizeLinear of the weight input plus per-token Q/DQ, and match eager (verify=True)."""
+    from ditbake.plugins.int8 import quantize_weight_per_channel
+
+    adapter = adapter_for(models.load("tiny-wan"))
+    arch = adapter.arch
+    weights = {k: v.contiguous() for k, v in adapter.weights().items()}
+    profile = Profile("p0", tuple(adapter.latent_shape(3, 8, 8)), 8)
+    weights.update(adapter.profile_tensors(profile.to_json()))
+    formats = {"attn1.to_q": "fp8", "ffn.net.0.proj": "fp8", "attn1.to_out.0": "int8"}
+    for b in range(adapter.num_blocks):
+        for name, fmt in formats.items():
+            q, s = quantize_weight_per_channel(weights[f"blocks.{b}.{name}.weight"], fmt)
+            weights[f"blocks.{b}.{name}.{fmt}_weight"], weights[f"blocks.{b}.{name}.{fmt}_scale"] = q, s
+    variant = BlockVariant(precisions=tuple(sorted(formats.items())))
+    n = adapter.num_blocks
+    plan = Plan(architecture=arch.NAME, num_blocks=n, linear_layers=tuple(adapter.linear_layers),
+                attention_sites=tuple(sorted(adapter.attention_sites.items())), variants=(variant,),
+                steps=({"cond": (0,) * n},))
+    entries = engine_trt.compile_engines(arch, adapter.config, weights, plan, [profile], tmp_path, progress=False,
+                                         onnx_only=True, verify=True, atol=ATOL)
+    model = _nodes(tmp_path, entries, 0)
+    kinds = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    assert kinds["block.attn1.to_q.fp8_weight"] == onnx.TensorProto.FLOAT8E4M3FN
+    assert kinds["block.attn1.to_out.0.int8_weight"] == onnx.TensorProto.INT8
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_weight")]
+    assert len(weight_dq) == 3
+    quantized = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantized) == 3  # one per-token activation quantizer per W8A8 layer, none for weights
