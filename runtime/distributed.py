@@ -319,3 +319,36 @@ def _check_ulysses(artifact, sp: int) -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cli_launch(gpus: int, mode: str | None, guidance_scale: float, device: str) -> tuple[str | None, bool]:
+    """For `ditbake run --gpus N [--parallel M]`: (this process's parallel mode or None, whether to
+    re-launch under torchrun first). Checks what can be checked before processes start, so that
+    such errors keep their exit code (torchrun reports any failed rank as 1)."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and int(world) > 1:  # already a rank of a torchrun job
+        if gpus not in (1, int(world)):
+            raise ParallelError(f"--gpus {gpus} but torchrun started {world} processes; pass one or the other")
+        return mode or default_mode(int(world), guidance_scale), False
+    if gpus < 1:
+        raise ParallelError(f"--gpus must be at least 1, got {gpus}")
+    if gpus == 1:
+        if mode:
+            raise ParallelError(f"--parallel {mode} needs --gpus N with N ≥ 2")
+        return None, False
+    Layout.resolve(mode or default_mode(gpus, guidance_scale), gpus, 0)
+    if torch.device(device).type == "cuda" and torch.cuda.device_count() < gpus:
+        raise ParallelError(f"--gpus {gpus} but {torch.cuda.device_count()} CUDA GPUs are visible")
+    return mode or default_mode(gpus, guidance_scale), True
+
+
+def relaunch(nproc: int, module_args: list[str]) -> int:
+    """Run `python -m <module_args>` on nproc ranks under torchrun; its exit status (1 when a rank failed)."""
+    import subprocess  # noqa: PLC0415
+
+    cmd, env = launch_command(nproc, module_args)
+    log.info("launching %d processes: %s", nproc, " ".join(cmd))
+    rc = subprocess.run(cmd, env=env, check=False).returncode
+    if rc:
+        log.error("a rank failed (torchrun exit status %d); its error is logged above", rc)
+    return ParallelError.exit_code if rc == 1 else rc

@@ -35,8 +35,9 @@ def mixed_plan(meta) -> Plan:
 
     plan = plan_from_calibration(meta).to_json()
     base = plan["variants"][0]
-    a = base | {"heads": {"attn1": [["arrow", 3, 3], ["full", 0, 0], ["local3d", 4, 4], ["full", 0, 0]]}}
-    c = base | {"heads": {"attn1": [["cached", 0, 0], ["arrow", 2, 5], ["local3d", 4, 4], ["full", 0, 0]]}}
+    # head orders by scheme history come out as (2, 0, 3, 1): a permutation that is not its own inverse
+    a = base | {"heads": {"attn1": [["cached", 0, 0], ["local3d", 4, 4], ["arrow", 3, 3], ["full", 0, 0]]}}
+    c = base | {"heads": {"attn1": [["arrow", 2, 5], ["local3d", 4, 4], ["arrow", 3, 3], ["cached", 0, 0]]}}
     plan["variants"] += [BlockVariant(compute=False).to_json(), a, c]  # ids 1 (skip), 2, 3
     plan["steps"] = [{"cond": [0, 0, 0], "uncond": [0, 0, 0]},
                      {"cond": [2, 2, 2], "uncond": [2, 0, 2]},
@@ -128,6 +129,7 @@ def test_two_ranks_cfg_and_ulysses(artifact, tmp_path, inputs):
     ref = _reference(artifact, inputs, 5.0, 1)
     # the plan is exercised: skips of both kinds and every head kind ran
     assert ref.report.block_skips == 9 and ref.report.attention_flops_fraction < 0.95
+    assert head_assignment(load(artifact).plan, 2)[0, "attn1"] == (2, 0, 3, 1)  # heads do move between ranks
     _check(tmp_path, "cfg", 2, ref, exact=True)
     _check(tmp_path, "ulysses", 2, _reference(artifact, inputs, 5.0, 2), exact=False)
     _check(tmp_path, "ulysses-nocfg", 2, _reference(artifact, inputs, 1.0, 1), exact=False)
