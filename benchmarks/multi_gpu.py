@@ -53,7 +53,8 @@ def wan_weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
               **lin("condition_embedder.time_proj", 6 * d, d),
               **lin("condition_embedder.text_embedder.linear_1", d, t),
               **lin("condition_embedder.text_embedder.linear_2", d, d),
-              "scale_shift_table": (1, 2, d), **lin("proj_out", cfg["out_channels"] * patch[0] * patch[1] * patch[2], d)}
+              "scale_shift_table": (1, 2, d),
+              **lin("proj_out", cfg["out_channels"] * patch[0] * patch[1] * patch[2], d)}
     for b in range(cfg["num_layers"]):
         p = f"blocks.{b}."
         shapes[p + "scale_shift_table"] = (1, 6, d)
