@@ -157,12 +157,9 @@ class UlyssesAttention:
     """The attention runner a sequence-parallel block sees: all-to-all heads ↔ sequence around the
     session's AttentionRunner, which runs this rank's heads on the full sequence."""
 
-    def __init__(self, inner, group, sp: int, rank: int, orders: dict, device):
+    def __init__(self, inner, group, sp: int, rank: int, orders: dict):
         self.inner, self.group, self.sp, self.rank = inner, group, sp, rank
-        self._orders = {}
-        for key, order in orders.items():
-            perm = torch.tensor(order, device=device)
-            self._orders[key] = (order, perm, torch.argsort(perm), list(order) == sorted(order))
+        self._orders = orders  # (block, site) → (order, perm, inverse, identity); see SequenceShardedEngines
 
     def account(self, *args, **kwargs):
         return self.inner.account(*args, **kwargs)
@@ -200,7 +197,10 @@ class SequenceShardedEngines:
     def __init__(self, inner, group, sp: int, rank: int, orders: dict, device):
         self.inner, self.group, self.sp, self.rank = inner, group, sp, rank
         self.name = inner.name
-        self._orders, self._device = orders, device
+        self._orders = {}
+        for key, order in orders.items():
+            perm = torch.tensor(order, device=device)
+            self._orders[key] = (order, perm, torch.argsort(perm), list(order) == sorted(order))
         self._wrapped: UlyssesAttention | None = None
 
     def _shard(self, t: torch.Tensor) -> torch.Tensor:
@@ -218,7 +218,7 @@ class SequenceShardedEngines:
 
     def block(self, vid, variant, index, h, ctx, attention, branch):
         if self._wrapped is None or self._wrapped.inner is not attention:  # one per generation's runner
-            self._wrapped = UlyssesAttention(attention, self.group, self.sp, self.rank, self._orders, self._device)
+            self._wrapped = UlyssesAttention(attention, self.group, self.sp, self.rank, self._orders)
         return self.inner.block(vid, variant, index, h, ctx, self._wrapped, branch)
 
     def epilogue(self, h, ctx):
@@ -228,20 +228,20 @@ class SequenceShardedEngines:
 
 
 def _groups(layout: Layout):
-    """Every rank creates every group in the same order (torch.distributed requires it)."""
+    """(CFG group, sequence group) of this rank; None where the group would be this rank alone.
+    Every rank creates every group in the same order (torch.distributed requires it)."""
     world = layout.cfg * layout.sp
-    sp_group = cfg_group = None
-    for c in range(layout.cfg):
-        ranks = [c * layout.sp + s for s in range(layout.sp)]
-        g = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
-        if layout.rank in ranks:
-            sp_group = g
-    for s in range(layout.sp):
-        ranks = [c * layout.sp + s for c in range(layout.cfg)]
-        g = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
-        if layout.rank in ranks:
-            cfg_group = g
-    return cfg_group, sp_group
+    mine = [None, None]
+    sp_groups = [[c * layout.sp + s for s in range(layout.sp)] for c in range(layout.cfg)]
+    cfg_groups = [[c * layout.sp + s for c in range(layout.cfg)] for s in range(layout.sp)]
+    for slot, groups in ((0, cfg_groups), (1, sp_groups)):
+        for ranks in groups:
+            if len(ranks) == 1:
+                continue
+            g = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
+            if layout.rank in ranks:
+                mine[slot] = g
+    return tuple(mine)
 
 
 class ParallelSession(Session):
