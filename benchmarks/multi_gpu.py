@@ -15,6 +15,7 @@ diffusers needed on the GPU image, and each process starts in seconds. NVLink mu
 off (NCCL_NVLS_ENABLE=0 etc. set for every process started here).
 
     python3 benchmarks/multi_gpu.py --out "$OUT/multi_gpu_h100.json"         # 2 GPUs, ~4 min
+    python3 benchmarks/multi_gpu.py --gpus 4 --modes single,cfg+ulysses,ulysses --out ...   # 4 GPUs
     python3 benchmarks/multi_gpu.py --tiny --out /tmp/multi_gpu_tiny.json    # CPU, gloo: checks the script
 """
 from __future__ import annotations

@@ -195,6 +195,12 @@ def test_refusals(artifact, monkeypatch):
     _check_ulysses(art, 2)
     with pytest.raises(ParallelError, match="4 attention heads do not split over 3"):
         _check_ulysses(art, 3)
+    from ditbake.runtime.distributed import SequenceShardedEngines
+    from ditbake.runtime.engines import EagerEngines
+
+    engines = SequenceShardedEngines(EagerEngines(None, art.config, art.weights), None, 5, 0, {}, "cpu")
+    with pytest.raises(ParallelError, match="48 visual tokens do not split over 5 sequence ranks"):
+        engines._shard(torch.zeros(1, 48, 8))
     art.manifest["backend"] = "aoti"
     with pytest.raises(ParallelError, match="needs the eager backend"):
         _check_ulysses(art, 2)
