@@ -171,11 +171,12 @@ class UlyssesAttention:
         order, perm, inverse, identity = self._orders[key[1], key[2]]
         b, n, s_local, d = q.shape
         h = n // self.sp
-        qkv = torch.stack((q, k, v))  # one all-to-all for the three
-        if not identity:
-            qkv = qkv.index_select(2, perm)
-        # [3, B, sp·h, S/sp, D] → chunk j of the heads goes to rank j; rank j's sequence chunk comes back
-        send = qkv.unflatten(2, (self.sp, h)).permute(2, 0, 1, 3, 4, 5).contiguous()
+        # one all-to-all for the three: send[j] holds q, k, v of the heads rank j runs, so each
+        # tensor is copied once; rank j's sequence chunk of this rank's heads comes back in recv[j]
+        send = q.new_empty(self.sp, 3, b, h, s_local, d)
+        for i, t in enumerate((q, k, v)):
+            t = t if identity else t.index_select(1, perm)
+            send[:, i].copy_(t.unflatten(1, (self.sp, h)).transpose(0, 1))
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         q, k, v = recv.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h, self.sp * s_local, d).unbind(0)
