@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     cuda = not args.tiny
     result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (tiny, gloo)",
               "gpus_visible": torch.cuda.device_count() if cuda else 0, "gpus_used": args.gpus,
-              "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+              "torch": torch.__version__, "nccl": str(torch.cuda.nccl.version()) if cuda else None,
               "model": "Wan2.1-1.3B architecture, random weights" if cuda else "tiny Wan, random weights",
               "latent": list(TINY_LATENT if args.tiny else LATENT), "steps": args.steps, "warmup_steps": args.warmup,
               "guidance": args.guidance, "plan": "uncompressed (every block computed, full attention, bf16 linears)",
