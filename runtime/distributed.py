@@ -108,20 +108,22 @@ def init_process_group(device: torch.device) -> torch.device:
     """Join the torchrun job (NCCL on CUDA, gloo on CPU); return this rank's device."""
     if not dist.is_available():
         raise ParallelError("this torch build has no torch.distributed; install a build with it")
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-            raise ParallelError("a parallel session runs one process per GPU under torchrun; launch with "
-                                "`torchrun --standalone --nproc-per-node N ...` or `ditbake run --gpus N`")
-        for k, v in NCCL_ENV.items():
-            os.environ[k] = v
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    if not dist.is_initialized() and ("WORLD_SIZE" not in os.environ or "RANK" not in os.environ):
+        raise ParallelError("a parallel session runs one process per GPU under torchrun; launch with "
+                            "`torchrun --standalone --nproc-per-node N ...` or `ditbake run --gpus N`")
+    if device.type == "cuda":  # this rank's GPU first, so NCCL binds its communicators to it
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
         if local >= torch.cuda.device_count():
             raise ParallelError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); "
                                 "launch at most one process per GPU")
         torch.cuda.set_device(local)
-        return torch.device("cuda", local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        os.environ.update(NCCL_ENV)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return device
 
 
