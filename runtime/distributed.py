@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ditbake.runtime.errors import DitbakeError
+from ditbake.runtime.errors import ParallelError
 from ditbake.runtime.plan import BRANCHES, Plan
 from ditbake.runtime.session import Session
 
@@ -54,12 +54,6 @@ ULYSSES_ARCHITECTURES = ("wan",)
 # NVLink multicast (NVLS) is kept off: these collectives do not need it, and on shared hosts a
 # program using it can take the host's GPUs out of service (device README)
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-class ParallelError(DitbakeError):
-    """A multi-GPU request that cannot run as asked (launch, layout, backend, model)."""
-
-    exit_code = 9
 
 
 @dataclass(frozen=True)
