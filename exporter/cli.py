@@ -202,10 +202,13 @@ def cmd_run(args) -> int:
 
     from ditbake.exporter.calibrate import load_prompt_embeds, random_prompt_embeds  # noqa: PLC0415
     from ditbake.exporter.media import latents_to_frames, write_gif, write_strip  # noqa: PLC0415
-    from ditbake.runtime import load  # noqa: PLC0415
+    from ditbake.runtime import distributed, load  # noqa: PLC0415
 
+    parallel, relaunch = distributed.cli_launch(args.gpus, args.parallel, args.guidance, args.device)
+    if relaunch:  # one process per GPU under torchrun, each running this same command
+        return distributed.relaunch(args.gpus, ["ditbake.exporter.cli", *args.argv])
     session = load(args.artifact, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                   cuda_graphs=args.cuda_graphs)
+                   cuda_graphs=args.cuda_graphs, parallel=parallel)
     prof = session.profile(args.profile)
     embeds = negative = None
     if args.prompts:
@@ -214,9 +217,14 @@ def cmd_run(args) -> int:
         text_dim = int(session.config.get("text_dim", session.config.get("text_embed_dim")))
         embeds = random_prompt_embeds(1, prof.text_len, text_dim, args.seed)
         log.warning("no --prompt or --prompts: using random prompt embeddings")
+    writer = getattr(session, "is_writer", True)
     result = session.generate(embeds, negative, prompt=args.prompt, seed=args.seed, guidance_scale=args.guidance,
                               profile=prof.name, sampler=args.sampler,
-                              progress=lambda it: tqdm(it, desc="denoise", unit="step"))
+                              progress=lambda it: tqdm(it, desc="denoise", unit="step", disable=not writer))
+    if parallel:
+        distributed.shutdown()
+    if not writer:  # every rank holds the same latents; rank 0 writes them
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     label = session.artifact.manifest["model"].get("label", "")
@@ -362,6 +370,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each step's forward from a CUDA graph (default: where the artifact allows)")
+    p.add_argument("--gpus", type=int, default=1, help="processes (one per GPU, or gloo ranks on --device cpu); "
+                   "N > 1 re-launches this command under torchrun")
+    p.add_argument("--parallel", choices=("cfg", "ulysses", "cfg+ulysses"),
+                   help="cfg: CFG branches on different GPUs; ulysses: visual tokens split across GPUs; "
+                        "default: cfg (2 GPUs) or cfg+ulysses (4, 6, ...) with guidance, ulysses without")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("package", help="write the artifact as one tar (manifest + indexed files, hashes checked)")
@@ -386,6 +399,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `run --gpus N` re-launches itself with them
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

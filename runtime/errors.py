@@ -38,3 +38,9 @@ class UnsupportedModelError(DitbakeError):
     """The model class has no adapter."""
 
     exit_code = 7
+
+
+class ParallelError(DitbakeError):
+    """A multi-GPU request that cannot run as asked (launch, layout, backend, model)."""
+
+    exit_code = 11

@@ -213,6 +213,7 @@ class Session:
         baked = BakedSampler(table)
         trajectory = [x.clone()] if keep_trajectory else None
         branches = [("cond", cond)] + ([("uncond", uncond)] if use_cfg else [])
+        branches = self._local_branches(branches)  # CFG-parallel: this rank's branch (runtime/distributed.py)
         start = time.perf_counter()
         steps = range(table.num_steps)
         adaptive = None
@@ -248,6 +249,7 @@ class Session:
                     log.warning("CUDA graph capture failed (%s); continuing without graphs", exc)
                     self._graphs = graphs = None
                     outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report)
+            outputs = self._share_outputs(outputs)
             out = outputs["cond"]
             if use_cfg:
                 out = outputs["uncond"] + guidance_scale * (outputs["cond"] - outputs["uncond"])
@@ -263,6 +265,12 @@ class Session:
         if adaptive is not None:
             report.host_syncs, report.adaptive_fallbacks = adaptive.host_syncs, adaptive.fallbacks
         return GenerationResult(latents=x, report=report, trajectory=trajectory)
+
+    def _local_branches(self, branches: list) -> list:
+        return branches  # one process runs every CFG branch
+
+    def _share_outputs(self, outputs: dict) -> dict:
+        return outputs
 
     def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report,
                  adaptive=None) -> torch.Tensor:
@@ -356,17 +364,22 @@ def _delta_needs(plan) -> tuple[set[tuple[int, str]], set[tuple[str, int]]]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         backend: str | None = None, cuda_graphs: bool | None = None) -> Session:
+         backend: str | None = None, cuda_graphs: bool | None = None, parallel: str | None = None) -> Session:
     """Load and validate an artifact (hashes, format version, plan) and return a Session.
 
     `backend` defaults to the one the artifact was built for; naming another is an error.
     `cuda_graphs`: None uses them where possible (runtime/graphs.py says where), True requires
-    them (an error says why not), False never."""
+    them (an error says why not), False never. `parallel` ("cfg", "ulysses", "cfg+ulysses"):
+    this process is one rank of a torchrun job (runtime/distributed.py)."""
     if backend is not None and backend not in BACKENDS:
         raise BackendError(f"backend {backend!r} is not available in this runtime; choose one of {BACKENDS}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device 'cuda' requested but no CUDA GPU is visible; use device='cpu'")
+    if parallel is not None:
+        from ditbake.runtime import distributed  # noqa: PLC0415 - imports this module
+
+        device = distributed.init_process_group(device)
     artifact = load_artifact(path, device=device)
     built_for = artifact.manifest.get("backend", "eager")
     if built_for not in BACKENDS:
@@ -375,4 +388,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if backend is not None and built_for != backend:
         raise BackendError(f"artifact {path} was built for backend {built_for!r}, not {backend!r}; load it with "
                            f"backend={built_for!r} or rebuild it with `ditbake build --backend {backend}`")
+    if parallel is not None:
+        return distributed.ParallelSession(artifact, device, dtype, cuda_graphs=cuda_graphs, parallel=parallel)
     return Session(artifact, device, dtype, cuda_graphs=cuda_graphs)
