@@ -168,6 +168,19 @@ def cfg_inputs(embeds: torch.Tensor, negative: torch.Tensor | None,
     return negative, BRANCHES if guidance_scale > 1.0 else BRANCHES[:1]
 
 
+def calibration_device(name: str) -> torch.device:
+    """The device a calibration runs on, checked before any model is moved there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"unknown device {name!r}; use cpu or cuda (cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"calibration runs on cpu or cuda, got {name!r}")
+    return device
+
+
 def prompt_batches(n: int, batch_size: int) -> list[slice]:
     return [slice(p0, min(p0 + batch_size, n)) for p0 in range(0, n, batch_size)]
 

@@ -2,7 +2,7 @@
 
 The pass writes into OUT/partial/ (OUT: the calibration's output directory) after each completed
 piece of work: one safetensors file per prompt batch of the base pass (every observer's results
-sliced to the batch's prompts) and one for the whole head search. Each file is written to a
+sliced to the batch's prompts), and OUT/partial/heads/ one for the whole head search. Each file is written to a
 temporary name and renamed, so a crash leaves a piece whole or absent. `run.json` holds the
 settings the pieces were computed with (the signature); resuming with other settings is refused,
 since the merged statistics would then mix two calibrations. The final `CalibrationStats.save`
@@ -29,6 +29,11 @@ PARTIAL_DIR = "partial"
 RUN_FILE = "run.json"
 
 
+def partial_dir(out: str | Path, phase: str = "") -> Path:
+    """OUT/partial (the base pass) or OUT/partial/PHASE (e.g. the head search)."""
+    return Path(out) / PARTIAL_DIR / phase if phase else Path(out) / PARTIAL_DIR
+
+
 class ResumeError(DitbakeError):
     """The partial results cannot be resumed with these settings."""
 
@@ -49,10 +54,10 @@ def tensor_digest(*tensors: torch.Tensor | None) -> str:
 
 
 class Checkpoint:
-    """OUT/partial/: named pieces of tensors (+ optional JSON meta), valid for one signature."""
+    """A directory of named pieces of tensors (+ optional JSON meta), valid for one signature."""
 
-    def __init__(self, out: str | Path, signature: dict, resume: bool):
-        self.dir = Path(out) / PARTIAL_DIR
+    def __init__(self, directory: str | Path, signature: dict, resume: bool):
+        self.dir = Path(directory)
         self.signature = json.loads(json.dumps(signature))  # as it will read back
         run = self.dir / RUN_FILE
         if resume and run.exists():
@@ -70,7 +75,7 @@ class Checkpoint:
             log.info("starting over: removing earlier partial results in %s (pass --resume to continue them)",
                      self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
         atomic.write_text(run, json.dumps(self.signature, indent=1))
 
     def pieces(self) -> list[str]:
