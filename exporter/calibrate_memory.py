@@ -60,7 +60,8 @@ def free_bytes(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return int(free)
+    # blocks torch's caching allocator holds but no tensor uses are free to this process too
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def base_batch_size(adapter, latent, text_len, prompts: int, branches: int, extra_observers: int) -> int:
