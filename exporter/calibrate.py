@@ -220,30 +220,31 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
     use_cfg = guidance_scale > 1.0
     negative, branches = cfg_inputs(embeds, negative, guidance_scale)
     shape = (n, len(branches), num_steps, adapter.num_blocks)
-    active = [BlockResidualObserver(adapter, shape)] + [make(adapter, shape) for make in (observers or [])]
-    if batch_size is None:
-        from ditbake.exporter.calibrate_memory import base_batch_size  # noqa: PLC0415
-
-        batch_size = base_batch_size(adapter, latent, text_len, n, len(branches), len(active) - 1)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    if not all(obs.batched for obs in active) and batch_size > 1:
-        log.info("an observer handles one prompt per forward (%s): batch size 1",
-                 ", ".join(type(o).__name__ for o in active if not o.batched))
-        batch_size = 1
-    batches = prompt_batches(n, min(batch_size, n))
-    checkpoint = None
-    if checkpoint_dir is not None:
-        from ditbake.exporter.calibrate_checkpoint import Checkpoint  # noqa: PLC0415
-
-        checkpoint = Checkpoint(checkpoint_dir, run_signature(
-            adapter, embeds, negative, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
-            latent=list(latent), scheduler_config=scheduler_config, batch_size=len(range(*batches[0].indices(n))),
-            observers=[type(o).__name__ for o in active]), resume)
+    active = [BlockResidualObserver(adapter, shape)] + [make(adapter, shape) for make in (observers or [])]
     restored: dict[str, tuple[slice, dict[str, torch.Tensor]]] = {}
-    bar = tqdm(total=len(batches) * num_steps, desc=f"calibrate ({len(batches)} prompt batches)", unit="step",
-               disable=not progress)
-    try:
+    bar = None
+    try:  # from here on the observers' hooks are removed whatever happens
+        if batch_size is None:
+            from ditbake.exporter.calibrate_memory import base_batch_size  # noqa: PLC0415
+
+            batch_size = base_batch_size(adapter, latent, text_len, n, len(branches), len(active) - 1)
+        if not all(obs.batched for obs in active) and batch_size > 1:
+            log.info("an observer handles one prompt per forward (%s): batch size 1",
+                     ", ".join(type(o).__name__ for o in active if not o.batched))
+            batch_size = 1
+        batches = prompt_batches(n, min(batch_size, n))
+        checkpoint = None
+        if checkpoint_dir is not None:
+            from ditbake.exporter.calibrate_checkpoint import Checkpoint  # noqa: PLC0415
+
+            checkpoint = Checkpoint(checkpoint_dir, run_signature(
+                adapter, embeds, negative, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+                seed=seed, latent=list(latent), scheduler_config=scheduler_config,
+                batch_size=len(range(*batches[0].indices(n))), observers=[type(o).__name__ for o in active]), resume)
+        bar = tqdm(total=len(batches) * num_steps, desc=f"calibrate ({len(batches)} prompt batches)", unit="step",
+                   disable=not progress)
         for rows in batches:
             piece = f"base-{rows.start:05d}-{rows.stop:05d}"
             done = checkpoint.load(piece) if checkpoint is not None and resume else None
@@ -274,7 +275,8 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
     finally:
         for obs in active:
             obs.remove()
-        bar.close()
+        if bar is not None:
+            bar.close()
     meta = {"source": source, "architecture": adapter.architecture, "diffusers_class": adapter.diffusers_class,
             "num_blocks": adapter.num_blocks, "linear_layers": list(adapter.linear_layers),
             "attention_sites": adapter.attention_sites, "sampler": sampler, "num_steps": num_steps,

@@ -70,8 +70,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(setup, tmp_path, mo
     with pytest.raises(ResumeError, match="other settings .*batch_size") as info:
         _run(adapter, embeds, batch_size=1, checkpoint_dir=partial_dir(tmp_path), resume=True)
     assert "\n" not in str(info.value)
+    assert not adapter.block_modules()[0]._forward_hooks  # a refused resume leaves no hooks behind
     # without --resume the old pieces are discarded and the run starts over
-    _run(adapter, embeds[:1], batch_size=1, checkpoint_dir=partial_dir(tmp_path))
+    cal.calibrate(adapter, embeds[:1], None, latent=LATENT, sampler="unipc", num_steps=STEPS, guidance_scale=4.0,
+                  seed=1, source="tiny-wan", progress=False, checkpoint_dir=partial_dir(tmp_path))
     assert sorted(p.name for p in partial_dir(tmp_path).glob("*.safetensors")) == ["base-00000-00001.safetensors"]
 
 
