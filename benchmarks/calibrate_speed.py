@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="default: cuda, cpu with --tiny")
     p.add_argument("--out", help="JSON path (default $OUT/calibrate_speed.json, else out/calibrate_speed.json)")
     args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be >= 2: the precision report fits E_rel against the previous step's Γ")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = cal.calibration_device(args.device or ("cpu" if args.tiny else "cuda"))
     out = Path(args.out or Path(os.environ.get("OUT", "out")) / "calibrate_speed.json")
@@ -170,7 +172,10 @@ def main(argv=None) -> int:
             path = stats.save(Path(tmp) / "calibration")
             layers = tuple(stats.meta["linear_layers"])
             (path / "precision.json").write_text(json.dumps(precision_report(stats.tensors, layers), indent=1))
-            scatter_plot(stats.tensors, layers, path / "precision_scatter.png", title=label)
+            try:
+                scatter_plot(stats.tensors, layers, path / "precision_scatter.png", title=label)
+            except ImportError:  # a GPU image without matplotlib: the timings matter more than the plot
+                log.warning("no matplotlib: precision_scatter.png not drawn (save time without it)")
 
     timed("save", save)
 
