@@ -17,7 +17,7 @@ DEMO_SHAPE ?= --frames 8 --height 32 --width 32 --text-len 16
 # engines / package / run knobs
 MODEL ?= $(DEMO_MODEL)
 BACKEND ?= eager
-# device the aoti engines are compiled for (arrow heads compile for cuda only)
+# device the calibration runs on and the aoti engines are compiled for (arrow heads compile for cuda only)
 DEVICE ?= cpu
 # record the shipped text encoder so that `make run PROMPT=...` works (on by default for the test beds)
 TEXT_ENCODER ?= $(if $(findstring testbed,$(MODEL)),1,)
@@ -79,7 +79,7 @@ demo: setup
 # calibrate → plan → build for MODEL (local diffusers dir, config .json, tiny-wan, tiny-cogvideox)
 engines: setup
 	$(BIN)/ditbake calibrate --model $(MODEL) --out $(BUILD_DIR)/$(NAME).calibration --steps $(STEPS) $(SHAPE) \
-		$(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(AVG_BITS),--precision-stats) \
+		--device $(DEVICE) $(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(AVG_BITS),--precision-stats) \
 		$(if $(HEADS_DELTA),--heads-delta $(HEADS_DELTA))
 	$(BIN)/ditbake plan --calibration $(BUILD_DIR)/$(NAME).calibration --out $(BUILD_DIR)/$(NAME).plan.json \
 		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET) --tdc-granularity $(TDC_GRANULARITY) \

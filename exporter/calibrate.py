@@ -87,50 +87,67 @@ def random_prompt_embeds(n: int, text_len: int, text_dim: int, seed: int) -> tor
 
 
 class Observer:
-    """A statistic gathered during the calibration pass. The pass sets `where` = (prompt, branch
-    index, step) before every model forward; `results()` returns named tensors to store."""
+    """A statistic gathered during the calibration pass. The pass sets `where` = (prompts, branch
+    index, step) before every model forward; `results()` returns named tensors to store, each
+    with the prompt axis first (the pass saves and resumes them per prompt batch by slicing it).
 
-    where: tuple[int, int, int] = (0, 0, 0)
+    `batched = False` (the default): one prompt per forward and `where[0]` is that prompt's index.
+    `batched = True`: the observer handles a batch of prompts per forward; `where[0]` is then the
+    `slice` of prompt indices in the batch's rows (batch axis 0 of every hooked tensor) and it
+    must record one value per sample. The pass batches prompts only when every observer does."""
+
+    where: tuple = (0, 0, 0)
+    batched: bool = False
 
     def results(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def end_prompt(self) -> None:
-        """Called after each prompt's trajectory (drop per-trajectory state)."""
+        """Called after each prompt batch's trajectory (drop per-trajectory state)."""
 
     def remove(self) -> None:
         """Detach hooks."""
 
 
+def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
 class BlockResidualObserver(Observer):
-    """Forward hooks on every block, writing into [prompt, branch, step, block] tensors at `where`."""
+    """Forward hooks on every block, writing into [prompt, branch, step, block] tensors at `where`.
+    The tensors live on the model's device (no host sync per block); `results()` copies them back."""
+
+    batched = True
 
     def __init__(self, adapter: Adapter, shape: tuple[int, int, int, int]):
         self.adapter = adapter
-        self.gamma = torch.zeros(shape)
-        self.delta_l1 = torch.zeros(shape)
-        self.delta_change = torch.full(shape, float("nan"))
-        self.where = (0, 0, 0)  # prompt, branch, step
-        self.prev_delta: dict[tuple[int, int, int], torch.Tensor] = {}  # (prompt, branch, block) → Δ
+        device = next(adapter.model.parameters()).device
+        self.gamma = torch.zeros(shape, device=device)
+        self.delta_l1 = torch.zeros(shape, device=device)
+        self.delta_change = torch.full(shape, float("nan"), device=device)
+        self.where = (slice(0, 1), 0, 0)  # prompts, branch, step
+        self.prev_delta: dict[tuple[int, int], torch.Tensor] = {}  # (branch, block) → Δ of this prompt batch
         self.handles = [m.register_forward_hook(self._hook(i), with_kwargs=True)
                         for i, m in enumerate(adapter.block_modules())]
 
     def _hook(self, index: int):
         def hook(module, args, kwargs, output):
-            p, b, step = self.where
+            rows, b, step = self.where
             inp, out = self.adapter.block_io(args, kwargs, output)
             inp, out = inp.float(), out.float()
             delta = out - inp
-            self.gamma[p, b, step, index] = delta.abs().mean() / inp.abs().mean().clamp_min(1e-12)
-            self.delta_l1[p, b, step, index] = delta.abs().mean()
-            prev = self.prev_delta.pop((p, b, index), None)
+            size = _per_sample_mean(delta.abs())
+            self.gamma[rows, b, step, index] = size / _per_sample_mean(inp.abs()).clamp_min(1e-12)
+            self.delta_l1[rows, b, step, index] = size
+            prev = self.prev_delta.pop((b, index), None)
             if prev is not None:
-                self.delta_change[p, b, step, index] = (delta - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)
-            self.prev_delta[(p, b, index)] = delta
+                self.delta_change[rows, b, step, index] = (_per_sample_mean((delta - prev).abs())
+                                                           / _per_sample_mean(prev.abs()).clamp_min(1e-12))
+            self.prev_delta[(b, index)] = delta
         return hook
 
     def results(self) -> dict[str, torch.Tensor]:
-        return {"gamma": self.gamma, "delta_l1": self.delta_l1, "delta_change": self.delta_change}
+        return {"gamma": self.gamma.cpu(), "delta_l1": self.delta_l1.cpu(), "delta_change": self.delta_change.cpu()}
 
     def end_prompt(self) -> None:
         self.prev_delta.clear()
@@ -151,13 +168,51 @@ def cfg_inputs(embeds: torch.Tensor, negative: torch.Tensor | None,
     return negative, BRANCHES if guidance_scale > 1.0 else BRANCHES[:1]
 
 
+def calibration_device(name: str) -> torch.device:
+    """The device a calibration runs on, checked before any model is moved there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"unknown device {name!r}; use cpu or cuda (cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"calibration runs on cpu or cuda, got {name!r}")
+    return device
+
+
+def prompt_batches(n: int, batch_size: int) -> list[slice]:
+    return [slice(p0, min(p0 + batch_size, n)) for p0 in range(0, n, batch_size)]
+
+
+def initial_noise(latent: tuple[int, ...], prompts: slice, seed: int, sigma: float, device) -> torch.Tensor:
+    """Each prompt's initial latents from its own generator (seed + prompt index), drawn on the CPU:
+    the same noise on every device and in every batching."""
+    return torch.cat([torch.randn((1, *latent), generator=torch.Generator().manual_seed(seed + p))
+                      for p in range(prompts.start, prompts.stop)]).to(device) * sigma
+
+
+def run_signature(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | None, **settings) -> dict:
+    """What a resumed calibration must share with the interrupted one (see calibrate_checkpoint)."""
+    from ditbake.exporter.calibrate_checkpoint import tensor_digest  # noqa: PLC0415
+
+    param = next(adapter.model.parameters())
+    return {"architecture": adapter.architecture, "config": adapter.config, "dtype": str(param.dtype),
+            "device": param.device.type, "weights": tensor_digest(param), "prompts": tensor_digest(embeds, negative),
+            **settings}
+
+
 @torch.no_grad()
 def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | None, *, latent: tuple[int, ...],
               sampler: str, num_steps: int, guidance_scale: float, seed: int, source: str,
               scheduler_config: dict | None = None, progress: bool = True,
-              observers: list | None = None) -> CalibrationStats:
-    """One pass over prompts × steps × CFG branches. `observers` are factories
-    `(adapter, (prompts, branches, steps, blocks)) -> Observer` for statistics beyond Γ and Δ."""
+              observers: list | None = None, batch_size: int | None = None,
+              checkpoint_dir: str | Path | None = None, resume: bool = False) -> CalibrationStats:
+    """One pass over prompt batches × steps × CFG branches, on the model's device. `observers` are
+    factories `(adapter, (prompts, branches, steps, blocks)) -> Observer` for statistics beyond Γ
+    and Δ. `batch_size`: prompts per forward (None: all on the CPU, from free memory on CUDA; 1 when
+    an observer is not `batched`). `checkpoint_dir`: save each completed prompt batch there
+    (calibrate_checkpoint); with `resume`, completed batches found there are not run again."""
     model = adapter.model
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
@@ -165,39 +220,78 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
     use_cfg = guidance_scale > 1.0
     negative, branches = cfg_inputs(embeds, negative, guidance_scale)
     shape = (n, len(branches), num_steps, adapter.num_blocks)
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     active = [BlockResidualObserver(adapter, shape)] + [make(adapter, shape) for make in (observers or [])]
-    bar = tqdm(total=n * num_steps, desc="calibrate", unit="step", disable=not progress)
-    try:
-        for p in range(n):
+    restored: dict[str, tuple[slice, dict[str, torch.Tensor]]] = {}
+    bar = None
+    try:  # from here on the observers' hooks are removed whatever happens
+        if batch_size is None:
+            from ditbake.exporter.calibrate_memory import base_batch_size  # noqa: PLC0415
+
+            batch_size = base_batch_size(adapter, latent, text_len, n, len(branches), len(active) - 1)
+        if not all(obs.batched for obs in active) and batch_size > 1:
+            log.info("an observer handles one prompt per forward (%s): batch size 1",
+                     ", ".join(type(o).__name__ for o in active if not o.batched))
+            batch_size = 1
+        batches = prompt_batches(n, min(batch_size, n))
+        checkpoint = None
+        if checkpoint_dir is not None:
+            from ditbake.exporter.calibrate_checkpoint import Checkpoint  # noqa: PLC0415
+
+            checkpoint = Checkpoint(checkpoint_dir, run_signature(
+                adapter, embeds, negative, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+                seed=seed, latent=list(latent), scheduler_config=scheduler_config,
+                batch_size=len(range(*batches[0].indices(n))), observers=[type(o).__name__ for o in active]), resume)
+        bar = tqdm(total=len(batches) * num_steps, desc=f"calibrate ({len(batches)} prompt batches)", unit="step",
+                   disable=not progress)
+        for rows in batches:
+            piece = f"base-{rows.start:05d}-{rows.stop:05d}"
+            done = checkpoint.load(piece) if checkpoint is not None and resume else None
+            if done is not None:
+                restored[piece] = (rows, done[0])
+                bar.update(num_steps)
+                continue
             scheduler = make_scheduler(sampler, adapter.architecture, scheduler_config)
             scheduler.set_timesteps(num_steps)
-            gen = torch.Generator().manual_seed(seed + p)
-            x = torch.randn((1, *latent), generator=gen).to(device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
-            texts = {"cond": embeds[p:p + 1].to(device, dtype),
-                     "uncond": negative[p % negative.shape[0]][None].to(device, dtype)}
+            x = initial_noise(latent, rows, seed, float(getattr(scheduler, "init_noise_sigma", 1.0)), device)
+            b = x.shape[0]
+            index = torch.arange(rows.start, rows.stop)
+            texts = {"cond": embeds[rows].to(device, dtype),
+                     "uncond": negative[index % negative.shape[0]].to(device, dtype)}
             for i, t in enumerate(scheduler.timesteps):
                 outs = {}
-                for bi, b in enumerate(branches):
+                for bi, br in enumerate(branches):
                     for obs in active:
-                        obs.where = (p, bi, i)
-                    outs[b] = adapter.diffusers_forward(x.to(dtype), t.expand(1).to(device), texts[b]).float()
+                        obs.where = (rows if obs.batched else rows.start, bi, i)
+                    outs[br] = adapter.diffusers_forward(x.to(dtype), t.expand(b).to(device), texts[br]).float()
                 out = outs["cond"] if not use_cfg else outs["uncond"] + guidance_scale * (outs["cond"] - outs["uncond"])
                 x = scheduler.step(out, t, x, return_dict=False)[0]
                 bar.update(1)
             for obs in active:
                 obs.end_prompt()
+            if checkpoint is not None:
+                checkpoint.save(piece, {k: v[rows] for obs in active for k, v in obs.results().items()})
     finally:
         for obs in active:
             obs.remove()
-        bar.close()
+        if bar is not None:
+            bar.close()
     meta = {"source": source, "architecture": adapter.architecture, "diffusers_class": adapter.diffusers_class,
             "num_blocks": adapter.num_blocks, "linear_layers": list(adapter.linear_layers),
             "attention_sites": adapter.attention_sites, "sampler": sampler, "num_steps": num_steps,
             "guidance_scale": guidance_scale, "seed": seed, "num_prompts": n, "branches": list(branches),
-            "latent_shape": list(latent), "text_len": text_len,
+            "latent_shape": list(latent), "text_len": text_len, "device": device.type,
+            "prompt_batch_size": len(range(*batches[0].indices(n))),
             "layout": {"gamma": "prompt, branch, step, block", "delta_l1": "prompt, branch, step, block",
                        "delta_change": "prompt, branch, step, block (NaN at step 0)"}}
     tensors: dict[str, torch.Tensor] = {}
     for obs in active:
         tensors.update(obs.results())
+    for piece, (rows, part) in restored.items():
+        for k, v in part.items():
+            if k not in tensors or tensors[k][rows].shape != v.shape:
+                raise CalibrationError(f"partial result {piece} has {k} {list(v.shape)}, which this calibration "
+                                       "does not produce; run without --resume to start over")
+            tensors[k][rows] = v
     return CalibrationStats(meta, tensors)

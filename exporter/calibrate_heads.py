@@ -5,8 +5,11 @@ The sampling trajectory runs through the runtime's own architecture functions (t
 (as the runtime runs them, each with its own head caches). Every compressible attention call goes
 to `HeadSearchAttention`, which
 
-1. computes full attention and every candidate of the site's menu (arrow bands, local3d windows
-   as masks over raster-ordered tokens, the head's previous-step output for "cached");
+1. computes full attention and every candidate of the site's menu (arrow bands, local3d windows,
+   the head's previous-step output for "cached") without ever building an [S, S] mask: on CUDA
+   with the plugins' block-sparse kernel (`torch.ops.ditbake.head_attention`, one call per
+   candidate with every head set to it; local3d on the visual tokens reordered into tiles, as the
+   runtime runs it), elsewhere with SDPA over query chunks whose masks are [chunk, S] tiles;
 2. measures per head the relative squared error of each candidate vs full,
        e[h, c] = mean((o_c − o_full)²) / var(o_full)    over prompts, tokens and head dims;
 3. solves that layer's MILP (plan_heads.solve_layer) and returns the output the chosen schemes
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
-from ditbake.exporter.calibrate import cfg_inputs
+from ditbake.exporter.calibrate import cfg_inputs, initial_noise
+from ditbake.exporter.calibrate_memory import check_heads_fit
 from ditbake.exporter.plan_heads import HeadsConfig, candidates, savings, solve_layer
 from ditbake.exporter.sampler import make_scheduler
 from ditbake.runtime.errors import InputError
@@ -37,33 +42,107 @@ from ditbake.runtime.plan import BlockVariant, HeadScheme
 log = logging.getLogger(__name__)
 
 
-def scheme_mask(scheme: HeadScheme, seq_len: int, text_range: tuple[int, int],
-                grid: tuple[int, int, int] | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor | None:
-    """Boolean [S, S] mask (True = attend) of an arrow or local3d scheme over tokens in their
-    natural (raster) order; None for full. local3d = the arrow rule applied to each token's
-    position after the runtime's tile reordering (text tokens keep theirs)."""
-    from ditbake.plugins.head_attention import (_visual_range, arrow_allowed, invert_permutation,  # noqa: PLC0415
+TILE_ELEMENTS = 1 << 24  # score elements per query chunk of the reference path (64 MB in fp32)
+
+
+def kernel_supports(q: torch.Tensor) -> bool:
+    """Whether the plugins' Triton kernel can run these inputs (CUDA, bf16/fp16, its head dims)."""
+    from ditbake.plugins.head_attention import HAS_TRITON, KERNEL_CONFIGS  # noqa: PLC0415
+
+    return HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in KERNEL_CONFIGS
+
+
+def scheme_positions(scheme: HeadScheme, seq_len: int, text_range: tuple[int, int],
+                     grid: tuple[int, int, int] | None, tile: tuple[int, int, int] | None, device) -> torch.Tensor:
+    """Each token's position in the order the scheme's band runs over: raster order for arrow,
+    tile order for local3d's visual tokens (text tokens keep theirs)."""
+    from ditbake.plugins.head_attention import (_visual_range, invert_permutation,  # noqa: PLC0415
                                                 normalize_text_range, tile_order)
 
-    if scheme.kind == "full":
-        return None
-    if scheme.kind not in ("arrow", "local3d"):
-        raise InputError(f"no mask for a {scheme.kind!r} head")
-    start, end = normalize_text_range(text_range, seq_len)
-    pos = torch.arange(seq_len)
+    pos = torch.arange(seq_len, device=device)
     if scheme.kind == "local3d":
         if grid is None or tile is None:
-            raise InputError("a local3d mask needs the token grid and the tile")
+            raise InputError("a local3d candidate needs the token grid and the tile")
+        start, end = normalize_text_range(text_range, seq_len)
         vs, ve = _visual_range(start, end, seq_len)
-        pos[vs:ve] = vs + invert_permutation(tile_order(grid, tile))
-    return arrow_allowed(pos[:, None], pos[None, :], scheme.left, scheme.right, start, end)
+        pos[vs:ve] = vs + invert_permutation(tile_order(grid, tile)).to(device)
+    return pos
 
 
-def relative_squared_error(out: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+def banded_attention_chunked(q, k, v, pos: torch.Tensor, left: int, right: int, text_range: tuple[int, int],
+                             tile_elements: int = TILE_ELEMENTS) -> torch.Tensor:
+    """Arrow attention over token positions `pos` by SDPA on query chunks: each chunk's mask is a
+    [chunk, S] tile of the arrow rule, so memory grows with S, not S². The reference path (CPU,
+    and CUDA inputs the kernel does not take)."""
+    from ditbake.plugins.head_attention import arrow_allowed, normalize_text_range  # noqa: PLC0415
+
+    batch, heads, seq_len, _ = q.shape
+    start, end = normalize_text_range(text_range, seq_len)
+    chunk = max(1, min(seq_len, tile_elements // max(1, batch * heads * seq_len)))
+    out = torch.empty_like(q)
+    for r0 in range(0, seq_len, chunk):
+        r1 = min(r0 + chunk, seq_len)
+        allowed = arrow_allowed(pos[r0:r1, None], pos[None, :], left, right, start, end)
+        out[:, :, r0:r1] = F.scaled_dot_product_attention(q[:, :, r0:r1], k, v, attn_mask=allowed)
+    return out
+
+
+class CandidateRunner:
+    """Computes one site's arrow and local3d candidates for every head at once."""
+
+    def __init__(self, tile: tuple[int, int, int] | None, tile_elements: int = TILE_ELEMENTS):
+        self.tile = tile
+        self.tile_elements = tile_elements
+        self._perms: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pos: dict[tuple, torch.Tensor] = {}
+
+    def outputs(self, menu: tuple[HeadScheme, ...], q, k, v, text_range, grid):
+        """Yields (candidate index, output [B, H, S, D]) for the arrow and local3d candidates."""
+        banded = [(c, s) for c, s in enumerate(menu) if s.kind in ("arrow", "local3d")]
+        if not banded:
+            return
+        if kernel_supports(q):
+            yield from self._kernel(banded, q, k, v, text_range, grid)
+            return
+        seq_len = q.shape[2]
+        for c, scheme in banded:
+            key = (scheme.kind, seq_len, tuple(text_range), tuple(grid) if grid else None, str(q.device))
+            if key not in self._pos:
+                self._pos[key] = scheme_positions(scheme, seq_len, text_range, grid, self.tile, q.device)
+            yield c, banded_attention_chunked(q, k, v, self._pos[key], scheme.left, scheme.right, text_range,
+                                              self.tile_elements)
+
+    def _kernel(self, banded, q, k, v, text_range, grid):
+        from ditbake.plugins.head_attention import (invert_permutation, normalize_text_range,  # noqa: PLC0415
+                                                    reorder_visual_tokens, tile_order)
+
+        start, end = normalize_text_range(text_range, q.shape[2])
+        heads = q.shape[1]
+        tiled = None
+        for c, scheme in banded:
+            table = torch.tensor([[1, scheme.left, scheme.right]] * heads, dtype=torch.int32, device=q.device)
+            if scheme.kind == "arrow":
+                yield c, torch.ops.ditbake.head_attention(q, k, v, table, start, end, None, None)
+                continue
+            if grid is None or self.tile is None:
+                raise InputError("a local3d candidate needs the token grid and the tile")
+            key = (tuple(grid), str(q.device))
+            if key not in self._perms:
+                perm = tile_order(tuple(grid), tuple(self.tile)).to(q.device)
+                self._perms[key] = (perm, invert_permutation(perm))
+            perm, inverse = self._perms[key]
+            if tiled is None:  # q, k, v in tile order once per layer for all local3d widths
+                tiled = [reorder_visual_tokens(t, perm, (start, end), dim=2).contiguous() for t in (q, k, v)]
+            out = torch.ops.ditbake.head_attention(*tiled, table, start, end, None, None)
+            yield c, reorder_visual_tokens(out, inverse, (start, end), dim=2)
+
+
+def relative_squared_error(out: torch.Tensor, full: torch.Tensor, full_var: torch.Tensor | None = None) -> torch.Tensor:
     """Per head [H]: mean squared difference over the variance of the full output (dims B, S, D)."""
     # fp32 is plenty for a ratio that only ranks candidates against δ (fp64 doubled the search time)
-    diff = (out.float() - full.float()).pow(2).mean(dim=(0, 2, 3))
-    var = full.float().var(dim=(0, 2, 3))
+    full = full.float()
+    diff = (out.float() - full).pow_(2).mean(dim=(0, 2, 3))
+    var = full.var(dim=(0, 2, 3)) if full_var is None else full_var
     return diff / var.clamp_min(1e-30)
 
 
@@ -81,16 +160,10 @@ class HeadSearchAttention:
                        for s, info in sites.items()}
         self.where = (0, 0)
         self.prev: dict[tuple, torch.Tensor] = {}
-        self.masks: dict[tuple, torch.Tensor | None] = {}
+        self.candidates = CandidateRunner(config.local3d_tile)
         self.solve_seconds = 0.0
+        self.attention_seconds = 0.0  # full + candidates + errors (synchronised on CUDA)
         self.solves = 0
-
-    def _mask(self, scheme: HeadScheme, seq_len, text_range, grid, device):
-        key = (scheme, seq_len, tuple(text_range), tuple(grid) if grid else None)
-        if key not in self.masks:
-            mask = scheme_mask(scheme, seq_len, text_range, grid, self.config.local3d_tile)
-            self.masks[key] = None if mask is None else mask.to(device)
-        return self.masks[key]
 
     @torch.no_grad()
     def __call__(self, key, q, k, v, schemes, text_range, grid=None):
@@ -98,27 +171,35 @@ class HeadSearchAttention:
         br, step = self.where
         info = self.sites[site]
         menu = info["menu"]
+        if q.is_cuda:  # what ran before is the forward's, not the candidates' time
+            torch.cuda.synchronize(q.device)
+        begin = time.perf_counter()
         full = F.scaled_dot_product_attention(q, k, v)
-        outs = []
-        for c, scheme in enumerate(menu):
-            if scheme.kind == "full":
-                out = full
-            elif scheme.kind == "cached":
-                out = self.prev.get(key) if step > 0 else None
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(scheme, q.shape[2], text_range,
-                                                                                     grid, q.device))
-            outs.append(out)
-            if out is not None:
-                self.errors[site][br, step, block, :, c] = relative_squared_error(out, full).float()
-        start = time.perf_counter()
-        choice = solve_layer(self.errors[site][br, step, block].numpy(), info["saving"], self.config.delta,
-                             self.config.head_factor)
-        self.solve_seconds += time.perf_counter() - start
+        full32 = full.float()
+        var = full32.var(dim=(0, 2, 3))
+        errors = torch.full((q.shape[1], len(menu)), float("nan"), device=q.device)
+        errors[:, 0] = 0.0
+        outs = {0: full}
+        for c, out in self.candidates.outputs(menu, q, k, v, text_range, grid):
+            errors[:, c] = relative_squared_error(out, full32, var)
+            outs[c] = out
+        cached = self.prev.get(key) if step > 0 else None
+        if cached is not None:
+            c = len(menu) - 1  # the menu ends with "cached" when caching is on
+            errors[:, c] = relative_squared_error(cached, full32, var)
+            outs[c] = cached
+        del full32
+        layer_errors = errors.cpu()
+        self.attention_seconds += time.perf_counter() - begin
+        self.errors[site][br, step, block] = layer_errors
+        begin = time.perf_counter()
+        choice = solve_layer(layer_errors.numpy(), info["saving"], self.config.delta, self.config.head_factor)
+        self.solve_seconds += time.perf_counter() - begin
         self.solves += 1
         self.choice[site][br, step, block] = torch.from_numpy(choice.astype(np.int16))
         result = torch.stack([outs[c][:, h] for h, c in enumerate(choice.tolist())], dim=1)
-        self.prev[key] = result  # what the runtime caches: the output the chosen schemes gave
+        if self.config.caching:
+            self.prev[key] = result  # what the runtime caches: the output the chosen schemes gave
         return result
 
 
@@ -126,16 +207,34 @@ class HeadSearchAttention:
 def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | None, *,
                     latent: tuple[int, ...], sampler: str, num_steps: int, guidance_scale: float, seed: int,
                     config: HeadsConfig, scheduler_config: dict | None = None,
-                    progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run the progressive search over the prompts (batched) and the whole trajectory.
-    Returns (tensors, meta) to merge into the calibration statistics."""
+                    progress: bool = True, checkpoint_dir: str | Path | None = None,
+                    resume: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run the progressive search over the prompts (one batch: each layer's MILP weighs every
+    prompt's error) and the whole trajectory, on the model's device. Returns (tensors, meta) to
+    merge into the calibration statistics. `checkpoint_dir`: save the finished search there; with
+    `resume` a finished one found there is returned without running again (a search interrupted
+    part-way restarts: resuming mid-trajectory would need its head caches, 6 GB per prompt at
+    Wan2.1-1.3B's 480×832×81)."""
     begin = time.perf_counter()
     n, text_len, _ = embeds.shape
     use_cfg = guidance_scale > 1.0
     negative, branches = cfg_inputs(embeds, negative, guidance_scale)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        from ditbake.exporter.calibrate import run_signature  # noqa: PLC0415
+        from ditbake.exporter.calibrate_checkpoint import Checkpoint  # noqa: PLC0415
+
+        checkpoint = Checkpoint(checkpoint_dir, run_signature(
+            adapter, embeds, negative, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
+            latent=list(latent), scheduler_config=scheduler_config, heads=config.to_json()), resume)
+        done = checkpoint.load("search") if resume else None
+        if done is not None:
+            log.info("head search: resumed the finished search from %s", checkpoint.dir)
+            return done
     weights = adapter.weights()
+    device = next(iter(weights.values())).device
     profile = {"name": "calibration", "latent_shape": list(latent), "text_len": text_len}
-    weights.update(adapter.profile_tensors(profile))
+    weights.update({k: v.to(device) for k, v in adapter.profile_tensors(profile).items()})
     dtype = next(iter(weights.values())).dtype
     layout = adapter.token_layout(latent, text_len)
     text_tokens = layout.text[1] - layout.text[0]
@@ -146,31 +245,40 @@ def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tens
         menu = candidates(config, visual_tokens)
         sites[site] = {"menu": menu, "heads": heads, "saving": savings(menu, text_tokens, visual_tokens, head_dim),
                        "text_tokens": text_tokens, "visual_tokens": visual_tokens, "head_dim": head_dim}
+    check_heads_fit(adapter, latent, text_len, n, len(branches), max(len(s["menu"]) for s in sites.values()),
+                    config.caching)
     attention = HeadSearchAttention(config, sites, (len(branches), num_steps, adapter.num_blocks))
 
     scheduler = make_scheduler(sampler, adapter.architecture, scheduler_config)
     scheduler.set_timesteps(num_steps)
-    sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
     # the same initial noise per prompt as the main calibration pass (seed + prompt index)
-    x = torch.cat([torch.randn((1, *latent), generator=torch.Generator().manual_seed(seed + p)) for p in range(n)]) * sigma
-    texts = {"cond": embeds.to(dtype), "uncond": negative[torch.arange(n) % negative.shape[0]].to(dtype)}
+    x = initial_noise(latent, slice(0, n), seed, float(getattr(scheduler, "init_noise_sigma", 1.0)), device)
+    texts = {"cond": embeds.to(device, dtype),
+             "uncond": negative[torch.arange(n) % negative.shape[0]].to(device, dtype)}
     variant = BlockVariant()
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="calibrate heads", unit="step", disable=not progress)):
+    bar = tqdm(total=num_steps, desc=f"calibrate heads ({n} prompts)", unit="step", disable=not progress)
+    for i, t in enumerate(scheduler.timesteps):
         outs = {}
+        timestep = t.expand(n).float().to(device)
         for bi, b in enumerate(branches):
             attention.where = (bi, i)
-            h, ctx = adapter.arch.prologue(weights, adapter.config, x.to(dtype), t.expand(n).float(), texts[b], profile)
+            h, ctx = adapter.arch.prologue(weights, adapter.config, x.to(dtype), timestep, texts[b], profile)
             for block in range(adapter.num_blocks):
                 h = adapter.arch.block(weights, adapter.config, block, h, ctx, variant, attention, b)
             outs[b] = adapter.arch.epilogue(weights, adapter.config, h, ctx).float()
         out = outs["cond"] if not use_cfg else outs["uncond"] + guidance_scale * (outs["cond"] - outs["uncond"])
         x = scheduler.step(out, t, x, return_dict=False)[0]
+        bar.update(1)
+    bar.close()
     tensors = {}
     for site in sites:
         tensors[f"heads_error.{site}"] = attention.errors[site]
         tensors[f"heads_choice.{site}"] = attention.choice[site]
-    meta = {"config": config.to_json(), "branches": list(branches), "num_prompts": n,
+    meta = {"config": config.to_json(), "branches": list(branches), "num_prompts": n, "device": device.type,
+            "kernel": "triton" if kernel_supports(torch.empty(0, 0, 0, head_dim, device=device, dtype=dtype))
+            else "chunked_sdpa",
             "search_seconds": attention.solve_seconds, "solves": attention.solves,
+            "attention_seconds": attention.attention_seconds,
             "calibration_seconds": time.perf_counter() - begin,
             "sites": {site: {"candidates": [s.to_json() for s in info["menu"]], "heads": info["heads"],
                              "text_tokens": text_tokens, "visual_tokens": visual_tokens, "head_dim": head_dim,
@@ -179,6 +287,8 @@ def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tens
                       for site, info in sites.items()},
             "layout": {"heads_error": "branch, step, block, head, candidate (NaN: unavailable)",
                        "heads_choice": "branch, step, block, head → candidate index"}}
-    log.info("head search: %d layer solves in %.2f s (MILP), %.1f s in all", attention.solves,
-             attention.solve_seconds, meta["calibration_seconds"])
+    log.info("head search: %d layer solves in %.2f s (MILP), attention + candidates %.1f s, %.1f s in all",
+             attention.solves, attention.solve_seconds, attention.attention_seconds, meta["calibration_seconds"])
+    if checkpoint is not None:
+        checkpoint.save("search", tensors, meta)
     return tensors, meta

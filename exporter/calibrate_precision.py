@@ -83,15 +83,21 @@ def observer_factory(config: PrecisionObserverConfig | None = None):
 
 
 class PrecisionObserver(Observer):
-    """Forward hooks on every block linear; see the module docstring for what is recorded."""
+    """Forward hooks on every block linear; see the module docstring for what is recorded. Batched:
+    one value per prompt of the forward's batch (the formats quantize per token, so a prompt's
+    error does not depend on the others in its batch). Results stay on the model's device until
+    `results()`, so the hooks never wait for the host."""
+
+    batched = True
 
     def __init__(self, adapter, shape: tuple[int, int, int, int], config: PrecisionObserverConfig):
         self.config = config
         self.layers = tuple(adapter.linear_layers)
         n_layers = len(self.layers)
-        self.erel = {f: torch.full((*shape, n_layers, 2), float("nan")) for f in config.formats}
-        self.outlier = torch.full((*shape, n_layers), float("nan"))
-        self.where = (0, 0, 0)
+        device = next(adapter.model.parameters()).device
+        self.erel = {f: torch.full((*shape, n_layers, 2), float("nan"), device=device) for f in config.formats}
+        self.outlier = torch.full((*shape, n_layers), float("nan"), device=device)
+        self.where = (slice(0, 1), 0, 0)
         self.handles = []
         for b, block in enumerate(adapter.block_modules()):
             for li, name in enumerate(self.layers):
@@ -110,29 +116,33 @@ class PrecisionObserver(Observer):
 
     def _hook(self, block: int, layer: int, weights, bias):
         def hook(module, args, output):
-            p, br, s = self.where
-            x = args[0].detach().float()
-            x2 = x.reshape(-1, x.shape[-1])
-            absx = x2.abs()
-            self.outlier[p, br, s, block, layer] = absx.max() / absx.mean().clamp_min(1e-30)
-            rows = x2.shape[0]
-            if self.config.max_tokens is not None and rows > self.config.max_tokens:
-                x2 = x2[:: math.ceil(rows / self.config.max_tokens)]
+            rows, br, s = self.where
+            x = args[0].detach()
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
+            absx = x3.abs()  # in the model's dtype: max is exact, the mean accumulates in fp32
+            self.outlier[rows, br, s, block, layer] = (absx.amax(dim=(1, 2)).float()
+                                                       / absx.mean(dim=(1, 2), dtype=torch.float32).clamp_min(1e-30))
+            del absx
+            tokens = x3.shape[1]
+            if self.config.max_tokens is not None and tokens > self.config.max_tokens:
+                x3 = x3[:, :: math.ceil(tokens / self.config.max_tokens)]
+            batch = x3.shape[0]
+            x2 = x3.float().reshape(-1, x3.shape[-1])
             y = torch.nn.functional.linear(x2, module.weight.float(), None if module.bias is None
                                            else module.bias.float())
-            norm = y.norm().clamp_min(1e-30)
+            norm = y.reshape(batch, -1).norm(dim=1).clamp_min(1e-30)
             for fmt, erel in self.erel.items():
                 for h in (False, True):
                     if fmt == "nvfp4":
                         yq = mixed_linear_ref(x2, *weights[fmt, h], bias, fmt, h)
                     else:
                         yq = linear_w8a8_ref(x2, *weights[fmt, h], bias, fmt, h)
-                    erel[p, br, s, block, layer, int(h)] = (yq - y).norm() / norm
+                    erel[rows, br, s, block, layer, int(h)] = (yq - y).reshape(batch, -1).norm(dim=1) / norm
         return hook
 
     def results(self) -> dict[str, torch.Tensor]:
-        out = {f"erel_{f}": t for f, t in self.erel.items()}
-        out["outlier_ratio"] = self.outlier
+        out = {f"erel_{f}": t.cpu() for f, t in self.erel.items()}
+        out["outlier_ratio"] = self.outlier.cpu()
         return out
 
     def remove(self) -> None:

@@ -42,7 +42,10 @@ def cmd_calibrate(args) -> int:
     from ditbake.exporter import calibrate as cal, models  # noqa: PLC0415
     from ditbake.exporter.adapters import adapter_for  # noqa: PLC0415
 
-    adapter = adapter_for(models.load(args.model, dtype=DTYPES[args.dtype], seed=args.weights_seed))
+    from ditbake.exporter.calibrate_checkpoint import partial_dir  # noqa: PLC0415
+
+    device = cal.calibration_device(args.device)
+    adapter = adapter_for(models.load(args.model, dtype=DTYPES[args.dtype], seed=args.weights_seed).to(device))
     latent, text_len = _default_shape(adapter, args)
     text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim")))
     if args.prompts:
@@ -60,7 +63,8 @@ def cmd_calibrate(args) -> int:
         observers.append(observer_factory(PrecisionObserverConfig(max_tokens=args.precision_max_tokens)))
     stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter)[0],
                           num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model),
-                          observers=observers)
+                          observers=observers, batch_size=args.batch_size, checkpoint_dir=partial_dir(args.out),
+                          resume=args.resume)
     stats.meta["weights_seed"] = args.weights_seed
     stats.meta["dtype"] = args.dtype
     if args.heads_delta is not None:  # the progressive head search interleaves with its own trajectory
@@ -68,7 +72,8 @@ def cmd_calibrate(args) -> int:
 
         tensors, heads_meta = calibrate_heads(adapter, embeds, negative, latent=latent,
                                               sampler=stats.meta["sampler"], num_steps=args.steps,
-                                              guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args))
+                                              guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args),
+                                              checkpoint_dir=partial_dir(args.out, "heads"), resume=args.resume)
         stats.tensors.update(tensors)
         stats.meta["heads"] = heads_meta
     out = stats.save(args.out)
@@ -288,6 +293,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for config sources")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the whole pass runs (model, statistics, "
+                   "head search)")
+    p.add_argument("--batch-size", type=int, help="prompts per forward of the base pass (default: all on cpu, "
+                   "as many as fit the free memory on cuda)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted calibration in --out from its "
+                   "last completed prompt batch (same settings required)")
     p.add_argument("--precision-stats", action=argparse.BooleanOptionalAction, default=False,
                    help="record the DMPQ precision statistics (E_rel per activation format and layer, outlier "
                         "ratios; writes precision.json and precision_scatter.png); costs ~4 reference "

@@ -20,8 +20,9 @@ def calibrated():
     block0_q = adapter.block_modules()[1].get_submodule("attn1.to_q")
 
     def grab(module, args, output):  # the layer input at (prompt 1, uncond, step 2), registered first
-        if obs_ref[0].where == (1, 1, 2):
-            captured["x"] = args[0].detach().clone()
+        rows, branch, step = obs_ref[0].where  # both prompts go in one batch: rows 0:2
+        if (branch, step) == (1, 2):
+            captured["x"] = args[0][1 - rows.start].detach().clone()
 
     obs_ref = []
 

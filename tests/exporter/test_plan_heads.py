@@ -57,6 +57,24 @@ def test_milp_is_optimal_on_small_instances(rng_seed):
         assert SAVING[solve_layer(errors, SAVING, delta, 1.5)].sum() == pytest.approx(best)
 
 
+def test_shortcut_equals_highs_when_the_budget_does_not_bind(rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    taken = 0
+    for _ in range(30):
+        errors = _instance(rng, heads=12) * rng.choice([0.01, 0.1, 1.0])
+        delta = 0.1
+        fast, milp = solve_layer(errors, SAVING, delta, 1.5), solve_layer(errors, SAVING, delta, 1.5, shortcut=False)
+        assert SAVING[fast].sum() == pytest.approx(SAVING[milp].sum())
+        _check(errors, fast, delta, 1.5)
+        ok = np.isfinite(errors) & (errors <= 1.5 * delta / 12)
+        own_best = np.where(ok, SAVING, -1.0).max(axis=1)
+        own_best[:] = np.maximum(own_best, 0.0)
+        if np.allclose(SAVING[fast], own_best):  # every head got its own best: the shortcut's case
+            taken += 1
+            assert layer_error(errors, fast) <= layer_error(errors, milp) + 1e-12  # ties go to the smaller error
+    assert taken > 0
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"delta": 0.0}, "delta must be a positive"),
     ({"delta": float("nan")}, "delta must be a positive"),

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Calibration on the GPU machine in one device call (10-minute limit): the calibration GPU tests
+# (cuda vs cpu statistics, kernel vs chunked candidates, one Wan2.1-1.3B-size search layer's memory),
+# then benchmarks/calibrate_speed.py on the Wan2.1-1.3B architecture (3 steps × 4 prompts, CFG,
+# extrapolated to 50 steps); `testbed` (a separate call) times artifacts/testbed-wan at its native
+# shape. Results and logs → $OUT.    benchmarks/gpu_calibrate.sh [all|tests|speed|testbed]
+# Needs the diffusers wheel in .whl/ when the image lacks diffusers (as benchmarks/gpu_e2e.sh).
+set -uo pipefail
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+mkdir -p /tmp/ns/ditbake && for p in exporter runtime plugins; do ln -sfn "$PWD/$p" /tmp/ns/ditbake/$p; done
+export PYTHONPATH=/tmp/ns:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import diffusers, scipy, tqdm, safetensors; print('deps ok')" > "$OUT/deps.txt" 2>&1
+case "${1:-all}" in
+  tests|all)
+    timeout 150 python3 -m pytest -q -ra -m gpu tests/exporter/test_calibrate_gpu.py > "$OUT/test_calibrate_gpu.log" 2>&1
+    tail -4 "$OUT/test_calibrate_gpu.log" ;;&
+  speed|all)
+    timeout 360 python3 benchmarks/calibrate_speed.py --steps ${STEPS:-3} --prompts ${PROMPTS:-4} \
+      --out "$OUT/calibrate_speed_h100.json" > "$OUT/calibrate_speed.log" 2>&1
+    grep calibrate_speed "$OUT/calibrate_speed.log" | tail -9 ;;&
+  testbed)
+    timeout 300 python3 benchmarks/calibrate_speed.py --testbed --steps 20 --target-steps 50 --prompts 4 \
+      --out "$OUT/calibrate_speed_testbed_h100.json" > "$OUT/calibrate_speed_testbed.log" 2>&1
+    grep calibrate_speed "$OUT/calibrate_speed_testbed.log" | tail -9 ;;
+  tests|speed|all) ;;
+  *) echo "usage: $0 [all|tests|speed|testbed]" >&2; exit 2 ;;
+esac
+cat "$OUT/deps.txt"
