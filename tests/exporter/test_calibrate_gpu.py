@@ -47,7 +47,7 @@ def test_base_and_precision_statistics_equal_cpu(both):
     assert gpu.meta["device"] == "cuda" and cpu.meta["device"] == "cpu"
     for name in ("gamma", "delta_l1", "outlier_ratio"):
         torch.testing.assert_close(gpu.tensors[name], cpu.tensors[name], rtol=1e-4, atol=1e-6, equal_nan=True,
-                                   msg=name)
+                                   msg=lambda m, name=name: f"{name}: {m}")
     # ‖Δ_t − Δ_{t−1}‖₁ / ‖Δ_{t−1}‖₁ differences two nearly equal residuals: an fp32 rounding difference
     # of ~1e-6 relative in Δ becomes ~1e-6 · ‖Δ‖ / ‖Δ_t − Δ_{t−1}‖ in the ratio, ~1e-4..1e-3 when Δ moves
     # by a few percent per step (the H100 run exceeded 1e-4)
@@ -56,7 +56,8 @@ def test_base_and_precision_statistics_equal_cpu(both):
     # E_rel quantizes activations: an fp32 rounding difference between devices can move a value
     # across an NVFP4/INT8 rounding boundary, which changes that layer's error by a few percent
     for name in ("erel_nvfp4", "erel_int8"):
-        torch.testing.assert_close(gpu.tensors[name], cpu.tensors[name], rtol=3e-2, atol=1e-4, msg=name)
+        torch.testing.assert_close(gpu.tensors[name], cpu.tensors[name], rtol=3e-2, atol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
         assert (gpu.tensors[name] - cpu.tensors[name]).abs().mean() < 1e-3 * cpu.tensors[name].abs().mean() + 1e-6
 
 
