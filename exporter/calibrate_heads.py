@@ -95,6 +95,7 @@ class CandidateRunner:
         self.tile_elements = tile_elements
         self._perms: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pos: dict[tuple, torch.Tensor] = {}
+        self._warned = False
 
     def outputs(self, menu: tuple[HeadScheme, ...], q, k, v, text_range, grid):
         """Yields (candidate index, output [B, H, S, D]) for the arrow and local3d candidates."""
@@ -104,6 +105,11 @@ class CandidateRunner:
         if kernel_supports(q):
             yield from self._kernel(banded, q, k, v, text_range, grid)
             return
+        if q.is_cuda and not self._warned:
+            self._warned = True
+            log.warning("head search on %s %s with head dim %d: the block-sparse kernel takes bf16/fp16 with head dim "
+                        "64 or 128, so candidates run through the chunked reference (slow at large sizes; calibrate "
+                        "with --dtype bfloat16)", q.device, q.dtype, q.shape[-1])
         seq_len = q.shape[2]
         for c, scheme in banded:
             key = (scheme.kind, seq_len, tuple(text_range), tuple(grid) if grid else None, str(q.device))

@@ -58,7 +58,7 @@ def test_base_and_precision_statistics_equal_cpu(both):
     for name in ("erel_nvfp4", "erel_int8"):
         torch.testing.assert_close(gpu.tensors[name], cpu.tensors[name], rtol=3e-2, atol=1e-4,
                                    msg=lambda m, name=name: f"{name}: {m}")
-        assert (gpu.tensors[name] - cpu.tensors[name]).abs().mean() < 1e-3 * cpu.tensors[name].abs().mean() + 1e-6
+        assert (gpu.tensors[name] - cpu.tensors[name]).abs().mean() < 1e-2 * cpu.tensors[name].abs().mean()
 
 
 def test_head_search_equals_cpu(both):
