@@ -45,9 +45,14 @@ def both():
 def test_base_and_precision_statistics_equal_cpu(both):
     (cpu, _), (gpu, _) = both
     assert gpu.meta["device"] == "cuda" and cpu.meta["device"] == "cpu"
-    for name in ("gamma", "delta_l1", "outlier_ratio"):
+    for name in ("gamma", "delta_l1"):
         torch.testing.assert_close(gpu.tensors[name], cpu.tensors[name], rtol=1e-4, atol=1e-6, equal_nan=True,
                                    msg=lambda m, name=name: f"{name}: {m}")
+    # max|X| / mean|X| of a layer input: the ffn's down projection reads the tanh-GELU output, which
+    # CUDA and CPU compute with different tanh implementations (a few ulp per element); the max
+    # picks one element, so its ulp difference is not averaged away: 1.9e-4 seen on the H100
+    torch.testing.assert_close(gpu.tensors["outlier_ratio"], cpu.tensors["outlier_ratio"], rtol=1e-3, atol=1e-6,
+                               equal_nan=True)
     # ‖Δ_t − Δ_{t−1}‖₁ / ‖Δ_{t−1}‖₁ differences two nearly equal residuals: an fp32 rounding difference
     # of ~1e-6 relative in Δ becomes ~1e-6 · ‖Δ‖ / ‖Δ_t − Δ_{t−1}‖ in the ratio, ~1e-4..1e-3 when Δ moves
     # by a few percent per step (the H100 run exceeded 1e-4)
