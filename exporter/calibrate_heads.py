@@ -98,8 +98,11 @@ class CandidateRunner:
         self._warned = False
 
     def outputs(self, menu: tuple[HeadScheme, ...], q, k, v, text_range, grid):
-        """Yields (candidate index, output [B, H, S, D]) for the arrow and local3d candidates."""
-        banded = [(c, s) for c, s in enumerate(menu) if s.kind in ("arrow", "local3d")]
+        """Yields (candidate index, output [B, H, S, D]) for the arrow and local3d candidates and
+        every 8-bit candidate (dense or banded, through the 8-bit op's numerics)."""
+        yield from self._eight_bit([(c, s) for c, s in enumerate(menu) if s.precision != "bf16" and s.kind != "cached"],
+                                   q, k, v, text_range, grid)
+        banded = [(c, s) for c, s in enumerate(menu) if s.kind in ("arrow", "local3d") and s.precision == "bf16"]
         if not banded:
             return
         if kernel_supports(q):
@@ -118,9 +121,40 @@ class CandidateRunner:
             yield c, banded_attention_chunked(q, k, v, self._pos[key], scheme.left, scheme.right, text_range,
                                               self.tile_elements)
 
+    def _eight_bit(self, candidates, q, k, v, text_range, grid):
+        """8-bit candidates through ditbake::attention_8bit: its Triton kernel on CUDA (bf16/fp16, head
+        dim 64/128), its reference elsewhere — the numerics the runtime runs either way."""
+        if not candidates:
+            return
+        import ditbake.plugins.attention_8bit  # noqa: F401, PLC0415 - registers ditbake::attention_8bit
+        from ditbake.plugins.head_attention import normalize_text_range, reorder_visual_tokens  # noqa: PLC0415
+
+        start, end = normalize_text_range(text_range, q.shape[2])
+        heads = q.shape[1]
+        for c, scheme in candidates:
+            kind = 0 if scheme.kind == "full" else 1
+            table = torch.tensor([[kind, scheme.left, scheme.right]] * heads, dtype=torch.int32, device=q.device)
+            if scheme.kind != "local3d":
+                yield c, torch.ops.ditbake.attention_8bit(q, k, v, table, start, end, None, None, scheme.precision)
+                continue
+            perm, inverse = self._permutation(grid, q.device)
+            tiled = [reorder_visual_tokens(t, perm, (start, end), dim=2).contiguous() for t in (q, k, v)]
+            out = torch.ops.ditbake.attention_8bit(*tiled, table, start, end, None, None, scheme.precision)
+            yield c, reorder_visual_tokens(out, inverse, (start, end), dim=2)
+
+    def _permutation(self, grid, device) -> tuple[torch.Tensor, torch.Tensor]:
+        from ditbake.plugins.head_attention import invert_permutation, tile_order  # noqa: PLC0415
+
+        if grid is None or self.tile is None:
+            raise InputError("a local3d candidate needs the token grid and the tile")
+        key = (tuple(grid), str(device))
+        if key not in self._perms:
+            perm = tile_order(tuple(grid), tuple(self.tile)).to(device)
+            self._perms[key] = (perm, invert_permutation(perm))
+        return self._perms[key]
+
     def _kernel(self, banded, q, k, v, text_range, grid):
-        from ditbake.plugins.head_attention import (invert_permutation, normalize_text_range,  # noqa: PLC0415
-                                                    reorder_visual_tokens, tile_order)
+        from ditbake.plugins.head_attention import normalize_text_range, reorder_visual_tokens  # noqa: PLC0415
 
         start, end = normalize_text_range(text_range, q.shape[2])
         heads = q.shape[1]
@@ -130,13 +164,7 @@ class CandidateRunner:
             if scheme.kind == "arrow":
                 yield c, torch.ops.ditbake.head_attention(q, k, v, table, start, end, None, None)
                 continue
-            if grid is None or self.tile is None:
-                raise InputError("a local3d candidate needs the token grid and the tile")
-            key = (tuple(grid), str(q.device))
-            if key not in self._perms:
-                perm = tile_order(tuple(grid), tuple(self.tile)).to(q.device)
-                self._perms[key] = (perm, invert_permutation(perm))
-            perm, inverse = self._perms[key]
+            perm, inverse = self._permutation(grid, q.device)
             if tiled is None:  # q, k, v in tile order once per layer for all local3d widths
                 tiled = [reorder_visual_tokens(t, perm, (start, end), dim=2).contiguous() for t in (q, k, v)]
             out = torch.ops.ditbake.head_attention(*tiled, table, start, end, None, None)
@@ -249,7 +277,8 @@ def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tens
     sites = {}
     for site, heads in adapter.attention_sites.items():
         menu = candidates(config, visual_tokens)
-        sites[site] = {"menu": menu, "heads": heads, "saving": savings(menu, text_tokens, visual_tokens, head_dim),
+        sites[site] = {"menu": menu, "heads": heads,
+                       "saving": savings(menu, text_tokens, visual_tokens, head_dim, config.eight_bit_speedup),
                        "text_tokens": text_tokens, "visual_tokens": visual_tokens, "head_dim": head_dim}
     check_heads_fit(adapter, latent, text_len, n, len(branches), max(len(s["menu"]) for s in sites.values()),
                     config.caching)

@@ -121,6 +121,10 @@ def _heads_config(args, base=None):
         changes["caching"] = False
     if getattr(args, "heads_tile", None):
         changes["local3d_tile"] = tuple(int(x) for x in floats(args.heads_tile))
+    if getattr(args, "heads_precisions", None):
+        changes["attention_precisions"] = tuple(p.strip() for p in args.heads_precisions.split(",") if p.strip())
+    if getattr(args, "heads_8bit_speedup", None) is not None:
+        changes["eight_bit_speedup"] = args.heads_8bit_speedup
     return replace(config, **changes)
 
 
@@ -311,6 +315,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--heads-widths", help="arrow half-widths as fractions of the visual tokens (default 0.0625,0.125,0.25)")
     g.add_argument("--heads-no-cache", action="store_true", help="do not offer cached heads (arrow-only ablation)")
     g.add_argument("--heads-tile", help="F,H,W tile for local3d window candidates after tile reordering, e.g. 2,8,8")
+    g.add_argument("--heads-precisions", help="8-bit attention formats to offer per head beside bf16, e.g. int8 "
+                                              "(each candidate gets an 8-bit twin whose error is measured)")
+    g.add_argument("--heads-8bit-speedup", type=float,
+                   help="measured 8-bit/bf16 attention speed ratio on the target (weighs 8-bit candidates; default 1.5)")
     _latent_args(p)
     p.set_defaults(func=cmd_calibrate)
 

@@ -205,3 +205,26 @@ def test_eight_bit_twins_in_the_menu_and_their_saving_counts_the_speedup():
     assert HeadsConfig.from_json(config.to_json()) == config
     with pytest.raises(PlanError, match="8-bit formats"):
         HeadsConfig(attention_precisions=("bf16",))
+
+
+def test_wan_search_plans_8bit_attention_heads_and_the_runtime_runs_them(tmp_path):
+    """With 8-bit twins in the menu the search measures their error (the 8-bit op's numerics: here
+    its reference) like any candidate, the plan carries per-head precision, the runtime runs it."""
+    config = HeadsConfig(delta=2.0, head_factor=3.0, arrow_fractions=(0.1,), local3d_tile=(2, 2, 2),
+                         local3d_fractions=(0.1,), attention_precisions=("int8",), eight_bit_speedup=2.0)
+    adapter, tensors, meta, plan_meta = _calibrate("tiny-wan", (4, 4, 8, 8), 6, config, steps=2)
+    menu = [HeadScheme.from_json(c) for c in meta["sites"]["attn1"]["candidates"]]
+    assert [(s.kind, s.precision) for s in menu] == [("full", "bf16"), ("arrow", "bf16"), ("local3d", "bf16"),
+                                                    ("full", "int8"), ("arrow", "int8"), ("local3d", "int8"),
+                                                    ("cached", "bf16")]
+    errors = tensors["heads_error.attn1"]
+    dense8 = errors[..., 3]
+    # 8-bit dense attention: small but non-zero error, below the bands' on average
+    assert torch.isfinite(dense8).all() and 0 < dense8.mean() < errors[..., 1].mean()
+    plan = plan_from_calibration(plan_meta, passes=[heads_pass(tensors, meta)])
+    used = {(s.kind, s.precision) for v in plan.variants for _, schemes in v.heads for s in schemes}
+    assert any(p == "int8" for _, p in used), used
+    session = load(_artifact(tmp_path, adapter, plan, (4, 4, 8, 8), 6))
+    result = session.generate(torch.randn(1, 6, 32), seed=0, guidance_scale=4.0)
+    assert torch.isfinite(result.latents).all()
+    assert result.report.attention_flops_fraction == pytest.approx(plan.predicted["attention_flops_fraction"])
