@@ -166,9 +166,10 @@ def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 
-# Launch parameters of the attention kernel per head dim; BLOCK_M must divide QUANT_BLOCK_Q's
-# multiple SEQ_PAD and BLOCK_N must be a multiple of... nothing: K scales are read per column.
-# Defaults until the benchmark (benchmarks/bench_attention_8bit.py) picks on an H100.
+# Launch parameters of the attention kernel per head dim. BLOCK_M must divide QUANT_BLOCK_Q (one
+# q scale per program) and BLOCK_N must divide SEQ_PAD; K scales are read per key column, so
+# BLOCK_N need not match QUANT_BLOCK_K. 4 warps at BLOCK_M=128, D=128 spill registers (sm_90
+# compile, benchmarks/compile_attention_8bit.py). Defaults until bench_attention_8bit.py picks.
 KERNEL_CONFIGS = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -279,22 +280,24 @@ if HAS_TRITON:
     def _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base, stride_vs, stride_vd, start_n,
                            offs_m, offs_n, offs_d, seq_len, text_start, text_end, vis_start, vis_end,
                            w_left, w_right, MASK: tl.constexpr, IS_INT8: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
-        if ALIGNED:  # lets the compiler vectorize the loads of V stored [D, S]
-            start_n = tl.multiple_of(start_n, BLOCK_N)
+                           BLOCK_K: tl.constexpr):
         cols = start_n + offs_n
         # Buffers are zero-padded to SEQ_PAD tokens: no load masks; scores past seq_len are masked.
         k = tl.load(k_base + cols[:, None] * HEAD_DIM + offs_d[None, :])
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd)
-        k_scale = tl.load(ks_base + cols // BLOCK_K)
+        # One scale per key column: the block's q scale (uniform: BLOCK_M divides BLOCK_Q) times the
+        # key's block scale; the score in the log2 domain is then one multiply(-add) per element.
+        col_scale = tl.load(ks_base + cols // BLOCK_K) * q_scale
         if IS_INT8:
             qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-            # int32 -> fp32 without the slow I2F: |qk| <= D * 127**2 < 2**22 for D <= 256, so adding
-            # the bits of 1.5 * 2**23 makes an fp32 whose value is 1.5 * 2**23 + qk, exactly.
-            qk = (qk_i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            # int32 -> fp32 without the slow I2F (a quarter-rate conversion unit): |qk| <= D * 127**2
+            # < 2**22 for D <= 256, so adding the bits of 1.5 * 2**23 gives the fp32 1.5 * 2**23 + qk
+            # exactly; the offset comes off in the same FMA as the scale (within 1 ulp of 2**23 * scale,
+            # far below one code step of the scores).
+            qk = tl.fma((qk_i + 0x4B400000).to(tl.float32, bitcast=True), col_scale[None, :],
+                        -(12582912.0 * col_scale)[None, :])
         else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = qk * k_scale[None, :]
+            qk = tl.dot(q, tl.trans(k)) * col_scale[None, :]
         if MASK == 1:
             key_text = (cols >= text_start) & (cols < text_end)
             qk = tl.where(key_text[None, :], qk, float("-inf"))
@@ -310,10 +313,9 @@ if HAS_TRITON:
             allowed = (offset >= -w_left) & (offset <= w_right)
             allowed = (allowed | row_text[:, None] | key_text[None, :]) & (cols < seq_len)[None, :]
             qk = tl.where(allowed, qk, float("-inf"))
-        # q_scale > 0 per row, so max(qk) * q_scale is the max of the scaled row.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * q_scale)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
         # p = 448 * exp2(s - m): log2(448) folded into the per-row offset (P's fixed FP8 scale).
-        p = tl.math.exp2(qk * q_scale[:, None] - (m_new - 8.807354922057604)[:, None])
+        p = tl.math.exp2(qk - (m_new - 8.807354922057604)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
@@ -326,7 +328,7 @@ if HAS_TRITON:
                                num_heads, seq_len, seq_pad, text_start, text_end, vis_start, vis_end,
                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, IS_INT8: tl.constexpr,
-                               HAS_CACHE: tl.constexpr, TEXT_ALIGNED: tl.constexpr):
+                               HAS_CACHE: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         batch = (pid_bh // num_heads).to(tl.int64)
@@ -358,7 +360,9 @@ if HAS_TRITON:
             mixed_rows = is_arrow & (rows_visual == 0) & (rows_text == 0)
 
             # Unlike head_attention, the band's blocks start on multiples of BLOCK_N (the lead block
-            # masks what lies before the band): aligned loads of the token-contiguous V.
+            # masks what lies before the band): the compiler then proves the loads of the
+            # token-contiguous V 16-byte aligned and vectorizes/pipelines them. (The text loops start
+            # at text_start: aligned when it is a multiple of 16, as Triton specializes such ints.)
             band_lo = (tl.maximum(vis_start, row_lo - w_left) // BLOCK_N) * BLOCK_N
             band_hi = tl.maximum(tl.minimum(vis_end, row_hi + w_right + 1), band_lo)
             num_band_blocks = (band_hi - band_lo + BLOCK_N - 1) // BLOCK_N
@@ -381,7 +385,7 @@ if HAS_TRITON:
             rule_hi = tl.where(banded, rule_lo, seq_len)
 
             q = tl.load(Q8 + bh * seq_pad * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
-            q_scale = tl.load(QS + bh * (seq_pad // BLOCK_Q) + offs_m // BLOCK_Q)
+            q_scale = tl.load(QS + bh * (seq_pad // BLOCK_Q) + (pid_m * BLOCK_M) // BLOCK_Q)
             k_base = K8 + bh * seq_pad * HEAD_DIM
             ks_base = KS + bh * (seq_pad // BLOCK_K)
             v_base = V8 + bh * stride_v8h
@@ -393,38 +397,32 @@ if HAS_TRITON:
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 0, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, TEXT_ALIGNED)
+                                                   w_left, w_right, 0, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(text_floor, text_tail_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 1, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, TEXT_ALIGNED)
+                                                   w_left, w_right, 1, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(band_lo, lead_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 2, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, True)
+                                                   w_left, w_right, 2, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(plain_lo, plain_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 0, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, True)
+                                                   w_left, w_right, 0, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(trail_lo, trail_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 2, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, True)
+                                                   w_left, w_right, 2, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(rule_lo, rule_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 3, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, True)
+                                                   w_left, w_right, 3, IS_INT8, HEAD_DIM, BLOCK_K)
 
             l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past the sequence end
             v_scale = tl.load(VA + bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
@@ -485,8 +483,9 @@ def launch_attention_8bit(qz: Quantized, schemes: torch.Tensor, seq_len: int, te
     batch, heads, seq_pad, head_dim = qz.q8.shape
     cfg = dict(config or KERNEL_CONFIGS[head_dim])
     block_m = cfg.pop("BLOCK_M")
-    if SEQ_PAD % block_m or SEQ_PAD % cfg["BLOCK_N"]:
-        raise HeadAttentionError(f"BLOCK_M and BLOCK_N must divide {SEQ_PAD}, got {block_m}, {cfg['BLOCK_N']}")
+    if QUANT_BLOCK_Q % block_m or SEQ_PAD % cfg["BLOCK_N"]:
+        raise HeadAttentionError(f"BLOCK_M must divide {QUANT_BLOCK_Q} and BLOCK_N {SEQ_PAD}, "
+                                 f"got {block_m}, {cfg['BLOCK_N']}")
     text_start, text_end = (0, 0) if text_end <= text_start else (text_start, text_end)
     vis_start, vis_end = _visual_range(text_start, text_end, seq_len)
     has_cache = cached is not None
@@ -498,8 +497,7 @@ def launch_attention_8bit(qz: Quantized, schemes: torch.Tensor, seq_len: int, te
                  out.stride(0), out.stride(1), out.stride(2),
                  heads, seq_len, seq_pad, text_start, text_end, vis_start, vis_end,
                  HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K,
-                 IS_INT8=qz.q8.dtype == torch.int8, HAS_CACHE=has_cache,
-                 TEXT_ALIGNED=text_start % cfg["BLOCK_N"] == 0, **cfg)
+                 IS_INT8=qz.q8.dtype == torch.int8, HAS_CACHE=has_cache, **cfg)
     return out
 
 

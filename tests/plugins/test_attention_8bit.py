@@ -230,14 +230,20 @@ def test_prepare_kernel_in_interpreter_matches_reference(qk_format, exact_interp
 @interpreter_only
 @pytest.mark.parametrize("qk_format", a8.QK_FORMATS)
 def test_kernel_in_interpreter_one_key_block_is_exact(qk_format, exact_interpreter, rng_seed):
-    # With all keys in one block the online max is the final max: kernel == reference to fp32.
+    # With all keys in one block the online max is the final max: kernel == reference to fp32\n    # (FP8 QK), or up to the rounding of the INT8 score conversion.
     q, k, v = peaky_qkv(1, 2, 60, 64, dtype=torch.float32)
     schemes = ha.schemes_to_tensor([HeadScheme.full()] * 2)
     out = torch.full_like(q, float("nan"))
     a8.attention_8bit_triton(q, k, v, schemes, 0, 0, None, None, qk_format, out,
                              config=dict(BLOCK_M=64, BLOCK_N=64, num_warps=1, num_stages=1))
     ref = a8.attention_8bit_ref(q, k, v, schemes, (0, 0), qk_format=qk_format)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if qk_format == "fp8":
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        # INT8 scores leave the kernel through one FMA that also removes the int->float offset
+        # 1.5 * 2**23: its rounding moves a score by <= 0.75 code units (the INT8 quantization
+        # itself moves it by hundreds), which flips the E4M3 rounding of a few p: ~1e-3 overall.
+        assert rel_err(out, ref) < 3e-3
 
 
 @interpreter_only
