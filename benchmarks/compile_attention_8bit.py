@@ -33,7 +33,7 @@ def compile_kernel(qk_format: str, block_n: int, warps: int, stages: int, head_d
     fn = a8._attention_8bit_kernel
     names = list(fn.arg_names)
     qtype = "*i8" if qk_format == "int8" else "*fp8e4nv"
-    sig = {"Q8": qtype, "K8": qtype, "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32", "VA": "*fp32",
+    sig = {"Q8": qtype, "K8": qtype, "V8": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32", "VA": "*fp32", "VM": "*fp32",
            "C": "*bf16", "O": "*bf16", "SCHEMES": "*i32"}
     const = dict(HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=block_n, BLOCK_Q=a8.QUANT_BLOCK_Q, BLOCK_K=a8.QUANT_BLOCK_K,
                  IS_INT8=qk_format == "int8", HAS_CACHE=False, stride_v8s=1)  # V stored [D, S]

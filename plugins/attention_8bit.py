@@ -16,6 +16,8 @@ Numerics (the specification; all quantization arithmetic in IEEE fp32):
      q and k sharing a few x10 channels, the INT8 QK error drops from 5.1% to 1.3% (notes).
   1. K smoothing: k' = kH - mean over the tokens of kH, per (batch, head, channel). Exact for
      softmax: it adds the same constant to every score of a query row, and masks keep it per row.
+     V smoothing: v' = v - mean over the tokens of v, per (batch, head, channel), added back to the
+     output (the softmax weights sum to 1); only v' is rounded, so an offset passes exactly.
   2. Q and K' are quantized symmetrically per (batch, head, block of QUANT_BLOCK_Q query tokens /
      QUANT_BLOCK_K key tokens): amax over the block (floored at AMAX_FLOOR), code =
      clamp(round_half_even(x * (QMAX / amax)), -QMAX, QMAX), scale = amax / QMAX, with QMAX = 127
@@ -24,8 +26,8 @@ Numerics (the specification; all quantization arithmetic in IEEE fp32):
   3. Scores in the log2 domain: s = (q8 . k8) * q_scale * k_scale (integer-exact dot for INT8).
   4. Softmax in fp32 on exp2: p = exp2(s - m + log2 448) = 448 * exp2(s - m) in [0, 448], m the row
      max over allowed keys; P is rounded to FP8 E4M3 (fixed scale 448: the full E4M3 range);
-     V is quantized to E4M3 per (batch, head, channel) with scale amax over tokens / 448.
-  5. out = (sum_j fp8(p_j) v8_j) * (v_amax / 448) / l with l = sum_j p_j taken from the fp32 p, not the
+     v' is quantized to E4M3 per (batch, head, channel) with scale amax over tokens of |v'| / 448.
+  5. out = (sum_j fp8(p_j) v8_j) * (v_amax / 448) / l + v_mean with l = sum_j p_j taken from the fp32 p, not the
      rounded one: it is free in the kernel (the sum runs on the fp32 values already in registers;
      summing the FP8 values would cost a conversion back per element) and RTNE rounding of p is
      unbiased, so its errors average out in the numerator instead of being matched in l.
@@ -70,7 +72,8 @@ _QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 class Quantized(NamedTuple):
     """q/k/v after the prepare step. Shapes: q8, k8 [B, H, S, D]; q_scale [B, H, ceil(S/128)]
     (softmax scale * log2 e included); k_scale [B, H, ceil(S/64)]; v8 [B, H, S, D] E4M3;
-    v_amax [B, H, D] (V's scale is v_amax / 448); k_mean [B, H, D]. The GPU buffers hold
+    v_amax [B, H, D] (amax of |v - v_mean|; V's scale is v_amax / 448); v_mean, k_mean [B, H, D]
+    (k_mean of the rotated k). The GPU buffers hold
     padded_len(S) tokens, zeros past S."""
     q8: torch.Tensor
     q_scale: torch.Tensor
@@ -78,6 +81,7 @@ class Quantized(NamedTuple):
     k_scale: torch.Tensor
     v8: torch.Tensor
     v_amax: torch.Tensor
+    v_mean: torch.Tensor
     k_mean: torch.Tensor
 
 
@@ -136,9 +140,11 @@ def quantize_qkv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: O
     q8, q_amax = _quantize_blocks(qf, QUANT_BLOCK_Q, qk_format)
     k8, k_scale = _quantize_blocks(kf - k_mean[:, :, None], QUANT_BLOCK_K, qk_format)
     q_scale = q_amax * torch.tensor(scale * LOG2E / (head_dim if rotate else 1), dtype=torch.float32)
-    v_amax = vf.abs().amax(dim=2).clamp_min(AMAX_FLOOR)
-    v8 = (vf * (FP8_MAX / v_amax)[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, k_mean)
+    v_mean = vf.mean(dim=2)
+    vs = vf - v_mean[:, :, None]
+    v_amax = vs.abs().amax(dim=2).clamp_min(AMAX_FLOOR)
+    v8 = (vs * (FP8_MAX / v_amax)[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, v_mean, k_mean)
 
 
 def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes: SchemesLike,
@@ -176,7 +182,7 @@ def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme
             p = torch.exp2(s - m + LOG2_FP8_MAX).float()          # fp32 P~ * 448, in [0, 448]
             p8 = p.to(torch.float8_e4m3fn).double()
             l = p.double().sum(dim=-1, keepdim=True)
-            o = (p8 @ v8) * (qz.v_amax[:, h, None, :] / FP8_MAX).double() / l
+            o = (p8 @ v8) * (qz.v_amax[:, h, None, :] / FP8_MAX).double() / l + qz.v_mean[:, h, None, :].double()
             out[:, h, row0:row1] = o.to(q.dtype)
     return out
 
@@ -202,10 +208,10 @@ if HAS_TRITON:
     from ditbake.plugins._triton_util import round_half_even
 
     @triton.jit
-    def _kv_stats_kernel(K, V, PSUM, PMAX, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    def _kv_stats_kernel(K, V, PSUM, PVSUM, PVMAX, PVMIN, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                          num_heads, seq_len, num_chunks,
                          HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
-        """Partial per-channel sum of k and max |v| over CHUNK tokens -> PSUM/PMAX [B*H, chunks, D]."""
+        """Partial per-channel sums of k and v and max/min of v over CHUNK tokens -> [B*H, chunks, D]."""
         chunk = tl.program_id(0)
         pid_bh = tl.program_id(1)
         batch = (pid_bh // num_heads).to(tl.int64)
@@ -214,17 +220,23 @@ if HAS_TRITON:
         k_base = K + batch * stride_kb + head * stride_kh
         v_base = V + batch * stride_vb + head * stride_vh
         ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+        vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
         for r in tl.static_range(0, CHUNK, ROWS):
             rows = chunk * CHUNK + r + tl.arange(0, ROWS)
             ok = (rows < seq_len)[:, None]
             kt = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
             vt = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
             ksum += tl.sum(kt, 0)
-            vmax = tl.maximum(vmax, tl.max(tl.abs(vt), 0))
+            vsum += tl.sum(vt, 0)
+            vmax = tl.maximum(vmax, tl.max(tl.where(ok, vt, float("-inf")), 0))
+            vmin = tl.minimum(vmin, tl.min(tl.where(ok, vt, float("inf")), 0))
         out = pid_bh.to(tl.int64) * num_chunks * HEAD_DIM + chunk * HEAD_DIM + offs_d
         tl.store(PSUM + out, ksum)
-        tl.store(PMAX + out, vmax)
+        tl.store(PVSUM + out, vsum)
+        tl.store(PVMAX + out, vmax)
+        tl.store(PVMIN + out, vmin)
 
     @triton.jit
     def _hadamard_signs(HEAD_DIM: tl.constexpr):
@@ -246,22 +258,26 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _kv_finalize_kernel(PSUM, PMAX, KMEAN, VAMAX, seq_len, num_chunks,
+    def _kv_finalize_kernel(PSUM, PVSUM, PVMAX, PVMIN, KMEAN, VMEAN, VAMAX, seq_len, num_chunks,
                             HEAD_DIM: tl.constexpr, CHUNKS_P2: tl.constexpr, ROTATE: tl.constexpr):
-        """Mean of (rotated) k and V's amax (floored) per (batch*head, channel) from the partials:
-        mean(k H) = mean(k) H, so the statistics pass sums unrotated k."""
+        """Means of (rotated) k and of v, and max |v - mean| (floored), per (batch*head, channel),
+        from the partials: mean(k H) = mean(k) H, so the statistics pass sums unrotated k; and
+        max |v - mean| = max(vmax - mean, mean - vmin), the same fp32 subtraction as per element."""
         pid_bh = tl.program_id(0).to(tl.int64)
         offs_c = tl.arange(0, CHUNKS_P2)
         offs_d = tl.arange(0, HEAD_DIM)
         ptrs = pid_bh * num_chunks * HEAD_DIM + offs_c[:, None] * HEAD_DIM + offs_d[None, :]
         ok = (offs_c < num_chunks)[:, None]
         ksum = tl.sum(tl.load(PSUM + ptrs, mask=ok, other=0.0), 0)
-        vmax = tl.max(tl.load(PMAX + ptrs, mask=ok, other=0.0), 0)
+        v_mean = tl.sum(tl.load(PVSUM + ptrs, mask=ok, other=0.0), 0) / seq_len
+        vmax = tl.max(tl.load(PVMAX + ptrs, mask=ok, other=float("-inf")), 0)
+        vmin = tl.min(tl.load(PVMIN + ptrs, mask=ok, other=float("inf")), 0)
         k_mean = ksum / seq_len
         if ROTATE:
             k_mean = tl.sum(k_mean[:, None] * _hadamard_signs(HEAD_DIM), 0)
         tl.store(KMEAN + pid_bh * HEAD_DIM + offs_d, k_mean)
-        tl.store(VAMAX + pid_bh * HEAD_DIM + offs_d, tl.maximum(vmax, 1e-12))
+        tl.store(VMEAN + pid_bh * HEAD_DIM + offs_d, v_mean)
+        tl.store(VAMAX + pid_bh * HEAD_DIM + offs_d, tl.maximum(tl.maximum(vmax - v_mean, v_mean - vmin), 1e-12))
 
     @triton.jit
     def _quantize_tile(x, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
@@ -275,7 +291,7 @@ if HAS_TRITON:
         return codes, tl.math.div_rn(amax, amax * 0.0 + QMAX)
 
     @triton.jit
-    def _quantize_kernel(Q, K, V, KMEAN, VAMAX, Q8, K8, V8, QS, KS,
+    def _quantize_kernel(Q, K, V, KMEAN, VMEAN, VAMAX, Q8, K8, V8, QS, KS,
                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                          stride_vb, stride_vh, stride_vs,
                          stride_v8h, stride_v8s, stride_v8d,
@@ -324,6 +340,7 @@ if HAS_TRITON:
                     mask=ok, other=0.0).to(tl.float32)
         v_amax = tl.load(VAMAX + bh * HEAD_DIM + offs_d)
         v_inv = tl.math.div_rn(tl.full([HEAD_DIM], 448.0, tl.float32), v_amax)
+        v = tl.where(ok, v - tl.load(VMEAN + bh * HEAD_DIM + offs_d)[None, :], 0.0)
         v8 = tl.minimum(tl.maximum(v * v_inv[None, :], -448.0), 448.0).to(tl.float8e4nv)
         tl.store(V8 + bh * stride_v8h + rows[:, None] * stride_v8s + offs_d[None, :] * stride_v8d, v8)
 
@@ -373,7 +390,7 @@ if HAS_TRITON:
         return acc, m_new, l_i
 
     @triton.jit
-    def _attention_8bit_kernel(Q8, K8, V8, QS, KS, VA, C, O, SCHEMES,
+    def _attention_8bit_kernel(Q8, K8, V8, QS, KS, VA, VM, C, O, SCHEMES,
                                stride_v8h, stride_v8s, stride_v8d, stride_cb, stride_ch, stride_cs,
                                stride_ob, stride_oh, stride_os,
                                num_heads, seq_len, seq_pad, text_start, text_end, vis_start, vis_end,
@@ -477,7 +494,7 @@ if HAS_TRITON:
 
             l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past the sequence end
             v_scale = tl.load(VA + bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
-            out = acc * v_scale[None, :] / l_i[:, None]
+            out = acc * v_scale[None, :] / l_i[:, None] + tl.load(VM + bh * HEAD_DIM + offs_d)[None, :]
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -500,14 +517,14 @@ def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optio
     dev = q.device
     num_chunks = triton.cdiv(seq_len, STATS_CHUNK)
     psum = torch.empty(batch * heads, num_chunks, head_dim, dtype=torch.float32, device=dev)
-    pmax = torch.empty_like(psum)
+    pvsum, pvmax, pvmin = (torch.empty_like(psum) for _ in range(3))
     k_mean = torch.empty(batch, heads, head_dim, dtype=torch.float32, device=dev)
-    v_amax = torch.empty_like(k_mean)
+    v_amax, v_mean = torch.empty_like(k_mean), torch.empty_like(k_mean)
     run(_kv_stats_kernel)[(num_chunks, batch * heads)](
-        k, v, psum, pmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k, v, psum, pvsum, pvmax, pvmin, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         heads, seq_len, num_chunks, HEAD_DIM=head_dim, CHUNK=STATS_CHUNK, ROWS=64, num_warps=4)
     run(_kv_finalize_kernel)[(batch * heads,)](
-        psum, pmax, k_mean, v_amax, seq_len, num_chunks, HEAD_DIM=head_dim,
+        psum, pvsum, pvmax, pvmin, k_mean, v_mean, v_amax, seq_len, num_chunks, HEAD_DIM=head_dim,
         CHUNKS_P2=triton.next_power_of_2(num_chunks), ROTATE=rotate, num_warps=4)
     qdtype = _QDTYPE[qk_format]
     q8 = torch.empty(batch, heads, seq_pad, head_dim, dtype=qdtype, device=dev)
@@ -519,13 +536,13 @@ def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optio
     q_scale = torch.empty(batch, heads, seq_pad // QUANT_BLOCK_Q, dtype=torch.float32, device=dev)
     k_scale = torch.empty(batch, heads, seq_pad // QUANT_BLOCK_K, dtype=torch.float32, device=dev)
     run(_quantize_kernel)[(seq_pad // QUANT_BLOCK_Q, batch * heads)](
-        q, k, v, k_mean, v_amax, q8, k8, v8, q_scale, k_scale,
+        q, k, v, k_mean, v_mean, v_amax, q8, k8, v8, q_scale, k_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), v8.stride(1), v8.stride(2), v8.stride(3),
         heads, seq_len, seq_pad, scale * LOG2E / (head_dim if rotate else 1),
         HEAD_DIM=head_dim, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K,
         IS_INT8=qk_format == "int8", QMAX=_QMAX[qk_format], ROTATE=rotate, num_warps=8)
-    return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, k_mean)
+    return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, v_mean, k_mean)
 
 
 def launch_attention_8bit(qz: Quantized, schemes: torch.Tensor, seq_len: int, text_start: int, text_end: int,
@@ -544,7 +561,7 @@ def launch_attention_8bit(qz: Quantized, schemes: torch.Tensor, seq_len: int, te
     cache = cached if has_cache else out
     kernel = runner(_attention_8bit_kernel) if runner is not None else _attention_8bit_kernel
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
-    kernel[grid](qz.q8, qz.k8, qz.v8, qz.q_scale, qz.k_scale, qz.v_amax, cache, out, schemes,
+    kernel[grid](qz.q8, qz.k8, qz.v8, qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, cache, out, schemes,
                  qz.v8.stride(1), qz.v8.stride(2), qz.v8.stride(3), cache.stride(0), cache.stride(1), cache.stride(2),
                  out.stride(0), out.stride(1), out.stride(2),
                  heads, seq_len, seq_pad, text_start, text_end, vis_start, vis_end,
