@@ -13,7 +13,7 @@ Numerics (the specification; all quantization arithmetic in IEEE fp32):
   0. Rotation (head dims that are powers of two): q and k are multiplied by the +-1 Sylvester
      Hadamard matrix H (H H^T = D I; sums exact in fp64, rounded once to fp32). Scores are
      unchanged, (qH)(kH)^T / D = q k^T, but outlier channels are spread over all channels: with
-     q and k sharing a few x10 channels, the INT8 QK error drops from 5.1% to 1.3% (notes).
+     q and k sharing a few x10 channels, the INT8 QK error drops from 5.1% to 1.4% (notes).
   1. K smoothing: k' = kH - mean over the tokens of kH, per (batch, head, channel). Exact for
      softmax: it adds the same constant to every score of a query row, and masks keep it per row.
      V smoothing: v' = v - mean over the tokens of v, per (batch, head, channel), added back to the
