@@ -536,13 +536,19 @@ def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optio
     q_scale = torch.empty(batch, heads, seq_pad // QUANT_BLOCK_Q, dtype=torch.float32, device=dev)
     k_scale = torch.empty(batch, heads, seq_pad // QUANT_BLOCK_K, dtype=torch.float32, device=dev)
     run(_quantize_kernel)[(seq_pad // QUANT_BLOCK_Q, batch * heads)](
-        q, k, v, k_mean, v_mean, v_amax, q8, k8, v8, q_scale, k_scale,
+        q, k, v, k_mean, v_mean, v_amax, q8, k8, _v8_storage(v8), q_scale, k_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), v8.stride(1), v8.stride(2), v8.stride(3),
         heads, seq_len, seq_pad, scale * LOG2E / (head_dim if rotate else 1),
         HEAD_DIM=head_dim, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K,
         IS_INT8=qk_format == "int8", QMAX=_QMAX[qk_format], ROTATE=rotate, num_warps=8)
     return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, v_mean, k_mean)
+
+
+def _v8_storage(v8: torch.Tensor) -> torch.Tensor:
+    """The contiguous tensor behind the [B, H, S, D] view of V's codes (the kernels take it with
+    explicit strides: user Triton kernels inside compiled graphs get no transposed views)."""
+    return v8 if v8.is_contiguous() else v8.transpose(2, 3)
 
 
 def launch_attention_8bit(qz: Quantized, schemes: torch.Tensor, seq_len: int, text_start: int, text_end: int,
@@ -561,7 +567,7 @@ def launch_attention_8bit(qz: Quantized, schemes: torch.Tensor, seq_len: int, te
     cache = cached if has_cache else out
     kernel = runner(_attention_8bit_kernel) if runner is not None else _attention_8bit_kernel
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
-    kernel[grid](qz.q8, qz.k8, qz.v8, qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, cache, out, schemes,
+    kernel[grid](qz.q8, qz.k8, _v8_storage(qz.v8), qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, cache, out, schemes,
                  qz.v8.stride(1), qz.v8.stride(2), qz.v8.stride(3), cache.stride(0), cache.stride(1), cache.stride(2),
                  out.stride(0), out.stride(1), out.stride(2),
                  heads, seq_len, seq_pad, text_start, text_end, vis_start, vis_end,
