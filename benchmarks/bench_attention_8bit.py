@@ -153,7 +153,7 @@ def bench_model(name, batch, heads, head_dim, text, visual, bench: Bench) -> dic
     # SDPA bf16 (the yardstick) and ditbake's bf16 Triton kernel.
     res["sdpa_backend"] = sdpa_backend(q, k, v)
     sdpa_out = F.scaled_dot_product_attention(q, k, v)
-    sdpa = row("sdpa bf16 (" + res["sdpa_backend"] + ")", bench.time_ms(lambda: F.scaled_dot_product_attention(q, k, v)),
+    sdpa = row(f"sdpa bf16 ({res['sdpa_backend']})", bench.time_ms(lambda: F.scaled_dot_product_attention(q, k, v)),
                flops_dense, rel_err(sdpa_out, ref_dense))
     ha_cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1) if bench.smoke else None
     ha.launch_head_attention(q, k, v, dense_dev, *text_range, None, None, out, ha_cfg)
@@ -209,7 +209,8 @@ def bench_model(name, batch, heads, head_dim, text, visual, bench: Bench) -> dic
             try:
                 a8.launch_attention_8bit(qz, dense_dev, seq_len, *text_range, None, out, cfg)
                 err = rel_err(out, ref_dense)
-                ms = bench.time_ms(lambda: a8.launch_attention_8bit(qz, dense_dev, seq_len, *text_range, None, out, cfg))
+                ms = bench.time_ms(
+                    lambda: a8.launch_attention_8bit(qz, dense_dev, seq_len, *text_range, None, out, cfg))
             except Exception as exc:  # a config may not fit shared memory / registers
                 logger.warning("%s: %s config %s failed: %s", name, fmt, cfg, str(exc).splitlines()[0][:200])
                 return

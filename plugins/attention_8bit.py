@@ -27,13 +27,15 @@ Numerics (the specification; all quantization arithmetic in IEEE fp32):
   4. Softmax in fp32 on exp2: p = exp2(s - m + log2 448) = 448 * exp2(s - m) in [0, 448], m the row
      max over allowed keys; P is rounded to FP8 E4M3 (fixed scale 448: the full E4M3 range);
      v' is quantized to E4M3 per (batch, head, channel) with scale amax over tokens of |v'| / 448.
-  5. out = (sum_j fp8(p_j) v8_j) * (v_amax / 448) / l + v_mean with l = sum_j p_j taken from the fp32 p, not the
-     rounded one: it is free in the kernel (the sum runs on the fp32 values already in registers;
-     summing the FP8 values would cost a conversion back per element) and RTNE rounding of p is
-     unbiased, so its errors average out in the numerator instead of being matched in l.
+  5. out = (sum_j fp8(p_j) v8_j) * (v_amax / 448) / l + v_mean, with l = sum_j p_j over the fp32
+     p, not the rounded one: free in the kernel (the sum runs on the fp32 values already in
+     registers; summing the FP8 values would cost a conversion back per element); RTNE rounding
+     of p is unbiased, so its errors average out in the numerator, and V smoothing passes the
+     coherent part of the output exactly whichever l is used (measured in the notes).
 The kernel computes step 4 online (running max, as FlashAttention), so it rounds
 448 * exp2(s - m_running) instead of 448 * exp2(s - m): the same format and scale, different
-rounding points; tests compare kernel and reference within that FP8 slack.
+rounding points; and its INT8 score leaves the integer domain through one FMA (<= 0.75 code units
+of rounding). Tests compare kernel and reference within that FP8 slack.
 """
 from __future__ import annotations
 
@@ -208,7 +210,8 @@ if HAS_TRITON:
     from ditbake.plugins._triton_util import round_half_even
 
     @triton.jit
-    def _kv_stats_kernel(K, V, PSUM, PVSUM, PVMAX, PVMIN, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    def _kv_stats_kernel(K, V, PSUM, PVSUM, PVMAX, PVMIN,
+                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                          num_heads, seq_len, num_chunks,
                          HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
         """Partial per-channel sums of k and v and max/min of v over CHUNK tokens -> [B*H, chunks, D]."""
@@ -412,7 +415,8 @@ if HAS_TRITON:
         o_ptrs = O + batch * stride_ob + head.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
 
         if kind == 2:
-            c_ptrs = C + batch * stride_cb + head.to(tl.int64) * stride_ch + offs_m[:, None] * stride_cs + offs_d[None, :]
+            c_ptrs = (C + batch * stride_cb + head.to(tl.int64) * stride_ch + offs_m[:, None] * stride_cs
+                      + offs_d[None, :])
             tl.store(o_ptrs, tl.load(c_ptrs, mask=row_ok[:, None]), mask=row_ok[:, None])
         else:
             # Block ranges exactly as in head_attention's kernel (see its comments).

@@ -268,7 +268,8 @@ def test_prepare_kernel_in_interpreter_matches_reference(qk_format, exact_interp
 @interpreter_only
 @pytest.mark.parametrize("qk_format", a8.QK_FORMATS)
 def test_kernel_in_interpreter_one_key_block_is_exact(qk_format, exact_interpreter, rng_seed):
-    # With all keys in one block the online max is the final max: kernel == reference to fp32\n    # (FP8 QK), or up to the rounding of the INT8 score conversion.
+    # With all keys in one block the online max is the final max: kernel == reference to fp32
+    # (FP8 QK), or up to the rounding of the INT8 score conversion.
     q, k, v = peaky_qkv(1, 2, 60, 64, dtype=torch.float32)
     schemes = ha.schemes_to_tensor([HeadScheme.full()] * 2)
     out = torch.full_like(q, float("nan"))
@@ -372,3 +373,18 @@ def test_gpu_op_under_torch_compile_and_export(rng_seed):
 
     exported = torch.export.export(Layer(), (q, k, v, table, cached))
     assert "ditbake.attention_8bit" in str(exported.graph) or "triton_kernel_wrapper" in str(exported.graph)
+
+
+@pytest.mark.gpu
+def test_gpu_error_helper_runs_the_kernel(rng_seed):
+    q, k, v = peaky_qkv(1, 3, 4096, 128, device="cuda")
+    cached = torch.randn_like(q)
+    schemes = [HeadScheme.full(), HeadScheme.cached(), HeadScheme.arrow(500, 200)]
+    err = a8.attention_8bit_error(q, k, v, schemes, (0, 0), cached)
+    out = a8.attention_8bit(q, k, v, schemes, (0, 0), cached).float()
+    ref = ha.head_attention_ref(q.float(), k.float(), v.float(), schemes, (0, 0), cached.float())
+    assert err[1] == 0
+    for h in (0, 2):
+        expected = ((out[:, h] - ref[:, h]).pow(2).sum() / ref[:, h].pow(2).sum()).item()
+        assert err[h].item() == pytest.approx(expected, rel=1e-3)
+        assert err[h].item() < 0.05 ** 2  # the INT8 bound of the CPU reference tests, squared
