@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 
 from ditbake.plugins import attention_8bit as a8
 
-COUNTS = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"mma\.sync", "ex2": r"ex2\.approx",
+COUNTS = {"wgmma": r"wgmma\.mma_async", "add.f32": r"add\.f32", "fma.f32": r"fma\.rn\.f32", "mma.sync": r"mma\.sync", "ex2": r"ex2\.approx",
           "cvt_e4m3x2": r"cvt\.rn\.satfinite\.e4m3x2", "i2f": r"cvt\.rn\.f32\.s32",
           "cp.async_16B": r"cp\.async\.cg\.shared\.global.*0x10", "ld.global.b8": r"ld\.global\.b8"}
 
