@@ -14,6 +14,7 @@ triton.testing.do_bench (CUDA events, median). The sweep stops early, keeping wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -44,10 +45,13 @@ FORMATS = a8.QK_FORMATS
 
 
 def sweep_grid(smoke: bool) -> list[dict]:
-    """Stage 1 of the sweep: BLOCK_N x warps at 3 stages (stage 2 varies the stages of the best)."""
+    """Stage 1 of the sweep: BLOCK_N at 8 warps, 3 stages, and one 4-warp point (stage 2 varies
+    the stages of the best). 4 warps with BLOCK_M=128, D=128 spill ~2 KB of registers when compiled
+    for sm_90 (benchmarks/compile_attention_8bit.py), so only one such config is timed."""
     if smoke:
         return [dict(BLOCK_M=32, BLOCK_N=n, num_warps=1, num_stages=1) for n in (32, 64)]
-    return [dict(BLOCK_M=128, BLOCK_N=n, num_warps=w, num_stages=3) for n in (64, 128) for w in (4, 8)]
+    return [dict(BLOCK_M=128, BLOCK_N=n, num_warps=8, num_stages=3) for n in (64, 128)] + \
+        [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)]
 
 
 def stage_variants(cfg: dict, smoke: bool) -> list[dict]:
@@ -122,15 +126,19 @@ def run_8bit(q, k, v, table, text_range, fmt, out, config=None, v_transposed=Non
                                     v_transposed=v_transposed)
 
 
-def bench_model(name, batch, heads, head_dim, text, visual, bench: Bench) -> dict:
+def bench_model(name, batch, heads, head_dim, text, visual, bench: Bench, phase: str = "essentials",
+                res: dict | None = None) -> dict:
+    """Phase "essentials": SDPA, head_attention, prepare, 8-bit with the default config, bands.
+    Phase "sweep" (adds rows to ``res``): launch configs and V layouts, while the budget lasts."""
     device = "cpu" if bench.smoke else "cuda"
     seq_len, text_range = text + visual, (0, text)
     # The interpreter has no bf16 dot (numpy multiplies the raw bits): fp32 in smoke mode.
     q, k, v = peaky_inputs(batch, heads, seq_len, head_dim, device, torch.float32 if bench.smoke else torch.bfloat16)
     dense = ha.schemes_to_tensor([HeadScheme.full()] * heads)
     flops_dense = ha.attention_flops(dense, text, visual, head_dim, batch)
-    res = {"shape": [batch, heads, seq_len, head_dim], "text_tokens": text, "gflop_dense": flops_dense / 1e9,
-           "rows": []}
+    if res is None:
+        res = {"shape": [batch, heads, seq_len, head_dim], "text_tokens": text, "gflop_dense": flops_dense / 1e9,
+               "rows": []}
     ref_dense = fp32_reference(q, k, v, dense, text_range)
     dense_dev = dense.to(device)
     out = torch.empty_like(q)
@@ -142,89 +150,97 @@ def bench_model(name, batch, heads, head_dim, text, visual, bench: Bench) -> dic
                     extra or "")
         return entry
 
-    # SDPA bf16 (the yardstick) and ditbake's bf16 Triton kernel.
-    res["sdpa_backend"] = sdpa_backend(q, k, v)
-    sdpa_out = F.scaled_dot_product_attention(q, k, v)
-    sdpa = row("sdpa bf16 (" + res["sdpa_backend"] + ")", bench.time_ms(lambda: F.scaled_dot_product_attention(q, k, v)),
-               flops_dense, rel_err(sdpa_out, ref_dense))
-    ha_cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1) if bench.smoke else None
-    ha.launch_head_attention(q, k, v, dense_dev, *text_range, None, None, out, ha_cfg)
-    row("head_attention bf16 dense", bench.time_ms(
-        lambda: ha.launch_head_attention(q, k, v, dense_dev, *text_range, None, None, out, ha_cfg)),
-        flops_dense, rel_err(out, ref_dense))
+    if phase == "essentials":
+        # SDPA bf16 (the yardstick) and ditbake's bf16 Triton kernel.
+        res["sdpa_backend"] = sdpa_backend(q, k, v)
+        sdpa_out = F.scaled_dot_product_attention(q, k, v)
+        sdpa = row(f"sdpa bf16 ({res['sdpa_backend']})", bench.time_ms(lambda: F.scaled_dot_product_attention(q, k, v)),
+                   flops_dense, rel_err(sdpa_out, ref_dense))
+        ha_cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1) if bench.smoke else None
+        ha.launch_head_attention(q, k, v, dense_dev, *text_range, None, None, out, ha_cfg)
+        row("head_attention bf16 dense", bench.time_ms(
+            lambda: ha.launch_head_attention(q, k, v, dense_dev, *text_range, None, None, out, ha_cfg)),
+            flops_dense, rel_err(out, ref_dense))
 
-    # The prepare kernels alone, per format.
-    for fmt in FORMATS:
-        ms = bench.time_ms(lambda: a8.prepare_8bit(q, k, v, None, fmt))
-        res[f"prepare_ms_{fmt}"] = ms
-        logger.info("%s | prepare %s: %.3f ms", name, fmt, ms)
+        # The prepare kernels alone, per format.
+        for fmt in FORMATS:
+            ms = bench.time_ms(lambda: a8.prepare_8bit(q, k, v, None, fmt))
+            res[f"prepare_ms_{fmt}"] = ms
+            logger.info("%s | prepare %s: %.3f ms", name, fmt, ms)
 
-    # Sweep the attention kernel on prepared buffers (dense), then V layout, then bands.
-    best = {}
-    for fmt in FORMATS:
-        qz = a8.prepare_8bit(q, k, v, None, fmt)
-        tried = []
+        # Essentials first (default launch config), so that a spent budget only shortens the sweep.
+        default_cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=1, num_stages=1) if bench.smoke \
+            else dict(a8.KERNEL_CONFIGS[head_dim])
+        totals = {}
+        for fmt in FORMATS:
+            run_8bit(q, k, v, dense_dev, text_range, fmt, out, default_cfg)
+            err = rel_err(out, ref_dense)
+            ms = bench.time_ms(lambda: run_8bit(q, k, v, dense_dev, text_range, fmt, out, default_cfg))
+            totals[fmt] = row(f"8bit {fmt} dense total (prepare+attn) {cfg_label(default_cfg)}", ms, flops_dense, err,
+                              config=default_cfg, qk_format=fmt, speedup_vs_sdpa=sdpa["ms"] / ms,
+                              prepare_share=res[f"prepare_ms_{fmt}"] / ms)
+        for density in (0.25, 0.5):
+            width = band_width_for_density(visual, density)
+            arrow = ha.schemes_to_tensor([HeadScheme.arrow(width, width)] * heads)
+            flops = ha.attention_flops(arrow, text, visual, head_dim, batch)
+            ref = fp32_reference(q, k, v, arrow, text_range)
+            arrow_dev = arrow.to(device)
+            ha.launch_head_attention(q, k, v, arrow_dev, *text_range, None, None, out, ha_cfg)
+            bf16 = row(f"head_attention bf16 band {density:.0%}", bench.time_ms(
+                lambda: ha.launch_head_attention(q, k, v, arrow_dev, *text_range, None, None, out, ha_cfg)),
+                flops, rel_err(out, ref), band_half_width=width, density=flops / flops_dense)
+            for fmt in FORMATS:
+                run_8bit(q, k, v, arrow_dev, text_range, fmt, out, default_cfg)
+                err = rel_err(out, ref)
+                ms = bench.time_ms(lambda: run_8bit(q, k, v, arrow_dev, text_range, fmt, out, default_cfg))
+                row(f"8bit {fmt} band {density:.0%} total {cfg_label(default_cfg)}", ms, flops, err, qk_format=fmt,
+                    band_half_width=width, density=flops / flops_dense, speedup_vs_sdpa=sdpa["ms"] / ms,
+                    speedup_vs_bf16_band=bf16["ms"] / ms,
+                    efficiency_vs_dense=totals[fmt]["ms"] * flops / flops_dense / ms)
+            del ref
+    else:
+        sdpa = res["rows"][0]  # the SDPA row, from the essentials phase
+        # Sweep the attention kernel alone on prepared buffers (dense), then the V layout of the best.
+        for fmt in FORMATS:
+            qz = a8.prepare_8bit(q, k, v, None, fmt)
+            tried = []
 
-        def try_config(cfg, qz=qz, fmt=fmt, tried=tried):
-            if bench.out_of_time():
-                logger.warning("%s: time budget spent, skipping %s %s", name, fmt, cfg)
-                return
-            try:
-                a8.launch_attention_8bit(qz, dense_dev, seq_len, *text_range, None, out, cfg)
-                err = rel_err(out, ref_dense)
-                ms = bench.time_ms(lambda: a8.launch_attention_8bit(qz, dense_dev, seq_len, *text_range, None, out, cfg))
-            except Exception as exc:  # a config may not fit shared memory / registers
-                logger.warning("%s: %s config %s failed: %s", name, fmt, cfg, str(exc).splitlines()[0][:200])
-                return
-            tried.append(row(f"8bit {fmt} dense attn-only {cfg_label(cfg)}", ms, flops_dense, err, config=cfg,
-                             qk_format=fmt))
+            def try_config(cfg, qz=qz, fmt=fmt, tried=tried):
+                if bench.out_of_time():
+                    logger.warning("%s: time budget spent, skipping %s %s", name, fmt, cfg)
+                    return
+                try:
+                    a8.launch_attention_8bit(qz, dense_dev, seq_len, *text_range, None, out, cfg)
+                    err = rel_err(out, ref_dense)
+                    ms = bench.time_ms(
+                        lambda: a8.launch_attention_8bit(qz, dense_dev, seq_len, *text_range, None, out, cfg))
+                except Exception as exc:  # a config may not fit shared memory / registers
+                    logger.warning("%s: %s config %s failed: %s", name, fmt, cfg, str(exc).splitlines()[0][:200])
+                    return
+                tried.append(row(f"8bit {fmt} dense attn-only {cfg_label(cfg)}", ms, flops_dense, err, config=cfg,
+                                 qk_format=fmt))
 
-        for cfg in sweep_grid(bench.smoke):
-            try_config(cfg)
-        if tried:
-            for cfg in stage_variants(min(tried, key=lambda r: r["ms"])["config"], bench.smoke):
+            for cfg in sweep_grid(bench.smoke):
                 try_config(cfg)
-        if not tried:
-            continue
-        best[fmt] = min(tried, key=lambda r: r["ms"])
-        cfg = best[fmt]["config"]
-        del qz
-        # Whole call (prepare + attention) with the best config, both V layouts.
-        for v_t in (True, False):
-            if bench.out_of_time():
-                break
-            try:
-                run_8bit(q, k, v, dense_dev, text_range, fmt, out, cfg, v_t)
-                err = rel_err(out, ref_dense)
-                ms = bench.time_ms(lambda: run_8bit(q, k, v, dense_dev, text_range, fmt, out, cfg, v_t))
-                row(f"8bit {fmt} dense total v_transposed={v_t} {cfg_label(cfg)}", ms, flops_dense, err,
-                    config=cfg, qk_format=fmt, v_transposed=v_t, speedup_vs_sdpa=sdpa["ms"] / ms)
-            except Exception as exc:
-                logger.warning("%s: %s v_transposed=%s failed: %s", name, fmt, v_t, str(exc).splitlines()[0][:200])
-    del ref_dense
-
-    # Arrow bands keeping 25% and 50% of the visual keys (text stays global), best config per format.
-    for density in (0.25, 0.5):
-        if bench.out_of_time() or not best:
-            break
-        width = band_width_for_density(visual, density)
-        arrow = ha.schemes_to_tensor([HeadScheme.arrow(width, width)] * heads)
-        flops = ha.attention_flops(arrow, text, visual, head_dim, batch)
-        ref = fp32_reference(q, k, v, arrow, text_range)
-        arrow_dev = arrow.to(device)
-        ha.launch_head_attention(q, k, v, arrow_dev, *text_range, None, None, out, ha_cfg)
-        bf16 = row(f"head_attention bf16 band {density:.0%}", bench.time_ms(
-            lambda: ha.launch_head_attention(q, k, v, arrow_dev, *text_range, None, None, out, ha_cfg)),
-            flops, rel_err(out, ref), band_half_width=width, density=flops / flops_dense)
-        for fmt, b in best.items():
-            cfg = b["config"]
-            run_8bit(q, k, v, arrow_dev, text_range, fmt, out, cfg)
-            err = rel_err(out, ref)
-            ms = bench.time_ms(lambda: run_8bit(q, k, v, arrow_dev, text_range, fmt, out, cfg))
-            row(f"8bit {fmt} band {density:.0%} total {cfg_label(cfg)}", ms, flops, err, config=cfg, qk_format=fmt,
-                band_half_width=width, density=flops / flops_dense, speedup_vs_sdpa=sdpa["ms"] / ms,
-                speedup_vs_bf16_band=bf16["ms"] / ms)
-        del ref
+            if tried:
+                for cfg in stage_variants(min(tried, key=lambda r: r["ms"])["config"], bench.smoke):
+                    try_config(cfg)
+            del qz
+            if not tried:
+                continue
+            cfg = min(tried, key=lambda r: r["ms"])["config"]
+            res[f"best_config_{fmt}"] = cfg
+            for v_t in (True, False):  # whole call with the best config, V stored [D, S] or [S, D]
+                if bench.out_of_time():
+                    break
+                try:
+                    run_8bit(q, k, v, dense_dev, text_range, fmt, out, cfg, v_t)
+                    err = rel_err(out, ref_dense)
+                    ms = bench.time_ms(lambda: run_8bit(q, k, v, dense_dev, text_range, fmt, out, cfg, v_t))
+                    row(f"8bit {fmt} dense total v_transposed={v_t} {cfg_label(cfg)}", ms, flops_dense, err,
+                        config=cfg, qk_format=fmt, v_transposed=v_t, speedup_vs_sdpa=sdpa["ms"] / ms)
+                except Exception as exc:
+                    logger.warning("%s: %s v_transposed=%s failed: %s", name, fmt, v_t, str(exc).splitlines()[0][:200])
     return res
 
 
@@ -254,7 +270,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
-    parser.add_argument("--budget-s", type=float, default=230.0, help="stop sweeping after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="start no sweep config after this many seconds (the essentials always run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     models = SMOKE_MODELS if args.smoke else MODELS
@@ -266,17 +283,24 @@ def main(argv=None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         logger.error("needs a CUDA GPU (or --smoke)")
         return 2
-    bench = Bench(args.smoke, args.budget_s)
+    bench = Bench(args.smoke, float("inf") if args.smoke else args.budget_s)
     results = {}
-    if args.smoke:
-        from ditbake.plugins.triton_interpreter_fixes import exact_interpreter
-        with exact_interpreter():
-            for n in names:
-                results[n] = bench_model(n, *models[n], bench)
-    else:
+    # Essentials of every model first; the sweep (many compiles) gets what is left of the budget.
+    with contextlib.ExitStack() as stack:
+        if args.smoke:
+            from ditbake.plugins.triton_interpreter_fixes import exact_interpreter
+            stack.enter_context(exact_interpreter())
         for n in names:
-            results[n] = bench_model(n, *models[n], bench)
-            torch.cuda.empty_cache()
+            results[n] = bench_model(n, *models[n], bench, "essentials")
+            if not args.smoke:
+                torch.cuda.empty_cache()
+        for n in names:
+            if bench.out_of_time():
+                logger.warning("time budget spent: no sweep for %s", n)
+                continue
+            bench_model(n, *models[n], bench, "sweep", results[n])
+            if not args.smoke:
+                torch.cuda.empty_cache()
     import triton
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu (smoke)",

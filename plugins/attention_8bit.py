@@ -10,24 +10,32 @@ One module holds:
   * ``attention_8bit_error``: per-head relative squared error against fp32 attention (calibration).
 
 Numerics (the specification; all quantization arithmetic in IEEE fp32):
-  1. K smoothing: k' = k - mean over the tokens of k, per (batch, head, channel). Exact for softmax:
-     it adds the same constant q.mean(k) to every score of a query row, and masks keep it per row.
+  0. Rotation (head dims that are powers of two): q and k are multiplied by the +-1 Sylvester
+     Hadamard matrix H (H H^T = D I; sums exact in fp64, rounded once to fp32). Scores are
+     unchanged, (qH)(kH)^T / D = q k^T, but outlier channels are spread over all channels: with
+     q and k sharing a few x10 channels, the INT8 QK error drops from 5.1% to 1.4% (notes).
+  1. K smoothing: k' = kH - mean over the tokens of kH, per (batch, head, channel). Exact for
+     softmax: it adds the same constant to every score of a query row, and masks keep it per row.
+     V smoothing: v' = v - mean over the tokens of v, per (batch, head, channel), added back to the
+     output (the softmax weights sum to 1); only v' is rounded, so an offset passes exactly.
   2. Q and K' are quantized symmetrically per (batch, head, block of QUANT_BLOCK_Q query tokens /
      QUANT_BLOCK_K key tokens): amax over the block (floored at AMAX_FLOOR), code =
      clamp(round_half_even(x * (QMAX / amax)), -QMAX, QMAX), scale = amax / QMAX, with QMAX = 127
      for INT8 and 448 for FP8 E4M3 (round to nearest even by the cast). Q's scale also carries the
-     softmax scale and log2(e): q_scale = (amax / QMAX) * (scale * log2 e).
+     softmax scale, log2(e) and the rotation's 1/D: q_scale = (amax / QMAX) * (scale * log2 e / D).
   3. Scores in the log2 domain: s = (q8 . k8) * q_scale * k_scale (integer-exact dot for INT8).
   4. Softmax in fp32 on exp2: p = exp2(s - m + log2 448) = 448 * exp2(s - m) in [0, 448], m the row
      max over allowed keys; P is rounded to FP8 E4M3 (fixed scale 448: the full E4M3 range);
-     V is quantized to E4M3 per (batch, head, channel) with scale amax over tokens / 448.
-  5. out = (sum_j fp8(p_j) v8_j) * (v_amax / 448) / l with l = sum_j p_j taken from the fp32 p, not the
-     rounded one: it is free in the kernel (the sum runs on the fp32 values already in registers;
-     summing the FP8 values would cost a conversion back per element) and RTNE rounding of p is
-     unbiased, so its errors average out in the numerator instead of being matched in l.
+     v' is quantized to E4M3 per (batch, head, channel) with scale amax over tokens of |v'| / 448.
+  5. out = (sum_j fp8(p_j) v8_j) * (v_amax / 448) / l + v_mean, with l = sum_j p_j over the fp32
+     p, not the rounded one: free in the kernel (the sum runs on the fp32 values already in
+     registers; summing the FP8 values would cost a conversion back per element); RTNE rounding
+     of p is unbiased, so its errors average out in the numerator, and V smoothing passes the
+     coherent part of the output exactly whichever l is used (measured in the notes).
 The kernel computes step 4 online (running max, as FlashAttention), so it rounds
 448 * exp2(s - m_running) instead of 448 * exp2(s - m): the same format and scale, different
-rounding points; tests compare kernel and reference within that FP8 slack.
+rounding points; and its INT8 score leaves the integer domain through one FMA (<= 0.75 code units
+of rounding). Tests compare kernel and reference within that FP8 slack.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from ditbake.plugins.hadamard import hadamard_sign_matrix
 from ditbake.plugins.head_attention import (HeadAttentionError, HeadKind, SchemesLike, _check_qkv,
                                             _visual_range, arrow_allowed, head_attention_ref,
                                             normalize_text_range, schemes_to_tensor)
@@ -65,7 +74,8 @@ _QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 class Quantized(NamedTuple):
     """q/k/v after the prepare step. Shapes: q8, k8 [B, H, S, D]; q_scale [B, H, ceil(S/128)]
     (softmax scale * log2 e included); k_scale [B, H, ceil(S/64)]; v8 [B, H, S, D] E4M3;
-    v_amax [B, H, D] (V's scale is v_amax / 448); k_mean [B, H, D]. The GPU buffers hold
+    v_amax [B, H, D] (amax of |v - v_mean|; V's scale is v_amax / 448); v_mean, k_mean [B, H, D]
+    (k_mean of the rotated k). The GPU buffers hold
     padded_len(S) tokens, zeros past S."""
     q8: torch.Tensor
     q_scale: torch.Tensor
@@ -73,6 +83,7 @@ class Quantized(NamedTuple):
     k_scale: torch.Tensor
     v8: torch.Tensor
     v_amax: torch.Tensor
+    v_mean: torch.Tensor
     k_mean: torch.Tensor
 
 
@@ -107,19 +118,35 @@ def _quantize_blocks(x: torch.Tensor, block: int, qk_format: str) -> Tuple[torch
     return codes, amax / qmax
 
 
+def rotates(head_dim: int) -> bool:
+    """Whether q and k are Hadamard-rotated before quantization (step 0): D a power of two."""
+    return head_dim >= 2 and head_dim & (head_dim - 1) == 0
+
+
+def rotate_ref(x: torch.Tensor) -> torch.Tensor:
+    """x @ H with the +-1 Sylvester matrix: sums exact in fp64, rounded once to fp32."""
+    return (x.double() @ hadamard_sign_matrix(x.shape[-1], torch.float64, x.device)).float()
+
+
 def quantize_qkv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                      qk_format: str = "int8") -> Quantized:
-    """Steps 1-2 of the specification and V's channel quantization, in fp32."""
+    """Steps 0-2 of the specification and V's channel quantization, in fp32. ``k_mean`` is the
+    mean of the rotated k."""
     _check_format(qk_format)
-    scale = _resolve_scale(scale, q.shape[-1])
-    qf, kf, vf = q.float(), k.float(), v.float()
+    head_dim = q.shape[-1]
+    scale = _resolve_scale(scale, head_dim)
+    rotate = rotates(head_dim)
+    qf, kf = (rotate_ref(q), rotate_ref(k)) if rotate else (q.float(), k.float())
+    vf = v.float()
     k_mean = kf.mean(dim=2)
     q8, q_amax = _quantize_blocks(qf, QUANT_BLOCK_Q, qk_format)
     k8, k_scale = _quantize_blocks(kf - k_mean[:, :, None], QUANT_BLOCK_K, qk_format)
-    q_scale = q_amax * torch.tensor(scale * LOG2E, dtype=torch.float32)
-    v_amax = vf.abs().amax(dim=2).clamp_min(AMAX_FLOOR)
-    v8 = (vf * (FP8_MAX / v_amax)[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, k_mean)
+    q_scale = q_amax * torch.tensor(scale * LOG2E / (head_dim if rotate else 1), dtype=torch.float32)
+    v_mean = vf.mean(dim=2)
+    vs = vf - v_mean[:, :, None]
+    v_amax = vs.abs().amax(dim=2).clamp_min(AMAX_FLOOR)
+    v8 = (vs * (FP8_MAX / v_amax)[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, v_mean, k_mean)
 
 
 def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes: SchemesLike,
@@ -157,7 +184,7 @@ def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme
             p = torch.exp2(s - m + LOG2_FP8_MAX).float()          # fp32 P~ * 448, in [0, 448]
             p8 = p.to(torch.float8_e4m3fn).double()
             l = p.double().sum(dim=-1, keepdim=True)
-            o = (p8 @ v8) * (qz.v_amax[:, h, None, :] / FP8_MAX).double() / l
+            o = (p8 @ v8) * (qz.v_amax[:, h, None, :] / FP8_MAX).double() / l + qz.v_mean[:, h, None, :].double()
             out[:, h, row0:row1] = o.to(q.dtype)
     return out
 
@@ -166,9 +193,10 @@ def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 
-# Launch parameters of the attention kernel per head dim; BLOCK_M must divide QUANT_BLOCK_Q's
-# multiple SEQ_PAD and BLOCK_N must be a multiple of... nothing: K scales are read per column.
-# Defaults until the benchmark (benchmarks/bench_attention_8bit.py) picks on an H100.
+# Launch parameters of the attention kernel per head dim. BLOCK_M must divide QUANT_BLOCK_Q (one
+# q scale per program) and BLOCK_N must divide SEQ_PAD; K scales are read per key column, so
+# BLOCK_N need not match QUANT_BLOCK_K. 4 warps at BLOCK_M=128, D=128 spill registers (sm_90
+# compile, benchmarks/compile_attention_8bit.py). Defaults until bench_attention_8bit.py picks.
 KERNEL_CONFIGS = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -182,10 +210,11 @@ if HAS_TRITON:
     from ditbake.plugins._triton_util import round_half_even
 
     @triton.jit
-    def _kv_stats_kernel(K, V, PSUM, PMAX, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    def _kv_stats_kernel(K, V, PSUM, PVSUM, PVMAX, PVMIN,
+                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                          num_heads, seq_len, num_chunks,
                          HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
-        """Partial per-channel sum of k and max |v| over CHUNK tokens -> PSUM/PMAX [B*H, chunks, D]."""
+        """Partial per-channel sums of k and v and max/min of v over CHUNK tokens -> [B*H, chunks, D]."""
         chunk = tl.program_id(0)
         pid_bh = tl.program_id(1)
         batch = (pid_bh // num_heads).to(tl.int64)
@@ -194,31 +223,64 @@ if HAS_TRITON:
         k_base = K + batch * stride_kb + head * stride_kh
         v_base = V + batch * stride_vb + head * stride_vh
         ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+        vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
         for r in tl.static_range(0, CHUNK, ROWS):
             rows = chunk * CHUNK + r + tl.arange(0, ROWS)
             ok = (rows < seq_len)[:, None]
             kt = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
             vt = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
             ksum += tl.sum(kt, 0)
-            vmax = tl.maximum(vmax, tl.max(tl.abs(vt), 0))
+            vsum += tl.sum(vt, 0)
+            vmax = tl.maximum(vmax, tl.max(tl.where(ok, vt, float("-inf")), 0))
+            vmin = tl.minimum(vmin, tl.min(tl.where(ok, vt, float("inf")), 0))
         out = pid_bh.to(tl.int64) * num_chunks * HEAD_DIM + chunk * HEAD_DIM + offs_d
         tl.store(PSUM + out, ksum)
-        tl.store(PMAX + out, vmax)
+        tl.store(PVSUM + out, vsum)
+        tl.store(PVMAX + out, vmax)
+        tl.store(PVMIN + out, vmin)
 
     @triton.jit
-    def _kv_finalize_kernel(PSUM, PMAX, KMEAN, VAMAX, seq_len, num_chunks,
-                            HEAD_DIM: tl.constexpr, CHUNKS_P2: tl.constexpr):
-        """k mean and V's amax (floored) per (batch*head, channel) from the partials."""
+    def _hadamard_signs(HEAD_DIM: tl.constexpr):
+        """The +-1 Sylvester matrix [D, D] in fp32: H[i, j] = (-1)^popcount(i & j)."""
+        both = tl.arange(0, HEAD_DIM)[:, None] & tl.arange(0, HEAD_DIM)[None, :]
+        parity = both ^ (both >> 8)  # D <= 256: fold 9 bits down to 1
+        parity = parity ^ (parity >> 4)
+        parity = parity ^ (parity >> 2)
+        parity = parity ^ (parity >> 1)
+        return 1.0 - 2.0 * (parity & 1).to(tl.float32)
+
+    @triton.jit
+    def _rotate(x, signs):
+        """x @ H on the tensor cores: the +-1 entries are exact in x's dtype, sums in fp32."""
+        if x.dtype == tl.float32:  # tests and the interpreter; never tf32, which would round x
+            y = tl.dot(x, signs, input_precision="ieee")
+        else:
+            y = tl.dot(x, signs.to(x.dtype))
+        return y
+
+    @triton.jit
+    def _kv_finalize_kernel(PSUM, PVSUM, PVMAX, PVMIN, KMEAN, VMEAN, VAMAX, seq_len, num_chunks,
+                            HEAD_DIM: tl.constexpr, CHUNKS_P2: tl.constexpr, ROTATE: tl.constexpr):
+        """Means of (rotated) k and of v, and max |v - mean| (floored), per (batch*head, channel),
+        from the partials: mean(k H) = mean(k) H, so the statistics pass sums unrotated k; and
+        max |v - mean| = max(vmax - mean, mean - vmin), the same fp32 subtraction as per element."""
         pid_bh = tl.program_id(0).to(tl.int64)
         offs_c = tl.arange(0, CHUNKS_P2)
         offs_d = tl.arange(0, HEAD_DIM)
         ptrs = pid_bh * num_chunks * HEAD_DIM + offs_c[:, None] * HEAD_DIM + offs_d[None, :]
         ok = (offs_c < num_chunks)[:, None]
         ksum = tl.sum(tl.load(PSUM + ptrs, mask=ok, other=0.0), 0)
-        vmax = tl.max(tl.load(PMAX + ptrs, mask=ok, other=0.0), 0)
-        tl.store(KMEAN + pid_bh * HEAD_DIM + offs_d, ksum / seq_len)
-        tl.store(VAMAX + pid_bh * HEAD_DIM + offs_d, tl.maximum(vmax, 1e-12))
+        v_mean = tl.sum(tl.load(PVSUM + ptrs, mask=ok, other=0.0), 0) / seq_len
+        vmax = tl.max(tl.load(PVMAX + ptrs, mask=ok, other=float("-inf")), 0)
+        vmin = tl.min(tl.load(PVMIN + ptrs, mask=ok, other=float("inf")), 0)
+        k_mean = ksum / seq_len
+        if ROTATE:
+            k_mean = tl.sum(k_mean[:, None] * _hadamard_signs(HEAD_DIM), 0)
+        tl.store(KMEAN + pid_bh * HEAD_DIM + offs_d, k_mean)
+        tl.store(VMEAN + pid_bh * HEAD_DIM + offs_d, v_mean)
+        tl.store(VAMAX + pid_bh * HEAD_DIM + offs_d, tl.maximum(tl.maximum(vmax - v_mean, v_mean - vmin), 1e-12))
 
     @triton.jit
     def _quantize_tile(x, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
@@ -232,15 +294,16 @@ if HAS_TRITON:
         return codes, tl.math.div_rn(amax, amax * 0.0 + QMAX)
 
     @triton.jit
-    def _quantize_kernel(Q, K, V, KMEAN, VAMAX, Q8, K8, V8, QS, KS,
+    def _quantize_kernel(Q, K, V, KMEAN, VMEAN, VAMAX, Q8, K8, V8, QS, KS,
                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                          stride_vb, stride_vh, stride_vs,
                          stride_v8h, stride_v8s, stride_v8d,
                          num_heads, seq_len, seq_pad, qk_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                         IS_INT8: tl.constexpr, QMAX: tl.constexpr):
-        """One BLOCK_Q-token block of one (batch, head): q, smoothed k and v to 8 bits, zeros past
-        the sequence. Q8/K8 are [B*H, seq_pad, D]; V8 has strides (head, token, channel)."""
+                         IS_INT8: tl.constexpr, QMAX: tl.constexpr, ROTATE: tl.constexpr):
+        """One BLOCK_Q-token block of one (batch, head): rotated q, rotated smoothed k and v to 8
+        bits, zeros past the sequence. Q8/K8 are [B*H, seq_pad, D]; V8 has strides (head, token,
+        channel)."""
         blk = tl.program_id(0)
         pid_bh = tl.program_id(1)
         batch = (pid_bh // num_heads).to(tl.int64)
@@ -252,7 +315,11 @@ if HAS_TRITON:
         ok = (rows < seq_len)[:, None]
 
         q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
-                    mask=ok, other=0.0).to(tl.float32)
+                    mask=ok, other=0.0)
+        if ROTATE:
+            q = _rotate(q, _hadamard_signs(HEAD_DIM))
+        else:
+            q = q.to(tl.float32)
         q8, q_amax_scaled = _quantize_tile(q, QMAX, IS_INT8)
         tl.store(Q8 + bh * seq_pad * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], q8)
         tl.store(QS + bh * (seq_pad // BLOCK_Q) + blk, q_amax_scaled * qk_scale)
@@ -262,7 +329,11 @@ if HAS_TRITON:
             krows = blk * BLOCK_Q + sub + tl.arange(0, BLOCK_K)
             kok = (krows < seq_len)[:, None]
             kt = tl.load(K + batch * stride_kb + head * stride_kh + krows[:, None] * stride_ks + offs_d[None, :],
-                         mask=kok, other=0.0).to(tl.float32)
+                         mask=kok, other=0.0)
+            if ROTATE:
+                kt = _rotate(kt, _hadamard_signs(HEAD_DIM))
+            else:
+                kt = kt.to(tl.float32)
             kt = tl.where(kok, kt - k_mean[None, :], 0.0)
             k8, k_scale = _quantize_tile(kt, QMAX, IS_INT8)
             tl.store(K8 + bh * seq_pad * HEAD_DIM + krows[:, None] * HEAD_DIM + offs_d[None, :], k8)
@@ -272,6 +343,7 @@ if HAS_TRITON:
                     mask=ok, other=0.0).to(tl.float32)
         v_amax = tl.load(VAMAX + bh * HEAD_DIM + offs_d)
         v_inv = tl.math.div_rn(tl.full([HEAD_DIM], 448.0, tl.float32), v_amax)
+        v = tl.where(ok, v - tl.load(VMEAN + bh * HEAD_DIM + offs_d)[None, :], 0.0)
         v8 = tl.minimum(tl.maximum(v * v_inv[None, :], -448.0), 448.0).to(tl.float8e4nv)
         tl.store(V8 + bh * stride_v8h + rows[:, None] * stride_v8s + offs_d[None, :] * stride_v8d, v8)
 
@@ -279,22 +351,24 @@ if HAS_TRITON:
     def _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base, stride_vs, stride_vd, start_n,
                            offs_m, offs_n, offs_d, seq_len, text_start, text_end, vis_start, vis_end,
                            w_left, w_right, MASK: tl.constexpr, IS_INT8: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
-        if ALIGNED:  # lets the compiler vectorize the loads of V stored [D, S]
-            start_n = tl.multiple_of(start_n, BLOCK_N)
+                           BLOCK_K: tl.constexpr):
         cols = start_n + offs_n
         # Buffers are zero-padded to SEQ_PAD tokens: no load masks; scores past seq_len are masked.
         k = tl.load(k_base + cols[:, None] * HEAD_DIM + offs_d[None, :])
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd)
-        k_scale = tl.load(ks_base + cols // BLOCK_K)
+        # One scale per key column: the block's q scale (uniform: BLOCK_M divides BLOCK_Q) times the
+        # key's block scale; the score in the log2 domain is then one multiply(-add) per element.
+        col_scale = tl.load(ks_base + cols // BLOCK_K) * q_scale
         if IS_INT8:
             qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-            # int32 -> fp32 without the slow I2F: |qk| <= D * 127**2 < 2**22 for D <= 256, so adding
-            # the bits of 1.5 * 2**23 makes an fp32 whose value is 1.5 * 2**23 + qk, exactly.
-            qk = (qk_i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            # int32 -> fp32 without the slow I2F (a quarter-rate conversion unit): |qk| <= D * 127**2
+            # < 2**22 for D <= 256, so adding the bits of 1.5 * 2**23 gives the fp32 1.5 * 2**23 + qk
+            # exactly; the offset comes off in the same FMA as the scale (within 1 ulp of 2**23 * scale,
+            # far below one code step of the scores).
+            qk = tl.fma((qk_i + 0x4B400000).to(tl.float32, bitcast=True), col_scale[None, :],
+                        -(12582912.0 * col_scale)[None, :])
         else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = qk * k_scale[None, :]
+            qk = tl.dot(q, tl.trans(k)) * col_scale[None, :]
         if MASK == 1:
             key_text = (cols >= text_start) & (cols < text_end)
             qk = tl.where(key_text[None, :], qk, float("-inf"))
@@ -310,23 +384,25 @@ if HAS_TRITON:
             allowed = (offset >= -w_left) & (offset <= w_right)
             allowed = (allowed | row_text[:, None] | key_text[None, :]) & (cols < seq_len)[None, :]
             qk = tl.where(allowed, qk, float("-inf"))
-        # q_scale > 0 per row, so max(qk) * q_scale is the max of the scaled row.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * q_scale)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
         # p = 448 * exp2(s - m): log2(448) folded into the per-row offset (P's fixed FP8 scale).
-        p = tl.math.exp2(qk * q_scale[:, None] - (m_new - 8.807354922057604)[:, None])
+        p = tl.math.exp2(qk - (m_new - 8.807354922057604)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        # The FP8 wgmma adds with ~14-bit alignment inside its accumulator, but this dot starts from
+        # zero each block (acc * alpha + P.V is fp32 FMAs, checked in the TTGIR): the imprecise
+        # part spans only BLOCK_N keys.
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
         return acc, m_new, l_i
 
     @triton.jit
-    def _attention_8bit_kernel(Q8, K8, V8, QS, KS, VA, C, O, SCHEMES,
+    def _attention_8bit_kernel(Q8, K8, V8, QS, KS, VA, VM, C, O, SCHEMES,
                                stride_v8h, stride_v8s, stride_v8d, stride_cb, stride_ch, stride_cs,
                                stride_ob, stride_oh, stride_os,
                                num_heads, seq_len, seq_pad, text_start, text_end, vis_start, vis_end,
                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, IS_INT8: tl.constexpr,
-                               HAS_CACHE: tl.constexpr, TEXT_ALIGNED: tl.constexpr):
+                               HAS_CACHE: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         batch = (pid_bh // num_heads).to(tl.int64)
@@ -342,7 +418,8 @@ if HAS_TRITON:
         o_ptrs = O + batch * stride_ob + head.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
 
         if kind == 2:
-            c_ptrs = C + batch * stride_cb + head.to(tl.int64) * stride_ch + offs_m[:, None] * stride_cs + offs_d[None, :]
+            c_ptrs = (C + batch * stride_cb + head.to(tl.int64) * stride_ch + offs_m[:, None] * stride_cs
+                      + offs_d[None, :])
             tl.store(o_ptrs, tl.load(c_ptrs, mask=row_ok[:, None]), mask=row_ok[:, None])
         else:
             # Block ranges exactly as in head_attention's kernel (see its comments).
@@ -358,7 +435,9 @@ if HAS_TRITON:
             mixed_rows = is_arrow & (rows_visual == 0) & (rows_text == 0)
 
             # Unlike head_attention, the band's blocks start on multiples of BLOCK_N (the lead block
-            # masks what lies before the band): aligned loads of the token-contiguous V.
+            # masks what lies before the band): the compiler then proves the loads of the
+            # token-contiguous V 16-byte aligned and vectorizes/pipelines them. (The text loops start
+            # at text_start: aligned when it is a multiple of 16, as Triton specializes such ints.)
             band_lo = (tl.maximum(vis_start, row_lo - w_left) // BLOCK_N) * BLOCK_N
             band_hi = tl.maximum(tl.minimum(vis_end, row_hi + w_right + 1), band_lo)
             num_band_blocks = (band_hi - band_lo + BLOCK_N - 1) // BLOCK_N
@@ -381,7 +460,7 @@ if HAS_TRITON:
             rule_hi = tl.where(banded, rule_lo, seq_len)
 
             q = tl.load(Q8 + bh * seq_pad * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
-            q_scale = tl.load(QS + bh * (seq_pad // BLOCK_Q) + offs_m // BLOCK_Q)
+            q_scale = tl.load(QS + bh * (seq_pad // BLOCK_Q) + (pid_m * BLOCK_M) // BLOCK_Q)
             k_base = K8 + bh * seq_pad * HEAD_DIM
             ks_base = KS + bh * (seq_pad // BLOCK_K)
             v_base = V8 + bh * stride_v8h
@@ -393,42 +472,36 @@ if HAS_TRITON:
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 0, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, TEXT_ALIGNED)
+                                                   w_left, w_right, 0, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(text_floor, text_tail_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 1, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, TEXT_ALIGNED)
+                                                   w_left, w_right, 1, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(band_lo, lead_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 2, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, True)
+                                                   w_left, w_right, 2, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(plain_lo, plain_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 0, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, True)
+                                                   w_left, w_right, 0, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(trail_lo, trail_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 2, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, True)
+                                                   w_left, w_right, 2, IS_INT8, HEAD_DIM, BLOCK_K)
             for start_n in range(rule_lo, rule_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base,
                                                    stride_v8s, stride_v8d, start_n, offs_m, offs_n, offs_d,
                                                    seq_len, text_start, text_end, vis_start, vis_end,
-                                                   w_left, w_right, 3, IS_INT8, HEAD_DIM, BLOCK_K,
-                                                   BLOCK_N, True)
+                                                   w_left, w_right, 3, IS_INT8, HEAD_DIM, BLOCK_K)
 
             l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past the sequence end
             v_scale = tl.load(VA + bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
-            out = acc * v_scale[None, :] / l_i[:, None]
+            out = acc * v_scale[None, :] / l_i[:, None] + tl.load(VM + bh * HEAD_DIM + offs_d)[None, :]
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -445,20 +518,21 @@ def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optio
     batch, heads, seq_len, head_dim = q.shape
     v_transposed = V_TRANSPOSED if v_transposed is None else v_transposed
     scale = _resolve_scale(scale, head_dim)
+    rotate = rotates(head_dim)
     run = runner or (lambda kernel: kernel)
     seq_pad = padded_len(seq_len)
     dev = q.device
     num_chunks = triton.cdiv(seq_len, STATS_CHUNK)
     psum = torch.empty(batch * heads, num_chunks, head_dim, dtype=torch.float32, device=dev)
-    pmax = torch.empty_like(psum)
+    pvsum, pvmax, pvmin = (torch.empty_like(psum) for _ in range(3))
     k_mean = torch.empty(batch, heads, head_dim, dtype=torch.float32, device=dev)
-    v_amax = torch.empty_like(k_mean)
+    v_amax, v_mean = torch.empty_like(k_mean), torch.empty_like(k_mean)
     run(_kv_stats_kernel)[(num_chunks, batch * heads)](
-        k, v, psum, pmax, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k, v, psum, pvsum, pvmax, pvmin, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         heads, seq_len, num_chunks, HEAD_DIM=head_dim, CHUNK=STATS_CHUNK, ROWS=64, num_warps=4)
     run(_kv_finalize_kernel)[(batch * heads,)](
-        psum, pmax, k_mean, v_amax, seq_len, num_chunks, HEAD_DIM=head_dim,
-        CHUNKS_P2=triton.next_power_of_2(num_chunks), num_warps=4)
+        psum, pvsum, pvmax, pvmin, k_mean, v_mean, v_amax, seq_len, num_chunks, HEAD_DIM=head_dim,
+        CHUNKS_P2=triton.next_power_of_2(num_chunks), ROTATE=rotate, num_warps=4)
     qdtype = _QDTYPE[qk_format]
     q8 = torch.empty(batch, heads, seq_pad, head_dim, dtype=qdtype, device=dev)
     k8 = torch.empty_like(q8)
@@ -469,13 +543,19 @@ def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optio
     q_scale = torch.empty(batch, heads, seq_pad // QUANT_BLOCK_Q, dtype=torch.float32, device=dev)
     k_scale = torch.empty(batch, heads, seq_pad // QUANT_BLOCK_K, dtype=torch.float32, device=dev)
     run(_quantize_kernel)[(seq_pad // QUANT_BLOCK_Q, batch * heads)](
-        q, k, v, k_mean, v_amax, q8, k8, v8, q_scale, k_scale,
+        q, k, v, k_mean, v_mean, v_amax, q8, k8, _v8_storage(v8), q_scale, k_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), v8.stride(1), v8.stride(2), v8.stride(3),
-        heads, seq_len, seq_pad, scale * LOG2E,
+        heads, seq_len, seq_pad, scale * LOG2E / (head_dim if rotate else 1),
         HEAD_DIM=head_dim, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K,
-        IS_INT8=qk_format == "int8", QMAX=_QMAX[qk_format], num_warps=8)
-    return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, k_mean)
+        IS_INT8=qk_format == "int8", QMAX=_QMAX[qk_format], ROTATE=rotate, num_warps=8)
+    return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, v_mean, k_mean)
+
+
+def _v8_storage(v8: torch.Tensor) -> torch.Tensor:
+    """The contiguous tensor behind the [B, H, S, D] view of V's codes (the kernels take it with
+    explicit strides: user Triton kernels inside compiled graphs get no transposed views)."""
+    return v8 if v8.is_contiguous() else v8.transpose(2, 3)
 
 
 def launch_attention_8bit(qz: Quantized, schemes: torch.Tensor, seq_len: int, text_start: int, text_end: int,
@@ -485,21 +565,21 @@ def launch_attention_8bit(qz: Quantized, schemes: torch.Tensor, seq_len: int, te
     batch, heads, seq_pad, head_dim = qz.q8.shape
     cfg = dict(config or KERNEL_CONFIGS[head_dim])
     block_m = cfg.pop("BLOCK_M")
-    if SEQ_PAD % block_m or SEQ_PAD % cfg["BLOCK_N"]:
-        raise HeadAttentionError(f"BLOCK_M and BLOCK_N must divide {SEQ_PAD}, got {block_m}, {cfg['BLOCK_N']}")
+    if QUANT_BLOCK_Q % block_m or SEQ_PAD % cfg["BLOCK_N"]:
+        raise HeadAttentionError(f"BLOCK_M must divide {QUANT_BLOCK_Q} and BLOCK_N {SEQ_PAD}, "
+                                 f"got {block_m}, {cfg['BLOCK_N']}")
     text_start, text_end = (0, 0) if text_end <= text_start else (text_start, text_end)
     vis_start, vis_end = _visual_range(text_start, text_end, seq_len)
     has_cache = cached is not None
     cache = cached if has_cache else out
     kernel = runner(_attention_8bit_kernel) if runner is not None else _attention_8bit_kernel
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
-    kernel[grid](qz.q8, qz.k8, qz.v8, qz.q_scale, qz.k_scale, qz.v_amax, cache, out, schemes,
+    kernel[grid](qz.q8, qz.k8, _v8_storage(qz.v8), qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, cache, out, schemes,
                  qz.v8.stride(1), qz.v8.stride(2), qz.v8.stride(3), cache.stride(0), cache.stride(1), cache.stride(2),
                  out.stride(0), out.stride(1), out.stride(2),
                  heads, seq_len, seq_pad, text_start, text_end, vis_start, vis_end,
                  HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K,
-                 IS_INT8=qz.q8.dtype == torch.int8, HAS_CACHE=has_cache,
-                 TEXT_ALIGNED=text_start % cfg["BLOCK_N"] == 0, **cfg)
+                 IS_INT8=qz.q8.dtype == torch.int8, HAS_CACHE=has_cache, **cfg)
     return out
 
 
