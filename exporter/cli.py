@@ -267,6 +267,7 @@ def cmd_unpack(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditbake", description="Ahead-of-time compiler for diffusion transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("calibrate", help="run the model over prompts and the whole trajectory, record statistics")
@@ -381,14 +382,31 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="validate an artifact (hashes, plan) and print its summary")
     p.add_argument("artifact")
     p.set_defaults(func=cmd_inspect)
+    # no prefix matching: `--prompt` must not silently mean `--prompts`
+    for each in (parser, *sub.choices.values()):
+        each.allow_abbrev = False
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("ditbake")
+    except PackageNotFoundError:
+        from ditbake.exporter.build import PRODUCER_VERSION  # noqa: PLC0415
+
+        return PRODUCER_VERSION
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
+
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
+            return args.func(args)
     except DitbakeError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return exc.exit_code
