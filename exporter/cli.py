@@ -58,9 +58,10 @@ def cmd_calibrate(args) -> int:
         from ditbake.exporter.calibrate_precision import PrecisionObserverConfig, observer_factory  # noqa: PLC0415
 
         observers.append(observer_factory(PrecisionObserverConfig(max_tokens=args.precision_max_tokens)))
-    stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter)[0],
+    sched = _scheduler_config(args.model)
+    stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter, sched)[0],
                           num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model),
-                          observers=observers)
+                          observers=observers, scheduler_config=sched)
     stats.meta["weights_seed"] = args.weights_seed
     stats.meta["dtype"] = args.dtype
     if args.heads_delta is not None:  # the progressive head search interleaves with its own trajectory
@@ -68,7 +69,8 @@ def cmd_calibrate(args) -> int:
 
         tensors, heads_meta = calibrate_heads(adapter, embeds, negative, latent=latent,
                                               sampler=stats.meta["sampler"], num_steps=args.steps,
-                                              guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args))
+                                              guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args),
+                                              scheduler_config=sched)
         stats.tensors.update(tensors)
         stats.meta["heads"] = heads_meta
     out = stats.save(args.out)
@@ -119,10 +121,17 @@ def _heads_config(args, base=None):
     return replace(config, **changes)
 
 
-def _samplers(adapter) -> tuple[str, ...]:
-    from ditbake.exporter.sampler import SAMPLERS  # noqa: PLC0415
+def _samplers(adapter, scheduler_config: dict | None = None) -> tuple[str, ...]:
+    from ditbake.exporter.sampler import default_samplers  # noqa: PLC0415
 
-    return SAMPLERS[adapter.architecture]
+    return default_samplers(adapter.architecture, scheduler_config)
+
+
+def _scheduler_config(model) -> dict | None:
+    """The pipeline's own scheduler/ config (None for tiny models, config files, bare transformers)."""
+    from ditbake.exporter import scheduler_config  # noqa: PLC0415
+
+    return scheduler_config.read(model)
 
 
 def cmd_plan(args) -> int:
@@ -186,13 +195,14 @@ def cmd_build(args) -> int:
     frames = 1 if len(latent) == 3 else latent[1] if adapter.architecture == "wan" else latent[0]  # 3-D: an image
     profile = Profile(f"f{frames}_h{latent[-2]}_w{latent[-1]}_t{stats.meta['text_len']}", latent,
                       int(stats.meta["text_len"]))
-    samplers = args.samplers.split(",") if args.samplers else list(_samplers(adapter))
+    sched = _scheduler_config(args.model)
+    samplers = args.samplers.split(",") if args.samplers else list(_samplers(adapter, sched))
     if stats.meta["sampler"] in samplers:  # the calibrated sampler is the default
         samplers.remove(stats.meta["sampler"])
         samplers.insert(0, stats.meta["sampler"])
     out = builder.build(adapter, plan, args.out, profiles=[profile], samplers=samplers, dtype=DTYPES[args.dtype],
                         backend=args.backend, label=args.label, device=args.device,
-                        text_encoder=args.text_encoder, onnx_only=args.onnx_only)
+                        text_encoder=args.text_encoder, onnx_only=args.onnx_only, scheduler_config=sched)
     log.info("artifact ready: %s", out)
     return 0
 
@@ -276,7 +286,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] (and optional 'negative')")
     p.add_argument("--num-prompts", type=int, default=2, help="random prompt embeddings when --prompts is absent")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", help="flow_euler|unipc (Wan), ddim|dpmpp (CogVideoX)")
+    p.add_argument("--sampler", help="flow_euler|unipc|ddim|dpmpp (default: the pipeline's own scheduler; another "
+                   "kind takes over its config's compatible fields)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for config sources")
