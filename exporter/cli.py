@@ -41,14 +41,20 @@ def _default_shape(adapter, args) -> tuple[tuple[int, ...], int]:
 def cmd_calibrate(args) -> int:
     from ditbake.exporter import calibrate as cal, models  # noqa: PLC0415
     from ditbake.exporter.adapters import adapter_for  # noqa: PLC0415
+    from ditbake.runtime import arch as runtime_arch  # noqa: PLC0415
 
     adapter = adapter_for(models.load(args.model, dtype=DTYPES[args.dtype], seed=args.weights_seed))
     latent, text_len = _default_shape(adapter, args)
     text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim")))
+    pooled = negative_pooled = None
     if args.prompts:
         embeds, negative = cal.load_prompt_embeds(args.prompts)
+        pooled, negative_pooled = cal.load_pooled(args.prompts)
     else:
         embeds, negative = cal.random_prompt_embeds(args.num_prompts, text_len, text_dim, args.seed), None
+        if "pooled" in runtime_arch.extra_inputs(adapter.arch, adapter.config):  # SD3 / Flux: a random pooled vector too
+            pooled = cal.random_prompt_embeds(args.num_prompts, 1, adapter.arch.pooled_dim(adapter.config),
+                                              args.seed + 1)[:, 0]
     if embeds.shape[1:] != (text_len, text_dim) and adapter.architecture == "cogvideox":
         raise InputError(f"prompt embeddings are {list(embeds.shape)}; the model expects [N, {text_len}, {text_dim}]")
     if embeds.shape[-1] != text_dim:
@@ -61,7 +67,7 @@ def cmd_calibrate(args) -> int:
     sched = _scheduler_config(args.model)
     stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter, sched)[0],
                           num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model),
-                          observers=observers, scheduler_config=sched)
+                          observers=observers, scheduler_config=sched, pooled=pooled, negative_pooled=negative_pooled)
     stats.meta["weights_seed"] = args.weights_seed
     stats.meta["dtype"] = args.dtype
     if args.heads_delta is not None:  # the progressive head search interleaves with its own trajectory
@@ -70,7 +76,7 @@ def cmd_calibrate(args) -> int:
         tensors, heads_meta = calibrate_heads(adapter, embeds, negative, latent=latent,
                                               sampler=stats.meta["sampler"], num_steps=args.steps,
                                               guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args),
-                                              scheduler_config=sched)
+                                              scheduler_config=sched, pooled=pooled, negative_pooled=negative_pooled)
         stats.tensors.update(tensors)
         stats.meta["heads"] = heads_meta
     out = stats.save(args.out)
@@ -210,22 +216,26 @@ def cmd_build(args) -> int:
 def cmd_run(args) -> int:
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from ditbake.exporter.calibrate import load_prompt_embeds, random_prompt_embeds  # noqa: PLC0415
+    from ditbake.exporter.calibrate import load_pooled, load_prompt_embeds, random_prompt_embeds  # noqa: PLC0415
     from ditbake.exporter.media import latents_to_frames, write_gif, write_strip  # noqa: PLC0415
     from ditbake.runtime import load  # noqa: PLC0415
 
     session = load(args.artifact, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
                    cuda_graphs=args.cuda_graphs)
     prof = session.profile(args.profile)
-    embeds = negative = None
+    embeds = negative = pooled = negative_pooled = None
     if args.prompts:
         embeds, negative = load_prompt_embeds(args.prompts)
+        pooled, negative_pooled = load_pooled(args.prompts)
     elif not args.prompt:
         text_dim = int(session.config.get("text_dim", session.config.get("text_embed_dim")))
         embeds = random_prompt_embeds(1, prof.text_len, text_dim, args.seed)
+        if "pooled" in session.extra_inputs and not session.arch.pooled_is_token_mean(session.config):
+            pooled = random_prompt_embeds(1, 1, session.arch.pooled_dim(session.config), args.seed + 1)[:, 0]
         log.warning("no --prompt or --prompts: using random prompt embeddings")
     result = session.generate(embeds, negative, prompt=args.prompt, seed=args.seed, guidance_scale=args.guidance,
-                              profile=prof.name, sampler=args.sampler,
+                              profile=prof.name, sampler=args.sampler, pooled_embeds=pooled,
+                              negative_pooled_embeds=negative_pooled,
                               progress=lambda it: tqdm(it, desc="denoise", unit="step"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +293,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="run the model over prompts and the whole trajectory, record statistics")
     p.add_argument("--model", required=True, help="local diffusers dir, config .json (random weights) or tiny-wan/tiny-cogvideox")
     p.add_argument("--out", required=True, help="output directory for calibration.json + stats.safetensors")
-    p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] (and optional 'negative')")
+    p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] (and optional 'negative'; SD3/Flux: "
+                   "'pooled' [N, P] and 'negative_pooled')")
     p.add_argument("--num-prompts", type=int, default=2, help="random prompt embeddings when --prompts is absent")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", help="flow_euler|unipc|ddim|dpmpp (default: the pipeline's own scheduler; another "
