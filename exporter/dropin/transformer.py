@@ -192,8 +192,9 @@ class CompiledTransformer(torch.nn.Module):
             _, h, w = p.latent_shape
             if (h // 2) * (w // 2) == n and 4 * p.latent_shape[0] == c:
                 return arch_flux.unpack_latents(hidden_states, h // 2, w // 2)
-        raise DropInError(f"the pipeline's packed latents [{b}, {n}, {c}] match no built profile "
-                          f"({[list(p.latent_shape) for p in self.session.profiles]})")
+        raise DropInError(f"the pipeline's packed latents [{b}, {n}, {c}] match no shape the artifact was built for "
+                          f"({[list(p.latent_shape) for p in self.session.profiles]}); call the pipeline at a built "
+                          "height and width or rebuild with this profile")
 
     def _latents_out(self, out: torch.Tensor) -> torch.Tensor:
         return arch_flux.pack_latents(out) if self.architecture == "flux" else out

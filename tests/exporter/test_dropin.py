@@ -137,3 +137,40 @@ def test_compressed_plan_runs_in_the_pipeline_as_in_the_session(tmp_path):
     assert expected.report.skip_fraction > 0
     assert compiled.report.skip_fraction == pytest.approx(expected.report.skip_fraction)
     assert compiled.report.block_skips == expected.report.block_skips
+
+
+FLUX_DYNAMIC = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 16, "base_shift": 0.5,
+                "max_image_seq_len": 256, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+                "use_dynamic_shifting": True}
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3-pooled", "tiny-flux-pooled"])
+def test_mmdit_pipelines_with_pooled_vectors(tmp_path, name):
+    """SD3 batches [uncond; cond] into one call (split by the drop-in); Flux calls cond and uncond in
+    cache contexts with packed latents, t / 1000, its distilled guidance and a per-profile dynamic shift."""
+    flux = name.startswith("tiny-flux")
+    config = FLUX_DYNAMIC if flux else {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+    path, adapter = build_tiny_artifact(tmp_path, name, steps=STEPS, latent=(4, 8, 8), text_len=6,
+                                        samplers=["flow_euler"], scheduler_config=config)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    none = dict(vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if flux:
+        pipe = diffusers.FluxPipeline(transformer=adapter.model, scheduler=scheduler, **none)
+    else:
+        pipe = diffusers.StableDiffusion3Pipeline(transformer=adapter.model, scheduler=scheduler, text_encoder_3=None,
+                                                  tokenizer_3=None, **none)
+    pipe.set_progress_bar_config(disable=True)
+    embeds, negative = torch.randn(2, 1, 6, 32)
+    pooled, negative_pooled = torch.randn(2, 1, 24)
+    latents = torch.randn(1, 16, 16) if flux else torch.randn(1, 4, 8, 8)  # Flux: packed 2×2 tokens
+    args = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=STEPS, height=64, width=64,
+                output_type="latent") | (dict(true_cfg_scale=2.0, guidance_scale=2.5) if flux else
+                                         dict(guidance_scale=4.0))
+    expected = pipe(latents=latents.clone(), **args).images
+    compiled = dropin.replace_transformer(pipe, path)
+    got = pipe(latents=latents.clone(), **args).images
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert compiled.report.steps == STEPS and compiled.report.block_computes == STEPS * 2 * adapter.num_blocks
+    with pytest.raises(dropin.DropInError, match="built for"):
+        pipe(latents=None, **(args | dict(height=128)))
