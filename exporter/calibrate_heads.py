@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
-from ditbake.exporter.calibrate import cfg_inputs, initial_noise
+from ditbake.exporter.calibrate import cfg_inputs, initial_noise, pooled_inputs
 from ditbake.exporter.calibrate_memory import check_heads_fit
 from ditbake.exporter.plan_heads import HeadsConfig, candidates, savings, solve_layer
-from ditbake.exporter.sampler import make_scheduler
+from ditbake.exporter.sampler import scheduler_for
+from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.errors import InputError
 from ditbake.runtime.plan import BlockVariant, HeadScheme
 
@@ -242,16 +243,19 @@ def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tens
                     latent: tuple[int, ...], sampler: str, num_steps: int, guidance_scale: float, seed: int,
                     config: HeadsConfig, scheduler_config: dict | None = None,
                     progress: bool = True, checkpoint_dir: str | Path | None = None,
-                    resume: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+                    resume: bool = False, pooled: torch.Tensor | None = None,
+                    negative_pooled: torch.Tensor | None = None,
+                    guidance: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Run the progressive search over the prompts (one batch: each layer's MILP weighs every
     prompt's error) and the whole trajectory, on the model's device. Returns (tensors, meta) to
     merge into the calibration statistics. `checkpoint_dir`: save the finished search there; with
     `resume` a finished one found there is returned without running again (a search interrupted
     part-way restarts: resuming mid-trajectory would need its head caches, 6 GB per prompt at
-    Wan2.1-1.3B's 480×832×81)."""
+    Wan2.1-1.3B's 480×832×81). SD3 / Flux: `pooled`, `negative_pooled`, `guidance` as calibrate's."""
     begin = time.perf_counter()
     n, text_len, _ = embeds.shape
     use_cfg = guidance_scale > 1.0
+    pools = pooled_inputs(adapter, n, pooled, negative_pooled, negative is not None)
     negative, branches = cfg_inputs(embeds, negative, guidance_scale)
     checkpoint = None
     if checkpoint_dir is not None:
@@ -284,20 +288,32 @@ def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tens
                     config.caching)
     attention = HeadSearchAttention(config, sites, (len(branches), num_steps, adapter.num_blocks))
 
-    scheduler = make_scheduler(sampler, adapter.architecture, scheduler_config)
-    scheduler.set_timesteps(num_steps)
+    scheduler = scheduler_for(sampler, adapter, num_steps, latent, scheduler_config)
     # the same initial noise per prompt as the main calibration pass (seed + prompt index)
     x = initial_noise(latent, slice(0, n), seed, float(getattr(scheduler, "init_noise_sigma", 1.0)), device)
     texts = {"cond": embeds.to(device, dtype),
              "uncond": negative[torch.arange(n) % negative.shape[0]].to(device, dtype)}
     variant = BlockVariant()
+    extras = {}  # the prologue's pooled vector / distilled guidance per branch (runtime.arch.extra_inputs)
+    for b in branches:
+        values = []
+        for name in runtime_arch.extra_inputs(adapter.arch, adapter.config):
+            if name == "pooled":
+                v = pools[b]
+                v = adapter.arch.pooled_from_tokens(texts[b]) if v is None else v[torch.arange(n) % v.shape[0]]
+                values.append(v.to(device, dtype))
+            else:
+                values.append(torch.full((n,), float(adapter.config.get("guidance", 3.5) if guidance is None
+                                                     else guidance), device=device))
+        extras[b] = tuple(values)
     bar = tqdm(total=num_steps, desc=f"calibrate heads ({n} prompts)", unit="step", disable=not progress)
     for i, t in enumerate(scheduler.timesteps):
         outs = {}
         timestep = t.expand(n).float().to(device)
         for bi, b in enumerate(branches):
             attention.where = (bi, i)
-            h, ctx = adapter.arch.prologue(weights, adapter.config, x.to(dtype), timestep, texts[b], profile)
+            h, ctx = adapter.arch.prologue(weights, adapter.config, x.to(dtype), timestep, texts[b], profile,
+                                           *extras[b])
             for block in range(adapter.num_blocks):
                 h = adapter.arch.block(weights, adapter.config, block, h, ctx, variant, attention, b)
             outs[b] = adapter.arch.epilogue(weights, adapter.config, h, ctx).float()

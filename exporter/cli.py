@@ -41,6 +41,7 @@ def _default_shape(adapter, args) -> tuple[tuple[int, ...], int]:
 def cmd_calibrate(args) -> int:
     from ditbake.exporter import calibrate as cal, models  # noqa: PLC0415
     from ditbake.exporter.adapters import adapter_for  # noqa: PLC0415
+    from ditbake.runtime import arch as runtime_arch  # noqa: PLC0415
 
     from ditbake.exporter.calibrate_checkpoint import partial_dir  # noqa: PLC0415
 
@@ -48,10 +49,15 @@ def cmd_calibrate(args) -> int:
     adapter = adapter_for(models.load(args.model, dtype=DTYPES[args.dtype], seed=args.weights_seed).to(device))
     latent, text_len = _default_shape(adapter, args)
     text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim")))
+    pooled = negative_pooled = None
     if args.prompts:
         embeds, negative = cal.load_prompt_embeds(args.prompts)
+        pooled, negative_pooled = cal.load_pooled(args.prompts)
     else:
         embeds, negative = cal.random_prompt_embeds(args.num_prompts, text_len, text_dim, args.seed), None
+        if "pooled" in runtime_arch.extra_inputs(adapter.arch, adapter.config):  # SD3 / Flux: a random pooled vector too
+            pooled = cal.random_prompt_embeds(args.num_prompts, 1, adapter.arch.pooled_dim(adapter.config),
+                                              args.seed + 1)[:, 0]
     if embeds.shape[1:] != (text_len, text_dim) and adapter.architecture == "cogvideox":
         raise InputError(f"prompt embeddings are {list(embeds.shape)}; the model expects [N, {text_len}, {text_dim}]")
     if embeds.shape[-1] != text_dim:
@@ -61,10 +67,11 @@ def cmd_calibrate(args) -> int:
         from ditbake.exporter.calibrate_precision import PrecisionObserverConfig, observer_factory  # noqa: PLC0415
 
         observers.append(observer_factory(PrecisionObserverConfig(max_tokens=args.precision_max_tokens)))
-    stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter)[0],
+    sched = _scheduler_config(args.model)
+    stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter, sched)[0],
                           num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model),
                           observers=observers, batch_size=args.batch_size, checkpoint_dir=partial_dir(args.out),
-                          resume=args.resume)
+                          resume=args.resume, scheduler_config=sched, pooled=pooled, negative_pooled=negative_pooled)
     stats.meta["weights_seed"] = args.weights_seed
     stats.meta["dtype"] = args.dtype
     if args.heads_delta is not None:  # the progressive head search interleaves with its own trajectory
@@ -73,7 +80,8 @@ def cmd_calibrate(args) -> int:
         tensors, heads_meta = calibrate_heads(adapter, embeds, negative, latent=latent,
                                               sampler=stats.meta["sampler"], num_steps=args.steps,
                                               guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args),
-                                              checkpoint_dir=partial_dir(args.out, "heads"), resume=args.resume)
+                                              checkpoint_dir=partial_dir(args.out, "heads"), resume=args.resume,
+                                              scheduler_config=sched, pooled=pooled, negative_pooled=negative_pooled)
         stats.tensors.update(tensors)
         stats.meta["heads"] = heads_meta
     out = stats.save(args.out)
@@ -128,10 +136,17 @@ def _heads_config(args, base=None):
     return replace(config, **changes)
 
 
-def _samplers(adapter) -> tuple[str, ...]:
-    from ditbake.exporter.sampler import SAMPLERS  # noqa: PLC0415
+def _samplers(adapter, scheduler_config: dict | None = None) -> tuple[str, ...]:
+    from ditbake.exporter.sampler import default_samplers  # noqa: PLC0415
 
-    return SAMPLERS[adapter.architecture]
+    return default_samplers(adapter.architecture, scheduler_config)
+
+
+def _scheduler_config(model) -> dict | None:
+    """The pipeline's own scheduler/ config (None for tiny models, config files, bare transformers)."""
+    from ditbake.exporter import scheduler_config  # noqa: PLC0415
+
+    return scheduler_config.read(model)
 
 
 def cmd_plan(args) -> int:
@@ -195,13 +210,14 @@ def cmd_build(args) -> int:
     frames = 1 if len(latent) == 3 else latent[1] if adapter.architecture == "wan" else latent[0]  # 3-D: an image
     profile = Profile(f"f{frames}_h{latent[-2]}_w{latent[-1]}_t{stats.meta['text_len']}", latent,
                       int(stats.meta["text_len"]))
-    samplers = args.samplers.split(",") if args.samplers else list(_samplers(adapter))
+    sched = _scheduler_config(args.model)
+    samplers = args.samplers.split(",") if args.samplers else list(_samplers(adapter, sched))
     if stats.meta["sampler"] in samplers:  # the calibrated sampler is the default
         samplers.remove(stats.meta["sampler"])
         samplers.insert(0, stats.meta["sampler"])
     out = builder.build(adapter, plan, args.out, profiles=[profile], samplers=samplers, dtype=DTYPES[args.dtype],
                         backend=args.backend, label=args.label, device=args.device,
-                        text_encoder=args.text_encoder, onnx_only=args.onnx_only)
+                        text_encoder=args.text_encoder, onnx_only=args.onnx_only, scheduler_config=sched)
     log.info("artifact ready: %s", out)
     return 0
 
@@ -209,7 +225,7 @@ def cmd_build(args) -> int:
 def cmd_run(args) -> int:
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from ditbake.exporter.calibrate import load_prompt_embeds, random_prompt_embeds  # noqa: PLC0415
+    from ditbake.exporter.calibrate import load_pooled, load_prompt_embeds, random_prompt_embeds  # noqa: PLC0415
     from ditbake.exporter.media import latents_to_frames, write_gif, write_strip  # noqa: PLC0415
     from ditbake.runtime import distributed, load  # noqa: PLC0415
 
@@ -219,16 +235,20 @@ def cmd_run(args) -> int:
     session = load(args.artifact, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
                    cuda_graphs=args.cuda_graphs, parallel=parallel)
     prof = session.profile(args.profile)
-    embeds = negative = None
+    embeds = negative = pooled = negative_pooled = None
     if args.prompts:
         embeds, negative = load_prompt_embeds(args.prompts)
+        pooled, negative_pooled = load_pooled(args.prompts)
     elif not args.prompt:
         text_dim = int(session.config.get("text_dim", session.config.get("text_embed_dim")))
         embeds = random_prompt_embeds(1, prof.text_len, text_dim, args.seed)
+        if "pooled" in session.extra_inputs and not session.arch.pooled_is_token_mean(session.config):
+            pooled = random_prompt_embeds(1, 1, session.arch.pooled_dim(session.config), args.seed + 1)[:, 0]
         log.warning("no --prompt or --prompts: using random prompt embeddings")
     writer = getattr(session, "is_writer", True)
     result = session.generate(embeds, negative, prompt=args.prompt, seed=args.seed, guidance_scale=args.guidance,
-                              profile=prof.name, sampler=args.sampler,
+                              profile=prof.name, sampler=args.sampler, pooled_embeds=pooled,
+                              negative_pooled_embeds=negative_pooled,
                               progress=lambda it: tqdm(it, desc="denoise", unit="step", disable=not writer))
     if parallel:
         distributed.shutdown()
@@ -284,15 +304,18 @@ def cmd_unpack(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditbake", description="Ahead-of-time compiler for diffusion transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("calibrate", help="run the model over prompts and the whole trajectory, record statistics")
     p.add_argument("--model", required=True, help="local diffusers dir, config .json (random weights) or tiny-wan/tiny-cogvideox")
     p.add_argument("--out", required=True, help="output directory for calibration.json + stats.safetensors")
-    p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] (and optional 'negative')")
+    p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] (and optional 'negative'; SD3/Flux: "
+                   "'pooled' [N, P] and 'negative_pooled')")
     p.add_argument("--num-prompts", type=int, default=2, help="random prompt embeddings when --prompts is absent")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", help="flow_euler|unipc (Wan), ddim|dpmpp (CogVideoX)")
+    p.add_argument("--sampler", help="flow_euler|unipc|ddim|dpmpp (default: the pipeline's own scheduler; another "
+                   "kind takes over its config's compatible fields)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for config sources")
@@ -413,15 +436,32 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="validate an artifact (hashes, plan) and print its summary")
     p.add_argument("artifact")
     p.set_defaults(func=cmd_inspect)
+    # no prefix matching: `--prompt` must not silently mean `--prompts`
+    for each in (parser, *sub.choices.values()):
+        each.allow_abbrev = False
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("ditbake")
+    except PackageNotFoundError:
+        from ditbake.exporter.build import PRODUCER_VERSION  # noqa: PLC0415
+
+        return PRODUCER_VERSION
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # `run --gpus N` re-launches itself with them
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
+
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
+            return args.func(args)
     except DitbakeError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return exc.exit_code

@@ -33,6 +33,16 @@ TINY_CONFIGS: dict[str, dict] = {
                   "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
                   "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": False,
                   "axes_dims_rope": [4, 6, 6]},
+    # the real layout (SD3: CLIP-L+G pooled 2048 ≠ T5 4096; FLUX.1-dev: CLIP pooled 768 ≠ T5 4096, guidance
+    # embedding): the pooled vector is a separate input
+    "tiny-sd3-pooled": {"_class_name": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 2, "in_channels": 4,
+                        "out_channels": 4, "num_layers": 3, "attention_head_dim": 16, "num_attention_heads": 2,
+                        "joint_attention_dim": 32, "caption_projection_dim": 32, "pooled_projection_dim": 24,
+                        "pos_embed_max_size": 8},
+    "tiny-flux-pooled": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16, "num_layers": 2,
+                         "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                         "joint_attention_dim": 32, "pooled_projection_dim": 24, "guidance_embeds": True,
+                         "axes_dims_rope": [4, 6, 6]},
 }
 
 
@@ -42,9 +52,12 @@ class ModelLoadError(DitbakeError):
     exit_code = 8
 
 
-def _model_class(class_name: str):
+def _model_class(class_name: str, where: str = ""):
     if class_name not in ADAPTERS:
-        raise UnsupportedModelError(f"model class {class_name} is not supported; supported: "
+        found = f"model class {class_name!r}" if class_name else "a config.json without `_class_name`"
+        hint = (f" ({where} is not a diffusers transformer: pass the pipeline root, which holds "
+                "transformer/, or its transformer/ directory)" if where else "")
+        raise UnsupportedModelError(f"found {found}, which is not supported{hint}; supported: "
                                     f"{', '.join(sorted(ADAPTERS))}")
     import diffusers  # noqa: PLC0415 - exporter-only dependency, imported when a model is loaded
 
@@ -81,10 +94,14 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) 
         model_dir = path / "transformer" if (path / "transformer" / "config.json").exists() else path
         config_file = model_dir / "config.json"
         if not config_file.exists():
-            raise ModelLoadError(f"{path} holds no config.json nor transformer/config.json; "
-                                 "point at a diffusers model directory")
-        cls = _model_class(json.loads(config_file.read_text()).get("_class_name", ""))
+            raise ModelLoadError(f"{path} holds no config.json nor transformer/config.json; point at a diffusers "
+                                 "pipeline directory (with model_index.json and transformer/) or its transformer/")
+        cls = _model_class(json.loads(config_file.read_text()).get("_class_name", ""), str(model_dir))
         log.info("loading %s from %s", cls.__name__, model_dir)
         return cls.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype).eval()
+    if not path.exists() and source_str.count("/") == 1 and not source_str.startswith((".", "/")):
+        raise ModelLoadError(f"{source_str!r} looks like a Hugging Face hub id, but ditbake reads local directories "
+                             f"only: download it first (`huggingface-cli download {source_str} --local-dir DIR`) and "
+                             "pass DIR (the pipeline root)")
     raise ModelLoadError(f"model source {source_str!r} is neither a tiny config ({', '.join(TINY_CONFIGS)}), "
                          "a config .json, nor a local diffusers directory")

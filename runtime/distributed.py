@@ -208,8 +208,8 @@ class SequenceShardedEngines:
         n = s // self.sp
         return t.narrow(1, self.rank * n, n).contiguous()
 
-    def prologue(self, x, t, text, profile):
-        h, ctx = self.inner.prologue(x, t, text, profile)
+    def prologue(self, x, t, text, profile, extras=()):
+        h, ctx = self.inner.prologue(x, t, text, profile, extras)
         cos, sin = ctx["rope"]
         return self._shard(h), {**ctx, "rope": (self._shard(cos), self._shard(sin))}
 

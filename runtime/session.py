@@ -20,6 +20,7 @@ import torch
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.artifact import Artifact, Profile, load_artifact
 from ditbake.runtime.attention import AttentionRunner
+from ditbake.runtime.conditioning import prologue_extras
 from ditbake.runtime.engines import AotiEngines, EagerEngines
 from ditbake.runtime.errors import BackendError, InputError
 from ditbake.runtime.graphs import ForwardGraphs, graph_blockers
@@ -75,6 +76,18 @@ class GenerationResult:
     trajectory: list[torch.Tensor] | None = None
 
 
+@dataclass
+class DenoiseState:
+    """What one generation carries between model evaluations: Δ caches per branch, attention counts,
+    the report. `Session.generate` keeps its own; callers driving their own loop (the diffusers
+    drop-in) keep one per generation and pass it to `Session.forward_once`."""
+
+    profile: Profile
+    attention: AttentionRunner
+    report: GenerationReport
+    deltas: dict = field(default_factory=dict)
+
+
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not torch.isfinite(t).all():
         raise InputError(f"{name} contains NaN or Inf; pass finite values")
@@ -121,6 +134,11 @@ class Session:
         self._graphs_required = bool(cuda_graphs)
 
     @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """The architecture's conditioning beyond token embeddings: ("pooled",), ("pooled", "guidance") or ()."""
+        return runtime_arch.extra_inputs(self.arch, self.config)
+
+    @property
     def profiles(self) -> tuple[Profile, ...]:
         return self.artifact.profiles
 
@@ -145,6 +163,11 @@ class Session:
         _check_finite(what, embeds)
         return embeds.to(self.device, self.dtype)
 
+    def _extras(self, text: torch.Tensor, pooled, guidance, what: str, zero_pooled: bool = False) -> tuple:
+        """The architecture's extra prologue inputs for one CFG branch (runtime/conditioning.py)."""
+        return prologue_extras(self.arch, self.config, text, pooled, guidance, what, zero_pooled=zero_pooled,
+                               device=self.device, dtype=self.dtype)
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Per-token prompt embeddings from the text encoder the artifact records."""
@@ -164,14 +187,21 @@ class Session:
             self._text_encoder = TextEncoder.load(max_length=int(entry["max_length"]))
         return self._text_encoder.encode(prompts)
 
+    @torch.no_grad()  # inputs straight from a text encoder may require grad; inference never does
     def generate(self, text_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None, *,
                  prompt: str | list[str] | None = None, negative_prompt: str | None = None, seed: int = 0, guidance_scale: float = 5.0, profile: str | None = None,
                  sampler: str | None = None, latents: torch.Tensor | None = None,
-                 keep_trajectory: bool = False, progress=None) -> GenerationResult:
+                 keep_trajectory: bool = False, progress=None, pooled_embeds: torch.Tensor | None = None,
+                 negative_pooled_embeds: torch.Tensor | None = None,
+                 guidance: float | None = None) -> GenerationResult:
         """Run the whole denoising loop; returns the final latents [B, *latent_shape] (fp32).
 
         Conditioning: `text_embeds` [B, L, D], or `prompt` (free text, encoded by the artifact's text
-        encoder; the negative defaults to the encoder's empty prompt)."""
+        encoder; the negative defaults to the encoder's empty prompt). SD3 and Flux also take the
+        pooled text vector `pooled_embeds` [B, P] (and `negative_pooled_embeds` with CFG; optional
+        where the model's pooled vector is its token mean, as the test bed's). `guidance`: Flux's
+        distilled guidance scale (guidance_embeds models; default the artifact's, 3.5), separate
+        from the CFG `guidance_scale`."""
         prof = self.profile(profile)
         if prompt is not None:
             if text_embeds is not None:
@@ -188,16 +218,21 @@ class Session:
         if sampler_name not in self.artifact.samplers:
             raise InputError(f"sampler {sampler_name!r} is not baked into this artifact; it has "
                              f"{sorted(self.artifact.samplers)}")
-        table = self.artifact.samplers[sampler_name]
+        table = self.artifact.sampler(sampler_name, prof.name)
         cond = self._text(text_embeds, prof, "text_embeds")
         batch = cond.shape[0]
         use_cfg = guidance_scale > 1.0
+        extras = {"cond": self._extras(cond, pooled_embeds, guidance, "pooled_embeds")}
         if use_cfg:
-            if negative_embeds is None:
+            no_negative = negative_embeds is None
+            if no_negative:
                 negative_embeds = torch.zeros_like(cond)
             uncond = self._text(negative_embeds, prof, "negative_embeds")
             if uncond.shape[0] != batch:
                 raise InputError(f"negative_embeds batch {uncond.shape[0]} differs from text_embeds batch {batch}")
+            # no negative at all is zero conditioning, its pooled vector included
+            extras["uncond"] = self._extras(uncond, negative_pooled_embeds, guidance, "negative_pooled_embeds",
+                                            zero_pooled=no_negative)
         shape = (batch, *prof.latent_shape)
         if latents is None:
             gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -232,23 +267,26 @@ class Session:
             outputs = {}
             for branch, text in branches:
                 if graphs is None:
-                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive)
+                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive,
+                                                    extras[branch])
                     continue
                 # the extrapolation coefficient is a constant inside a captured graph: part of its key
                 ids = (*self.plan.step_ids(i, branch), self._stack_coeff.get((i, branch)))
 
-                def forward(x_, t_, text_, i=i, branch=branch):
-                    return self._forward(i, branch, x_, t_, text_, prof, attention, deltas, report)
+                def forward(x_, t_, text_, *extras_, i=i, branch=branch):
+                    return self._forward(i, branch, x_, t_, text_, prof, attention, deltas, report, None, extras_)
 
                 try:
                     outputs[branch] = graphs.run((prof.name, batch, branch, ids), (prof.name, batch, branch),
-                                                 x.to(self.dtype), t, text, forward, report, attention)
+                                                 (x.to(self.dtype), t, text, *extras[branch]), forward, report,
+                                                 attention)
                 except RuntimeError as exc:  # a capture the driver refused: run eagerly from here on
                     if self._graphs_required:
                         raise BackendError(f"CUDA graph capture failed ({exc}); load with cuda_graphs=False") from exc
                     log.warning("CUDA graph capture failed (%s); continuing without graphs", exc)
                     self._graphs = graphs = None
-                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report)
+                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, None,
+                                                    extras[branch])
             outputs = self._share_outputs(outputs)
             out = outputs["cond"]
             if use_cfg:
@@ -271,10 +309,32 @@ class Session:
 
     def _share_outputs(self, outputs: dict) -> dict:
         return outputs
+    def new_state(self, profile: str | None = None, sampler: str = "") -> DenoiseState:
+        prof = self.profile(profile)
+        return DenoiseState(prof, AttentionRunner(tiles=dict(self.plan.tiles)),
+                            GenerationReport(sampler=sampler, profile=prof.name))
+
+    @torch.no_grad()
+    def forward_once(self, state: DenoiseState, step: int, branch: str, x: torch.Tensor, t: torch.Tensor,
+                     text: torch.Tensor, extras: tuple = ()) -> torch.Tensor:
+        """One model evaluation at plan step `step` for CFG `branch` ("cond" / "uncond"), with the plan's
+        variants and the state's Δ caches: the model output [B, *latent_shape] in the session dtype.
+        Inputs are already in the session's device and dtype (t: fp32 [B], extras per extra_inputs).
+        Baked plans only: an adaptive plan decides per step inside `generate`."""
+        if self.plan.mode != "baked":
+            raise InputError("forward_once runs baked plans; an adaptive plan runs through generate()")
+        if not 0 <= step < self.plan.num_steps or branch not in ("cond", "uncond"):
+            raise InputError(f"step {step} / branch {branch!r} is outside the plan ({self.plan.num_steps} steps, "
+                             "branches cond and uncond)")
+        out = self._forward(step, branch, x, t, text, state.profile, state.attention, state.deltas, state.report,
+                            None, extras)
+        state.report.attention_flops_done = state.attention.flops_done
+        state.report.attention_flops_dense = state.attention.flops_dense
+        return out
 
     def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report,
-                 adaptive=None) -> torch.Tensor:
-        h, ctx = self.engines.prologue(x.to(self.dtype), t, text, prof)
+                 adaptive=None, extras: tuple = ()) -> torch.Tensor:
+        h, ctx = self.engines.prologue(x.to(self.dtype), t, text, prof, extras)
         ids = self.plan.step_ids(step, branch)
         stack_key = (branch, -1)
         if adaptive is None and (step, branch) in self._stack_skips:
