@@ -47,11 +47,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(setup, tmp_path, mo
     forward = adapter.diffusers_forward
     calls = {"n": 0}
 
-    def failing(*args):  # dies in the second prompt batch, after the first batch completed
+    def failing(*args, **kwargs):  # dies in the second prompt batch, after the first batch completed
         calls["n"] += 1
         if calls["n"] == 2 * STEPS + 1:
             raise Interrupted("power cut")
-        return forward(*args)
+        return forward(*args, **kwargs)
 
     monkeypatch.setattr(adapter, "diffusers_forward", failing)
     with pytest.raises(Interrupted):
@@ -60,7 +60,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(setup, tmp_path, mo
     assert not adapter.model._forward_hooks and not adapter.block_modules()[0]._forward_hooks  # hooks removed
 
     calls["n"] = 0
-    monkeypatch.setattr(adapter, "diffusers_forward", lambda *a: (calls.__setitem__("n", calls["n"] + 1), forward(*a))[1])
+    monkeypatch.setattr(adapter, "diffusers_forward",
+                        lambda *a, **kw: (calls.__setitem__("n", calls["n"] + 1), forward(*a, **kw))[1])
     resumed = _run(adapter, embeds, batch_size=2, checkpoint_dir=partial_dir(tmp_path), resume=True)
     assert calls["n"] == 2 * STEPS  # only the unfinished batch (prompt 2) ran: 2 branches × steps
     assert resumed.tensors.keys() == full.tensors.keys()
