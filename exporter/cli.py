@@ -71,7 +71,7 @@ def cmd_calibrate(args) -> int:
                                               guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args))
         stats.tensors.update(tensors)
         stats.meta["heads"] = heads_meta
-    out = stats.save(args.out)
+    out = stats.save(args.out, force=args.force)
     if args.precision_stats:
         _precision_outputs(stats, out)
     g = stats.tensors["gamma"]
@@ -178,9 +178,12 @@ def cmd_build(args) -> int:
     from ditbake.runtime.artifact import Profile  # noqa: PLC0415
     from ditbake.runtime.plan import Plan  # noqa: PLC0415
 
+    from ditbake.exporter.calibrate_check import check_fits_model  # noqa: PLC0415
+
     stats = CalibrationStats.load(args.calibration)
     seed = int(stats.meta.get("weights_seed", 0))
     adapter = adapter_for(models.load(args.model, dtype=torch.float32, seed=seed))
+    check_fits_model(stats.meta, adapter)  # another model's calibration is refused before any work
     plan = Plan.load(args.plan)
     latent = tuple(stats.meta["latent_shape"])
     frames = 1 if len(latent) == 3 else latent[1] if adapter.architecture == "wan" else latent[0]  # 3-D: an image
@@ -192,7 +195,7 @@ def cmd_build(args) -> int:
         samplers.insert(0, stats.meta["sampler"])
     out = builder.build(adapter, plan, args.out, profiles=[profile], samplers=samplers, dtype=DTYPES[args.dtype],
                         backend=args.backend, label=args.label, device=args.device,
-                        text_encoder=args.text_encoder, onnx_only=args.onnx_only)
+                        text_encoder=args.text_encoder, onnx_only=args.onnx_only, force=args.force)
     log.info("artifact ready: %s", out)
     return 0
 
@@ -252,7 +255,7 @@ def cmd_inspect(args) -> int:
 def cmd_package(args) -> int:
     from ditbake.runtime.package import pack  # noqa: PLC0415
 
-    out = pack(args.artifact, args.out)
+    out = pack(args.artifact, args.out, force=args.force)
     log.info("packaged %s → %s (%.1f MB)", args.artifact, out, out.stat().st_size / 1e6)
     return 0
 
@@ -260,7 +263,7 @@ def cmd_package(args) -> int:
 def cmd_unpack(args) -> int:
     from ditbake.runtime.package import unpack  # noqa: PLC0415
 
-    log.info("unpacked and verified %s → %s", args.package, unpack(args.package, args.out))
+    log.info("unpacked and verified %s → %s", args.package, unpack(args.package, args.out, force=args.force))
     return 0
 
 
@@ -381,17 +384,34 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="validate an artifact (hashes, plan) and print its summary")
     p.add_argument("artifact")
     p.set_defaults(func=cmd_inspect)
+    for p in sub.choices.values():  # every command that writes an output path
+        if any("--out" in a.option_strings for a in p._actions):
+            p.add_argument("--force", action="store_true",
+                           help="replace --out even if it exists and is not an earlier ditbake output")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ditbake.exporter.outputs import check_args, typed_os_error  # noqa: PLC0415
+    from ditbake.runtime.errors import ResourceError  # noqa: PLC0415
+
     try:
-        return args.func(args)
+        try:
+            check_args(args)
+            return args.func(args)
+        except OSError as exc:  # out of disk, permissions, …: typed, with the path
+            log.debug("operating-system error", exc_info=True)
+            raise typed_os_error(exc) from exc
+        except MemoryError:
+            raise ResourceError("out of memory; use a smaller shape profile or batch, or a larger machine") from None
     except DitbakeError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -38,3 +38,21 @@ class UnsupportedModelError(DitbakeError):
     """The model class has no adapter."""
 
     exit_code = 7
+
+
+class OutputError(DitbakeError):
+    """An output path is refused (it holds something this tool did not make) or cannot be written."""
+
+    exit_code = 11
+
+
+class ResourceError(DitbakeError):
+    """The machine ran out of something the command needs: disk space, memory, file handles."""
+
+    exit_code = 12
+
+
+class NumericsError(DitbakeError):
+    """A generation became non-finite (NaN/Inf) part way through."""
+
+    exit_code = 13
