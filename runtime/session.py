@@ -23,6 +23,7 @@ from ditbake.runtime.attention import AttentionRunner
 from ditbake.runtime.engines import AotiEngines, EagerEngines
 from ditbake.runtime.errors import BackendError, InputError
 from ditbake.runtime.graphs import ForwardGraphs, graph_blockers
+from ditbake.runtime.numerics import FiniteWatch, check_embeds, check_request
 from ditbake.runtime.sampler import BakedSampler
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Session:
         if embeds.ndim != 3 or embeds.shape[1:] != (profile.text_len, text_dim):
             raise InputError(f"{what} has shape {list(embeds.shape)}; profile {profile.name} expects "
                              f"[batch, {profile.text_len}, {text_dim}]")
-        _check_finite(what, embeds)
+        check_embeds(what, embeds)
         return embeds.to(self.device, self.dtype)
 
     @torch.no_grad()
@@ -172,6 +173,7 @@ class Session:
         Conditioning: `text_embeds` [B, L, D], or `prompt` (free text, encoded by the artifact's text
         encoder; the negative defaults to the encoder's empty prompt)."""
         prof = self.profile(profile)
+        check_request(prompt, guidance_scale, seed)
         if prompt is not None:
             if text_embeds is not None:
                 raise InputError("pass either prompt or text_embeds, not both")
@@ -203,6 +205,8 @@ class Session:
             latents = torch.randn(shape, generator=gen, dtype=torch.float32) * table.init_noise_sigma
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents have shape {list(latents.shape)}; profile {prof.name} expects {list(shape)}")
+        elif not latents.is_floating_point():
+            raise InputError(f"latents have dtype {latents.dtype}; pass floating-point latents")
         _check_finite("latents", latents)
         x = latents.to(self.device, torch.float32)
 
@@ -223,6 +227,7 @@ class Session:
         if graphs is not None:
             deltas = self._graph_deltas.setdefault((prof.name, batch), {})
             captures, replays = graphs.captures, graphs.replays
+        watch = FiniteWatch(self.device, table.num_steps, guidance_scale)
         for i in (progress(steps) if progress else steps):
             if adaptive is not None:
                 adaptive.begin_step(i)
@@ -251,8 +256,10 @@ class Session:
             if use_cfg:
                 out = outputs["uncond"] + guidance_scale * (outputs["cond"] - outputs["uncond"])
             x = baked.step(i, x, out.float())
+            watch.after_step(i, x, outputs, out)
             if trajectory is not None:
                 trajectory.append(x.clone())
+        watch.finish()
         if graphs is not None:
             report.graph_captures, report.graph_replays = graphs.captures - captures, graphs.replays - replays
         report.steps = table.num_steps
