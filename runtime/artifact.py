@@ -77,6 +77,9 @@ def indexed_file(path: str | Path, manifest: dict, rel, what: str = "file") -> P
     if not file.is_file():
         raise ArtifactError(f"artifact file {rel} is missing from {path} or not a regular file; rebuild or "
                             "re-unpack the artifact")
+    if file.stat().st_size != meta.get("bytes"):
+        raise ArtifactError(f"artifact file {rel} is {file.stat().st_size} bytes but the manifest records "
+                            f"{meta.get('bytes')}; it was modified or truncated, rebuild the artifact")
     digest = _checked_digest(file)
     if digest != meta.get("sha256"):
         raise ArtifactError(f"sha256 mismatch for {rel} (expected {str(meta.get('sha256'))[:12]}…, got "
