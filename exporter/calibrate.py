@@ -85,12 +85,18 @@ class CalibrationStats:
 
 def load_prompt_embeds(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A safetensors file with `embeds` [N, L, D] and optionally `negative` [N, L, D] or [L, D]."""
+    regular_file_size(Path(path), "prompt embeddings", InputError)  # a FIFO would hang the reader
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for bad files
-        raise InputError(f"cannot read prompt embeddings from {path}: {exc}") from exc
+        raise InputError(f"cannot read prompt embeddings from {path}: {str(exc)[:200]}") from None
     if "embeds" not in tensors:
-        raise InputError(f"{path} has no 'embeds' tensor (found {sorted(tensors)})")
+        raise InputError(f"{path} has no 'embeds' tensor (found {sorted(tensors)[:5]})")
+    for name in ("embeds", "negative"):
+        t = tensors.get(name)
+        if t is not None and (not t.is_floating_point() or t.numel() == 0 or not torch.isfinite(t).all()):
+            raise InputError(f"{path}: {name!r} is {t.dtype} {list(t.shape)}; pass non-empty, finite floating-point "
+                             "embeddings (integers or bools would be cast silently)")
     embeds = tensors["embeds"]
     if embeds.ndim == 2:
         embeds = embeds[None]

@@ -10,6 +10,7 @@ import math
 import torch
 
 from ditbake.exporter.calibrate import CalibrationError
+from ditbake.runtime.arch import ARCHITECTURES
 from ditbake.runtime.safe_io import strict_int
 
 _INT, _STR, _LIST, _DICT, _NUM = (int,), (str,), (list,), (dict,), (int, float)
@@ -49,8 +50,18 @@ def check_meta(meta, where) -> None:
         n(key)
     if not math.isfinite(meta["guidance_scale"]):
         raise CalibrationError(f"{where}: guidance_scale is {meta['guidance_scale']}; re-run `ditbake calibrate`")
+    for key in ("source", "architecture", "sampler"):
+        if any(ord(c) < 32 for c in meta[key]) or len(meta[key]) > 4096:
+            raise CalibrationError(f"{where}: {key} holds control characters or is too long; re-run `ditbake calibrate`")
+    n("seed", 0, 2**63 - 1)
     if "weights_seed" in meta:
-        n("weights_seed", 0, 2**64 - 1)
+        n("weights_seed", 0, 2**63 - 1)
+    if meta["architecture"] not in ARCHITECTURES:
+        raise CalibrationError(f"{where}: architecture {meta['architecture'][:40]!r} is not one ditbake knows "
+                               f"({sorted(ARCHITECTURES)}); re-run `ditbake calibrate`")
+    if not meta["linear_layers"] or not meta["attention_sites"]:
+        raise CalibrationError(f"{where}: linear_layers and attention_sites must not be empty; re-run "
+                               "`ditbake calibrate`")
     if not 2 <= len(meta["latent_shape"]) <= 6:
         raise CalibrationError(f"{where}: latent_shape {meta['latent_shape'][:8]} must have 2 to 6 dimensions")
     for d in meta["latent_shape"]:

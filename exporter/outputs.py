@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 
 import torch
 
@@ -50,6 +51,11 @@ def check_args(args) -> None:
         raise InputError(f"--guidance {guidance} must be a finite number within ±{MAX_GUIDANCE:g} (typical: 1-15)")
     if isinstance(getattr(args, "device", None), str):
         check_device(args.device)
+    for name in INPUT_ARGS:  # a FIFO or device given as an input would hang or flood its reader
+        value = getattr(args, name, None)
+        if isinstance(value, str) and os.path.exists(value) and not (os.path.isfile(value) or os.path.isdir(value)):
+            raise InputError(f"--{name} {value} is not a regular file or directory (a FIFO, device or socket); "
+                             "refusing to read it")
     kind = OUTPUT_KINDS.get(args.command)
     if kind is not None and getattr(args, "out", None) is not None:
         check_output(args.out, kind, getattr(args, "force", False),
