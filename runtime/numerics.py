@@ -2,9 +2,9 @@
 guidance, seeds, embeddings), and latents watched for NaN/Inf at every step.
 
 The watch must not add a host synchronisation per step to the baked loop (it would cost the
-CUDA-graph replay its overlap): on the CPU, where there is nothing to overlap, a step that goes
-non-finite stops the loop at once and the message says which input was already non-finite; on
-a GPU the first bad step is tracked on the device and read once, with the final latents.
+CUDA-graph replay its overlap and break the one-read-per-step budget of adaptive mode): the first
+bad step and its cause (model output, guidance combination or sampler step) are tracked on the
+device and read once, after the loop, which then refuses to return the non-finite latents.
 """
 from __future__ import annotations
 
@@ -35,50 +35,47 @@ def check_request(prompt, guidance_scale, seed) -> None:
 
 
 def check_embeds(what: str, embeds: torch.Tensor) -> None:
-    """Float (not int, bool or complex: those would be cast silently), a non-empty batch, finite, sane."""
+    """Float (not int, bool or complex: those would be cast silently), a non-empty batch, finite, sane.
+    One host read (the peak |value|: NaN or Inf show there too)."""
     if embeds.dtype not in FLOAT_DTYPES:
         raise InputError(f"{what} has dtype {embeds.dtype}; pass floating-point embeddings (float32/bf16/fp16)")
     if embeds.numel() == 0 or embeds.shape[0] == 0:
         raise InputError(f"{what} is empty (shape {list(embeds.shape)}); pass at least one prompt")
-    if not torch.isfinite(embeds).all():
+    peak = embeds.abs().amax().item()
+    if not math.isfinite(peak):
         raise InputError(f"{what} contains NaN or Inf; pass finite values")
-    peak = embeds.abs().max().item()
     if peak > MAX_EMBED:
         raise InputError(f"{what} holds values up to {peak:.3g}, far beyond any text encoder's output "
                          f"(|x| ≤ {MAX_EMBED:g}); pass real embeddings")
 
 
-def _cause(outputs: dict, guided: torch.Tensor) -> str:
-    if any(not torch.isfinite(o).all() for o in outputs.values()):
-        return "the model's output itself is non-finite: inputs (embeddings, latents) or weights (rebuild the artifact)"
-    if not torch.isfinite(guided).all():
-        return "the guidance scale amplified finite outputs past the float range: lower --guidance"
-    return "the sampler's step overflowed: the artifact's sampler table or the latents scale; rebuild the artifact"
+CAUSES = ("the model's output itself is non-finite: inputs (embeddings, latents) or weights (rebuild the artifact)",
+          "the guidance scale amplified finite outputs past the float range: lower --guidance",
+          "the sampler's step overflowed: the artifact's sampler table or the latents' scale; rebuild the artifact")
 
 
 class FiniteWatch:
-    """Stops (CPU) or flags (GPU) the first step whose latents are not finite."""
+    """Flags the first step whose latents are not finite, and why, on the device: no host read per
+    step (the baked loop has none); `finish` reads it once and raises a NumericsError naming the step."""
 
     def __init__(self, device: torch.device, num_steps: int, guidance_scale: float):
-        self.eager = torch.device(device).type == "cpu"
         self.num_steps, self.guidance = num_steps, guidance_scale
-        self.first = None
-
-    def _error(self, step: int, cause: str) -> NumericsError:
-        return NumericsError(f"the latents became NaN/Inf at step {step} of {self.num_steps} (guidance "
-                             f"{self.guidance:g}); likely cause: {cause}")
+        self.first = None  # [step, cause], -1 while all finite
 
     def after_step(self, step: int, x: torch.Tensor, outputs: dict, guided: torch.Tensor) -> None:
-        if self.eager:
-            if not torch.isfinite(x).all():
-                raise self._error(step, _cause(outputs, guided))
-            return
+        finite = [torch.isfinite(o).all() for o in outputs.values()]
+        model_ok = torch.stack(finite).all()
+        cause = torch.where(~model_ok, 0, torch.where(torch.isfinite(guided).all(), 2, 1))
         bad = ~torch.isfinite(x).all()
         if self.first is None:
-            self.first = torch.full((), -1, dtype=torch.int64, device=x.device)
-        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, step), self.first)
+            self.first = torch.full((2,), -1, dtype=torch.int64, device=x.device)
+        now = torch.stack([torch.full_like(cause, step), cause]).to(torch.int64)
+        self.first = torch.where(bad & (self.first[0] < 0), now, self.first)
 
     def finish(self) -> None:
-        if self.first is not None and (step := int(self.first)) >= 0:
-            raise self._error(step, "too large a guidance scale, extreme inputs, or non-finite weights (lower "
-                                    "--guidance, check the embeddings, rebuild the artifact)")
+        if self.first is None:
+            return
+        step, cause = self.first.tolist()
+        if step >= 0:
+            raise NumericsError(f"the latents became NaN/Inf at step {step} of {self.num_steps} (guidance "
+                                f"{self.guidance:g}); likely cause: {CAUSES[cause]}")
