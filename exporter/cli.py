@@ -240,9 +240,9 @@ def cmd_inspect(args) -> int:
     m = art.manifest
     plan = art.plan
     summary = {
-        "format": f"{m['format']} v{m['format_version']}", "producer": m["producer"],
-        "model": {k: m["model"][k] for k in ("architecture", "diffusers_class", "label", "parameters")},
-        "dtype": m["dtype"], "backend": m["backend"], "profiles": m["profiles"],
+        "format": f"{m['format']} v{m['format_version']}", "producer": m.get("producer"),
+        "model": {k: m["model"].get(k) for k in ("architecture", "diffusers_class", "label", "parameters")},
+        "dtype": m.get("dtype"), "backend": m.get("backend", "eager"), "profiles": m["profiles"],
         "samplers": sorted(art.samplers), "default_sampler": art.default_sampler,
         "plan": {"mode": plan.mode, "steps": plan.num_steps, "blocks": plan.num_blocks,
                  "variants": len(plan.variants), "skip_fraction": plan.skip_fraction(), "predicted": plan.predicted},

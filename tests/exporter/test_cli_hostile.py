@@ -336,3 +336,17 @@ def test_calibration_save_marks_its_format(world):
                                                                               "delta_change")}).save(world / "c2")
     assert json.loads((world / "c2" / META_FILE).read_text())["format"] == "ditbake-calibration"
     assert CalibrationStats.load(world / "c2").meta["num_blocks"] == 3
+
+
+@pytest.mark.parametrize("field", ["producer", "dtype", "backend", "engines", "text_encoder", "tensors",
+                                   ("model", "label"), ("model", "parameters"), ("model", "diffusers_class")])
+def test_inspect_without_optional_fields(world, capsys, field):
+    """Optional manifest fields may be absent: inspect still summarises (exit 0), never a KeyError."""
+    m = json.loads((world / "art" / MANIFEST).read_text())
+    if isinstance(field, tuple):
+        del m[field[0]][field[1]]
+    else:
+        del m[field]
+    (world / "art" / MANIFEST).write_text(json.dumps(m))
+    assert main(["inspect", "art"]) == 0
+    assert json.loads(capsys.readouterr().out)["hashes"] == "verified"
