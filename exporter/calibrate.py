@@ -73,6 +73,7 @@ class CalibrationStats:
                                    "run `ditbake calibrate` first")
         meta = read_json(path / META_FILE, "calibration metadata", CalibrationError)
         check_meta(meta, path / META_FILE)
+        meta.pop("format", None)  # the marker outputs.is_ours reads, not a statistic
         regular_file_size(path / STATS_FILE, "calibration stats", CalibrationError)
         try:
             tensors = load_file(str(path / STATS_FILE))

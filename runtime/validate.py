@@ -9,11 +9,11 @@ refused, not truncated).
 
 `check_fits_model`: plan, weights and profiles against the model config the manifest records:
 architecture, block count, heads per compressible attention site (and compressed heads only on
-those sites), linear layers, the same weights in every block of a kind (none missing, none
-beyond the last block), the attention width = heads × head_dim, the manifest's per-tensor
-record, and finally a dry run of prologue → every block → epilogue on the `meta` device, which
-runs the architecture's own code on shapes only and so catches any transposed or mis-sized
-tensor the first generate would have tripped over.
+those sites), linear layers (each present in every block, 16-bit or NVFP4), no block beyond the
+last, the attention width = heads × head_dim, the manifest's per-tensor record, and a dry run on
+the `meta` device of prologue → one block of each distinct tensor signature → epilogue, which runs
+the architecture's own code on shapes only and so catches any missing, transposed or mis-sized
+tensor (and any profile the config cannot take) that the first generate would have tripped over.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import re
-from collections import Counter
 
 import torch
 
@@ -108,7 +107,7 @@ def _engine(e, i: int, files: dict) -> None:
                                 "refusing to load it")
     if e.get("file") is None and e.get("onnx") is None:
         raise ArtifactError(f"{what} names no engine file")
-    _is(e.get("built_for", {}), (dict,), f"{what}.built_for")
+    _is(e.get("built_for") or {}, (dict,), f"{what}.built_for")
     for field in ("inputs", "outputs"):
         if field in e:
             for n in _is(e[field], (list,), f"{what}.{field}"):
@@ -253,9 +252,9 @@ def _block_of(name: str, prefix: str) -> tuple[int, str] | None:
     return int(index), rest
 
 
-def _check_weights(arch, config: dict, plan, weights: dict, manifest: dict) -> None:
-    blocks, heads, head_dim = _config_facts(arch, config)
-    per_block: dict[int, dict[str, tuple]] = {}
+def _per_block(arch, config: dict, weights: dict) -> dict[int, dict[str, tuple]]:
+    blocks = _config_facts(arch, config)[0]
+    per_block: dict[int, dict[str, tuple]] = {b: {} for b in range(blocks)}
     for name, t in weights.items():
         found = _block_of(name, arch.BLOCK_PREFIX)
         if found is None:
@@ -264,46 +263,24 @@ def _check_weights(arch, config: dict, plan, weights: dict, manifest: dict) -> N
         if index >= blocks:
             raise ArtifactError(f"weight {name} belongs to block {index} but the model config has {blocks} blocks; "
                                 "rebuild the artifact")
-        per_block.setdefault(index, {})[rest] = (tuple(t.shape), t.dtype)
-    kind = getattr(arch, "is_single", lambda config, b: False)
-    groups: dict[bool, list[int]] = {}
-    for b in range(blocks):
-        groups.setdefault(kind(config, b), []).append(b)
-    # quantization makes blocks differ on purpose (NVFP4 copies and Hadamard choices per block and
-    # layer, a 16-bit linear weight dropped where no variant runs it): those are compared apart
-    linear_weights = {f"{layer}.weight" for layer in arch.BLOCK_LINEARS}
+        per_block[index][rest] = (tuple(t.shape), t.dtype)
+    return per_block
 
-    def base(b):
-        return tuple(sorted((n, v) for n, v in per_block.get(b, {}).items()
-                            if ".nvfp4_" not in n and n not in linear_weights))
 
-    for members in groups.values():
-        reference = dict(Counter(base(b) for b in members).most_common(1)[0][0])
-        for b in members:
-            mine = dict(base(b))
-            for name in sorted(set(reference) | set(mine)):
-                if mine.get(name) != reference.get(name):
-                    raise ArtifactError(f"block {b} weight {name!r} is {mine.get(name, 'missing')} where the model's "
-                                        f"other blocks have {reference.get(name, 'none')}; the weights do not fit "
-                                        "the model config, rebuild the artifact")
+def _check_weights(arch, config: dict, plan, weights: dict, manifest: dict) -> dict[int, dict[str, tuple]]:
+    """Names every architecture needs (each linear layer in every block, 16-bit or NVFP4), nothing
+    beyond the last block, the attention width, the manifest's tensor record."""
+    _, heads, head_dim = _config_facts(arch, config)
+    per_block = _per_block(arch, config, weights)
+    for b, names in per_block.items():
         for layer in plan.linear_layers:
-            for form in (".weight", ".nvfp4_packed"):
-                shapes = Counter(per_block[b][layer + form] for b in members if layer + form in per_block.get(b, {}))
-                for b in members:
-                    mine = per_block.get(b, {}).get(layer + form)
-                    if mine is not None and mine != shapes.most_common(1)[0][0]:
-                        raise ArtifactError(f"block {b} weight {layer + form!r} is {mine} where the model's other "
-                                            f"blocks have {shapes.most_common(1)[0][0]}; rebuild the artifact")
-            for b in members:
-                if not {layer + ".weight", layer + ".nvfp4_packed"} & set(per_block.get(b, {})):
-                    raise ArtifactError(f"block {b} has no weight for linear layer {layer}; rebuild the artifact")
+            if not {layer + ".weight", layer + ".nvfp4_packed"} & set(names):
+                raise ArtifactError(f"block {b} has no weight for linear layer {layer}; rebuild the artifact")
         for site in arch.COMPRESSIBLE_ATTENTION:
-            q = [per_block[b].get(f"{site}.to_q.weight") or per_block[b].get(f"{site}.to_q.nvfp4_packed")
-                 for b in members if b in per_block]
-            q = next((x for x in q if x is not None), None)
+            q = names.get(f"{site}.to_q.weight") or names.get(f"{site}.to_q.nvfp4_packed")
             if q is not None and q[0][0] != heads * head_dim:
-                raise ArtifactError(f"{site}.to_q gives {q[0][0]} features but the config's {heads} heads × "
-                                    f"{head_dim} need {heads * head_dim}; rebuild the artifact")
+                raise ArtifactError(f"block {b} {site}.to_q gives {q[0][0]} features but the config's {heads} heads "
+                                    f"× {head_dim} need {heads * head_dim}; rebuild the artifact")
     recorded = manifest.get("tensors")
     if recorded is not None:
         _is(recorded, (dict,), "manifest tensors")
@@ -312,25 +289,38 @@ def _check_weights(arch, config: dict, plan, weights: dict, manifest: dict) -> N
             diff = sorted(set(recorded) ^ set(actual)) or sorted(k for k in actual if recorded[k] != actual[k])
             raise ArtifactError(f"{diff[:3]} in weights.safetensors differ from the manifest's tensor record; the "
                                 "weights were replaced, rebuild the artifact")
+    return per_block
 
 
 _dry_runs_passed: set[str] = set()  # shape signatures already dry-run in this process
 
 
-def _dry_run(arch, config: dict, plan, weights: dict, profiles, dtype: torch.dtype) -> None:
-    """prologue → one block of each kind → epilogue on the meta device (shapes only, no data). The
-    other blocks hold the same shapes (checked before), so one of each kind covers them; a passed
-    signature is remembered, since meta ops cost ~1-10 ms each."""
+def _representatives(arch, config: dict, plan, per_block: dict) -> list[int]:
+    """One block of each distinct tensor signature (names, shapes, dtypes; NVFP4 copies aside, as
+    quantization differs per block on purpose), among blocks whose linears keep their 16-bit
+    weight (the plain variant runs those). Blocks of one signature run the same code on the same
+    shapes, so one dry run covers them all: a block with a tensor missing, extra, resized or
+    transposed has a signature of its own and is run itself."""
+    kind = getattr(arch, "is_single", lambda config, b: False)
+    seen, chosen = set(), []
+    for b, names in per_block.items():
+        if not all(layer + ".weight" in names for layer in plan.linear_layers):
+            continue
+        signature = (kind(config, b), tuple(sorted((n, v) for n, v in names.items() if ".nvfp4_" not in n)))
+        if signature not in seen:
+            seen.add(signature)
+            chosen.append(b)
+    return chosen
+
+
+def _dry_run(arch, config: dict, plan, weights: dict, profiles, dtype: torch.dtype, per_block: dict) -> None:
+    """prologue → one block of each signature → epilogue on the meta device (shapes only, no data);
+    a passed signature is remembered, since meta ops cost ~1-10 ms each."""
     from ditbake.runtime.attention import AttentionRunner  # noqa: PLC0415
     from ditbake.runtime.plan import BlockVariant  # noqa: PLC0415
 
-    prefix = arch.BLOCK_PREFIX
-    kind = getattr(arch, "is_single", lambda config, b: False)
-    firsts = {}  # per block kind, the first block whose linears all keep their 16-bit weight
-    for b in range(plan.num_blocks):
-        if all(f"{prefix}{b}.{layer}.weight" in weights for layer in plan.linear_layers):
-            firsts.setdefault(kind(config, b), b)
-    if not firsts:
+    blocks = _representatives(arch, config, plan, per_block)
+    if not blocks:
         log.debug("dry run skipped: every block stores some layer in NVFP4 only")
         return
     signature = json.dumps([arch.NAME, config, sorted((k, list(v.shape), str(v.dtype)) for k, v in weights.items()),
@@ -349,10 +339,10 @@ def _dry_run(arch, config: dict, plan, weights: dict, profiles, dtype: torch.dty
             text = torch.empty((1, profile.text_len, text_dim), dtype=dtype, device="meta")
             h, ctx = arch.prologue(meta, config, x.to(dtype), t, text, profile.to_json())
             attention = AttentionRunner(tiles=dict(plan.tiles))
-            for b in sorted(firsts.values()):
+            for b in blocks:
                 h = arch.block(meta, config, b, h, ctx, BlockVariant(), attention, "cond")
             out = arch.epilogue(meta, config, h, ctx)
-        except NotImplementedError as exc:  # an op without a meta kernel: nothing learned
+        except (NotImplementedError, ImportError) as exc:  # no meta kernel, or its machinery is absent
             log.debug("dry run skipped (%s)", exc)
             return
         except DitbakeError:
@@ -376,9 +366,10 @@ def check_fits_model(manifest: dict, plan, weights: dict, profiles) -> None:
         if want is not None and len(p.latent_shape) != want:
             raise ArtifactError(f"profile {p.name} has a {len(p.latent_shape)}-d latent shape; {arch.NAME} latents "
                                 f"are {want}-d")
-    _check_weights(arch, config, plan, weights, manifest)
+    per_block = _check_weights(arch, config, plan, weights, manifest)
     stored = {t.dtype for t in weights.values() if t.is_floating_point()}
-    _dry_run(arch, config, plan, weights, profiles, torch.bfloat16 if torch.bfloat16 in stored else torch.float32)
+    _dry_run(arch, config, plan, weights, profiles, torch.bfloat16 if torch.bfloat16 in stored else torch.float32,
+             per_block)
 
 
 def _try(fn) -> bool:
