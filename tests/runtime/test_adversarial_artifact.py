@@ -311,3 +311,31 @@ def test_pristine_copy_loads(tmp_path):
     art = copy_artifact(tmp_path)
     load(art)
     assert load_artifact(art).plan.num_blocks == 3
+
+
+@pytest.mark.parametrize("name", ["tiny-cogvideox", "tiny-sd3", "tiny-flux"])
+def test_other_architectures_validate_and_catch_a_transposed_weight(tmp_path, name):
+    """The model checks hold for every architecture: its pristine artifact loads (blocks that differ
+    by design, as SD3's last or Flux's single-stream ones, are not refused), a transposed weight is."""
+    from ditbake.exporter import build as builder, models
+    from ditbake.exporter.adapters import adapter_for
+    from ditbake.exporter.planner import plan_from_calibration
+    from ditbake.exporter.sampler import SAMPLERS
+    from ditbake.runtime.artifact import Profile
+
+    adapter = adapter_for(models.load(name))
+    text_len = int(adapter.config.get("max_text_seq_length", 8))
+    plan = plan_from_calibration({"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
+                                  "linear_layers": list(adapter.linear_layers),
+                                  "attention_sites": adapter.attention_sites, "num_steps": 2, "branches": ["cond"]})
+    art = builder.build(adapter, plan, tmp_path / "art", profiles=[Profile("p", adapter.latent_shape(2, 8, 8), text_len)],
+                        samplers=[SAMPLERS[adapter.architecture][0]], dtype=torch.float32, progress=False)
+    load_artifact(art)
+    last = adapter.num_blocks - 1
+    prefix = f"{adapter.arch.BLOCK_PREFIX}{last}."
+    w = load_file(str(art / WEIGHTS))
+    name_ = next(k for k, v in sorted(w.items()) if k.startswith(prefix) and v.ndim == 2 and v.shape[0] != v.shape[1])
+    _edit_weights(art, lambda w: w.update({name_: w[name_].T.contiguous()}))
+    with pytest.raises(ArtifactError, match="do not fit|features") as info:
+        load_artifact(art)
+    assert name_.removeprefix(prefix) in str(info.value) or "do not fit" in str(info.value)
