@@ -9,7 +9,8 @@ a reader racing that window sees no artifact, and a crash inside it leaves the o
 the `-old-` name, which the next write to that output (`cleanup_stale`) renames back.
 
 Every sibling this module creates is named `.NAME.ditbake-{staging,tmp,old}-PID[-random]`, so
-a later build recognises those of dead processes and removes them; nothing else is touched.
+a later build recognises those of dead processes and removes them (and, a day after their last
+change, the `.NAME.building-*` folders of earlier versions); nothing else is touched.
 Outputs get the permissions the process umask allows (mkdtemp/mkstemp create 0700/0600).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from ditbake.runtime.safe_io import umask
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
-_KINDS = ("staging", "tmp", "old")
+LEGACY_STALE_S = 24 * 3600
 
 
 def _load_renameat2():
@@ -105,6 +107,12 @@ def cleanup_stale(target: Path) -> None:
         names = os.listdir(target.parent)
     except OSError:
         return
+    legacy = re.compile(re.escape(f".{target.name}") + r"\.(building-|old-|partial$).*")
+    for name in names:  # earlier ditbake versions' staging names carried no live PID: a day old is dead
+        path = target.parent / name
+        if legacy.fullmatch(name) and time.time() - os.lstat(path).st_mtime > LEGACY_STALE_S:
+            log.info("removing %s, a staging folder an earlier ditbake left", path)
+            remove_path(path)
     for name in sorted(names, key=lambda n: "old" not in n):  # recover an -old- copy first
         m = pattern.fullmatch(name)
         if m is None or _alive(int(m.group(2))):

@@ -287,3 +287,16 @@ def test_unpack_out_of_disk_is_typed(package, tmp_path, monkeypatch):
 def test_check_output_messages():
     with pytest.raises(OutputError, match="NUL"):
         check_output("a\0b", "artifact")
+
+
+def test_legacy_staging_removed_once_a_day_old(tmp_path):
+    """Staging folders of earlier versions (`.NAME.building-*`, no PID in the name) go once stale."""
+    target = copy_artifact(tmp_path)
+    old, fresh = tmp_path / ".art.building-abc", tmp_path / ".art.building-def"
+    for p in (old, fresh):
+        p.mkdir()
+        (p / "engine.pt2").write_bytes(b"half")
+    os.utime(old, (0, 0))
+    atomic.staging_dir(target)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert old.name not in names and fresh.name in names and "art" in names
