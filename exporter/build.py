@@ -21,6 +21,7 @@ from ditbake.exporter.sampler import bake_samplers
 from ditbake.runtime import atomic
 from ditbake.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, PLAN, WEIGHTS, Profile, sha256_file
 from ditbake.runtime.errors import BackendError, PlanError
+from ditbake.runtime.outputs import check_output
 from ditbake.runtime.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -43,16 +44,17 @@ def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
 def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profile], samplers: list[str],
           dtype: torch.dtype = torch.bfloat16, backend: str = "eager", label: str = "",
           scheduler_config: dict | None = None, progress: bool = True, device: str = "cpu",
-          text_encoder: bool = False, onnx_only: bool = False) -> Path:
+          text_encoder: bool = False, onnx_only: bool = False, force: bool = False) -> Path:
     """`text_encoder=True` records the shipped MiniLM encoder (by the sha256 of its weights) so the
     runtime can take free-text prompts. `onnx_only` (tensorrt backend, no TensorRT here): ship the
-    verified ONNX graphs without engines."""
+    verified ONNX graphs without engines. An existing `out` is replaced only when it is an earlier
+    artifact or with `force` (runtime/outputs.py)."""
     if backend not in BUILD_BACKENDS:
         raise BackendError(f"backend {backend!r} cannot be built yet; available: {BUILD_BACKENDS}")
     check_plan_fits(adapter, plan)
     if not samplers:
         raise PlanError("at least one sampler must be baked")
-    out = Path(out)
+    out = check_output(out, "artifact", force)
     tmp = atomic.staging_dir(out)
     try:
         steps = ["weights", "samplers", "manifest"]
@@ -103,11 +105,14 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
             "backend": backend,
             "engines": engines,  # empty for eager: the runtime composes the ops itself
             "files": files,
+            "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+                        for k, v in weights.items()},  # checked against the safetensors header on load
             "text_encoder": _text_encoder_entry(adapter, profiles) if text_encoder else None,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         bar.update(1)
         bar.close()
+        check_output(out, "artifact", force)  # again: it may have appeared during the build
         atomic.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

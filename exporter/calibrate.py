@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -25,6 +27,8 @@ from ditbake.exporter.sampler import scheduler_for
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime import atomic
 from ditbake.runtime.errors import DitbakeError, InputError
+from ditbake.runtime.outputs import CALIBRATION_FORMAT, check_output
+from ditbake.runtime.safe_io import read_json, regular_file_size
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +41,23 @@ class CalibrationError(DitbakeError):
     exit_code = 10
 
 
+from ditbake.exporter.calibrate_check import check_fits_model, check_meta, check_tensors  # noqa: E402, F401
+
+
 @dataclass
 class CalibrationStats:
     meta: dict
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def save(self, out: str | Path) -> Path:
-        out = Path(out)
+    def save(self, out: str | Path, force: bool = False) -> Path:
+        """Write the stats beside their metadata; an existing `out` is replaced only when it is an
+        earlier calibration or with `force` (runtime/outputs.py)."""
+        out = check_output(out, "calibration", force)
         tmp = atomic.staging_dir(out)
         try:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / STATS_FILE))
-            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=1))
+            (tmp / META_FILE).write_text(json.dumps({"format": CALIBRATION_FORMAT} | self.meta, indent=1))
+            check_output(out, "calibration", force)
             atomic.replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -56,25 +66,39 @@ class CalibrationStats:
 
     @staticmethod
     def load(path: str | Path) -> "CalibrationStats":
+        """Read and validate (types, ranges, tensor shapes): a truncated or garbage calibration is a
+        CalibrationError naming the fix, never a traceback."""
         path = Path(path)
-        if not (path / META_FILE).exists() or not (path / STATS_FILE).exists():
+        if not os.path.lexists(path / META_FILE) or not os.path.lexists(path / STATS_FILE):
             raise CalibrationError(f"{path} holds no calibration ({META_FILE} + {STATS_FILE}); "
                                    "run `ditbake calibrate` first")
+        meta = read_json(path / META_FILE, "calibration metadata", CalibrationError)
+        check_meta(meta, path / META_FILE)
+        meta.pop("format", None)  # the marker outputs.is_ours reads, not a statistic
+        regular_file_size(path / STATS_FILE, "calibration stats", CalibrationError)
         try:
-            meta = json.loads((path / META_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{path / META_FILE} is not valid JSON; re-run `ditbake calibrate`") from exc
-        return CalibrationStats(meta, load_file(str(path / STATS_FILE)))
+            tensors = load_file(str(path / STATS_FILE))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CalibrationError(f"{path / STATS_FILE} cannot be read ({str(exc)[:120]}); it is truncated or "
+                                   "corrupted, re-run `ditbake calibrate`") from None
+        check_tensors(meta, tensors, path / STATS_FILE)
+        return CalibrationStats(meta, tensors)
 
 
 def load_prompt_embeds(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A safetensors file with `embeds` [N, L, D] and optionally `negative` [N, L, D] or [L, D]."""
+    regular_file_size(Path(path), "prompt embeddings", InputError)  # a FIFO would hang the reader
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for bad files
-        raise InputError(f"cannot read prompt embeddings from {path}: {exc}") from exc
+        raise InputError(f"cannot read prompt embeddings from {path}: {str(exc)[:200]}") from None
     if "embeds" not in tensors:
-        raise InputError(f"{path} has no 'embeds' tensor (found {sorted(tensors)})")
+        raise InputError(f"{path} has no 'embeds' tensor (found {sorted(tensors)[:5]})")
+    for name in ("embeds", "negative"):
+        t = tensors.get(name)
+        if t is not None and (not t.is_floating_point() or t.numel() == 0 or not torch.isfinite(t).all()):
+            raise InputError(f"{path}: {name!r} is {t.dtype} {list(t.shape)}; pass non-empty, finite floating-point "
+                             "embeddings (integers or bools would be cast silently)")
     embeds = tensors["embeds"]
     if embeds.ndim == 2:
         embeds = embeds[None]

@@ -84,7 +84,7 @@ def cmd_calibrate(args) -> int:
                                               scheduler_config=sched, pooled=pooled, negative_pooled=negative_pooled)
         stats.tensors.update(tensors)
         stats.meta["heads"] = heads_meta
-    out = stats.save(args.out)
+    out = stats.save(args.out, force=args.force)
     if args.precision_stats:
         _precision_outputs(stats, out)
     g = stats.tensors["gamma"]
@@ -202,9 +202,12 @@ def cmd_build(args) -> int:
     from ditbake.runtime.artifact import Profile  # noqa: PLC0415
     from ditbake.runtime.plan import Plan  # noqa: PLC0415
 
+    from ditbake.exporter.calibrate_check import check_fits_model  # noqa: PLC0415
+
     stats = CalibrationStats.load(args.calibration)
     seed = int(stats.meta.get("weights_seed", 0))
     adapter = adapter_for(models.load(args.model, dtype=torch.float32, seed=seed))
+    check_fits_model(stats.meta, adapter)  # another model's calibration is refused before any work
     plan = Plan.load(args.plan)
     latent = tuple(stats.meta["latent_shape"])
     frames = 1 if len(latent) == 3 else latent[1] if adapter.architecture == "wan" else latent[0]  # 3-D: an image
@@ -217,7 +220,8 @@ def cmd_build(args) -> int:
         samplers.insert(0, stats.meta["sampler"])
     out = builder.build(adapter, plan, args.out, profiles=[profile], samplers=samplers, dtype=DTYPES[args.dtype],
                         backend=args.backend, label=args.label, device=args.device,
-                        text_encoder=args.text_encoder, onnx_only=args.onnx_only, scheduler_config=sched)
+                        text_encoder=args.text_encoder, onnx_only=args.onnx_only, scheduler_config=sched,
+                        force=args.force)
     log.info("artifact ready: %s", out)
     return 0
 
@@ -274,9 +278,9 @@ def cmd_inspect(args) -> int:
     m = art.manifest
     plan = art.plan
     summary = {
-        "format": f"{m['format']} v{m['format_version']}", "producer": m["producer"],
-        "model": {k: m["model"][k] for k in ("architecture", "diffusers_class", "label", "parameters")},
-        "dtype": m["dtype"], "backend": m["backend"], "profiles": m["profiles"],
+        "format": f"{m['format']} v{m['format_version']}", "producer": m.get("producer"),
+        "model": {k: m["model"].get(k) for k in ("architecture", "diffusers_class", "label", "parameters")},
+        "dtype": m.get("dtype"), "backend": m.get("backend", "eager"), "profiles": m["profiles"],
         "samplers": sorted(art.samplers), "default_sampler": art.default_sampler,
         "plan": {"mode": plan.mode, "steps": plan.num_steps, "blocks": plan.num_blocks,
                  "variants": len(plan.variants), "skip_fraction": plan.skip_fraction(), "predicted": plan.predicted},
@@ -289,7 +293,7 @@ def cmd_inspect(args) -> int:
 def cmd_package(args) -> int:
     from ditbake.runtime.package import pack  # noqa: PLC0415
 
-    out = pack(args.artifact, args.out)
+    out = pack(args.artifact, args.out, force=args.force)
     log.info("packaged %s → %s (%.1f MB)", args.artifact, out, out.stat().st_size / 1e6)
     return 0
 
@@ -297,7 +301,7 @@ def cmd_package(args) -> int:
 def cmd_unpack(args) -> int:
     from ditbake.runtime.package import unpack  # noqa: PLC0415
 
-    log.info("unpacked and verified %s → %s", args.package, unpack(args.package, args.out))
+    log.info("unpacked and verified %s → %s", args.package, unpack(args.package, args.out, force=args.force))
     return 0
 
 
@@ -439,6 +443,10 @@ def make_parser() -> argparse.ArgumentParser:
     # no prefix matching: `--prompt` must not silently mean `--prompts`
     for each in (parser, *sub.choices.values()):
         each.allow_abbrev = False
+    for p in sub.choices.values():  # every command that writes an output path
+        if any("--out" in a.option_strings for a in p._actions):
+            p.add_argument("--force", action="store_true",
+                           help="replace --out even if it exists and is not an earlier ditbake output")
     return parser
 
 
@@ -459,12 +467,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
 
+    from ditbake.exporter.outputs import check_args, typed_os_error  # noqa: PLC0415
+    from ditbake.runtime.errors import ResourceError  # noqa: PLC0415
+
     try:
-        with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
-            return args.func(args)
+        try:
+            check_args(args)
+            with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
+                return args.func(args)
+        except OSError as exc:  # out of disk, permissions, …: typed, with the path
+            log.debug("operating-system error", exc_info=True)
+            raise typed_os_error(exc) from exc
+        except MemoryError:
+            raise ResourceError("out of memory; use a smaller shape profile or batch, or a larger machine") from None
     except DitbakeError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

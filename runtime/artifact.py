@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from safetensors.torch import load_file
 
 from ditbake.runtime.errors import ArtifactError
 from ditbake.runtime.plan import Plan
+from ditbake.runtime.safe_io import MAX_JSON_BYTES, check_relative_name, read_json
 from ditbake.runtime.sampler import SamplerTable
+from ditbake.runtime.validate import check_fits_model, check_manifest
 
 FORMAT = "ditbake-artifact"
 FORMAT_VERSION = 1
@@ -37,6 +40,52 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# digests of files verified in this process, by identity and change time: a file re-read right
+# after `verify_files` (an engine at load) is not hashed twice; any write changes its ctime
+_verified: dict[tuple, str] = {}
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _checked_digest(file: Path) -> str:
+    key = _identity(os.stat(file))
+    digest = _verified.get(key)
+    if digest is None:
+        digest = sha256_file(file)
+        if _identity(os.stat(file)) == key:
+            _verified[key] = digest
+    return digest
+
+
+def indexed_file(path: str | Path, manifest: dict, rel, what: str = "file") -> Path:
+    """The file `rel` of the artifact at `path`, for the runtime to open: a relative name listed in
+    the manifest's `files`, resolving (symlinks included) inside the artifact, a regular file, and
+    with its recorded sha256. Every file the runtime reads, engines included, comes through here."""
+    path = Path(path)
+    check_relative_name(rel, f"artifact {what}")
+    meta = manifest["files"].get(rel)
+    if meta is None:
+        raise ArtifactError(f"artifact {what} {rel[:80]!r} is not listed (with its sha256) in the manifest; "
+                            "refusing to open it, rebuild the artifact")
+    root = path.resolve()
+    file = (path / rel).resolve()
+    if root not in file.parents:
+        raise ArtifactError(f"manifest names {rel[:80]!r} outside the artifact; refusing to read it")
+    if not file.is_file():
+        raise ArtifactError(f"artifact file {rel} is missing from {path} or not a regular file; rebuild or "
+                            "re-unpack the artifact")
+    if file.stat().st_size != meta.get("bytes"):
+        raise ArtifactError(f"artifact file {rel} is {file.stat().st_size} bytes but the manifest records "
+                            f"{meta.get('bytes')}; it was modified or truncated, rebuild the artifact")
+    digest = _checked_digest(file)
+    if digest != meta.get("sha256"):
+        raise ArtifactError(f"sha256 mismatch for {rel} (expected {str(meta.get('sha256'))[:12]}…, got "
+                            f"{digest[:12]}…): the file was modified or corrupted; rebuild the artifact")
+    return file
 
 
 @dataclass(frozen=True)
@@ -83,37 +132,22 @@ def read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise ArtifactError(f"artifact {path} does not exist or is not a directory; build it with `ditbake build`")
     mpath = path / MANIFEST
-    if not mpath.exists():
+    if not os.path.lexists(mpath):
         raise ArtifactError(f"{path} has no {MANIFEST}; it is not a ditbake artifact (rebuild it)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{mpath} is not valid JSON; the artifact is corrupted, rebuild it") from exc
+    manifest = read_json(mpath, "artifact manifest", ArtifactError, MAX_JSON_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath} is not a ditbake manifest (format {manifest.get('format')!r}); rebuild it")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"artifact format version {version!r} is not supported by this runtime (reads "
                             f"version {FORMAT_VERSION}); rebuild the artifact or install a matching ditbake")
-    for key in ("model", "files", "profiles", "samplers", "default_sampler", "plan_file"):
-        if key not in manifest:
-            raise ArtifactError(f"{mpath} lacks the required key {key!r}; rebuild the artifact")
-    return manifest
+    return check_manifest(manifest, str(mpath))
 
 
 def verify_files(path: Path, manifest: dict) -> None:
     """Every file the manifest indexes exists and has its recorded sha256; no path escapes."""
-    root = path.resolve()
-    for rel, meta in manifest["files"].items():
-        file = (path / rel).resolve()
-        if root not in file.parents:
-            raise ArtifactError(f"manifest names {rel!r} outside the artifact; refusing to read it")
-        if not file.is_file():
-            raise ArtifactError(f"artifact file {rel} is missing from {path}; rebuild or re-unpack the artifact")
-        digest = sha256_file(file)
-        if digest != meta.get("sha256"):
-            raise ArtifactError(f"sha256 mismatch for {rel} (expected {str(meta.get('sha256'))[:12]}…, got "
-                                f"{digest[:12]}…): the file was modified or corrupted; rebuild the artifact")
+    for rel in manifest["files"]:
+        indexed_file(path, manifest, rel)
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Artifact:
@@ -125,10 +159,12 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: 
         if required not in manifest["files"]:
             raise ArtifactError(f"manifest does not index {required}; rebuild the artifact")
     try:
-        weights = load_file(str(path / WEIGHTS), device=str(device))
+        weights = load_file(str(indexed_file(path, manifest, WEIGHTS) if verify else path / WEIGHTS),
+                            device=str(device))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{WEIGHTS} cannot be read ({exc}); rebuild the artifact") from exc
-    plan = Plan.load(path / manifest["plan_file"])
+    plan = Plan.load(indexed_file(path, manifest, manifest["plan_file"], "plan") if verify
+                     else path / manifest["plan_file"])
     samplers = {name: SamplerTable.from_json(t) for name, t in manifest["samplers"].items()}
     profile_samplers = {(name, prof): SamplerTable.from_json(pt) for name, t in manifest["samplers"].items()
                         for prof, pt in ((t.get("per_profile") if isinstance(t, dict) else None) or {}).items()}
@@ -147,4 +183,5 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: 
     unknown = {prof for _, prof in profile_samplers} - {p.name for p in profiles}
     if unknown:
         raise ArtifactError(f"sampler tables name unknown shape profiles {sorted(unknown)}; rebuild the artifact")
+    check_fits_model(manifest, plan, weights, profiles)
     return Artifact(path, manifest, plan, samplers, profiles, weights, profile_samplers)

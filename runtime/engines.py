@@ -78,6 +78,18 @@ def engine_key(part: str, variant: int | None, profile: str) -> str:
     return f"{part}" + (f"-v{variant}" if variant is not None else "") + f"-{profile}"
 
 
+def engine_files(artifact_path: Path, entries: list[dict]) -> dict[str, Path]:
+    """Every engine file the entries name, resolved inside the artifact, listed in its manifest and
+    sha256-checked: native code is loaded only from files the manifest hashes."""
+    from ditbake.runtime.artifact import indexed_file, read_manifest  # noqa: PLC0415 - artifact imports plan
+
+    manifest = read_manifest(Path(artifact_path))
+    if not isinstance(entries, list) or any(not isinstance(e, dict) for e in entries):
+        raise ArtifactError("manifest engines must be a list of objects; rebuild the artifact")
+    return {e["file"]: indexed_file(artifact_path, manifest, e.get("file"), "engine")
+            for e in entries if e.get("file") is not None}
+
+
 class EagerEngines:
     name = "eager"
 
@@ -114,6 +126,7 @@ class AotiEngines:
 
     def _load(self, artifact_path: Path, entries: list[dict]) -> None:
         """Load every engine the manifest lists into self.packages (backends override this)."""
+        files = engine_files(artifact_path, entries)
         for e in entries:
             built = e.get("built_for", {}).get("device", "cpu")
             if built != self.device.type:
@@ -123,7 +136,7 @@ class AotiEngines:
             try:
                 # single-threaded: the container's cross-thread event waits are illegal inside a CUDA
                 # graph capture, and a session is driven by one thread
-                self.packages[e["key"]] = torch._inductor.aoti_load_package(str(artifact_path / e["file"]),
+                self.packages[e["key"]] = torch._inductor.aoti_load_package(str(files[e["file"]]),
                                                                             run_single_threaded=True)
             except Exception as exc:  # the loader raises RuntimeError and others
                 raise BackendError(f"cannot load engine {e['file']} ({type(exc).__name__}: {exc}); rebuild it "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ditbake.runtime.engines import AotiEngines
+from ditbake.runtime.engines import AotiEngines, engine_files
 from ditbake.runtime.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class TrtEngines(AotiEngines):
                                "artifact built with --backend aoti or eager") from exc
         import ditbake.plugins.trt_plugins  # noqa: F401, PLC0415 - registers the plugins the engines use
 
+        files = engine_files(artifact_path, entries)  # inside the artifact, indexed, hash-checked
         capability = list(torch.cuda.get_device_capability(self.device))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         for e in entries:
@@ -91,5 +92,5 @@ class TrtEngines(AotiEngines):
                 raise BackendError(f"engine {e['file']} was built with TensorRT {built.get('tensorrt')} for sm "
                                    f"{built.get('capability')}, not TensorRT {trt.__version__} on sm {capability}; "
                                    "rebuild the artifact on this machine")
-            self.packages[e["key"]] = _Engine(trt, runtime, artifact_path / e["file"], e["inputs"], e["outputs"])
+            self.packages[e["key"]] = _Engine(trt, runtime, files[e["file"]], e["inputs"], e["outputs"])
         log.info("loaded %d TensorRT engines", len(self.packages))

@@ -40,7 +40,25 @@ class UnsupportedModelError(DitbakeError):
     exit_code = 7
 
 
+class OutputError(DitbakeError):
+    """An output path is refused (it holds something this tool did not make) or cannot be written."""
+
+    exit_code = 11
+
+
+class ResourceError(DitbakeError):
+    """The machine ran out of something the command needs: disk space, memory, file handles."""
+
+    exit_code = 12
+
+
+class NumericsError(DitbakeError):
+    """A generation became non-finite (NaN/Inf) part way through."""
+
+    exit_code = 13
+
+
 class ParallelError(DitbakeError):
     """A multi-GPU request that cannot run as asked (launch, layout, backend, model)."""
 
-    exit_code = 11
+    exit_code = 14

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ditbake.runtime import atomic
 from ditbake.runtime.errors import PlanError
+from ditbake.runtime.safe_io import read_json
 
 PLAN_FORMAT = "ditbake-plan"
 PLAN_VERSION = 1
@@ -224,6 +225,9 @@ class Plan:
         if d.get("version") != PLAN_VERSION:
             raise PlanError(f"plan version {d.get('version')!r} is not supported (this runtime reads "
                             f"version {PLAN_VERSION}); re-run `ditbake plan` with this version")
+        from ditbake.runtime.validate import check_plan_json  # noqa: PLC0415 - validate imports the architectures
+
+        check_plan_json(d)
         try:
             plan = Plan(architecture=str(d["architecture"]), num_blocks=int(d["num_blocks"]),
                         linear_layers=tuple(d["linear_layers"]),
@@ -245,13 +249,9 @@ class Plan:
 
     @staticmethod
     def load(path: str | Path) -> "Plan":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise PlanError(f"plan file {path} not found; run `ditbake plan` first") from exc
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-        return Plan.from_json(data)
+        if not Path(path).exists():
+            raise PlanError(f"plan file {path} not found; run `ditbake plan` first")
+        return Plan.from_json(read_json(path, "plan file", PlanError))
 
 
 def collapse(configs: list[list[list[BlockVariant]]]) -> tuple[tuple[BlockVariant, ...], list[list[list[int]]]]:

@@ -25,6 +25,7 @@ from ditbake.runtime.engines import AotiEngines, EagerEngines
 from ditbake.runtime.errors import BackendError, InputError
 from ditbake.runtime.graphs import ForwardGraphs, graph_blockers
 from ditbake.runtime.nn import is_quantized_tensor
+from ditbake.runtime.numerics import FiniteWatch, check_embeds, check_request
 from ditbake.runtime.sampler import BakedSampler
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class Session:
         if embeds.ndim != 3 or embeds.shape[1:] != (profile.text_len, text_dim):
             raise InputError(f"{what} has shape {list(embeds.shape)}; profile {profile.name} expects "
                              f"[batch, {profile.text_len}, {text_dim}]")
-        _check_finite(what, embeds)
+        check_embeds(what, embeds)
         return embeds.to(self.device, self.dtype)
 
     def _extras(self, text: torch.Tensor, pooled, guidance, what: str, zero_pooled: bool = False) -> tuple:
@@ -203,6 +204,7 @@ class Session:
         distilled guidance scale (guidance_embeds models; default the artifact's, 3.5), separate
         from the CFG `guidance_scale`."""
         prof = self.profile(profile)
+        check_request(prompt, guidance_scale, seed)
         if prompt is not None:
             if text_embeds is not None:
                 raise InputError("pass either prompt or text_embeds, not both")
@@ -239,7 +241,10 @@ class Session:
             latents = torch.randn(shape, generator=gen, dtype=torch.float32) * table.init_noise_sigma
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents have shape {list(latents.shape)}; profile {prof.name} expects {list(shape)}")
-        _check_finite("latents", latents)
+        elif not latents.is_floating_point():
+            raise InputError(f"latents have dtype {latents.dtype}; pass floating-point latents")
+        else:  # seeded noise is finite by construction: only given latents cost a check (a host read)
+            _check_finite("latents", latents)
         x = latents.to(self.device, torch.float32)
 
         report = GenerationReport(sampler=sampler_name, profile=prof.name)
@@ -260,6 +265,7 @@ class Session:
         if graphs is not None:
             deltas = self._graph_deltas.setdefault((prof.name, batch), {})
             captures, replays = graphs.captures, graphs.replays
+        watch = FiniteWatch(self.device, table.num_steps, guidance_scale)
         for i in (progress(steps) if progress else steps):
             if adaptive is not None:
                 adaptive.begin_step(i)
@@ -292,8 +298,10 @@ class Session:
             if use_cfg:
                 out = outputs["uncond"] + guidance_scale * (outputs["cond"] - outputs["uncond"])
             x = baked.step(i, x, out.float())
+            watch.after_step(i, x, outputs, out)
             if trajectory is not None:
                 trajectory.append(x.clone())
+        watch.finish()
         if graphs is not None:
             report.graph_captures, report.graph_replays = graphs.captures - captures, graphs.replays - replays
         report.steps = table.num_steps

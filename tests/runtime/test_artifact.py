@@ -98,6 +98,7 @@ def test_tampered_plan_with_rehash_still_validated(artifact, tmp_path):
     (dst / PLAN).write_text(json.dumps(plan))
     m = json.loads((dst / MANIFEST).read_text())
     m["files"][PLAN]["sha256"] = sha256_file(dst / PLAN)
+    m["files"][PLAN]["bytes"] = (dst / PLAN).stat().st_size  # the loader checks the recorded size too
     (dst / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(PlanError, match="version 7"):
         load(dst)

@@ -220,6 +220,6 @@ def test_cli_relaunches_under_torchrun_and_rank0_writes(artifact, tmp_path):
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert {k: v for k, v in one.items() if k != "seconds"} == {k: v for k, v in two.items() if k != "seconds"}
     # what can be refused before any process starts keeps its exit code
-    assert main(["run", str(artifact), "--out", str(tmp_path / "x"), "--gpus", "4", "--parallel", "cfg"]) == 11
-    assert main(["run", str(artifact), "--out", str(tmp_path / "x"), "--parallel", "ulysses"]) == 11
+    assert main(["run", str(artifact), "--out", str(tmp_path / "x"), "--gpus", "4", "--parallel", "cfg"]) == 14
+    assert main(["run", str(artifact), "--out", str(tmp_path / "x"), "--parallel", "ulysses"]) == 14
     assert not (tmp_path / "x").exists()
