@@ -156,6 +156,7 @@ def check_manifest(m, where: str = "manifest") -> dict:
     _is(m.get("dtype", ""), (str,), f"{where} dtype")
     for i, e in enumerate(_is(m.get("engines", []), (list,), f"{where} engines")):
         _engine(e, i, files)
+    _is(m.get("scheduler_config"), (dict, type(None)), f"{where} scheduler_config")  # the drop-in maps timesteps with it
     te = _is(m.get("text_encoder"), (dict, type(None)), f"{where} text_encoder")
     if te is not None:
         _is(te.get("weights_sha256"), (str,), f"{where} text_encoder.weights_sha256")
@@ -193,9 +194,12 @@ def check_plan_json(d) -> None:
             e(precision, (str,), f"variants[{i}].precisions[{layer[:40]!r}]")
         for site, schemes in e(v.get("heads", {}), (dict,), f"variants[{i}].heads").items():
             for s in e(schemes, (list,), f"variants[{i}].heads[{site[:40]!r}]"):
-                if not isinstance(s, list) or len(s) != 3:
-                    raise PlanError(f"plan variants[{i}].heads[{site[:40]!r}] entries must be [kind, left, right]")
+                if not isinstance(s, list) or len(s) not in (3, 4):
+                    raise PlanError(f"plan variants[{i}].heads[{site[:40]!r}] entries must be [kind, left, right] "
+                                    "or [kind, left, right, precision]")
                 e(s[0], (str,), f"variants[{i}] head kind")
+                if len(s) == 4:
+                    e(s[3], (str,), f"variants[{i}] head precision")
                 n(s[1], f"variants[{i}] head width", -_INT32, _INT32)  # the sign is HeadScheme's to refuse
                 n(s[2], f"variants[{i}] head width", -_INT32, _INT32)
     for i, step in enumerate(e(d.get("steps"), (list,), "steps")):
@@ -238,7 +242,8 @@ def _check_plan_fits(arch, config: dict, plan) -> None:
         raise PlanError(f"the plan's linear layers differ from {arch.NAME}'s; rebuild the artifact")
     for vid, v in enumerate(plan.variants):
         for site, schemes in v.heads:
-            if site not in arch.COMPRESSIBLE_ATTENTION and any(s.kind != "full" for s in schemes):
+            if site not in arch.COMPRESSIBLE_ATTENTION and any(s.kind != "full" or s.precision != "bf16"
+                                                                for s in schemes):
                 raise PlanError(f"variant {vid} compresses heads of {site!r}, which {arch.NAME} cannot compress "
                                 f"(only {arch.COMPRESSIBLE_ATTENTION}); rebuild the artifact")
 
