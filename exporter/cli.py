@@ -38,21 +38,44 @@ def _default_shape(adapter, args) -> tuple[tuple[int, ...], int]:
     return adapter.latent_shape(frames, h, w), text_len
 
 
+def _calibration_shape(adapter, args) -> tuple[tuple[int, ...], int, tuple[int, int, int] | None]:
+    """(latent shape, text length, pixels or None): a pipeline directory takes `--profile HxWxF` in
+    pixels (latent from its VAE's factors) and its pipeline's text length; other sources latent units."""
+    from ditbake.exporter import pipeline  # noqa: PLC0415
+
+    if not pipeline.is_pipeline_dir(args.model) or (args.frames or args.height or args.width) and not args.profile:
+        if args.profile:
+            raise InputError("--profile HxWxF (pixels) needs a pipeline directory (its VAE gives the latent size); "
+                             "use --frames/--height/--width in latent units")
+        latent, text_len = _default_shape(adapter, args)
+        return latent, text_len, None
+    spec = pipeline.pipeline_spec(args.model)
+    pixels = pipeline.parse_pixels(args.profile or pipeline.default_pixels(args.model, spec))
+    f, h, w = pipeline.latent_dims(args.model, adapter.architecture, *pixels)
+    text_len = args.text_len or spec.default_text_len
+    if adapter.architecture == "cogvideox":
+        text_len = int(adapter.config["max_text_seq_length"])
+    return adapter.latent_shape(f, h, w), text_len, pixels
+
+
 def cmd_calibrate(args) -> int:
     from ditbake.exporter import calibrate as cal, models  # noqa: PLC0415
     from ditbake.exporter.adapters import adapter_for  # noqa: PLC0415
+    from ditbake.exporter.prompt_source import conditioning  # noqa: PLC0415
 
     adapter = adapter_for(models.load(args.model, dtype=DTYPES[args.dtype], seed=args.weights_seed))
-    latent, text_len = _default_shape(adapter, args)
-    text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim")))
-    if args.prompts:
-        embeds, negative = cal.load_prompt_embeds(args.prompts)
-    else:
-        embeds, negative = cal.random_prompt_embeds(args.num_prompts, text_len, text_dim, args.seed), None
+    latent, text_len, pixels = _calibration_shape(adapter, args)
+    text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim",
+                                                                      adapter.config.get("joint_attention_dim", 0))))
+    cond = conditioning(str(args.model), text_dim, text_len, prompts_arg=args.prompts,
+                        negative_prompt=args.negative_prompt, num_prompts=args.num_prompts,
+                        random_embeddings=args.random_embeddings, seed=args.seed)
+    embeds, negative = cond.embeds, cond.negative
     if embeds.shape[1:] != (text_len, text_dim) and adapter.architecture == "cogvideox":
         raise InputError(f"prompt embeddings are {list(embeds.shape)}; the model expects [N, {text_len}, {text_dim}]")
     if embeds.shape[-1] != text_dim:
         raise InputError(f"prompt embeddings have dim {embeds.shape[-1]}; the model expects {text_dim}")
+    text_len = int(embeds.shape[1])
     observers = []
     if args.precision_stats:  # DMPQ statistics in the same pass (E_rel per format, outlier ratios)
         from ditbake.exporter.calibrate_precision import PrecisionObserverConfig, observer_factory  # noqa: PLC0415
@@ -63,6 +86,10 @@ def cmd_calibrate(args) -> int:
                           observers=observers)
     stats.meta["weights_seed"] = args.weights_seed
     stats.meta["dtype"] = args.dtype
+    stats.meta["conditioning"] = {"origin": cond.origin, "prompts": list(cond.prompts),
+                                  "negative_prompt": args.negative_prompt}
+    if pixels:
+        stats.meta["pixels"] = list(pixels)  # height, width, frames of the calibrated profile
     if args.heads_delta is not None:  # the progressive head search interleaves with its own trajectory
         from ditbake.exporter.calibrate_heads import calibrate_heads  # noqa: PLC0415
 
@@ -272,8 +299,15 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="run the model over prompts and the whole trajectory, record statistics")
     p.add_argument("--model", required=True, help="local diffusers dir, config .json (random weights) or tiny-wan/tiny-cogvideox")
     p.add_argument("--out", required=True, help="output directory for calibration.json + stats.safetensors")
-    p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] (and optional 'negative')")
-    p.add_argument("--num-prompts", type=int, default=2, help="random prompt embeddings when --prompts is absent")
+    p.add_argument("--prompts", help="a .txt (one prompt per line), 'default' (the shipped set), free text, or a "
+                                      "safetensors with 'embeds' [N, L, D] (and optional 'negative'); text is encoded "
+                                      "with the pipeline's own text encoder(s). Default for a pipeline directory: "
+                                      "the shipped set")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional CFG branch)")
+    p.add_argument("--num-prompts", type=int, help="use at most this many prompts (default set: 8; random: 2)")
+    p.add_argument("--random-embeddings", action="store_true",
+                   help="calibrate on random prompt embeddings (models without a text encoder; speed work only)")
+    p.add_argument("--profile", help="pipeline directories: HEIGHTxWIDTHxFRAMES in pixels, e.g. 480x832x81")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", help="flow_euler|unipc (Wan), ddim|dpmpp (CogVideoX)")
     p.add_argument("--guidance", type=float, default=5.0)

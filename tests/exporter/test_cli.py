@@ -26,7 +26,7 @@ def test_console_script_help():
 @pytest.mark.parametrize("model,sampler", [("tiny-wan", "flow_euler"), ("tiny-cogvideox", "dpmpp")])
 def test_calibrate_plan_build_run_inspect(tmp_path, model, sampler, capsys):
     cal, plan, art, out = (str(tmp_path / n) for n in ("cal", "plan.json", "art", "out"))
-    assert main(["calibrate", "--model", model, "--out", cal, "--steps", "3", "--sampler", sampler,
+    assert main(["calibrate", "--model", model, "--out", cal, "--steps", "3", "--sampler", sampler, "--random-embeddings",
                  "--num-prompts", "1", "--frames", "2", "--height", "8", "--width", "8"]) == 0
     assert main(["plan", "--calibration", cal, "--out", plan]) == 0
     assert main(["build", "--model", model, "--plan", plan, "--calibration", cal, "--out", art,

@@ -1,0 +1,61 @@
+"""Tiny random diffusers pipelines saved with `save_pretrained`, as a user's checkpoint directory
+would be laid out (model_index.json, text encoder, tokenizer trained offline with `tokenizers`,
+VAE, scheduler, transformer). Shared by the end-to-end tests; each builder returns the directory.
+
+The tokenizers are real (a Unigram model with T5's special tokens and `</s>` appended, trained on
+the shipped default prompts), so prompt text goes through the same code paths as a checkpoint's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "exporter" / "prompts" / "default.txt"
+
+
+def t5_tokenizer(vocab_size: int = 200, model_max_length: int = 512):
+    """A T5-like fast tokenizer (pad 0, </s> 1, <unk> 2; '</s>' appended) trained offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(PROMPTS_FILE.read_text().splitlines(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=model_max_length)
+
+
+def umt5_encoder(d_model: int = 32, vocab_size: int = 200, seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return UMT5EncoderModel(config).eval()
+
+
+def wan_pipeline(path: Path, *, flow_shift: float = 3.0, seed: int = 0) -> Path:
+    """WanPipeline: tiny UMT5 (32-d) + trained tokenizer + AutoencoderKLWan (z_dim 16, ×8 spatial,
+    ×4 temporal) + UniPC flow scheduler + a 2-block WanTransformer3DModel."""
+    import diffusers  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    torch.manual_seed(seed + 1)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32)
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  num_train_timesteps=1000, flow_shift=flow_shift)
+    pipe = diffusers.WanPipeline(tokenizer=t5_tokenizer(), text_encoder=umt5_encoder(seed=seed + 2), vae=vae,
+                                 scheduler=scheduler, transformer=transformer.eval())
+    pipe.save_pretrained(path)
+    return Path(path)
