@@ -198,63 +198,62 @@ def _precision_config(args):
                            nvfp4_fraction=args.nvfp4_fraction, predictor=args.precision_predictor)
 
 
+def _build_profiles(adapter, args, meta: dict) -> list:
+    """The calibrated shape, or each `--profile HxWxF` (pixels; latent from the pipeline's VAE). Named
+    'HxWxF' when the pixel size is known, so `run --profile 480x832x81` or --height/--width/--frames pick it."""
+    from ditbake.exporter import pipeline  # noqa: PLC0415
+    from ditbake.runtime.artifact import Profile  # noqa: PLC0415
+
+    text_len = int(meta["text_len"])
+    if args.profile:
+        if not pipeline.is_pipeline_dir(args.model):
+            raise InputError("--profile HxWxF (pixels) needs a pipeline directory (its VAE gives the latent size)")
+        profiles = []
+        for text in args.profile:
+            h, w, f = pipeline.parse_pixels(text)
+            latent = adapter.latent_shape(*pipeline.latent_dims(args.model, adapter.architecture, h, w, f))
+            profiles.append(Profile(f"{h}x{w}x{f}", tuple(latent), text_len))
+        return profiles
+    latent = tuple(meta["latent_shape"])
+    if meta.get("pixels"):
+        h, w, f = meta["pixels"]
+        return [Profile(f"{h}x{w}x{f}", latent, text_len)]
+    frames = 1 if len(latent) == 3 else latent[1] if adapter.architecture == "wan" else latent[0]  # 3-D: an image
+    return [Profile(f"f{frames}_h{latent[-2]}_w{latent[-1]}_t{text_len}", latent, text_len)]
+
+
 def cmd_build(args) -> int:
     from ditbake.exporter import build as builder, models  # noqa: PLC0415
     from ditbake.exporter.adapters import adapter_for  # noqa: PLC0415
     from ditbake.exporter.calibrate import CalibrationStats  # noqa: PLC0415
-    from ditbake.runtime.artifact import Profile  # noqa: PLC0415
     from ditbake.runtime.plan import Plan  # noqa: PLC0415
 
     stats = CalibrationStats.load(args.calibration)
     seed = int(stats.meta.get("weights_seed", 0))
     adapter = adapter_for(models.load(args.model, dtype=torch.float32, seed=seed))
     plan = Plan.load(args.plan)
-    latent = tuple(stats.meta["latent_shape"])
-    frames = 1 if len(latent) == 3 else latent[1] if adapter.architecture == "wan" else latent[0]  # 3-D: an image
-    profile = Profile(f"f{frames}_h{latent[-2]}_w{latent[-1]}_t{stats.meta['text_len']}", latent,
-                      int(stats.meta["text_len"]))
+    profiles = _build_profiles(adapter, args, stats.meta)
     samplers = args.samplers.split(",") if args.samplers else list(_samplers(adapter))
     if stats.meta["sampler"] in samplers:  # the calibrated sampler is the default
         samplers.remove(stats.meta["sampler"])
         samplers.insert(0, stats.meta["sampler"])
-    out = builder.build(adapter, plan, args.out, profiles=[profile], samplers=samplers, dtype=DTYPES[args.dtype],
+    from ditbake.exporter.pipeline import is_pipeline_dir  # noqa: PLC0415
+
+    pipeline_dir = args.model if is_pipeline_dir(args.model) and args.components else None
+    negative = args.negative_prompt if args.negative_prompt is not None else \
+        (stats.meta.get("conditioning") or {}).get("negative_prompt", "")
+    out = builder.build(adapter, plan, args.out, profiles=profiles, samplers=samplers, dtype=DTYPES[args.dtype],
                         backend=args.backend, label=args.label, device=args.device,
-                        text_encoder=args.text_encoder, onnx_only=args.onnx_only)
+                        text_encoder=args.text_encoder, onnx_only=args.onnx_only, pipeline_dir=pipeline_dir,
+                        negative_prompt=negative)
     log.info("artifact ready: %s", out)
     return 0
 
 
 def cmd_run(args) -> int:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from ditbake.exporter.run import cmd_run as run  # noqa: PLC0415
 
-    from ditbake.exporter.calibrate import load_prompt_embeds, random_prompt_embeds  # noqa: PLC0415
-    from ditbake.exporter.media import latents_to_frames, write_gif, write_strip  # noqa: PLC0415
-    from ditbake.runtime import load  # noqa: PLC0415
-
-    session = load(args.artifact, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                   cuda_graphs=args.cuda_graphs)
-    prof = session.profile(args.profile)
-    embeds = negative = None
-    if args.prompts:
-        embeds, negative = load_prompt_embeds(args.prompts)
-    elif not args.prompt:
-        text_dim = int(session.config.get("text_dim", session.config.get("text_embed_dim")))
-        embeds = random_prompt_embeds(1, prof.text_len, text_dim, args.seed)
-        log.warning("no --prompt or --prompts: using random prompt embeddings")
-    result = session.generate(embeds, negative, prompt=args.prompt, seed=args.seed, guidance_scale=args.guidance,
-                              profile=prof.name, sampler=args.sampler,
-                              progress=lambda it: tqdm(it, desc="denoise", unit="step"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    label = session.artifact.manifest["model"].get("label", "")
-    frames = latents_to_frames(result.latents[0], session.artifact.architecture)
-    write_gif(frames, out / "clip.gif")
-    write_strip(frames, out / "strip.png", label=f"{label}: {args.prompt}" if args.prompt else label)
-    report = result.report.to_json() | {"artifact": str(args.artifact), "label": label, "prompt": args.prompt}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    log.info("wrote %s, %s and report.json (%d steps in %.1f s, %s)", out / "clip.gif", out / "strip.png",
-             report["steps"], report["seconds"], label or "model")
-    return 0
+    return run(args)
 
 
 def cmd_inspect(args) -> int:
@@ -380,22 +379,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--samplers", help="comma-separated samplers to bake; the first is the default")
     p.add_argument("--label", default="", help="shown on outputs, e.g. 'RANDOM WEIGHTS'")
     p.add_argument("--text-encoder", action="store_true",
-                   help="record the shipped MiniLM text encoder so `run --prompt TEXT` works")
+                   help="record the shipped MiniLM text encoder so `run --prompt TEXT` works (test beds)")
+    p.add_argument("--profile", action="append",
+                   help="shape profile HEIGHTxWIDTHxFRAMES in pixels (repeatable; pipeline directories); default: "
+                        "the calibrated shape")
+    p.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
+                   help="store a pipeline directory's text encoder(s), tokenizer(s) and VAE decoder")
+    p.add_argument("--negative-prompt", help="default negative prompt of the artifact (default: the calibration's)")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("run", help="generate with an artifact; writes clip.gif, strip.png, report.json")
-    p.add_argument("artifact")
-    p.add_argument("--out", required=True)
-    p.add_argument("--prompt", help="free-text prompt (artifact built with --text-encoder)")
-    p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] and optional 'negative'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--sampler")
-    p.add_argument("--profile")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=DTYPES)
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each step's forward from a CUDA graph (default: where the artifact allows)")
+    p = sub.add_parser("run", help="generate with an artifact: text in, decoded video/image (+ latents) out")
+    from ditbake.exporter.run import add_run_arguments  # noqa: PLC0415
+
+    add_run_arguments(p, DTYPES)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("package", help="write the artifact as one tar (manifest + indexed files, hashes checked)")

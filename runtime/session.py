@@ -94,6 +94,7 @@ class Session:
                         for k, v in artifact.weights.items()}
         self.plan = artifact.plan
         self._text_encoder = None
+        self._components = None
         if artifact.manifest.get("backend", "eager") == "tensorrt":
             from ditbake.runtime.engines_trt import TrtEngines  # noqa: PLC0415 - needs tensorrt, loaded on demand
 
@@ -144,13 +145,36 @@ class Session:
         _check_finite(what, embeds)
         return embeds.to(self.device, self.dtype)
 
+    @property
+    def components(self):
+        """The artifact's text encoder(s) and VAE decoder (runtime/components_session.py), or None."""
+        section = self.artifact.manifest.get("components")
+        if not section:
+            return None
+        if self._components is None:
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            from ditbake.runtime.components_session import Components  # noqa: PLC0415
+
+            path = self.artifact.path  # every file under it was hash-checked at load
+            self._components = Components(path, section, lambda rel: load_file(str(path / rel), device=str(self.device)),
+                                          self.device)
+        return self._components
+
+    def _negative_default(self) -> str:
+        if self.components is not None:
+            return self.components.negative_prompt
+        return self.artifact.manifest["text_encoder"].get("negative_prompt", "")
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Per-token prompt embeddings from the text encoder the artifact records."""
+        """Per-token prompt embeddings from the text encoder(s) the artifact stores (or records)."""
+        if self.components is not None:
+            return self.components.encode(list(prompts))[0]
         entry = self.artifact.manifest.get("text_encoder")
         if not entry:
-            raise InputError("this artifact records no text encoder; pass text_embeds, or rebuild with "
-                             "`ditbake build --text-encoder`")
+            raise InputError("this artifact stores no text encoder; pass text_embeds, or rebuild it from the "
+                             "pipeline directory (`ditbake build --model PIPELINE_DIR`)")
         if self._text_encoder is None:
             from ditbake.runtime.artifact import sha256_file  # noqa: PLC0415
             from ditbake.runtime.text_encoder import TextEncoder, model_dir  # noqa: PLC0415
@@ -162,6 +186,16 @@ class Session:
                                  "at that version")
             self._text_encoder = TextEncoder.load(max_length=int(entry["max_length"]))
         return self._text_encoder.encode(prompts)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, *latent_shape] → frames float [B, F, H, W, 3] in [0, 1]: the stored VAE decoder after
+        the pipeline's latent normalization, or the identity for pixel-space test beds."""
+        if self.components is not None:
+            return self.components.decode(latents)
+        from ditbake.runtime.components_session import identity_frames  # noqa: PLC0415
+
+        return identity_frames(latents, self.artifact.architecture)
 
     def generate(self, text_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None, *,
                  prompt: str | list[str] | None = None, negative_prompt: str | None = None, seed: int = 0, guidance_scale: float = 5.0, profile: str | None = None,
@@ -178,7 +212,7 @@ class Session:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             text_embeds = self.encode_prompt(prompts)
             if negative_embeds is None:
-                default = self.artifact.manifest["text_encoder"].get("negative_prompt", "")
+                default = self._negative_default()
                 negative_embeds = self.encode_prompt([negative_prompt if negative_prompt is not None else default]
                                                      * len(prompts))
         if text_embeds is None:
