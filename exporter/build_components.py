@@ -72,7 +72,7 @@ def export_components(model_dir: str | Path, out: Path, *, text_len: int, dtype:
         _save(tensors, out / rel)
         tok_dir = root / tok_name
         written = export_tokenizer(getattr(pipe, tok_name), tok_dir, lengths[tok_name])
-        files += [rel] + [str(Path(p).resolve().relative_to(out.resolve())) for p in written]
+        files += [rel] + [f"{COMPONENTS_DIR}/{tok_name}/{name}" for name in written]
         encoders[enc_name] = {"kind": kind, "class": type(module).__name__, "config": config, "weights": rel,
                               "tokenizer": f"{COMPONENTS_DIR}/{tok_name}", "max_length": lengths[tok_name]}
     vae = pipe.vae
