@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +149,17 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, with_tra
     kwargs = {} if with_transformer else {"transformer": None}
     log.info("loading %s from %s", spec.pipeline_class, path)
     try:
-        return cls.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype, **kwargs)
+        with warnings.catch_warnings():  # newer diffusers rename torch_dtype; the supported minimum knows only it
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipe = cls.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype, **kwargs)
+            if dtype != torch.float32:  # the VAE decodes in fp32 (as the Wan and CogVideoX authors run it)
+                pipe.vae = type(pipe.vae).from_pretrained(str(Path(path) / "vae"), local_files_only=True,
+                                                          torch_dtype=torch.float32)
     except (OSError, ValueError, TypeError) as exc:
         raise PipelineError(f"cannot load {spec.pipeline_class} from {path}: {exc}") from exc
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @dataclass

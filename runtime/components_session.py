@@ -55,7 +55,7 @@ class Components:
             entry = self.section["text_encoders"].get(name)
             if entry is None:
                 raise ArtifactError(f"artifact components lack {name}; rebuild the artifact from the pipeline directory")
-            encode = TEXT_ENCODERS[entry["kind"]]
+            encode = TEXT_ENCODERS[entry["kind"]].encode
             self._encoders[name] = (encode, self._load_weights(entry["weights"]), entry["config"],
                                     Tokenizer.load(self.path / entry["tokenizer"]), int(entry["max_length"]))
         return self._encoders[name]
@@ -118,7 +118,7 @@ class Components:
             z = z.permute(0, 2, 1, 3, 4) / float(config["scaling_factor"])  # [B, F, C, H, W] → [B, C, F, H, W]
         else:  # sd3, flux: the runtime keeps Flux latents unpacked [C, H, W]
             z = z / float(config["scaling_factor"]) + float(config.get("shift_factor") or 0.0)
-        pixels = VAE_DECODERS[entry["kind"]](self._vae, config, z.to(dtype)).float()
+        pixels = VAE_DECODERS[entry["kind"]].decode(self._vae, config, z.to(dtype)).float()
         pixels = (pixels / 2 + 0.5).clamp(0, 1)
         if pixels.ndim == 4:  # an image [B, C, H, W]
             pixels = pixels[:, :, None]
