@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
 from ditbake.exporter.build_quant import quantize_weights
-from ditbake.exporter.sampler import bake, make_scheduler
+from ditbake.exporter.sampler import bake_samplers
 from ditbake.runtime import atomic
 from ditbake.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, PLAN, WEIGHTS, Profile, sha256_file
 from ditbake.runtime.errors import BackendError, PlanError
@@ -73,8 +73,7 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
         (tmp / "engines").mkdir()
         bar.update(1)
         bar.set_postfix_str("samplers")
-        tables = {name: bake(make_scheduler(name, adapter.architecture, scheduler_config), plan.num_steps, name)
-                  for name in samplers}
+        tables = bake_samplers(adapter, samplers, profiles, plan.num_steps, scheduler_config)
         bar.update(1)
         engines = []
         if backend == "aoti":
@@ -106,8 +105,9 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
                       "parameters": int(sum(v.numel() for k, v in adapter.weights().items()))},
             "dtype": str(dtype).removeprefix("torch."),
             "profiles": [p.to_json() for p in profiles],
-            "samplers": {name: t.to_json() for name, t in tables.items()},
+            "samplers": tables,
             "default_sampler": samplers[0],
+            "scheduler_config": scheduler_config,  # the pipeline's scheduler/ config the tables were baked from
             "plan_file": PLAN,
             "backend": backend,
             "engines": engines,  # empty for eager: the runtime composes the ops itself

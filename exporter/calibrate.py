@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
-from ditbake.exporter.sampler import make_scheduler
+from ditbake.exporter.sampler import scheduler_for
 from ditbake.runtime import atomic
 from ditbake.runtime.errors import DitbakeError, InputError
 
@@ -169,8 +169,7 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
     bar = tqdm(total=n * num_steps, desc="calibrate", unit="step", disable=not progress)
     try:
         for p in range(n):
-            scheduler = make_scheduler(sampler, adapter.architecture, scheduler_config)
-            scheduler.set_timesteps(num_steps)
+            scheduler = scheduler_for(sampler, adapter, num_steps, latent, scheduler_config)
             gen = torch.Generator().manual_seed(seed + p)
             x = torch.randn((1, *latent), generator=gen).to(device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
             texts = {"cond": embeds[p:p + 1].to(device, dtype),
@@ -194,7 +193,7 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
             "num_blocks": adapter.num_blocks, "linear_layers": list(adapter.linear_layers),
             "attention_sites": adapter.attention_sites, "sampler": sampler, "num_steps": num_steps,
             "guidance_scale": guidance_scale, "seed": seed, "num_prompts": n, "branches": list(branches),
-            "latent_shape": list(latent), "text_len": text_len,
+            "latent_shape": list(latent), "text_len": text_len, "scheduler_config": scheduler_config,
             "layout": {"gamma": "prompt, branch, step, block", "delta_l1": "prompt, branch, step, block",
                        "delta_change": "prompt, branch, step, block (NaN at step 0)"}}
     tensors: dict[str, torch.Tensor] = {}

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ditbake.exporter.adapters import Adapter
 from ditbake.exporter.calibrate import cfg_inputs
 from ditbake.exporter.plan_heads import HeadsConfig, candidates, savings, solve_layer
-from ditbake.exporter.sampler import make_scheduler
+from ditbake.exporter.sampler import scheduler_for
 from ditbake.runtime.errors import InputError
 from ditbake.runtime.plan import BlockVariant, HeadScheme
 
@@ -148,8 +148,7 @@ def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tens
                        "text_tokens": text_tokens, "visual_tokens": visual_tokens, "head_dim": head_dim}
     attention = HeadSearchAttention(config, sites, (len(branches), num_steps, adapter.num_blocks))
 
-    scheduler = make_scheduler(sampler, adapter.architecture, scheduler_config)
-    scheduler.set_timesteps(num_steps)
+    scheduler = scheduler_for(sampler, adapter, num_steps, latent, scheduler_config)
     sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
     # the same initial noise per prompt as the main calibration pass (seed + prompt index)
     x = torch.cat([torch.randn((1, *latent), generator=torch.Generator().manual_seed(seed + p)) for p in range(n)]) * sigma

@@ -81,9 +81,10 @@ def cmd_calibrate(args) -> int:
         from ditbake.exporter.calibrate_precision import PrecisionObserverConfig, observer_factory  # noqa: PLC0415
 
         observers.append(observer_factory(PrecisionObserverConfig(max_tokens=args.precision_max_tokens)))
-    stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter)[0],
+    sched = _scheduler_config(args.model)
+    stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter, sched)[0],
                           num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model),
-                          observers=observers)
+                          observers=observers, scheduler_config=sched)
     stats.meta["weights_seed"] = args.weights_seed
     stats.meta["dtype"] = args.dtype
     stats.meta["conditioning"] = {"origin": cond.origin, "prompts": list(cond.prompts),
@@ -95,7 +96,8 @@ def cmd_calibrate(args) -> int:
 
         tensors, heads_meta = calibrate_heads(adapter, embeds, negative, latent=latent,
                                               sampler=stats.meta["sampler"], num_steps=args.steps,
-                                              guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args))
+                                              guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args),
+                                              scheduler_config=sched)
         stats.tensors.update(tensors)
         stats.meta["heads"] = heads_meta
     out = stats.save(args.out)
@@ -146,10 +148,17 @@ def _heads_config(args, base=None):
     return replace(config, **changes)
 
 
-def _samplers(adapter) -> tuple[str, ...]:
-    from ditbake.exporter.sampler import SAMPLERS  # noqa: PLC0415
+def _samplers(adapter, scheduler_config: dict | None = None) -> tuple[str, ...]:
+    from ditbake.exporter.sampler import default_samplers  # noqa: PLC0415
 
-    return SAMPLERS[adapter.architecture]
+    return default_samplers(adapter.architecture, scheduler_config)
+
+
+def _scheduler_config(model) -> dict | None:
+    """The pipeline's own scheduler/ config (None for tiny models, config files, bare transformers)."""
+    from ditbake.exporter import scheduler_config  # noqa: PLC0415
+
+    return scheduler_config.read(model)
 
 
 def cmd_plan(args) -> int:
@@ -233,7 +242,8 @@ def cmd_build(args) -> int:
     adapter = adapter_for(models.load(args.model, dtype=torch.float32, seed=seed))
     plan = Plan.load(args.plan)
     profiles = _build_profiles(adapter, args, stats.meta)
-    samplers = args.samplers.split(",") if args.samplers else list(_samplers(adapter))
+    sched = _scheduler_config(args.model)
+    samplers = args.samplers.split(",") if args.samplers else list(_samplers(adapter, sched))
     if stats.meta["sampler"] in samplers:  # the calibrated sampler is the default
         samplers.remove(stats.meta["sampler"])
         samplers.insert(0, stats.meta["sampler"])
@@ -244,8 +254,8 @@ def cmd_build(args) -> int:
         (stats.meta.get("conditioning") or {}).get("negative_prompt", "")
     out = builder.build(adapter, plan, args.out, profiles=profiles, samplers=samplers, dtype=DTYPES[args.dtype],
                         backend=args.backend, label=args.label, device=args.device,
-                        text_encoder=args.text_encoder, onnx_only=args.onnx_only, pipeline_dir=pipeline_dir,
-                        negative_prompt=negative)
+                        text_encoder=args.text_encoder, onnx_only=args.onnx_only, scheduler_config=sched,
+                        pipeline_dir=pipeline_dir, negative_prompt=negative)
     log.info("artifact ready: %s", out)
     return 0
 
@@ -293,6 +303,7 @@ def cmd_unpack(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditbake", description="Ahead-of-time compiler for diffusion transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("calibrate", help="run the model over prompts and the whole trajectory, record statistics")
@@ -308,7 +319,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="calibrate on random prompt embeddings (models without a text encoder; speed work only)")
     p.add_argument("--profile", help="pipeline directories: HEIGHTxWIDTHxFRAMES in pixels, e.g. 480x832x81")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", help="flow_euler|unipc (Wan), ddim|dpmpp (CogVideoX)")
+    p.add_argument("--sampler", help="flow_euler|unipc|ddim|dpmpp (default: the pipeline's own scheduler; another "
+                   "kind takes over its config's compatible fields)")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for config sources")
@@ -411,14 +423,31 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="validate an artifact (hashes, plan) and print its summary")
     p.add_argument("artifact")
     p.set_defaults(func=cmd_inspect)
+    # no prefix matching: `--prompt` must not silently mean `--prompts`
+    for each in (parser, *sub.choices.values()):
+        each.allow_abbrev = False
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("ditbake")
+    except PackageNotFoundError:
+        from ditbake.exporter.build import PRODUCER_VERSION  # noqa: PLC0415
+
+        return PRODUCER_VERSION
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
+
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # log lines print above the progress bars, not through them
+            return args.func(args)
     except DitbakeError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return exc.exit_code

@@ -42,9 +42,12 @@ class ModelLoadError(DitbakeError):
     exit_code = 8
 
 
-def _model_class(class_name: str):
+def _model_class(class_name: str, where: str = ""):
     if class_name not in ADAPTERS:
-        raise UnsupportedModelError(f"model class {class_name} is not supported; supported: "
+        found = f"model class {class_name!r}" if class_name else "a config.json without `_class_name`"
+        hint = (f" ({where} is not a diffusers transformer: pass the pipeline root, which holds "
+                "transformer/, or its transformer/ directory)" if where else "")
+        raise UnsupportedModelError(f"found {found}, which is not supported{hint}; supported: "
                                     f"{', '.join(sorted(ADAPTERS))}")
     import diffusers  # noqa: PLC0415 - exporter-only dependency, imported when a model is loaded
 
@@ -81,10 +84,14 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) 
         model_dir = path / "transformer" if (path / "transformer" / "config.json").exists() else path
         config_file = model_dir / "config.json"
         if not config_file.exists():
-            raise ModelLoadError(f"{path} holds no config.json nor transformer/config.json; "
-                                 "point at a diffusers model directory")
-        cls = _model_class(json.loads(config_file.read_text()).get("_class_name", ""))
+            raise ModelLoadError(f"{path} holds no config.json nor transformer/config.json; point at a diffusers "
+                                 "pipeline directory (with model_index.json and transformer/) or its transformer/")
+        cls = _model_class(json.loads(config_file.read_text()).get("_class_name", ""), str(model_dir))
         log.info("loading %s from %s", cls.__name__, model_dir)
         return cls.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype).eval()
+    if not path.exists() and source_str.count("/") == 1 and not source_str.startswith((".", "/")):
+        raise ModelLoadError(f"{source_str!r} looks like a Hugging Face hub id, but ditbake reads local directories "
+                             f"only: download it first (`huggingface-cli download {source_str} --local-dir DIR`) and "
+                             "pass DIR (the pipeline root)")
     raise ModelLoadError(f"model source {source_str!r} is neither a tiny config ({', '.join(TINY_CONFIGS)}), "
                          "a config .json, nor a local diffusers directory")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +59,12 @@ class Artifact:
     samplers: dict[str, SamplerTable]
     profiles: tuple[Profile, ...]
     weights: dict[str, torch.Tensor]
+    # (sampler, profile) → table, for samplers whose timesteps depend on the profile (Flux's
+    # resolution-dependent shift); the others use `samplers[name]` for every profile
+    profile_samplers: dict[tuple[str, str], SamplerTable] = field(default_factory=dict)
+
+    def sampler(self, name: str, profile: str) -> SamplerTable:
+        return self.profile_samplers.get((name, profile), self.samplers[name])
 
     @property
     def architecture(self) -> str:
@@ -124,9 +130,11 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: 
         raise ArtifactError(f"{WEIGHTS} cannot be read ({exc}); rebuild the artifact") from exc
     plan = Plan.load(path / manifest["plan_file"])
     samplers = {name: SamplerTable.from_json(t) for name, t in manifest["samplers"].items()}
+    profile_samplers = {(name, prof): SamplerTable.from_json(pt) for name, t in manifest["samplers"].items()
+                        for prof, pt in ((t.get("per_profile") if isinstance(t, dict) else None) or {}).items()}
     if manifest["default_sampler"] not in samplers:
         raise ArtifactError(f"default sampler {manifest['default_sampler']!r} is not in the artifact")
-    for name, table in samplers.items():
+    for name, table in [*samplers.items(), *((n, t) for (n, _), t in profile_samplers.items())]:
         if table.num_steps != plan.num_steps:
             raise ArtifactError(f"sampler {name} has {table.num_steps} steps but the plan has {plan.num_steps}")
     try:
@@ -136,4 +144,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: 
         raise ArtifactError(f"malformed shape profile in manifest: {exc!r}; rebuild the artifact") from exc
     if not profiles:
         raise ArtifactError("artifact declares no shape profile; rebuild with at least one")
-    return Artifact(path, manifest, plan, samplers, profiles, weights)
+    unknown = {prof for _, prof in profile_samplers} - {p.name for p in profiles}
+    if unknown:
+        raise ArtifactError(f"sampler tables name unknown shape profiles {sorted(unknown)}; rebuild the artifact")
+    return Artifact(path, manifest, plan, samplers, profiles, weights, profile_samplers)

@@ -221,7 +221,7 @@ class Session:
         if sampler_name not in self.artifact.samplers:
             raise InputError(f"sampler {sampler_name!r} is not baked into this artifact; it has "
                              f"{sorted(self.artifact.samplers)}")
-        table = self.artifact.samplers[sampler_name]
+        table = self.artifact.sampler(sampler_name, prof.name)
         cond = self._text(text_embeds, prof, "text_embeds")
         batch = cond.shape[0]
         use_cfg = guidance_scale > 1.0

@@ -22,7 +22,7 @@ def rng_seed():
 
 
 def build_tiny_artifact(tmp_path, name="tiny-wan", steps=4, samplers=None, plan_fn=None, dtype=torch.float32,
-                        latent=None, text_len=None, guidance=True, backend="eager"):
+                        latent=None, text_len=None, guidance=True, backend="eager", scheduler_config=None, profiles=None):
     """Build a tiny random-weight artifact through the exporter API (fast: no calibration run).
 
     Returns (artifact_path, adapter)."""
@@ -38,14 +38,14 @@ def build_tiny_artifact(tmp_path, name="tiny-wan", steps=4, samplers=None, plan_
         text_len = text_len or 8
     else:
         latent = latent or adapter.latent_shape(3, 8, 8)
-        text_len = int(adapter.config["max_text_seq_length"])
+        text_len = text_len or int(adapter.config.get("max_text_seq_length", 8))
     meta = {"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
             "linear_layers": list(adapter.linear_layers), "attention_sites": adapter.attention_sites,
             "num_steps": steps, "branches": ["cond", "uncond"] if guidance else ["cond"]}
     plan = (plan_fn or plan_from_calibration)(meta)
-    out = builder.build(adapter, plan, tmp_path / name, profiles=[Profile("p0", tuple(latent), text_len)],
+    out = builder.build(adapter, plan, tmp_path / name, profiles=profiles or [Profile("p0", tuple(latent), text_len)],
                         samplers=list(samplers or SAMPLERS[adapter.architecture]), dtype=dtype, progress=False,
-                        backend=backend)
+                        backend=backend, scheduler_config=scheduler_config)
     return out, adapter
 
 

@@ -110,14 +110,14 @@ def test_failed_build_leaves_nothing_and_keeps_previous(artifact, tmp_path, monk
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(builder, "bake", boom)
+    monkeypatch.setattr(builder, "bake_samplers", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         build_tiny_artifact(tmp_path, "tiny-wan", steps=3)  # builds into tmp_path/tiny-wan
     assert not (tmp_path / "tiny-wan").exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
     # and a failed rebuild over an existing artifact leaves the old one intact
-    monkeypatch.setattr(builder, "bake", boom)
+    monkeypatch.setattr(builder, "bake_samplers", boom)
     with pytest.raises(RuntimeError):
         from ditbake.exporter.adapters import adapter_for
         from ditbake.exporter import models
