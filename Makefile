@@ -26,7 +26,13 @@ BUILD_DIR ?= artifacts/built
 ARTIFACT ?= $(BUILD_DIR)/$(NAME)
 STEPS ?= 20
 SHAPE ?=
+# pipeline directories: shape profiles in pixels, HxWxF, space-separated (the first is calibrated),
+# e.g. PROFILES="480x832x81 720x1280x81"; default: the pipeline's own default size
+PROFILES ?=
+# prompts: a .txt (one per line), 'default' or text; default: the shipped set for a pipeline dir, the
+# training captions for a test bed; random-weight sources (tiny-*, config .json) use random embeddings
 PROMPTS ?=
+RANDOM_EMBEDDINGS ?= $(if $(wildcard $(MODEL)/.),,1)
 TDC_SKIP_BUDGET ?=
 TDC_GRANULARITY ?= block
 TDC_EXTRAPOLATE ?= none
@@ -79,7 +85,8 @@ demo: setup
 # calibrate → plan → build for MODEL (local diffusers dir, config .json, tiny-wan, tiny-cogvideox)
 engines: setup
 	$(BIN)/ditbake calibrate --model $(MODEL) --out $(BUILD_DIR)/$(NAME).calibration --steps $(STEPS) $(SHAPE) \
-		$(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(AVG_BITS),--precision-stats) \
+		$(if $(PROMPTS),--prompts "$(PROMPTS)",$(if $(RANDOM_EMBEDDINGS),--random-embeddings)) \
+		$(if $(PROFILES),--profile $(firstword $(PROFILES))) $(if $(AVG_BITS),--precision-stats) \
 		$(if $(HEADS_DELTA),--heads-delta $(HEADS_DELTA))
 	$(BIN)/ditbake plan --calibration $(BUILD_DIR)/$(NAME).calibration --out $(BUILD_DIR)/$(NAME).plan.json \
 		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET) --tdc-granularity $(TDC_GRANULARITY) \
@@ -88,15 +95,15 @@ engines: setup
 		--mode $(PLAN_MODE)
 	$(BIN)/ditbake build --model $(MODEL) --plan $(BUILD_DIR)/$(NAME).plan.json \
 		--calibration $(BUILD_DIR)/$(NAME).calibration --out $(ARTIFACT) --backend $(BACKEND) --device $(DEVICE) \
-		$(if $(TEXT_ENCODER),--text-encoder)
+		$(if $(TEXT_ENCODER),--text-encoder) $(foreach p,$(PROFILES),--profile $(p))
 
 # one tar with the manifest's hashes, verified again by `ditbake unpack`
 package: setup
 	$(BIN)/ditbake package $(ARTIFACT) --out $(ARTIFACT).tar
 
 run: setup
-	$(BIN)/ditbake run $(ARTIFACT) --out $(OUT) --seed $(SEED) $(if $(PROMPTS),--prompts $(PROMPTS)) \
-		$(if $(PROMPT),--prompt "$(PROMPT)")
+	$(BIN)/ditbake run $(ARTIFACT) --output $(OUT)/clip.mp4 --out $(OUT) --seed $(SEED) \
+		$(if $(PROMPT),--prompt "$(PROMPT)",--random-embeddings)
 
 # On a GPU machine: the end-to-end race (Wan2.1-1.3B architecture at 480×832×81, 50 steps, CFG):
 # ditbake aoti vs diffusers eager / torch.compile / cache hooks + torch.compile. Two processes so

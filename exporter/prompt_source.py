@@ -31,6 +31,15 @@ def default_prompts(n: int | None = None) -> list[str]:
     return [lines[(k * len(lines)) // n] for k in range(n)]
 
 
+def testbed_prompts(n: int) -> list[str]:
+    """`n` training (not held-out) captions of the test-bed video data, spread over the set."""
+    from ditbake.exporter.testbed import data  # noqa: PLC0415
+
+    train = [i for i in range(data.num_captions("video")) if not data.is_held_out(i)]
+    picks = [train[(k * len(train)) // n + len(train) // (2 * n)] for k in range(min(n, len(train)))]
+    return [data.caption_from_attributes("video", data.attributes_of("video", i)) for i in picks]
+
+
 def is_embeddings_file(arg: str | None) -> bool:
     return bool(arg) and Path(arg).suffix == ".safetensors"
 
@@ -86,6 +95,9 @@ def conditioning(model: str, text_dim: int, text_len: int, *, prompts_arg, negat
         enc = pipeline.encode_prompts(pipe, texts, negative_prompt, text_len)
         return Conditioning(enc.embeds, enc.negative, enc.pooled, enc.negative_pooled, tuple(texts),
                             f"{type(pipe).__name__} text encoder(s)")
+    if texts is None and text_dim == MINILM_DIM and not random_embeddings:
+        texts = testbed_prompts(num_prompts or 2)
+        log.info("no --prompts: calibrating the test bed on %d of its training captions", len(texts))
     if texts is None and not random_embeddings:
         raise InputError(f"{model} is not a pipeline directory (no model_index.json), so it has no text encoder to "
                          "calibrate on: pass --prompts EMBEDS.safetensors, point --model at the pipeline directory, "
