@@ -59,3 +59,39 @@ def wan_pipeline(path: Path, *, flow_shift: float = 3.0, seed: int = 0) -> Path:
                                  scheduler=scheduler, transformer=transformer.eval())
     pipe.save_pretrained(path)
     return Path(path)
+
+
+def t5_encoder(d_model: int = 32, vocab_size: int = 200, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def cogvideox_pipeline(path: Path, seed: int = 0) -> Path:
+    """CogVideoXPipeline: tiny T5 (32-d) + trained tokenizer + AutoencoderKLCogVideoX (4 latent channels,
+    ×8 spatial, ×4 temporal) + CogVideoX DDIM scheduler + a 2-block CogVideoXTransformer3DModel
+    (text length 16, 16×16 pixels)."""
+    import diffusers  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    torch.manual_seed(seed + 1)
+    transformer = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+        text_embed_dim=32, num_layers=2, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16)
+    scheduler = diffusers.CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+        set_alpha_to_one=True, clip_sample=False)
+    pipe = diffusers.CogVideoXPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(seed=seed + 2), vae=vae,
+                                       scheduler=scheduler, transformer=transformer.eval())
+    pipe.save_pretrained(path)
+    return Path(path)
