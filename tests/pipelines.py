@@ -95,3 +95,86 @@ def cogvideox_pipeline(path: Path, seed: int = 0) -> Path:
                                        scheduler=scheduler, transformer=transformer.eval())
     pipe.save_pretrained(path)
     return Path(path)
+
+
+def clip_tokenizer(vocab_size: int = 300):
+    """A CLIP-like fast tokenizer (lower-cased BPE, <|startoftext|> … <|endoftext|>, padded with
+    <|endoftext|>, 77 tokens) trained offline."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    tok = Tokenizer(models.BPE(unk_token=eos))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(PROMPTS_FILE.read_text().splitlines(),
+                            trainer=trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos],
+                                                        show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos,
+                                   model_max_length=77)
+
+
+def clip_encoder(tokenizer, projection: bool, hidden: int = 32, projection_dim: int = 16, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=3,
+                            num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                            projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def image_vae(latent_channels: int, seed: int = 0):
+    """AutoencoderKL with ×2 down-sampling and SD3/Flux-style scaling and shift factors."""
+    import diffusers  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                   layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2,
+                                   use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                                   scaling_factor=1.5035)
+
+
+def sd3_pipeline(path: Path, seed: int = 0) -> Path:
+    """StableDiffusion3Pipeline: CLIP-L and CLIP-G stand-ins with projections (pooled 16 + 16 = 32-d),
+    a 64-d T5, AutoencoderKL (×2), flow-match Euler, a 2-block SD3 transformer (joint 64, pooled 32)."""
+    import diffusers  # noqa: PLC0415
+
+    tok = clip_tokenizer()
+    torch.manual_seed(seed + 1)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=16)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=image_vae(4, seed), text_encoder=clip_encoder(tok, True, seed=seed + 2), tokenizer=tok,
+        text_encoder_2=clip_encoder(tok, True, seed=seed + 3), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_encoder(d_model=64, seed=seed + 4), tokenizer_3=t5_tokenizer())
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+def flux_pipeline(path: Path, seed: int = 0, dynamic_shift: bool = True) -> Path:
+    """FluxPipeline: CLIP-L stand-in (pooled 32-d), 32-d T5, AutoencoderKL (×2, 4 channels, packed 2×2 →
+    16), flow-match Euler with resolution-dependent shift, a 1+1-block Flux transformer with the
+    guidance embedding (as FLUX.1-dev)."""
+    import diffusers  # noqa: PLC0415
+
+    tok = clip_tokenizer()
+    torch.manual_seed(seed + 1)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=dynamic_shift, base_shift=0.5, max_shift=1.15, base_image_seq_len=4,
+        max_image_seq_len=64, shift=3.0)
+    pipe = diffusers.FluxPipeline(transformer=transformer.eval(), scheduler=scheduler, vae=image_vae(4, seed),
+                                  text_encoder=clip_encoder(tok, False, seed=seed + 2), tokenizer=tok,
+                                  text_encoder_2=t5_encoder(seed=seed + 3), tokenizer_2=t5_tokenizer())
+    pipe.save_pretrained(path)
+    return Path(path)
