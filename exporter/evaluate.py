@@ -165,6 +165,8 @@ class EvalResult:
     avg_activation_bits: float = 16.0
     seconds_compressed: float = 0.0
     seconds_reference: float = 0.0
+    # the first sample's (reference, compressed) frames [F, C, H, W] in [0, 1] (not serialised)
+    first_frames: tuple | None = field(default=None, repr=False)
 
     def mean(self, name: str) -> float:
         values = [getattr(s, name) for s in self.samples]
@@ -327,7 +329,9 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
             reference_name += f" ({dequantized} NVFP4-only layers dequantized)"
     _check_comparable(compressed, reference)
     prompt_list = eval_prompts(compressed, list(cfg.prompts), cfg.num_prompts)
-    embeds, negative = prompt_embeddings(compressed, prompt_list, cfg.seeds[0], random_embeddings)
+    by_text = has_text_encoder(compressed)  # the session encodes (with pooled vectors where the model has them)
+    if not by_text:
+        embeds, negative = prompt_embeddings(compressed, prompt_list, cfg.seeds[0], random_embeddings)
     arch = compressed.artifact.architecture
     result = EvalResult(artifact=str(artifact_path), reference=reference_name,
                         avg_activation_bits=average_activation_bits(compressed.plan))
@@ -335,10 +339,15 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
     jobs = [(i, s) for i in range(len(prompt_list)) for s in cfg.seeds]
     for i, seed in tqdm(jobs, desc="evaluate", disable=not progress):
         kwargs = dict(seed=seed, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler)
-        ref = reference.generate(embeds[i:i + 1], negative[i:i + 1], **kwargs)
-        out_c = compressed.generate(embeds[i:i + 1], negative[i:i + 1], **kwargs)
+        inputs = ({"prompt": [prompt_list[i]]} if by_text else
+                  {"text_embeds": embeds[i:i + 1], "negative_embeds": negative[i:i + 1]})
+        ref = reference.generate(**inputs, **kwargs)
+        out_c = compressed.generate(**inputs, **kwargs)
         lo, hi = float(ref.latents.min()), float(ref.latents.max())
-        fr, fc = to_frames(ref.latents[0], arch, lo, hi), to_frames(out_c.latents[0], arch, lo, hi)
+        if compressed.components is not None:  # decoded frames through the artifact's VAE: [F, C, H, W]
+            fr, fc = (compressed.decode(r.latents)[0].permute(0, 3, 1, 2).cpu() for r in (ref, out_c))
+        else:
+            fr, fc = to_frames(ref.latents[0], arch, lo, hi), to_frames(out_c.latents[0], arch, lo, hi)
         result.samples.append(SampleScore(prompt_list[i], seed, psnr(fc, fr), ssim(fc, fr), temporal_error(fc, fr),
                                           flicker_index(fr), flicker_index(fc)))
         skips.append(out_c.report.skip_fraction)
@@ -348,6 +357,7 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
         result.seconds_reference += ref.report.seconds
         if first_pair is None:
             first_pair = (fr, fc)
+    result.first_frames = first_pair
     result.skip_fraction = float(np.mean(skips))
     result.attention_flops_fraction = attn_done / attn_dense if attn_dense else 1.0
     if out is not None:
