@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
 from ditbake.exporter.sampler import scheduler_for
+from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime import atomic
 from ditbake.runtime.errors import DitbakeError, InputError
 
@@ -78,6 +79,44 @@ def load_prompt_embeds(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | N
     if embeds.ndim == 2:
         embeds = embeds[None]
     return embeds.float(), tensors.get("negative")
+
+
+def load_pooled(path: str | Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The optional `pooled` [N, P] and `negative_pooled` [N or 1, P] tensors of a prompt file (SD3 / Flux:
+    the CLIP encoders' pooled outputs)."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for bad files
+        raise InputError(f"cannot read prompt embeddings from {path}: {exc}") from exc
+    pooled, negative = tensors.get("pooled"), tensors.get("negative_pooled")
+    return (None if pooled is None else pooled.float()), (None if negative is None else negative.float())
+
+
+def pooled_inputs(adapter: Adapter, n: int, pooled: torch.Tensor | None, negative_pooled: torch.Tensor | None,
+                  negative_given: bool) -> dict[str, torch.Tensor | None]:
+    """Per-branch pooled vectors ({"cond": [N, P], "uncond": [1 or N, P]}); None where the architecture
+    has no pooled input or the model derives it from its tokens (pooled_source "token_mean")."""
+    arch, config = adapter.arch, adapter.config
+    if "pooled" not in runtime_arch.extra_inputs(arch, config):
+        return {"cond": None, "uncond": None}
+    dim = arch.pooled_dim(config)
+    token_mean = arch.pooled_is_token_mean(config)
+    out = {}
+    for branch, value, key in (("cond", pooled, "pooled"), ("uncond", negative_pooled, "negative_pooled")):
+        if value is None:
+            if token_mean:
+                out[branch] = None
+                continue
+            if branch == "uncond" and not negative_given:  # no negative at all: zero conditioning
+                out[branch] = torch.zeros(1, dim)
+                continue
+            raise InputError(f"this model takes a pooled text vector ({dim}-d, its CLIP encoders' pooled output): the "
+                             f"prompt file needs `{key}` [N, {dim}]")
+        value = value[None] if value.ndim == 1 else value
+        if value.ndim != 2 or value.shape[1] != dim or (branch == "cond" and value.shape[0] != n):
+            raise InputError(f"`{key}` has shape {list(value.shape)}; the model expects [{n}, {dim}]")
+        out[branch] = value.float()
+    return out
 
 
 def random_prompt_embeds(n: int, text_len: int, text_dim: int, seed: int) -> torch.Tensor:
@@ -155,14 +194,18 @@ def cfg_inputs(embeds: torch.Tensor, negative: torch.Tensor | None,
 def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | None, *, latent: tuple[int, ...],
               sampler: str, num_steps: int, guidance_scale: float, seed: int, source: str,
               scheduler_config: dict | None = None, progress: bool = True,
-              observers: list | None = None) -> CalibrationStats:
+              observers: list | None = None, pooled: torch.Tensor | None = None,
+              negative_pooled: torch.Tensor | None = None, guidance: float | None = None) -> CalibrationStats:
     """One pass over prompts × steps × CFG branches. `observers` are factories
-    `(adapter, (prompts, branches, steps, blocks)) -> Observer` for statistics beyond Γ and Δ."""
+    `(adapter, (prompts, branches, steps, blocks)) -> Observer` for statistics beyond Γ and Δ.
+    SD3 / Flux: `pooled` [N, P] and `negative_pooled` (see pooled_inputs); Flux with a guidance
+    embedding: `guidance`, the distilled guidance scale (default the model config's)."""
     model = adapter.model
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     n, text_len, _ = embeds.shape
     use_cfg = guidance_scale > 1.0
+    pools = pooled_inputs(adapter, n, pooled, negative_pooled, negative is not None)
     negative, branches = cfg_inputs(embeds, negative, guidance_scale)
     shape = (n, len(branches), num_steps, adapter.num_blocks)
     active = [BlockResidualObserver(adapter, shape)] + [make(adapter, shape) for make in (observers or [])]
@@ -174,12 +217,15 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
             x = torch.randn((1, *latent), generator=gen).to(device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
             texts = {"cond": embeds[p:p + 1].to(device, dtype),
                      "uncond": negative[p % negative.shape[0]][None].to(device, dtype)}
+            pooled_p = {b: None if v is None else v[p % v.shape[0]][None].to(device, dtype) for b, v in pools.items()}
+            g = None if guidance is None else torch.full((1,), float(guidance), device=device)
             for i, t in enumerate(scheduler.timesteps):
                 outs = {}
                 for bi, b in enumerate(branches):
                     for obs in active:
                         obs.where = (p, bi, i)
-                    outs[b] = adapter.diffusers_forward(x.to(dtype), t.expand(1).to(device), texts[b]).float()
+                    outs[b] = adapter.diffusers_forward(x.to(dtype), t.expand(1).to(device), texts[b],
+                                                        pooled=pooled_p[b], guidance=g).float()
                 out = outs["cond"] if not use_cfg else outs["uncond"] + guidance_scale * (outs["cond"] - outs["uncond"])
                 x = scheduler.step(out, t, x, return_dict=False)[0]
                 bar.update(1)

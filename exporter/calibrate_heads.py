@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
-from ditbake.exporter.calibrate import cfg_inputs
+from ditbake.exporter.calibrate import cfg_inputs, pooled_inputs
 from ditbake.exporter.plan_heads import HeadsConfig, candidates, savings, solve_layer
 from ditbake.exporter.sampler import scheduler_for
+from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.errors import InputError
 from ditbake.runtime.plan import BlockVariant, HeadScheme
 
@@ -126,12 +127,15 @@ class HeadSearchAttention:
 def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | None, *,
                     latent: tuple[int, ...], sampler: str, num_steps: int, guidance_scale: float, seed: int,
                     config: HeadsConfig, scheduler_config: dict | None = None,
-                    progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                    progress: bool = True, pooled: torch.Tensor | None = None,
+                    negative_pooled: torch.Tensor | None = None,
+                    guidance: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Run the progressive search over the prompts (batched) and the whole trajectory.
     Returns (tensors, meta) to merge into the calibration statistics."""
     begin = time.perf_counter()
     n, text_len, _ = embeds.shape
     use_cfg = guidance_scale > 1.0
+    pools = pooled_inputs(adapter, n, pooled, negative_pooled, negative is not None)
     negative, branches = cfg_inputs(embeds, negative, guidance_scale)
     weights = adapter.weights()
     profile = {"name": "calibration", "latent_shape": list(latent), "text_len": text_len}
@@ -154,11 +158,24 @@ def calibrate_heads(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tens
     x = torch.cat([torch.randn((1, *latent), generator=torch.Generator().manual_seed(seed + p)) for p in range(n)]) * sigma
     texts = {"cond": embeds.to(dtype), "uncond": negative[torch.arange(n) % negative.shape[0]].to(dtype)}
     variant = BlockVariant()
+    extras = {}  # the prologue's pooled vector / distilled guidance per branch (runtime.arch.extra_inputs)
+    for b in branches:
+        values = []
+        for name in runtime_arch.extra_inputs(adapter.arch, adapter.config):
+            if name == "pooled":
+                v = pools[b]
+                v = adapter.arch.pooled_from_tokens(texts[b]) if v is None else v[torch.arange(n) % v.shape[0]]
+                values.append(v.to(dtype))
+            else:
+                values.append(torch.full((n,), float(adapter.config.get("guidance", 3.5) if guidance is None
+                                                     else guidance)))
+        extras[b] = tuple(values)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="calibrate heads", unit="step", disable=not progress)):
         outs = {}
         for bi, b in enumerate(branches):
             attention.where = (bi, i)
-            h, ctx = adapter.arch.prologue(weights, adapter.config, x.to(dtype), t.expand(n).float(), texts[b], profile)
+            h, ctx = adapter.arch.prologue(weights, adapter.config, x.to(dtype), t.expand(n).float(), texts[b], profile,
+                                           *extras[b])
             for block in range(adapter.num_blocks):
                 h = adapter.arch.block(weights, adapter.config, block, h, ctx, variant, attention, b)
             outs[b] = adapter.arch.epilogue(weights, adapter.config, h, ctx).float()

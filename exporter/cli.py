@@ -62,15 +62,20 @@ def cmd_calibrate(args) -> int:
     from ditbake.exporter import calibrate as cal, models  # noqa: PLC0415
     from ditbake.exporter.adapters import adapter_for  # noqa: PLC0415
     from ditbake.exporter.prompt_source import conditioning  # noqa: PLC0415
+    from ditbake.runtime import arch as runtime_arch  # noqa: PLC0415
 
     adapter = adapter_for(models.load(args.model, dtype=DTYPES[args.dtype], seed=args.weights_seed))
     latent, text_len, pixels = _calibration_shape(adapter, args)
     text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim",
                                                                       adapter.config.get("joint_attention_dim", 0))))
+    # SD3 / Flux with a real pooled input: random embeddings need a random pooled vector too
+    pooled_dim = adapter.arch.pooled_dim(adapter.config) if (
+        "pooled" in runtime_arch.extra_inputs(adapter.arch, adapter.config)
+        and not adapter.arch.pooled_is_token_mean(adapter.config)) else None
     cond = conditioning(str(args.model), text_dim, text_len, prompts_arg=args.prompts,
                         negative_prompt=args.negative_prompt, num_prompts=args.num_prompts,
-                        random_embeddings=args.random_embeddings, seed=args.seed)
-    embeds, negative = cond.embeds, cond.negative
+                        random_embeddings=args.random_embeddings, seed=args.seed, pooled_dim=pooled_dim)
+    embeds, negative, pooled, negative_pooled = cond.embeds, cond.negative, cond.pooled, cond.negative_pooled
     if embeds.shape[1:] != (text_len, text_dim) and adapter.architecture == "cogvideox":
         raise InputError(f"prompt embeddings are {list(embeds.shape)}; the model expects [N, {text_len}, {text_dim}]")
     if embeds.shape[-1] != text_dim:
@@ -84,7 +89,7 @@ def cmd_calibrate(args) -> int:
     sched = _scheduler_config(args.model)
     stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter, sched)[0],
                           num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model),
-                          observers=observers, scheduler_config=sched)
+                          observers=observers, scheduler_config=sched, pooled=pooled, negative_pooled=negative_pooled)
     stats.meta["weights_seed"] = args.weights_seed
     stats.meta["dtype"] = args.dtype
     stats.meta["conditioning"] = {"origin": cond.origin, "prompts": list(cond.prompts),
@@ -97,7 +102,7 @@ def cmd_calibrate(args) -> int:
         tensors, heads_meta = calibrate_heads(adapter, embeds, negative, latent=latent,
                                               sampler=stats.meta["sampler"], num_steps=args.steps,
                                               guidance_scale=args.guidance, seed=args.seed, config=_heads_config(args),
-                                              scheduler_config=sched)
+                                              scheduler_config=sched, pooled=pooled, negative_pooled=negative_pooled)
         stats.tensors.update(tensors)
         stats.meta["heads"] = heads_meta
     out = stats.save(args.out)
@@ -310,9 +315,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local diffusers dir, config .json (random weights) or tiny-wan/tiny-cogvideox")
     p.add_argument("--out", required=True, help="output directory for calibration.json + stats.safetensors")
     p.add_argument("--prompts", help="a .txt (one prompt per line), 'default' (the shipped set), free text, or a "
-                                      "safetensors with 'embeds' [N, L, D] (and optional 'negative'); text is encoded "
-                                      "with the pipeline's own text encoder(s). Default for a pipeline directory: "
-                                      "the shipped set")
+                                      "safetensors with 'embeds' [N, L, D] (and optional 'negative'; SD3/Flux: "
+                                      "'pooled' [N, P] and 'negative_pooled'); text is encoded with the pipeline's "
+                                      "own text encoder(s). Default for a pipeline directory: the shipped set")
     p.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional CFG branch)")
     p.add_argument("--num-prompts", type=int, help="use at most this many prompts (default set: 8; random: 2)")
     p.add_argument("--random-embeddings", action="store_true",

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.artifact import Profile, sha256_file
 from ditbake.runtime.attention import AttentionRunner
 from ditbake.runtime.engines import block_weight_names, engine_key, global_weight_names
@@ -24,12 +25,16 @@ log = logging.getLogger(__name__)
 
 
 class _Prologue(torch.nn.Module):
-    def __init__(self, arch, config, names, profile: Profile):
-        super().__init__()
-        self.arch, self.config, self.names, self.profile = arch, config, names, profile
+    """prologue(x, t, text, *extras, *weights): extras are the architecture's further inputs (pooled, guidance)."""
 
-    def forward(self, x, t, text, *weights):
-        h, ctx = self.arch.prologue(dict(zip(self.names, weights)), self.config, x, t, text, self.profile.to_json())
+    def __init__(self, arch, config, names, profile: Profile, n_extras: int = 0):
+        super().__init__()
+        self.arch, self.config, self.names, self.profile, self.n_extras = arch, config, names, profile, n_extras
+
+    def forward(self, x, t, text, *rest):
+        extras, weights = rest[:self.n_extras], rest[self.n_extras:]
+        h, ctx = self.arch.prologue(dict(zip(self.names, weights)), self.config, x, t, text, self.profile.to_json(),
+                                    *extras)
         return (h, *self.arch.pack_ctx(ctx))
 
 
@@ -97,7 +102,8 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
         x = torch.randn(1, *prof.latent_shape, device=device, dtype=dtype)
         t = torch.full((1,), 500.0, device=device)
         text = torch.randn(1, prof.text_len, text_dim, device=device, dtype=dtype)
-        jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, device_weights, plan, used, prof, x, t, text)
+        extras = example_extras(arch, config, dtype, device)
+        jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, device_weights, plan, used, prof, x, t, text, extras)
         for part, vid, module, args in jobs:
             key = engine_key(part, vid, prof.name)
             config_json = plan.variants[vid].to_json() if vid is not None else None
@@ -107,7 +113,7 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
             _compile(module, args, out_dir / rel)
             entries.append({"key": key, "part": part, "variant": vid, "profile": prof.name, "backend": "aoti",
                             "file": rel, "sha256": sha256_file(out_dir / rel), "built_for": built_for,
-                            "inputs": _input_names(part, gnames, bnames, n_ctx),
+                            "inputs": _input_names(part, gnames, bnames, n_ctx, runtime_arch.extra_inputs(arch, config)),
                             "outputs": ["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
                             else ["hidden" if part == "block" else "model_output"]})
             bar.update(1)
@@ -115,18 +121,33 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
     return entries
 
 
-def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], prof: Profile, x, t, text):
+def example_extras(arch, config: dict, dtype, device="cpu", batch: int = 1) -> tuple[torch.Tensor, ...]:
+    """Example values of the architecture's extra prologue inputs (pooled vector, guidance) to trace with."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for name in runtime_arch.extra_inputs(arch, config):
+        if name == "pooled":
+            out.append(torch.randn(batch, arch.pooled_dim(config), generator=gen).to(device, dtype))
+        elif name == "guidance":
+            out.append(torch.full((batch,), 3.5, device=device))
+        else:
+            raise BackendError(f"unknown prologue input {name!r}; update ditbake")
+    return tuple(out)
+
+
+def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], prof: Profile, x, t, text,
+                extras: tuple = ()):
     """One shape profile's engines in the shared calling convention, traced at the example inputs
-    x, t, text: ([(part, variant id, wrapper module, example args)], global weight names, block
-    weight names, number of context tensors). Shared by the AOTInductor and TensorRT exporters."""
+    x, t, text, *extras: ([(part, variant id, wrapper module, example args)], global weight names,
+    block weight names, number of context tensors). Shared by the AOTInductor and TensorRT exporters."""
     gnames = global_weight_names(weights, arch, prof.name)
     gw = [weights[k] for k in gnames]
-    h, ctx = arch.prologue(weights, config, x, t, text, prof.to_json())
+    h, ctx = arch.prologue(weights, config, x, t, text, prof.to_json(), *extras)
     ctx_tensors = arch.pack_ctx(ctx)
     bnames = block_weight_names(weights, arch, 0)
     bw = [weights[f"{arch.BLOCK_PREFIX}0.{n}"] for n in bnames]
     n_ctx = len(ctx_tensors)
-    jobs = [("prologue", None, _Prologue(arch, config, gnames, prof), (x, t, text, *gw))]
+    jobs = [("prologue", None, _Prologue(arch, config, gnames, prof, len(extras)), (x, t, text, *extras, *gw))]
     for vid in used:
         module = _Block(arch, config, bnames, plan.variants[vid], tuple(x.shape), prof.text_len, n_ctx)
         jobs.append(("block", vid, module, (h, *ctx_tensors, *bw)))
@@ -135,10 +156,10 @@ def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], 
     return jobs, gnames, bnames, n_ctx
 
 
-def _input_names(part: str, gnames, bnames, n_ctx: int) -> list[str]:
+def _input_names(part: str, gnames, bnames, n_ctx: int, extras: tuple[str, ...] = ()) -> list[str]:
     ctx = [f"ctx{i}" for i in range(n_ctx)]
     if part == "prologue":
-        return ["latents", "timestep", "text", *gnames]
+        return ["latents", "timestep", "text", *extras, *gnames]
     if part == "block":
         return ["hidden", *ctx, *[f"block.{n}" for n in bnames]]
     return ["hidden", *ctx, *gnames]

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ditbake.exporter.engine_aoti import _content_key, _input_names, engine_jobs
+from ditbake.exporter.engine_aoti import _content_key, _input_names, engine_jobs, example_extras
+from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.artifact import Profile, sha256_file
 from ditbake.runtime.engines import engine_key
 from ditbake.runtime.errors import BackendError
@@ -141,12 +142,13 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
         x = torch.randn(1, *prof.latent_shape, generator=gen).to(dtype)
         t = torch.full((1,), 500.0)
         text = torch.randn(1, prof.text_len, text_dim, generator=gen).to(dtype)
-        jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, weights, plan, used, prof, x, t, text)
+        extras = example_extras(arch, config, dtype)
+        jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, weights, plan, used, prof, x, t, text, extras)
         for part, vid, module, args in jobs:
             key = engine_key(part, vid, prof.name)
             config_json = plan.variants[vid].to_json() if vid is not None else None
             content = _content_key(part, config_json, prof.to_json(), arch.NAME, config, str(dtype), "tensorrt")
-            inputs = _input_names(part, gnames, bnames, n_ctx)
+            inputs = _input_names(part, gnames, bnames, n_ctx, runtime_arch.extra_inputs(arch, config))
             outputs = (["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
                        else ["hidden_out" if part == "block" else "model_output"])
             onnx_rel = f"engines/{part}-{content}.onnx"

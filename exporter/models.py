@@ -33,6 +33,16 @@ TINY_CONFIGS: dict[str, dict] = {
                   "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
                   "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": False,
                   "axes_dims_rope": [4, 6, 6]},
+    # the real layout (SD3: CLIP-L+G pooled 2048 ≠ T5 4096; FLUX.1-dev: CLIP pooled 768 ≠ T5 4096, guidance
+    # embedding): the pooled vector is a separate input
+    "tiny-sd3-pooled": {"_class_name": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 2, "in_channels": 4,
+                        "out_channels": 4, "num_layers": 3, "attention_head_dim": 16, "num_attention_heads": 2,
+                        "joint_attention_dim": 32, "caption_projection_dim": 32, "pooled_projection_dim": 24,
+                        "pos_embed_max_size": 8},
+    "tiny-flux-pooled": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16, "num_layers": 2,
+                         "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                         "joint_attention_dim": 32, "pooled_projection_dim": 24, "guidance_embeds": True,
+                         "axes_dims_rope": [4, 6, 6]},
 }
 
 

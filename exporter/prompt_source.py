@@ -76,13 +76,16 @@ class Conditioning:
 
 
 def conditioning(model: str, text_dim: int, text_len: int, *, prompts_arg, negative_prompt: str = "",
-                 num_prompts: int | None = None, random_embeddings: bool = False, seed: int = 0) -> Conditioning:
-    """Embeddings for calibrating `model` (see module doc for the rules)."""
+                 num_prompts: int | None = None, random_embeddings: bool = False, seed: int = 0,
+                 pooled_dim: int | None = None) -> Conditioning:
+    """Embeddings for calibrating `model` (see module doc for the rules). `pooled_dim`: the model takes a
+    separate pooled vector of that size (SD3, Flux), drawn at random with random embeddings."""
     from ditbake.exporter import calibrate as cal, pipeline  # noqa: PLC0415
 
     if is_embeddings_file(prompts_arg):
         embeds, negative = cal.load_prompt_embeds(prompts_arg)
-        return Conditioning(embeds, negative, origin=f"embeddings file {prompts_arg}")
+        pooled, negative_pooled = cal.load_pooled(prompts_arg)
+        return Conditioning(embeds, negative, pooled, negative_pooled, origin=f"embeddings file {prompts_arg}")
     texts = read_prompts(prompts_arg)
     if pipeline.is_pipeline_dir(model):
         if texts is None:
@@ -105,7 +108,9 @@ def conditioning(model: str, text_dim: int, text_len: int, *, prompts_arg, negat
     if texts is None:
         n = num_prompts or 2
         log.warning("calibrating on %d random prompt embeddings (--random-embeddings)", n)
-        return Conditioning(cal.random_prompt_embeds(n, text_len, text_dim, seed), None, origin="random embeddings")
+        pooled = cal.random_prompt_embeds(n, 1, pooled_dim, seed + 1)[:, 0] if pooled_dim else None
+        return Conditioning(cal.random_prompt_embeds(n, text_len, text_dim, seed), None, pooled,
+                            origin="random embeddings")
     if text_dim != MINILM_DIM:
         raise InputError(f"text prompts need a text encoder: {model} takes {text_dim}-d text and has none beside it; "
                          "point --model at the pipeline directory or pass --prompts EMBEDS.safetensors")

@@ -39,7 +39,9 @@ def add_run_arguments(p: argparse.ArgumentParser, dtypes) -> None:
     g.add_argument("--frames", type=int)
     g.add_argument("--profile", help="profile name (see `ditbake inspect`), e.g. 480x832x81")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--distilled-guidance", type=float,
+                   help="Flux guidance-distilled models: the guidance embedding's scale (default the artifact's, 3.5)")
     p.add_argument("--sampler")
     p.add_argument("--fps", type=int, help="video frame rate (default: 16 for Wan, 8 for CogVideoX)")
     p.add_argument("--device", default="cpu")
@@ -113,11 +115,14 @@ def cmd_run(args) -> int:
                    cuda_graphs=args.cuda_graphs)
     prof = pick_profile(session, args.profile, args.height, args.width, args.frames)
     prompts = read_prompt_args(args.prompt)
-    embeds = negative = None
+    embeds = negative = pooled = negative_pooled = None
     if args.prompts:
         if prompts:
             raise InputError("pass --prompt text or --prompts embeddings, not both")
+        from ditbake.exporter.calibrate import load_pooled  # noqa: PLC0415
+
         embeds, negative = load_prompt_embeds(args.prompts)
+        pooled, negative_pooled = load_pooled(args.prompts)
     elif not prompts:
         if not args.random_embeddings:
             raise InputError("no prompt: pass --prompt TEXT (or --prompts EMBEDS.safetensors, or --random-embeddings)")
@@ -126,10 +131,13 @@ def cmd_run(args) -> int:
         c = session.config
         text_dim = int(c.get("text_dim", c.get("text_embed_dim", c.get("joint_attention_dim", 0))))
         embeds = random_prompt_embeds(1, prof.text_len, text_dim, args.seed)
+        if "pooled" in session.extra_inputs and not session.arch.pooled_is_token_mean(session.config):
+            pooled = random_prompt_embeds(1, 1, session.arch.pooled_dim(session.config), args.seed + 1)[:, 0]
         log.warning("--random-embeddings: generating from random prompt embeddings")
     result = session.generate(embeds, negative, prompt=prompts, negative_prompt=args.negative_prompt, seed=args.seed,
                               guidance_scale=args.guidance, profile=prof.name, sampler=args.sampler,
-                              progress=lambda it: tqdm(it, desc="denoise", unit="step"))
+                              pooled_embeds=pooled, negative_pooled_embeds=negative_pooled,
+                              guidance=args.distilled_guidance, progress=lambda it: tqdm(it, desc="denoise", unit="step"))
     frames = frames_of(session, result.latents)
     label = session.artifact.manifest["model"].get("label", "")
     report = result.report.to_json() | {"artifact": str(args.artifact), "label": label, "prompts": prompts}

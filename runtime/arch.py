@@ -15,3 +15,10 @@ def get(name: str) -> ModuleType:
     except KeyError:
         raise ArtifactError(f"architecture {name!r} is not implemented by this runtime "
                             f"(it runs {sorted(ARCHITECTURES)}); upgrade ditbake") from None
+
+
+def extra_inputs(module: ModuleType, config: dict) -> tuple[str, ...]:
+    """Prologue inputs beyond (latents, timestep, text): ("pooled",) for SD3, ("pooled", "guidance")
+    for guidance-distilled Flux, () for Wan and CogVideoX. Engines take them positionally after text."""
+    fn = getattr(module, "extra_inputs", None)
+    return tuple(fn(config)) if fn else ()

@@ -26,9 +26,11 @@ Latents: the runtime takes the VAE latents [B, C, H, W] and packs 2×2 patches i
 (diffusers FluxPipeline._pack_latents; the model's own patch_size must be 1), so in_channels is
 4·C; the epilogue unpacks them again.
 
-Pooled text and guidance: as for SD3, the pooled prompt vector is derived from the token
-embeddings (masked mean; needs pooled_projection_dim == joint_attention_dim). Guidance-distilled
-models (guidance_embeds) embed a fixed guidance scale, config["guidance"] (default 3.5).
+Pooled text and guidance: as for SD3, the pooled prompt vector (CLIP-L's pooled output, 768-d for
+FLUX.1) is a prologue input; models recorded as `pooled_source: "token_mean"` may omit it.
+Guidance-distilled models (guidance_embeds) take the distilled guidance scale as a further
+prologue input [B] (FluxPipeline's `guidance_scale`, separate from CFG; default
+config["guidance"], 3.5); the model embeds guidance · 1000 as it embeds timesteps.
 
 Timesteps are on the scheduler's 0..1000 scale (diffusers' pipeline divides by 1000, the model
 multiplies by 1000 again; the runtime does the same round trip so fp32 results are identical).
@@ -38,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditbake.runtime.arch_sd3 import pooled_from_tokens
+from ditbake.runtime.arch_sd3 import pooled_dim, pooled_from_tokens, pooled_is_token_mean, resolve_pooled  # noqa: F401
 from ditbake.runtime.nn import Weights, dense, gelu_tanh_mlp, quantizable_linear, rotate_interleaved, timestep_embedding
 from ditbake.runtime.nn import heads  # also part of the architecture interface
 
@@ -65,6 +67,11 @@ def num_blocks(config: dict) -> int:
 
 def is_single(config: dict, index: int) -> bool:
     return index >= int(config["num_layers"])
+
+
+def extra_inputs(config: dict) -> tuple[str, ...]:
+    """Prologue inputs beyond (latents, timestep, text), in the engines' positional order."""
+    return ("pooled", "guidance") if config.get("guidance_embeds") else ("pooled",)
 
 
 def uniform_weights(weights: Weights, config: dict) -> Weights:
@@ -135,7 +142,8 @@ def unpack_latents(x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
 
 
 def prologue(w: Weights, config: dict, latents: torch.Tensor, timestep: torch.Tensor,
-             text: torch.Tensor, profile: dict) -> tuple[torch.Tensor, dict]:
+             text: torch.Tensor, profile: dict, pooled: torch.Tensor | None = None,
+             guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Pack 2×2 + x_embedder, time (+ guidance) + pooled-text embedding, context_embedder, rotary table.
     latents [B, C, H, W] → joint tokens [B, T + N, D] (text first, image last)."""
     dtype = w["x_embedder.weight"].dtype
@@ -147,13 +155,14 @@ def prologue(w: Weights, config: dict, latents: torch.Tensor, timestep: torch.Te
                              "time_text_embed.timestep_embedder.linear_1")), w,
                 "time_text_embed.timestep_embedder.linear_2")
     if "time_text_embed.guidance_embedder.linear_1.weight" in w:
-        g = torch.full((b,), float(config.get("guidance", DEFAULT_GUIDANCE)), device=latents.device)
-        g = g.to(dtype) * 1000  # the pipeline passes the scale itself; the model multiplies it by 1000
+        if guidance is None:
+            guidance = torch.full((b,), float(config.get("guidance", DEFAULT_GUIDANCE)), device=latents.device)
+        g = guidance.to(dtype) * 1000  # the pipeline passes the scale itself; the model multiplies it by 1000
         gp = timestep_embedding(g, 256, flip_sin_to_cos=True, shift=0).to(dtype)
         emb = emb + dense(F.silu(dense(gp, w, "time_text_embed.guidance_embedder.linear_1")), w,
                           "time_text_embed.guidance_embedder.linear_2")
+    pooled = resolve_pooled(config, text.to(dtype), pooled).to(dtype)
     text = text.to(dtype)
-    pooled = pooled_from_tokens(text)
     temb = emb + dense(F.silu(dense(pooled, w, "time_text_embed.text_embedder.linear_1")), w,
                        "time_text_embed.text_embedder.linear_2")
     context = dense(text, w, "context_embedder")

@@ -4,11 +4,11 @@ Token layout: the blocks carry one joint sequence [B, N + T, D] with the image t
 text tokens LAST, as diffusers' JointAttnProcessor2_0 concatenates them, so the uniform block
 signature has a single hidden tensor and the joint attention's text range is (N, N + T).
 
-Pooled text: SD3 takes a pooled prompt vector beside the token embeddings. The runtime's request
-carries token embeddings only, so the pooled vector is derived from them as the mean of the
-prompt's token rows (rows past the prompt are all zero). This is how the shipped test bed was
-trained (MiniLM tokens; pooled = masked mean) and it needs pooled_projection_dim ==
-joint_attention_dim; the exporter's adapter refuses other configs.
+Pooled text: SD3 takes a pooled prompt vector (CLIP-L ⊕ CLIP-G pooled outputs, 2048-d for SD3)
+beside the token embeddings: a prologue input (`extra_inputs`). Models whose config records
+`pooled_source: "token_mean"` (the shipped test bed, trained with pooled = masked mean of its
+MiniLM tokens; pooled_projection_dim == joint_attention_dim) may omit it: it is then derived from
+the tokens as the mean of the prompt's rows (rows past the prompt are all zero).
 
 Not implemented (the adapter refuses them): SD3.5 dual-attention layers, qk_norm other than
 None / "rms_norm".
@@ -47,6 +47,34 @@ def text_dim(config: dict) -> int:
     return int(config["joint_attention_dim"])
 
 
+def extra_inputs(config: dict) -> tuple[str, ...]:
+    """Prologue inputs beyond (latents, timestep, text), in the engines' positional order."""
+    return ("pooled",)
+
+
+def pooled_dim(config: dict) -> int:
+    return int(config["pooled_projection_dim"])
+
+
+def pooled_is_token_mean(config: dict) -> bool:
+    """True when the model was trained with pooled = masked token mean, so the vector may be derived."""
+    source = config.get("pooled_source")
+    if source is None:  # artifacts built before the pooled input existed derived it whenever the dims allowed
+        return int(config["pooled_projection_dim"]) == int(config["joint_attention_dim"])
+    return source == "token_mean"
+
+
+def resolve_pooled(config: dict, text: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+    if pooled is not None:
+        return pooled
+    if pooled_is_token_mean(config):
+        return pooled_from_tokens(text)
+    from ditbake.runtime.errors import InputError  # noqa: PLC0415
+
+    raise InputError(f"this model takes a pooled text vector of {pooled_dim(config)} (its CLIP encoders' pooled "
+                     "output); pass pooled_embeds (and negative_pooled_embeds with guidance)")
+
+
 def pooled_from_tokens(text: torch.Tensor) -> torch.Tensor:
     """Mean of the non-zero token rows of [B, L, D] (the test bed's pooled vector); all-zero → zeros."""
     mask = (text != 0).any(dim=-1, keepdim=True).to(text.dtype)
@@ -71,7 +99,7 @@ def _cropped_pos_embed(w: Weights, config: dict, gh: int, gw: int) -> torch.Tens
 
 
 def prologue(w: Weights, config: dict, latents: torch.Tensor, timestep: torch.Tensor,
-             text: torch.Tensor, profile: dict) -> tuple[torch.Tensor, dict]:
+             text: torch.Tensor, profile: dict, pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Patchify + cropped sin-cos positions, time + pooled-text embedding, caption projection.
     latents [B, C, H, W] → joint tokens [B, N + T, D] (image first, text last)."""
     dtype = w["pos_embed.proj.weight"].dtype
@@ -81,8 +109,8 @@ def prologue(w: Weights, config: dict, latents: torch.Tensor, timestep: torch.Te
     x = x.flatten(2).transpose(1, 2)
     x = (x + _cropped_pos_embed(w, config, gh, gw).to(x.dtype)).to(dtype)
     t = timestep_embedding(timestep, 256, flip_sin_to_cos=True, shift=0)
+    pooled = resolve_pooled(config, text.to(dtype), pooled).to(dtype)
     text = text.to(dtype)
-    pooled = pooled_from_tokens(text)
     temb = dense(F.silu(dense(t.to(dtype), w, "time_text_embed.timestep_embedder.linear_1")), w,
                  "time_text_embed.timestep_embedder.linear_2")
     temb = temb + dense(F.silu(dense(pooled, w, "time_text_embed.text_embedder.linear_1")), w,

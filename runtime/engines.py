@@ -4,7 +4,15 @@
 `AotiEngines` calls AOTInductor packages compiled per (part, variant, profile) by the exporter.
 Compiled engines take weights as inputs, never as constants, so all blocks that share a
 configuration share one engine and the weights exist once in memory. The positional calling
-convention below is shared by the exporter (which compiles against it) and the runtime.
+convention below is shared by the exporter (which compiles against it) and the runtime:
+
+    prologue(latents, timestep, text, *extras, *global weights) -> (hidden, *ctx)
+    block(hidden, *ctx, *block weights) -> hidden
+    epilogue(hidden, *ctx, *global weights) -> model output
+
+`extras` are the architecture's further prologue inputs (runtime.arch.extra_inputs): the pooled
+text vector [B, P] for SD3 and Flux, then the distilled guidance [B] for guidance-embedding Flux;
+none for Wan and CogVideoX.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.errors import ArtifactError, BackendError
 from ditbake.runtime.plan import BlockVariant
 
@@ -75,8 +84,8 @@ class EagerEngines:
     def __init__(self, arch, config: dict, weights: dict):
         self.arch, self.config, self.weights = arch, config, weights
 
-    def prologue(self, x, t, text, profile):
-        return self.arch.prologue(self.weights, self.config, x, t, text, profile.to_json())
+    def prologue(self, x, t, text, profile, extras=()):
+        return self.arch.prologue(self.weights, self.config, x, t, text, profile.to_json(), *extras)
 
     def block(self, vid: int, variant: BlockVariant, index: int, h, ctx, attention, branch: str):
         return self.arch.block(self.weights, self.config, index, h, ctx, variant, attention, branch)
@@ -94,6 +103,11 @@ class AotiEngines:
         self.arch, self.config, self.weights = arch, config, weights
         self.device = torch.device(device)
         self.packages: dict[str, object] = {}
+        self.extras = runtime_arch.extra_inputs(arch, config)
+        for e in entries:  # engines compiled before the extra inputs existed take none: rebuild them
+            if e.get("part") == "prologue" and tuple(e.get("inputs", [])[3:3 + len(self.extras)]) != self.extras:
+                raise ArtifactError(f"engine {e.get('file')} predates the {'/'.join(self.extras)} prologue "
+                                    "input(s); rebuild the artifact with this ditbake")
         self._block_args: dict[int, list[torch.Tensor]] = {}
         self._global_args: dict[str, list[torch.Tensor]] = {}
         self._load(Path(artifact_path), entries)
@@ -133,8 +147,9 @@ class AotiEngines:
                                        for n in block_weight_names(self.weights, self.arch, index)]
         return self._block_args[index]
 
-    def prologue(self, x, t, text, profile):
-        outs = self._engine(engine_key("prologue", None, profile.name))(x, t, text, *self._globals(profile.name))
+    def prologue(self, x, t, text, profile, extras=()):
+        outs = self._engine(engine_key("prologue", None, profile.name))(x, t, text, *extras,
+                                                                        *self._globals(profile.name))
         h, *ctx_tensors = outs
         ctx = self.arch.unpack_ctx(ctx_tensors, tuple(x.shape), profile.text_len)
         ctx["_profile"] = profile.name

@@ -42,29 +42,28 @@ class ForwardGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self.seen: set[tuple] = set()
-        self.inputs: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.inputs: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.outputs: dict[tuple, torch.Tensor] = {}
         self.captures = self.replays = 0
 
-    def run(self, key: tuple, slot: tuple, x, t, text, forward, report, attention) -> torch.Tensor:
+    def run(self, key: tuple, slot: tuple, inputs: tuple, forward, report, attention) -> torch.Tensor:
         """key: (profile, branch, ids); slot: (profile, branch), whose static buffers it uses;
-        forward(x, t, text) is the eager forward with its bookkeeping."""
+        inputs: (x, t, text, *extras); forward(*inputs) is the eager forward with its bookkeeping."""
         if key not in self.seen:
             self.seen.add(key)
-            out = forward(x, t, text)
+            out = forward(*inputs)
             if slot not in self.outputs:
-                self.inputs[slot] = (torch.empty_like(x), torch.empty_like(t), torch.empty_like(text))
+                self.inputs[slot] = tuple(torch.empty_like(i) for i in inputs)
                 self.outputs[slot] = torch.empty_like(out)
             return out
-        sx, st, stext = self.inputs[slot]
-        sx.copy_(x)
-        st.copy_(t)
-        stext.copy_(text)
+        static = self.inputs[slot]
+        for buf, value in zip(static, inputs, strict=True):
+            buf.copy_(value)
         if key not in self.graphs:
             before = _counters(report, attention)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[slot].copy_(forward(sx, st, stext))
+                self.outputs[slot].copy_(forward(*static))
             after = _counters(report, attention)
             self.graphs[key] = (graph, tuple(a - b for a, b in zip(after[:4], before[:4])),
                                 report.variants_used[before[4]:])

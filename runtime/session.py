@@ -121,6 +121,11 @@ class Session:
         self._graphs_required = bool(cuda_graphs)
 
     @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """The architecture's conditioning beyond token embeddings: ("pooled",), ("pooled", "guidance") or ()."""
+        return runtime_arch.extra_inputs(self.arch, self.config)
+
+    @property
     def profiles(self) -> tuple[Profile, ...]:
         return self.artifact.profiles
 
@@ -166,6 +171,37 @@ class Session:
             return self.components.negative_prompt
         return self.artifact.manifest["text_encoder"].get("negative_prompt", "")
 
+    def _extras(self, text: torch.Tensor, pooled, guidance, what: str, zero_pooled: bool = False) -> tuple:
+        """The architecture's extra prologue inputs for one CFG branch, in engine order (runtime.arch)."""
+        out = []
+        for name in runtime_arch.extra_inputs(self.arch, self.config):
+            if name == "pooled":
+                out.append(self._pooled(text, pooled, what, zero_pooled))
+            elif name == "guidance":
+                g = float(self.config.get("guidance", 3.5)) if guidance is None else guidance
+                if not isinstance(g, (int, float)) or g != g:
+                    raise InputError(f"guidance must be a finite number, got {guidance!r}")
+                out.append(torch.full((text.shape[0],), float(g), device=self.device, dtype=torch.float32))
+        return tuple(out)
+
+    def _pooled(self, text: torch.Tensor, pooled, what: str, zero: bool) -> torch.Tensor:
+        dim = self.arch.pooled_dim(self.config)
+        if pooled is None:
+            if self.arch.pooled_is_token_mean(self.config):
+                return self.arch.pooled_from_tokens(text)
+            if zero:
+                return torch.zeros(text.shape[0], dim, device=self.device, dtype=self.dtype)
+            raise InputError(f"this model takes a pooled text vector ({dim}-d, its CLIP encoders' pooled output): "
+                             f"pass {what} [batch, {dim}]")
+        if not isinstance(pooled, torch.Tensor):
+            raise InputError(f"{what} must be a torch.Tensor, got {type(pooled).__name__}")
+        if pooled.ndim == 1:
+            pooled = pooled[None]
+        if tuple(pooled.shape) != (text.shape[0], dim):
+            raise InputError(f"{what} has shape {list(pooled.shape)}; this model expects [{text.shape[0]}, {dim}]")
+        _check_finite(what, pooled)
+        return pooled.to(self.device, self.dtype)
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Per-token prompt embeddings from the text encoder(s) the artifact stores (or records)."""
@@ -187,6 +223,12 @@ class Session:
             self._text_encoder = TextEncoder.load(max_length=int(entry["max_length"]))
         return self._text_encoder.encode(prompts)
 
+    def _encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(per-token embeddings, pooled vector or None): SD3 and Flux pipelines give both."""
+        if self.components is not None:
+            return self.components.encode(list(prompts))
+        return self.encode_prompt(prompts), None
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, *latent_shape] → frames float [B, F, H, W, 3] in [0, 1]: the stored VAE decoder after
@@ -200,21 +242,29 @@ class Session:
     def generate(self, text_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None, *,
                  prompt: str | list[str] | None = None, negative_prompt: str | None = None, seed: int = 0, guidance_scale: float = 5.0, profile: str | None = None,
                  sampler: str | None = None, latents: torch.Tensor | None = None,
-                 keep_trajectory: bool = False, progress=None) -> GenerationResult:
+                 keep_trajectory: bool = False, progress=None, pooled_embeds: torch.Tensor | None = None,
+                 negative_pooled_embeds: torch.Tensor | None = None,
+                 guidance: float | None = None) -> GenerationResult:
         """Run the whole denoising loop; returns the final latents [B, *latent_shape] (fp32).
 
         Conditioning: `text_embeds` [B, L, D], or `prompt` (free text, encoded by the artifact's text
-        encoder; the negative defaults to the encoder's empty prompt)."""
+        encoder; the negative defaults to the encoder's empty prompt). SD3 and Flux also take the
+        pooled text vector `pooled_embeds` [B, P] (and `negative_pooled_embeds` with CFG; optional
+        where the model's pooled vector is its token mean, as the test bed's). `guidance`: Flux's
+        distilled guidance scale (guidance_embeds models; default the artifact's, 3.5), separate
+        from the CFG `guidance_scale`."""
         prof = self.profile(profile)
         if prompt is not None:
             if text_embeds is not None:
                 raise InputError("pass either prompt or text_embeds, not both")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            text_embeds = self.encode_prompt(prompts)
+            text_embeds, pooled = self._encode_with_pooled(prompts)
+            pooled_embeds = pooled if pooled_embeds is None else pooled_embeds
             if negative_embeds is None:
                 default = self._negative_default()
-                negative_embeds = self.encode_prompt([negative_prompt if negative_prompt is not None else default]
-                                                     * len(prompts))
+                negative_embeds, negative_pooled = self._encode_with_pooled(
+                    [negative_prompt if negative_prompt is not None else default] * len(prompts))
+                negative_pooled_embeds = negative_pooled if negative_pooled_embeds is None else negative_pooled_embeds
         if text_embeds is None:
             raise InputError("generate needs text_embeds or a prompt")
         sampler_name = sampler or self.artifact.default_sampler
@@ -225,12 +275,17 @@ class Session:
         cond = self._text(text_embeds, prof, "text_embeds")
         batch = cond.shape[0]
         use_cfg = guidance_scale > 1.0
+        extras = {"cond": self._extras(cond, pooled_embeds, guidance, "pooled_embeds")}
         if use_cfg:
-            if negative_embeds is None:
+            no_negative = negative_embeds is None
+            if no_negative:
                 negative_embeds = torch.zeros_like(cond)
             uncond = self._text(negative_embeds, prof, "negative_embeds")
             if uncond.shape[0] != batch:
                 raise InputError(f"negative_embeds batch {uncond.shape[0]} differs from text_embeds batch {batch}")
+            # no negative at all is zero conditioning, its pooled vector included
+            extras["uncond"] = self._extras(uncond, negative_pooled_embeds, guidance, "negative_pooled_embeds",
+                                            zero_pooled=no_negative)
         shape = (batch, *prof.latent_shape)
         if latents is None:
             gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -264,23 +319,26 @@ class Session:
             outputs = {}
             for branch, text in branches:
                 if graphs is None:
-                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive)
+                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive,
+                                                    extras[branch])
                     continue
                 # the extrapolation coefficient is a constant inside a captured graph: part of its key
                 ids = (*self.plan.step_ids(i, branch), self._stack_coeff.get((i, branch)))
 
-                def forward(x_, t_, text_, i=i, branch=branch):
-                    return self._forward(i, branch, x_, t_, text_, prof, attention, deltas, report)
+                def forward(x_, t_, text_, *extras_, i=i, branch=branch):
+                    return self._forward(i, branch, x_, t_, text_, prof, attention, deltas, report, None, extras_)
 
                 try:
                     outputs[branch] = graphs.run((prof.name, batch, branch, ids), (prof.name, batch, branch),
-                                                 x.to(self.dtype), t, text, forward, report, attention)
+                                                 (x.to(self.dtype), t, text, *extras[branch]), forward, report,
+                                                 attention)
                 except RuntimeError as exc:  # a capture the driver refused: run eagerly from here on
                     if self._graphs_required:
                         raise BackendError(f"CUDA graph capture failed ({exc}); load with cuda_graphs=False") from exc
                     log.warning("CUDA graph capture failed (%s); continuing without graphs", exc)
                     self._graphs = graphs = None
-                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report)
+                    outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, None,
+                                                    extras[branch])
             out = outputs["cond"]
             if use_cfg:
                 out = outputs["uncond"] + guidance_scale * (outputs["cond"] - outputs["uncond"])
@@ -298,8 +356,8 @@ class Session:
         return GenerationResult(latents=x, report=report, trajectory=trajectory)
 
     def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report,
-                 adaptive=None) -> torch.Tensor:
-        h, ctx = self.engines.prologue(x.to(self.dtype), t, text, prof)
+                 adaptive=None, extras: tuple = ()) -> torch.Tensor:
+        h, ctx = self.engines.prologue(x.to(self.dtype), t, text, prof, extras)
         ids = self.plan.step_ids(step, branch)
         stack_key = (branch, -1)
         if adaptive is None and (step, branch) in self._stack_skips:

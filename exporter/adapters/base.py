@@ -75,7 +75,9 @@ class Adapter:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     # --- compute ------------------------------------------------------------------------------
-    def diffusers_forward(self, latents, timestep, text) -> torch.Tensor:
+    def diffusers_forward(self, latents, timestep, text, pooled=None, guidance=None) -> torch.Tensor:
+        """The diffusers model's output. `pooled` [B, P] and `guidance` [B] matter only to
+        architectures with those prologue inputs (runtime.arch.extra_inputs); others ignore them."""
         raise NotImplementedError
 
     def block_io(self, args, kwargs, output) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ class CogVideoXAdapter(Adapter):
         table = embed._get_positional_embeddings(h, w, frames).to(torch.float32)
         return {f"profile.{profile['name']}.pos_embedding": table.contiguous()}
 
-    def diffusers_forward(self, latents, timestep, text):
+    def diffusers_forward(self, latents, timestep, text, pooled=None, guidance=None):
         return self.model(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
                           return_dict=False)[0]
 

@@ -11,7 +11,7 @@ import torch
 
 from ditbake.exporter.adapters.base import Adapter, TokenLayout
 from ditbake.runtime import arch_flux
-from ditbake.runtime.arch_sd3 import pooled_from_tokens
+from ditbake.exporter.adapters.sd3 import default_pooled_source
 from ditbake.runtime.errors import UnsupportedModelError
 
 
@@ -23,6 +23,7 @@ class FluxAdapter(Adapter):
         super().__init__(model)
         # The runtime, CLI and harness read a request's prompt width from `text_dim`.
         self.config["text_dim"] = int(self.config["joint_attention_dim"])
+        self.config.setdefault("pooled_source", default_pooled_source(self.config))
         if self.config.get("guidance_embeds"):
             self.config.setdefault("guidance", arch_flux.DEFAULT_GUIDANCE)
 
@@ -35,11 +36,6 @@ class FluxAdapter(Adapter):
         if int(c["in_channels"]) % 4 or int(out) % 4:
             raise UnsupportedModelError(f"Flux in_channels/out_channels ({c['in_channels']}/{out}) must be multiples "
                                         "of 4 (2x2-packed latents)")
-        if int(c["pooled_projection_dim"]) != int(c["joint_attention_dim"]):
-            raise UnsupportedModelError(
-                f"Flux with a separate pooled text input (pooled_projection_dim {c['pooled_projection_dim']} != "
-                f"joint_attention_dim {c['joint_attention_dim']}) is not supported: the runtime derives the pooled "
-                "vector from the token embeddings")
         if sum(int(d) for d in c.get("axes_dims_rope", (16, 56, 56))) != int(c["attention_head_dim"]):
             raise UnsupportedModelError(f"Flux axes_dims_rope {list(c['axes_dims_rope'])} must sum to "
                                         f"attention_head_dim {c['attention_head_dim']}")
@@ -55,18 +51,20 @@ class FluxAdapter(Adapter):
         n = f * h * w
         return TokenLayout(text=(0, text_len), visual=(text_len, text_len + n), grid=(f, h, w))
 
-    def diffusers_forward(self, latents, timestep, text):
+    def diffusers_forward(self, latents, timestep, text, pooled=None, guidance=None):
+        """`guidance`: the distilled guidance scale per sample [B] (guidance_embeds models; default config's)."""
         b, _, h, w = latents.shape
         gh, gw = h // 2, w // 2
         img_ids = torch.zeros(gh, gw, 3, device=latents.device)
         img_ids[..., 1] += torch.arange(gh, device=latents.device)[:, None]
         img_ids[..., 2] += torch.arange(gw, device=latents.device)[None, :]
         txt_ids = torch.zeros(text.shape[1], 3, device=latents.device)
-        guidance = None
-        if self.config.get("guidance_embeds"):
+        if not self.config.get("guidance_embeds"):
+            guidance = None
+        elif guidance is None:
             guidance = torch.full((b,), float(self.config["guidance"]), device=latents.device)
         out = self.model(hidden_states=arch_flux.pack_latents(latents), encoder_hidden_states=text,
-                         pooled_projections=pooled_from_tokens(text), timestep=timestep / 1000,
+                         pooled_projections=arch_flux.resolve_pooled(self.config, text, pooled), timestep=timestep / 1000,
                          img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
         return arch_flux.unpack_latents(out, gh, gw)
 

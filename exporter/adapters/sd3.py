@@ -7,8 +7,15 @@ from __future__ import annotations
 import torch
 
 from ditbake.exporter.adapters.base import Adapter, TokenLayout
-from ditbake.runtime.arch_sd3 import pooled_from_tokens
+from ditbake.runtime.arch_sd3 import resolve_pooled
 from ditbake.runtime.errors import UnsupportedModelError
+
+
+def default_pooled_source(config: dict) -> str:
+    """"token_mean" where the pooled vector can be the token mean (pooled dim == joint dim, as the test
+    bed trained with MiniLM); "input" otherwise (real SD3 / Flux: CLIP pooled outputs). A build from a
+    pipeline with CLIP encoders sets "input" explicitly."""
+    return "token_mean" if int(config["pooled_projection_dim"]) == int(config["joint_attention_dim"]) else "input"
 
 
 class SD3Adapter(Adapter):
@@ -20,6 +27,7 @@ class SD3Adapter(Adapter):
         # The runtime, CLI and harness read a request's prompt width from `text_dim`; SD3 names it
         # joint_attention_dim, so the config the artifact stores carries both.
         self.config["text_dim"] = int(self.config["joint_attention_dim"])
+        self.config.setdefault("pooled_source", default_pooled_source(self.config))
 
     def check_supported(self) -> None:
         c = self.config
@@ -28,11 +36,6 @@ class SD3Adapter(Adapter):
                                         "use an SD3 checkpoint without them")
         if c.get("qk_norm") not in (None, "rms_norm"):
             raise UnsupportedModelError(f"SD3 qk_norm={c.get('qk_norm')!r} is not supported; expected None or 'rms_norm'")
-        if int(c["pooled_projection_dim"]) != int(c["joint_attention_dim"]):
-            raise UnsupportedModelError(
-                f"SD3 with a separate pooled text input (pooled_projection_dim {c['pooled_projection_dim']} != "
-                f"joint_attention_dim {c['joint_attention_dim']}) is not supported: the runtime derives the pooled "
-                "vector from the token embeddings; use a model trained that way (artifacts/testbed-sd3)")
         if c.get("caption_projection_dim") != int(c["num_attention_heads"]) * int(c["attention_head_dim"]):
             raise UnsupportedModelError("SD3 caption_projection_dim must equal heads × head dim (joint blocks)")
 
@@ -44,8 +47,9 @@ class SD3Adapter(Adapter):
         n = f * h * w
         return TokenLayout(text=(n, n + text_len), visual=(0, n), grid=(f, h, w))
 
-    def diffusers_forward(self, latents, timestep, text):
-        return self.model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled_from_tokens(text),
+    def diffusers_forward(self, latents, timestep, text, pooled=None, guidance=None):
+        pooled = resolve_pooled(self.config, text, pooled)
+        return self.model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
                           timestep=timestep, return_dict=False)[0]
 
     def block_io(self, args, kwargs, output):

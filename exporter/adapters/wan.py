@@ -27,7 +27,7 @@ class WanAdapter(Adapter):
         f, h, w = self.arch.grid(self.config, latent)
         return TokenLayout(text=(0, 0), visual=(0, f * h * w), grid=(f, h, w))
 
-    def diffusers_forward(self, latents, timestep, text):
+    def diffusers_forward(self, latents, timestep, text, pooled=None, guidance=None):
         return self.model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
                           return_dict=False)[0]
 

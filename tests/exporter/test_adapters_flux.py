@@ -129,7 +129,6 @@ def test_flux_block_io_joint_sequence():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"pooled_projection_dim": 16}, "pooled"),
     ({"patch_size": 2}, "patch_size"),
     ({"in_channels": 6}, "multiples of 4"),
 ])

@@ -78,7 +78,6 @@ def test_pooled_from_tokens_masks_padding():
 
 @pytest.mark.parametrize("overrides,message", [
     ({"dual_attention_layers": [0]}, "dual-attention"),
-    ({"pooled_projection_dim": 16}, "pooled"),
     ({"qk_norm": "layer_norm"}, "qk_norm"),
 ])
 def test_sd3_unsupported_configs_raise(overrides, message):
