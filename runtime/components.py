@@ -23,6 +23,14 @@ CLASS_KINDS = {
 }
 
 
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def decoder_weights(weights: dict) -> dict:
+    """The part of a VAE's state dict that `decode` reads (the encoder is not shipped)."""
+    return {k: v for k, v in weights.items() if k.startswith(DECODER_PREFIXES)}
+
+
 class UnsupportedComponentError(UnsupportedModelError):
     """A pipeline component whose class the runtime does not implement."""
 

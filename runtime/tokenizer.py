@@ -85,6 +85,9 @@ class Tokenizer:
             raise InputError(f"max_length must be positive, got {length}")
         self._configure(length)
         encodings = self._backend.encode_batch(batch, add_special_tokens=bool(self.settings["add_special_tokens"]))
+        if any(len(e.ids) != length for e in encodings):
+            # tokenizers (and transformers) leave a sequence untruncated when the special tokens alone exceed it
+            raise InputError(f"max_length {length} is too short for this tokenizer's special tokens; use a longer one")
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)
         return {"input_ids": ids, "attention_mask": mask}

@@ -32,11 +32,10 @@ def _group_norm(x: torch.Tensor, w: Weights, name: str, groups: int) -> torch.Te
     return F.group_norm(x, groups, w[name + ".weight"], w[name + ".bias"], EPS)
 
 
-def _act(config: dict):
+def _check_act(config: dict) -> None:
     name = config.get("act_fn", "silu")
     if name not in ("silu", "swish"):
         raise ArtifactError(f"AutoencoderKL act_fn {name!r} is not supported (silu); export a VAE with silu")
-    return F.silu
 
 
 def _resnet(x: torch.Tensor, w: Weights, p: str, groups: int) -> torch.Tensor:
@@ -67,7 +66,7 @@ def decode(weights: Weights, config: dict, latents: torch.Tensor) -> torch.Tenso
     types = config.get("up_block_types", ("UpDecoderBlock2D",))
     if any(t != "UpDecoderBlock2D" for t in types):
         raise ArtifactError(f"AutoencoderKL up blocks {types} are not supported (UpDecoderBlock2D only)")
-    _act(config)
+    _check_act(config)
     groups = int(config.get("norm_num_groups", 32))
     layers = int(config.get("layers_per_block", 1)) + 1
     x = latents.to(w["decoder.conv_in.weight"].dtype)

@@ -42,11 +42,14 @@ def test_vae_config_and_weights_roundtrip(tmp_path):
     torch.manual_seed(seed)
     vae = diffusers.AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4,
                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).eval()
+    # post_quant_conv present (default): it must survive the decoder filter
     config, weights = _roundtrip(tmp_path, vae)
     module = components.VAE_DECODERS[components.kind_for_class(config["_class_name"])]
     z = torch.randn(1, module.latent_channels(config), 3, 4)
     with torch.no_grad():
-        assert_close(module.decode(weights, config, z), vae.decode(z, return_dict=False)[0], "kl after export", seed)
+        ours = module.decode(components.decoder_weights(weights), config, z)
+        assert_close(ours, vae.decode(z, return_dict=False)[0], "kl after export", seed)
+    assert not any(k.startswith("encoder.") for k in components.decoder_weights(weights))
 
 
 def test_tokenizer_without_pad_token_is_refused(tmp_path):

@@ -17,13 +17,13 @@ def _tiny(cls, seed: int, eos: int = EOS, act: str = "quick_gelu"):
     return cls(cfg).eval()
 
 
-def _inputs(seed: int, pad: int, batch: int = 3, length: int = 24):
+def _inputs(seed: int, pad: int, batch: int = 3, length: int = 24, shortest: int = 2):
     """BOS, words, EOS, then padding; the tokenizer's layout. Row 0 fills the whole length."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.full((batch, length), pad)
     mask = torch.zeros(batch, length, dtype=torch.int64)
     for b in range(batch):
-        n = length if b == 0 else int(torch.randint(2, length, (1,), generator=g))
+        n = length if b == 0 else int(torch.randint(shortest, length, (1,), generator=g))
         ids[b, 0] = 1
         ids[b, 1:n - 1] = torch.randint(2, EOS - 3, (n - 2,), generator=g)
         ids[b, n - 1] = EOS
@@ -69,8 +69,8 @@ def test_legacy_eos_id_pools_at_highest_id():
     """Configs with eos_token_id 2 (older CLIP exports) pool at argmax(input_ids), as transformers does."""
     seed = fresh_seed()
     model = _tiny(transformers.CLIPTextModel, seed, eos=2)
-    ids, mask = _inputs(seed, PAD)
-    ids[:, 3] = VOCAB - 1  # the highest id somewhere else than EOS
+    ids, mask = _inputs(seed, PAD, shortest=5)
+    ids[:, 3] = VOCAB - 1  # the highest id, first seen before the EOS
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask)
         ours = text_clip.encode(dict(model.state_dict()), model.config.to_dict(), ids, mask)
@@ -83,3 +83,14 @@ def test_too_long_input_is_refused():
     model = _tiny(transformers.CLIPTextModel, 0)
     with pytest.raises(InputError, match="positions"):
         text_clip.encode(dict(model.state_dict()), model.config.to_dict(), torch.ones(1, 30, dtype=torch.int64))
+
+
+def test_fp16_follows_transformers_dtypes():
+    seed = fresh_seed()
+    model = _tiny(transformers.CLIPTextModelWithProjection, seed).to(torch.float16)
+    ids, mask = _inputs(seed, PAD)
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True)
+        ours = text_clip.encode(dict(model.state_dict()), model.config.to_dict(), ids, hidden_state_index=-2)
+    assert_close(ours["hidden_states"], ref.hidden_states[-2], "fp16 penultimate", seed, rel=1e-2)
+    assert_close(ours["text_embeds"], ref.text_embeds, "fp16 text_embeds", seed, rel=1e-2)

@@ -1,4 +1,5 @@
-"""runtime/tokenizer.py against transformers' CLIP and T5 tokenizers, trained offline with `tokenizers`."""
+"""runtime/tokenizer.py against transformers' CLIP and T5 fast tokenizers (trained offline with `tokenizers`; in
+transformers 5 CLIPTokenizerFast/T5TokenizerFast are the tokenizers-backed CLIPTokenizer/T5Tokenizer)."""
 import json
 
 import pytest
@@ -37,7 +38,7 @@ def _clip_like():
                                   end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     model = json.loads(tok.to_str())["model"]
-    return transformers.CLIPTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    return transformers.CLIPTokenizerFast(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
 
 
 def _t5_like():
@@ -50,7 +51,7 @@ def _t5_like():
     trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
     tok.train_from_iterator(CORPUS, trainer)
     vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
-    return transformers.T5Tokenizer(vocab=vocab, extra_ids=3)
+    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=3)
 
 
 def _compare(hf, ours: Tokenizer, length: int, what: str):
@@ -86,6 +87,8 @@ def test_clip_g_style_pad_token(tmp_path):
     ours = Tokenizer.load(tmp_path)
     assert ours.settings["pad_token_id"] == hf.convert_tokens_to_ids("!") != hf.eos_token_id
     _compare(hf, ours, 10, "clip pad '!'")
+    with pytest.raises(InputError, match="too short"):  # one position cannot hold both BOS and EOS
+        ours(["a cat"], max_length=1)
 
 
 def test_max_length_override_and_hostile_inputs(tmp_path):
@@ -98,6 +101,8 @@ def test_max_length_override_and_hostile_inputs(tmp_path):
     for bad in ([], [None], 3):
         with pytest.raises(InputError):
             ours(bad)
+    one = hf(["a cat"], padding="max_length", max_length=1, truncation=True, return_tensors="pt")["input_ids"]
+    assert torch.equal(ours(["a cat"], max_length=1)["input_ids"], one) and one.tolist() == [[hf.eos_token_id]]
     (tmp_path / "tokenizer_settings.json").unlink()
     with pytest.raises(ArtifactError, match="tokenizer_settings.json"):
         Tokenizer.load(tmp_path)

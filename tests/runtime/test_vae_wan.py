@@ -45,3 +45,14 @@ def test_helpers_and_wrong_shape():
     assert vae_wan.scale_factors(cfg) == (8, 4) and vae_wan.latent_channels(cfg) == 4
     with pytest.raises(InputError, match="latents"):
         vae_wan.decode(dict(_wan21(0).state_dict()), cfg, torch.zeros(1, 4, 4, 4))
+
+
+def test_bf16_follows_diffusers_dtypes():
+    """In bf16 (how pipelines run the VAE) the same ops in the same dtypes: equal within bf16 rounding."""
+    seed = fresh_seed()
+    vae = _wan21(seed).to(torch.bfloat16)
+    z = (torch.randn(1, 4, 2, 4, 5, generator=torch.Generator().manual_seed(seed)) * 0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = vae.decode(z, return_dict=False)[0]
+        ours = vae_wan.decode(dict(vae.state_dict()), dict(vae.config), z)
+    assert_close(ours, ref, "bf16 Wan decode", seed, rel=1e-2)
