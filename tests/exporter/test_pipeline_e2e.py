@@ -140,3 +140,47 @@ def test_cogvideox_pipeline_end_to_end(tmp_path):
     assert got.shape == ref.shape == (1, 9, 16, 16, 3)
     diff = (got - ref).abs().max().item()
     assert diff < 1e-5, f"decoded frames differ from CogVideoXPipeline's by {diff:.2e}"
+
+
+def test_sd3_pipeline_end_to_end(tmp_path):
+    """SD3: CLIP-L + CLIP-G penultimate states beside T5 tokens, the real pooled vector (both CLIPs'
+    projections, 32-d, not the token mean), flow-match Euler, VAE /scaling + shift."""
+    import diffusers
+
+    import ditbake.runtime as dr
+    from tests.pipelines import sd3_pipeline
+
+    model = sd3_pipeline(tmp_path / "pipe")
+    art = _build(model, tmp_path, "16x16", "flow_euler", ("--text-len", str(77 + 8)))
+    session = dr.load(art)
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    got = session.decode(session.generate(prompt=PROMPT, negative_prompt=NEGATIVE, seed=5, guidance_scale=5.0).latents)
+    ref = pipe(PROMPT, negative_prompt=NEGATIVE, height=16, width=16, num_inference_steps=2, guidance_scale=5.0,
+               max_sequence_length=8, output_type="pt", generator=torch.Generator().manual_seed(5)).images
+    ref = ref[:, None].permute(0, 1, 3, 4, 2)  # an image: one frame
+    assert got.shape == ref.shape == (1, 1, 16, 16, 3)
+    diff = (got - ref).abs().max().item()
+    assert diff < 1e-5, f"decoded image differs from StableDiffusion3Pipeline's by {diff:.2e}"
+
+
+def test_flux_pipeline_end_to_end(tmp_path):
+    """Flux (guidance-distilled, dynamic shift): T5 tokens + CLIP pooled, guidance embedding 3.5, no
+    CFG (the pipeline's default true_cfg_scale 1), shift resolved for the 16×16 profile, unpacked latents."""
+    import diffusers
+
+    import ditbake.runtime as dr
+    from tests.pipelines import flux_pipeline
+
+    model = flux_pipeline(tmp_path / "pipe")
+    art = _build(model, tmp_path, "16x16", "flow_euler", ("--text-len", "8", "--guidance", "1"))
+    session = dr.load(art)
+    pipe = diffusers.FluxPipeline.from_pretrained(model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    got = session.decode(session.generate(prompt=PROMPT, seed=5, guidance_scale=1.0, guidance=3.5).latents)
+    ref = pipe(PROMPT, height=16, width=16, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=8,
+               output_type="pt", generator=torch.Generator().manual_seed(5)).images
+    ref = ref[:, None].permute(0, 1, 3, 4, 2)
+    assert got.shape == ref.shape == (1, 1, 16, 16, 3)
+    diff = (got - ref).abs().max().item()
+    assert diff < 1e-5, f"decoded image differs from FluxPipeline's by {diff:.2e}"
