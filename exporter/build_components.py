@@ -28,8 +28,6 @@ from ditbake.runtime.errors import UnsupportedModelError
 log = logging.getLogger(__name__)
 
 COMPONENTS_DIR = "components"
-# the VAE's decode path: the encoder half is never run by text → frames
-DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 # CLIP tokenizers of SD3/Flux always run at 77 tokens; T5 ones at the profile's text length
 CLIP_TOKENS = 77
 
@@ -52,7 +50,7 @@ def export_components(model_dir: str | Path, out: Path, *, text_len: int, dtype:
     """Write the components of the pipeline in `model_dir` under `out/components/`.
     Returns (the manifest's `components` section, the relative paths written)."""
     from ditbake.exporter.components import component_weights, export_tokenizer  # noqa: PLC0415
-    from ditbake.runtime.components import TEXT_ENCODERS, VAE_DECODERS, kind_for_class  # noqa: PLC0415
+    from ditbake.runtime.components import TEXT_ENCODERS, VAE_DECODERS, decoder_weights, kind_for_class  # noqa: PLC0415
 
     spec = pipelines.pipeline_spec(model_dir)
     pipe = pipelines.load_pipeline(model_dir, dtype=dtype)
@@ -81,7 +79,7 @@ def export_components(model_dir: str | Path, out: Path, *, text_len: int, dtype:
         raise UnsupportedModelError(f"the VAE is a {type(vae).__name__}, which the runtime cannot decode with; "
                                     f"supported: {', '.join(sorted(VAE_DECODERS))}")
     config, tensors = component_weights(vae)
-    tensors = {k: v for k, v in tensors.items() if k.startswith(DECODER_PREFIXES)}
+    tensors = decoder_weights(tensors)  # the encoder half is never run by text → frames
     rel = f"{COMPONENTS_DIR}/vae_decoder.safetensors"
     _save(tensors, out / rel)
     files.append(rel)
