@@ -162,3 +162,17 @@ def test_quantized_artifact_without_reference(tmp_path):
     result = ev.evaluate(quant, None, num_prompts=1, seeds=(0,), progress=False, random_embeddings=True)
     assert "dequantized" in result.reference and math.isfinite(result.samples[0].psnr)
     assert result.avg_activation_bits == 8.0
+
+
+def test_demo_summary_and_videos(tiny, tmp_path):
+    """The demo's report reads the plan and eval.json: skipped block computations, FLOPs, bits, bytes."""
+    from ditbake.exporter import demo
+
+    _, skip = tiny
+    result = ev.evaluate(skip, None, num_prompts=1, seeds=(0,), out=tmp_path, progress=False, random_embeddings=True)
+    text = demo.summary(skip, tmp_path / "eval.json")
+    assert "skipped blocks   1 of 18 block computations" in text and "attention FLOPs  100 %" in text
+    assert "activation bits  16.0" in text and f"PSNR {result.samples[0].psnr:.1f} dB" in text
+    reference, compressed = result.first_frames
+    paths = demo.write_videos(reference, compressed, tmp_path, fps=4, min_side=16)
+    assert all(p.stat().st_size > 0 for p in paths)
