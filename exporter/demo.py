@@ -54,7 +54,8 @@ def write_videos(reference: torch.Tensor, compressed: torch.Tensor, out: Path, f
     frames [F, C, H, W] in [0, 1]."""
     from ditbake.exporter.video import to_uint8, write_mp4  # noqa: PLC0415
 
-    def hwc(x):
+    def hwc(x):  # [F, C, H, W] → [F, H, W, 3] (a latent view shows its first three channels, as the strip)
+        x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
         return x.permute(0, 2, 3, 1)
 
     diff = ((compressed - reference).abs() * diff_gain).clamp(0, 1)
