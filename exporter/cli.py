@@ -285,6 +285,9 @@ def cmd_inspect(args) -> int:
         "plan": {"mode": plan.mode, "steps": plan.num_steps, "blocks": plan.num_blocks,
                  "variants": len(plan.variants), "skip_fraction": plan.skip_fraction(), "predicted": plan.predicted},
         "files": m["files"], "hashes": "verified",
+        "components": {"pipeline": m["components"]["pipeline"],
+                       "text_encoders": {k: v["class"] for k, v in m["components"]["text_encoders"].items()},
+                       "vae": m["components"]["vae"]["class"]} if m.get("components") else None,
     }
     print(json.dumps(summary, indent=1))
     return 0

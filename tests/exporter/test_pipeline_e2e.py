@@ -43,8 +43,12 @@ def test_calibration_used_the_pipelines_text_encoder(wan):
     assert meta["latent_shape"] == [16, 3, 2, 2] and meta["text_len"] == 16
 
 
-def test_artifact_holds_components_and_profiles(wan):
+def test_artifact_holds_components_and_profiles(wan, capsys):
     _, art, _ = wan
+    capsys.readouterr()
+    assert main(["inspect", str(art)]) == 0
+    assert json.loads(capsys.readouterr().out)["components"] == {
+        "pipeline": "WanPipeline", "text_encoders": {"text_encoder": "UMT5EncoderModel"}, "vae": "AutoencoderKLWan"}
     manifest = json.loads((art / "manifest.json").read_text())
     comp = manifest["components"]
     assert comp["pipeline"] == "WanPipeline" and comp["negative_prompt"] == NEGATIVE
