@@ -74,6 +74,18 @@ class GenerationResult:
     trajectory: list[torch.Tensor] | None = None
 
 
+@dataclass
+class DenoiseState:
+    """What one generation carries between model evaluations: Δ caches per branch, attention counts,
+    the report. `Session.generate` keeps its own; callers driving their own loop (the diffusers
+    drop-in) keep one per generation and pass it to `Session.forward_once`."""
+
+    profile: Profile
+    attention: AttentionRunner
+    report: GenerationReport
+    deltas: dict = field(default_factory=dict)
+
+
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not torch.isfinite(t).all():
         raise InputError(f"{name} contains NaN or Inf; pass finite values")
@@ -239,6 +251,7 @@ class Session:
 
         return identity_frames(latents, self.artifact.architecture)
 
+    @torch.no_grad()  # inputs straight from a text encoder may require grad; inference never does
     def generate(self, text_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None, *,
                  prompt: str | list[str] | None = None, negative_prompt: str | None = None, seed: int = 0, guidance_scale: float = 5.0, profile: str | None = None,
                  sampler: str | None = None, latents: torch.Tensor | None = None,
@@ -354,6 +367,29 @@ class Session:
         if adaptive is not None:
             report.host_syncs, report.adaptive_fallbacks = adaptive.host_syncs, adaptive.fallbacks
         return GenerationResult(latents=x, report=report, trajectory=trajectory)
+
+    def new_state(self, profile: str | None = None, sampler: str = "") -> DenoiseState:
+        prof = self.profile(profile)
+        return DenoiseState(prof, AttentionRunner(tiles=dict(self.plan.tiles)),
+                            GenerationReport(sampler=sampler, profile=prof.name))
+
+    @torch.no_grad()
+    def forward_once(self, state: DenoiseState, step: int, branch: str, x: torch.Tensor, t: torch.Tensor,
+                     text: torch.Tensor, extras: tuple = ()) -> torch.Tensor:
+        """One model evaluation at plan step `step` for CFG `branch` ("cond" / "uncond"), with the plan's
+        variants and the state's Δ caches: the model output [B, *latent_shape] in the session dtype.
+        Inputs are already in the session's device and dtype (t: fp32 [B], extras per extra_inputs).
+        Baked plans only: an adaptive plan decides per step inside `generate`."""
+        if self.plan.mode != "baked":
+            raise InputError("forward_once runs baked plans; an adaptive plan runs through generate()")
+        if not 0 <= step < self.plan.num_steps or branch not in ("cond", "uncond"):
+            raise InputError(f"step {step} / branch {branch!r} is outside the plan ({self.plan.num_steps} steps, "
+                             "branches cond and uncond)")
+        out = self._forward(step, branch, x, t, text, state.profile, state.attention, state.deltas, state.report,
+                            None, extras)
+        state.report.attention_flops_done = state.attention.flops_done
+        state.report.attention_flops_dense = state.attention.flops_dense
+        return out
 
     def _forward(self, step: int, branch: str, x, t, text, prof: Profile, attention, deltas, report,
                  adaptive=None, extras: tuple = ()) -> torch.Tensor:
