@@ -120,9 +120,6 @@ class Session:
         if self.plan.num_blocks != self.arch.num_blocks(self.config):
             raise InputError(f"plan has {self.plan.num_blocks} blocks but the model has "
                              f"{self.arch.num_blocks(self.config)}; re-run `ditbake plan` for this model")
-        self._stack_skips, self._cached_blocks = _delta_needs(self.plan)
-        self._stack_branches = {branch for _, branch in self._stack_skips}  # branches that keep a stack residual
-        self._stack_coeff = _extrapolation_coefficients(self.plan, self._stack_skips)
         self._graphs = None
         blockers = graph_blockers(self.device, self.plan, artifact.manifest.get("backend", "eager"))
         if cuda_graphs and blockers:
@@ -136,6 +133,19 @@ class Session:
     def extra_inputs(self) -> tuple[str, ...]:
         """The architecture's conditioning beyond token embeddings: ("pooled",), ("pooled", "guidance") or ()."""
         return runtime_arch.extra_inputs(self.arch, self.config)
+
+    @property
+    def plan(self):
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan) -> None:
+        """Setting a plan (eval's baseline, benchmarks) re-derives which stack residuals and per-block Δs
+        it needs: stale sets would keep serving the old plan's whole-step skips."""
+        self._plan = plan
+        self._stack_skips, self._cached_blocks = _delta_needs(plan)
+        self._stack_branches = {branch for _, branch in self._stack_skips}  # branches that keep a stack residual
+        self._stack_coeff = _extrapolation_coefficients(plan, self._stack_skips)
 
     @property
     def profiles(self) -> tuple[Profile, ...]:

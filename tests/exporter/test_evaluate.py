@@ -176,3 +176,20 @@ def test_demo_summary_and_videos(tiny, tmp_path):
     reference, compressed = result.first_frames
     paths = demo.write_videos(reference, compressed, tmp_path, fps=4, min_side=16)
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def _whole_step_plan(meta):
+    plan = plan_from_calibration(meta).to_json()
+    plan["variants"].append(BlockVariant(compute=False).to_json())
+    plan["steps"][2]["cond"] = [1, 1, 1]  # a whole step skipped: served from the stack residual
+    return Plan.from_json(plan)
+
+
+def test_baseline_reference_of_a_whole_step_plan(tiny, tmp_path):
+    """The in-place baseline must not keep the compressed plan's whole-step skips (it scored inf dB)."""
+    full, _ = tiny
+    art, _ = build_tiny_artifact(tmp_path, "tiny-wan", steps=3, plan_fn=_whole_step_plan)
+    in_place = ev.evaluate(art, None, prompts=["x"], seeds=(0,), progress=False, random_embeddings=True)
+    separate = ev.evaluate(art, full, prompts=["x"], seeds=(0,), progress=False, random_embeddings=True)
+    assert math.isfinite(in_place.samples[0].psnr) and in_place.skip_fraction == pytest.approx(3 / 18)
+    assert in_place.samples[0].psnr == pytest.approx(separate.samples[0].psnr, rel=1e-6)
