@@ -20,6 +20,7 @@ import torch
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.artifact import Artifact, Profile, load_artifact
 from ditbake.runtime.attention import AttentionRunner
+from ditbake.runtime.conditioning import prologue_extras
 from ditbake.runtime.engines import AotiEngines, EagerEngines
 from ditbake.runtime.errors import BackendError, InputError
 from ditbake.runtime.graphs import ForwardGraphs, graph_blockers
@@ -194,35 +195,9 @@ class Session:
         return self.artifact.manifest["text_encoder"].get("negative_prompt", "")
 
     def _extras(self, text: torch.Tensor, pooled, guidance, what: str, zero_pooled: bool = False) -> tuple:
-        """The architecture's extra prologue inputs for one CFG branch, in engine order (runtime.arch)."""
-        out = []
-        for name in runtime_arch.extra_inputs(self.arch, self.config):
-            if name == "pooled":
-                out.append(self._pooled(text, pooled, what, zero_pooled))
-            elif name == "guidance":
-                g = float(self.config.get("guidance", 3.5)) if guidance is None else guidance
-                if not isinstance(g, (int, float)) or g != g:
-                    raise InputError(f"guidance must be a finite number, got {guidance!r}")
-                out.append(torch.full((text.shape[0],), float(g), device=self.device, dtype=torch.float32))
-        return tuple(out)
-
-    def _pooled(self, text: torch.Tensor, pooled, what: str, zero: bool) -> torch.Tensor:
-        dim = self.arch.pooled_dim(self.config)
-        if pooled is None:
-            if self.arch.pooled_is_token_mean(self.config):
-                return self.arch.pooled_from_tokens(text)
-            if zero:
-                return torch.zeros(text.shape[0], dim, device=self.device, dtype=self.dtype)
-            raise InputError(f"this model takes a pooled text vector ({dim}-d, its CLIP encoders' pooled output): "
-                             f"pass {what} [batch, {dim}]")
-        if not isinstance(pooled, torch.Tensor):
-            raise InputError(f"{what} must be a torch.Tensor, got {type(pooled).__name__}")
-        if pooled.ndim == 1:
-            pooled = pooled[None]
-        if tuple(pooled.shape) != (text.shape[0], dim):
-            raise InputError(f"{what} has shape {list(pooled.shape)}; this model expects [{text.shape[0]}, {dim}]")
-        _check_finite(what, pooled)
-        return pooled.to(self.device, self.dtype)
+        """The architecture's extra prologue inputs for one CFG branch (runtime/conditioning.py)."""
+        return prologue_extras(self.arch, self.config, text, pooled, guidance, what, zero_pooled=zero_pooled,
+                               device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:

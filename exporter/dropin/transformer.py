@@ -80,7 +80,7 @@ class CompiledTransformer(torch.nn.Module):
             raise DropInError("ControlNet residuals are not compiled into the artifact; use the diffusers transformer")
         out_dtype = hidden_states.dtype
         x, t = self._latents_in(hidden_states), self._timesteps_in(timestep, hidden_states.shape[0])
-        branches = self._branches(x.shape[0])
+        branches = self._branches(x)
         outs = []
         for branch, rows in branches:
             text = encoder_hidden_states[rows]
@@ -95,17 +95,24 @@ class CompiledTransformer(torch.nn.Module):
 
         return Transformer2DModelOutput(sample=out)
 
-    def _branches(self, batch: int) -> list[tuple[str, slice]]:
+    def _branches(self, x: torch.Tensor) -> list[tuple[str, slice]]:
         """(branch, rows) for this call: a named context is one branch; an unnamed or "cond_uncond"
-        call is [uncond; cond] when the pipeline runs classifier-free guidance."""
+        call is [uncond; cond] when the pipeline runs classifier-free guidance (SD3 exposes
+        do_classifier_free_guidance, CogVideoX only its guidance scale); both halves then carry
+        the same latents, which is checked."""
         if self._context in ("cond", "uncond"):
             return [(self._context, slice(None))]
         pipe = self._pipeline[0]
-        if pipe is not None and getattr(pipe, "do_classifier_free_guidance", False):
-            if batch % 2:
-                raise DropInError(f"a batched CFG call has an odd batch {batch}; expected [uncond; cond]")
-            return [("uncond", slice(0, batch // 2)), ("cond", slice(batch // 2, batch))]
-        return [("cond", slice(None))]
+        cfg = getattr(pipe, "do_classifier_free_guidance", None)
+        if cfg is None and pipe is not None:
+            cfg = float(getattr(pipe, "_guidance_scale", 1.0) or 1.0) > 1.0
+        if not cfg:
+            return [("cond", slice(None))]
+        half = x.shape[0] // 2
+        if x.shape[0] % 2 or not torch.equal(x[:half], x[half:]):
+            raise DropInError(f"the pipeline runs CFG but this call's batch of {x.shape[0]} is not [uncond; cond] "
+                              "over the same latents; call the transformer per branch inside cache_context")
+        return [("uncond", slice(0, half)), ("cond", slice(half, None))]
 
     def _run(self, branch: str, x, t, text, pooled, guidance) -> torch.Tensor:
         session = self.session

@@ -174,3 +174,22 @@ def test_mmdit_pipelines_with_pooled_vectors(tmp_path, name):
     assert compiled.report.steps == STEPS and compiled.report.block_computes == STEPS * 2 * adapter.num_blocks
     with pytest.raises(dropin.DropInError, match="built for"):
         pipe(latents=None, **(args | dict(height=128)))
+
+
+def test_cogvideox_batched_cfg_in_cond_uncond_context(tmp_path):
+    """CogVideoXPipeline calls the model once per step with [uncond; cond] inside cache_context("cond_uncond")."""
+    from ditbake.exporter.sampler import make_scheduler
+
+    path, adapter = build_tiny_artifact(tmp_path, "tiny-cogvideox", steps=STEPS, samplers=["ddim"])
+    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=adapter.model,
+                                       scheduler=make_scheduler("ddim", "cogvideox"))
+    pipe.set_progress_bar_config(disable=True)
+    embeds, negative = torch.randn(2, 1, 8, 32)
+    latents = torch.randn(1, 3, 4, 8, 8)
+    args = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=STEPS, guidance_scale=5.0,
+                height=64, width=64, num_frames=9, use_dynamic_cfg=False, output_type="latent")
+    expected = pipe(latents=latents.clone(), **args).frames
+    compiled = dropin.replace_transformer(pipe, path)
+    got = pipe(latents=latents.clone(), **args).frames
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert compiled.report.block_computes == STEPS * 2 * adapter.num_blocks
