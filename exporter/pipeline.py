@@ -79,11 +79,10 @@ def pipeline_spec(path: str | Path) -> PipelineSpec:
 
 
 def component_config(path: str | Path, component: str) -> dict:
-    for name in ("config.json",):
-        file = Path(path) / component / name
-        if file.is_file():
-            return json.loads(file.read_text())
-    raise PipelineError(f"{Path(path) / component} has no config.json")
+    file = Path(path) / component / "config.json"
+    if not file.is_file():
+        raise PipelineError(f"{Path(path) / component} has no config.json")
+    return json.loads(file.read_text())
 
 
 def vae_scale_factors(path: str | Path, architecture: str) -> tuple[int, int]:
