@@ -36,3 +36,31 @@ def test_testbed_prompts_are_training_captions():
             for i in range(data.num_captions("video")) if data.is_held_out(i)}
     picks = ps.testbed_prompts(4)
     assert len(set(picks)) == 4 and not set(picks) & held
+
+
+def test_pipeline_directory_checks(tmp_path):
+    import json
+
+    from ditbake.exporter import pipeline
+    from ditbake.runtime.errors import UnsupportedModelError
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FooPipeline"}))
+    with pytest.raises(UnsupportedModelError, match="FooPipeline"):
+        pipeline.pipeline_spec(tmp_path)
+    index = {"_class_name": "WanPipeline", **{c: ["x", "y"] for c in ("text_encoder", "tokenizer", "vae",
+                                                                         "transformer")}}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    for c in ("text_encoder", "tokenizer", "transformer"):
+        (tmp_path / c).mkdir()
+    with pytest.raises(pipeline.PipelineError, match="no vae/"):
+        pipeline.pipeline_spec(tmp_path)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"temperal_downsample": [False, True, True]}))
+    assert pipeline.pipeline_spec(tmp_path).architecture == "wan"
+    assert pipeline.latent_dims(tmp_path, "wan", *pipeline.parse_pixels("480x832x81")) == (21, 60, 104)
+    assert pipeline.parse_pixels("1024x768") == (1024, 768, 1)
+    for bad in ("480x832x", "big", "0x8x8", "1x2x3x4"):
+        with pytest.raises(InputError):
+            pipeline.parse_pixels(bad)
+    with pytest.raises(InputError, match="multiple of"):
+        pipeline.latent_dims(tmp_path, "wan", 100, 832, 81)
