@@ -20,6 +20,7 @@ OPTIONS = {
     "tdc0.3-block": ("cal", ["--tdc-skip-budget", "0.3"]),
     "tdc0.4-step": ("cal", ["--tdc-skip-budget", "0.4", "--tdc-granularity", "step"]),
     "tdc0.3-block+heads": ("cal", ["--tdc-skip-budget", "0.3", "--heads"]),
+    "tdc0.2-block+heads": ("cal", ["--tdc-skip-budget", "0.2", "--heads"]),
     "tdc0.4-step+heads": ("cal", ["--tdc-skip-budget", "0.4", "--tdc-granularity", "step", "--heads"]),
     "tdc0.3-block+w4a8": ("cal_prec", ["--tdc-skip-budget", "0.3", "--avg-bits", "8"]),
     "tdc0.3-block+mixed6.5": ("cal_prec", ["--tdc-skip-budget", "0.3", "--avg-bits", "6.5"]),
@@ -44,8 +45,11 @@ def main() -> int:
     (work / "prompts.txt").write_text("\n".join(CALIBRATION_PROMPTS) + "\n")
     model = "artifacts/testbed-wan"
     shape = ["--frames", "8", "--height", "32", "--width", "32", "--text-len", "16"]
+    out = Path(os.environ.get("OUT", "benchmarks/results")) / "demo_options_cpu.json"
     results = {"calibration_seconds": {}, "calibrations": CALIBRATIONS,
                "machine": f"CPU, {os.cpu_count()} cores (shared with other jobs)", "options": {}}
+    if out.exists():  # runs add options to the same table
+        results = json.loads(out.read_text()) | {"calibrations": CALIBRATIONS}
     for name in args.options.split(","):
         cal, plan_args = OPTIONS[name]
         if not (work / cal / "calibration.json").exists():
@@ -64,7 +68,6 @@ def main() -> int:
                                     "weights_bytes": manifest["files"]["weights.safetensors"]["bytes"],
                                     "eval_seconds": time.perf_counter() - t}
         logging.info("%s: %s", name, results["options"][name])
-        out = Path(os.environ.get("OUT", "benchmarks/results")) / "demo_options_cpu.json"
         out.write_text(json.dumps(results, indent=1))
     return 0
 
