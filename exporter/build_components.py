@@ -84,6 +84,7 @@ def export_components(model_dir: str | Path, out: Path, *, text_len: int, dtype:
     _save(tensors, out / rel)
     files.append(rel)
     section = {"pipeline": spec.pipeline_class, "architecture": spec.architecture, "negative_prompt": negative_prompt,
+               "guidance_scale": spec.default_cfg,
                "text_len": text_len, "text_encoders": encoders,
                "vae": {"kind": kind, "class": type(vae).__name__, "config": config, "weights": rel,
                        "scale_factors": list(pipelines.vae_scale_factors(model_dir, spec.architecture))}}

@@ -66,6 +66,10 @@ def cmd_calibrate(args) -> int:
 
     adapter = adapter_for(models.load(args.model, dtype=DTYPES[args.dtype], seed=args.weights_seed))
     latent, text_len, pixels = _calibration_shape(adapter, args)
+    if args.guidance is None:
+        from ditbake.exporter.pipeline import default_cfg  # noqa: PLC0415
+
+        args.guidance = default_cfg(args.model)
     text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim",
                                                                       adapter.config.get("joint_attention_dim", 0))))
     # SD3 / Flux with a real pooled input: random embeddings need a random pooled vector too
@@ -329,7 +333,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", help="flow_euler|unipc|ddim|dpmpp (default: the pipeline's own scheduler; another "
                    "kind takes over its config's compatible fields)")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float,
+                   help="CFG scale (default: the pipeline's own — Wan 5, CogVideoX 6, SD3 7, Flux 1 — else 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for config sources")
     p.add_argument("--dtype", choices=DTYPES, default="float32")

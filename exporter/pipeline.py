@@ -38,17 +38,23 @@ class PipelineSpec:
     text_encoders: tuple[str, ...]  # component names, in the order encode_prompt uses them
     tokenizers: tuple[str, ...]
     default_text_len: int  # the pipeline's default max_sequence_length (prompt tokens the transformer sees)
-    default_negative: str = ""
+    default_cfg: float = 5.0  # the pipeline's default classifier-free guidance scale (1: none)
 
 
 SPECS = {s.pipeline_class: s for s in (
-    PipelineSpec("WanPipeline", "wan", ("text_encoder",), ("tokenizer",), 512),
-    PipelineSpec("CogVideoXPipeline", "cogvideox", ("text_encoder",), ("tokenizer",), 226),
+    PipelineSpec("WanPipeline", "wan", ("text_encoder",), ("tokenizer",), 512, 5.0),
+    PipelineSpec("CogVideoXPipeline", "cogvideox", ("text_encoder",), ("tokenizer",), 226, 6.0),
     # SD3: CLIP-L (77) and CLIP-G (77) side by side, then T5 (max_sequence_length 256) along the sequence
     PipelineSpec("StableDiffusion3Pipeline", "sd3", ("text_encoder", "text_encoder_2", "text_encoder_3"),
-                 ("tokenizer", "tokenizer_2", "tokenizer_3"), 77 + 256),
-    PipelineSpec("FluxPipeline", "flux", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), 512),
+                 ("tokenizer", "tokenizer_2", "tokenizer_3"), 77 + 256, 7.0),
+    # guidance-distilled: no CFG by default (true_cfg_scale 1); the distilled scale is the guidance embedding's
+    PipelineSpec("FluxPipeline", "flux", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), 512, 1.0),
 )}
+
+
+def default_cfg(model: str | Path, fallback: float = 5.0) -> float:
+    """The pipeline's default CFG scale for a pipeline directory, else `fallback`."""
+    return pipeline_spec(model).default_cfg if is_pipeline_dir(model) else fallback
 
 
 def is_pipeline_dir(path: str | Path) -> bool:

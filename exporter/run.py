@@ -39,7 +39,8 @@ def add_run_arguments(p: argparse.ArgumentParser, dtypes) -> None:
     g.add_argument("--frames", type=int)
     g.add_argument("--profile", help="profile name (see `ditbake inspect`), e.g. 480x832x81")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (1: off; default: the pipeline's, else 5)")
     p.add_argument("--distilled-guidance", type=float,
                    help="Flux guidance-distilled models: the guidance embedding's scale (default the artifact's, 3.5)")
     p.add_argument("--sampler")
@@ -134,6 +135,8 @@ def cmd_run(args) -> int:
         if "pooled" in session.extra_inputs and not session.arch.pooled_is_token_mean(session.config):
             pooled = random_prompt_embeds(1, 1, session.arch.pooled_dim(session.config), args.seed + 1)[:, 0]
         log.warning("--random-embeddings: generating from random prompt embeddings")
+    if args.guidance is None:
+        args.guidance = float((session.artifact.manifest.get("components") or {}).get("guidance_scale", 5.0))
     result = session.generate(embeds, negative, prompt=prompts, negative_prompt=args.negative_prompt, seed=args.seed,
                               guidance_scale=args.guidance, profile=prof.name, sampler=args.sampler,
                               pooled_embeds=pooled, negative_pooled_embeds=negative_pooled,

@@ -177,7 +177,8 @@ def test_flux_pipeline_end_to_end(tmp_path):
     from tests.pipelines import flux_pipeline
 
     model = flux_pipeline(tmp_path / "pipe")
-    art = _build(model, tmp_path, "16x16", "flow_euler", ("--text-len", "8", "--guidance", "1"))
+    art = _build(model, tmp_path, "16x16", "flow_euler", ("--text-len", "8"))  # CFG off: the pipeline's default
+    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["guidance_scale"] == 1.0
     session = dr.load(art)
     pipe = diffusers.FluxPipeline.from_pretrained(model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
