@@ -408,6 +408,10 @@ def cmd_eval(args) -> int:
     from ditbake.exporter.prompt_source import read_prompts  # noqa: PLC0415
 
     prompts = read_prompts(args.prompts)
+    if args.guidance is None:
+        from ditbake.runtime.artifact import read_manifest  # noqa: PLC0415
+
+        args.guidance = float((read_manifest(Path(args.artifact)).get("components") or {}).get("guidance_scale", 5.0))
     if prompts and args.num_prompts:
         prompts = prompts[:args.num_prompts]
     result = evaluate(args.artifact, args.reference, prompts=prompts, seeds=_seeds(args),
@@ -434,7 +438,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (overrides --seed/--num-seeds)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--num-seeds", type=int, default=1, help="seeds per prompt: seed, seed+1, …")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's own, else 5)")
     p.add_argument("--sampler")
     p.set_defaults(func=cmd_eval)
     return p
