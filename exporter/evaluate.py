@@ -379,7 +379,7 @@ def write_comparison_strip(reference: torch.Tensor, compressed: torch.Tensor, pa
         return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
     rows = [row(reference), row(compressed), row((compressed - reference).abs() * diff_gain)]
-    labels = ["reference", "compressed", f"|difference| x{diff_gain:g}"]
+    labels = ["uncompressed (reference)", "compressed", f"|difference| x{diff_gain:g}"]
     h, w = rows[0].shape[:2]
     label_h = 12
     strip = Image.new("RGB", (w * scale, 3 * (h * scale + label_h) + label_h), "white")
