@@ -13,6 +13,9 @@ DEMO_PROMPT ?= a large red circle moving slowly right on a black background
 DEMO_OUT ?= out/demo
 DEMO_STEPS ?= 20
 DEMO_SHAPE ?= --frames 8 --height 32 --width 32 --text-len 16
+# the compressed plan the demo ships (chosen in README "make demo": measured on the CPU,
+# benchmarks/results/demo_options_cpu.json): 30 % of block computations skipped, each block on its own
+DEMO_PLAN ?= --tdc-skip-budget 0.3
 
 # engines / package / run knobs
 MODEL ?= $(DEMO_MODEL)
@@ -26,7 +29,13 @@ BUILD_DIR ?= artifacts/built
 ARTIFACT ?= $(BUILD_DIR)/$(NAME)
 STEPS ?= 20
 SHAPE ?=
+# pipeline directories: shape profiles in pixels, HxWxF, space-separated (the first is calibrated),
+# e.g. PROFILES="480x832x81 720x1280x81"; default: the pipeline's own default size
+PROFILES ?=
+# prompts: a .txt (one per line), 'default' or text; default: the shipped set for a pipeline dir, the
+# training captions for a test bed; random-weight sources (tiny-*, config .json) use random embeddings
 PROMPTS ?=
+RANDOM_EMBEDDINGS ?= $(if $(wildcard $(MODEL)/.),,1)
 TDC_SKIP_BUDGET ?=
 TDC_GRANULARITY ?= block
 TDC_EXTRAPOLATE ?= none
@@ -66,20 +75,18 @@ test-gpu:
 
 demo: setup
 	mkdir -p $(DEMO_OUT)
-	$(BIN)/python -m ditbake.exporter.testbed.prompts "a small blue square moving fast up on a white background" \
-		"a large green triangle moving slowly left on a gray background" --out $(DEMO_OUT)/calibration-prompts.safetensors
 	$(BIN)/ditbake calibrate --model $(DEMO_MODEL) --out $(DEMO_OUT)/calibration --steps $(DEMO_STEPS) \
-		--sampler unipc --prompts $(DEMO_OUT)/calibration-prompts.safetensors $(DEMO_SHAPE)
-	$(BIN)/ditbake plan --calibration $(DEMO_OUT)/calibration --out $(DEMO_OUT)/plan.json
+		--sampler unipc --num-prompts 2 $(DEMO_SHAPE)
+	$(BIN)/ditbake plan --calibration $(DEMO_OUT)/calibration --out $(DEMO_OUT)/plan.json $(DEMO_PLAN)
 	$(BIN)/ditbake build --model $(DEMO_MODEL) --plan $(DEMO_OUT)/plan.json --calibration $(DEMO_OUT)/calibration \
 		--out artifacts/built/demo --dtype float32 --text-encoder --label "test-bed Wan (trained)"
-	$(BIN)/ditbake run artifacts/built/demo --out $(DEMO_OUT) --seed 0 --prompt "$(DEMO_PROMPT)"
-	@echo "demo: $(DEMO_OUT)/clip.gif, $(DEMO_OUT)/strip.png, $(DEMO_OUT)/report.json"
+	$(BIN)/python -m ditbake.exporter.demo artifacts/built/demo --prompt "$(DEMO_PROMPT)" --out $(DEMO_OUT) --seed 0
 
 # calibrate → plan → build for MODEL (local diffusers dir, config .json, tiny-wan, tiny-cogvideox)
 engines: setup
 	$(BIN)/ditbake calibrate --model $(MODEL) --out $(BUILD_DIR)/$(NAME).calibration --steps $(STEPS) $(SHAPE) \
-		--device $(DEVICE) $(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(AVG_BITS),--precision-stats) \
+		--device $(DEVICE) $(if $(PROMPTS),--prompts "$(PROMPTS)",$(if $(RANDOM_EMBEDDINGS),--random-embeddings)) \
+		$(if $(PROFILES),--profile $(firstword $(PROFILES))) $(if $(AVG_BITS),--precision-stats) \
 		$(if $(HEADS_DELTA),--heads-delta $(HEADS_DELTA))
 	$(BIN)/ditbake plan --calibration $(BUILD_DIR)/$(NAME).calibration --out $(BUILD_DIR)/$(NAME).plan.json \
 		$(if $(TDC_SKIP_BUDGET),--tdc-skip-budget $(TDC_SKIP_BUDGET) --tdc-granularity $(TDC_GRANULARITY) \
@@ -88,15 +95,15 @@ engines: setup
 		--mode $(PLAN_MODE)
 	$(BIN)/ditbake build --model $(MODEL) --plan $(BUILD_DIR)/$(NAME).plan.json \
 		--calibration $(BUILD_DIR)/$(NAME).calibration --out $(ARTIFACT) --backend $(BACKEND) --device $(DEVICE) \
-		$(if $(TEXT_ENCODER),--text-encoder)
+		$(if $(TEXT_ENCODER),--text-encoder) $(foreach p,$(PROFILES),--profile $(p))
 
 # one tar with the manifest's hashes, verified again by `ditbake unpack`
 package: setup
 	$(BIN)/ditbake package $(ARTIFACT) --out $(ARTIFACT).tar
 
 run: setup
-	$(BIN)/ditbake run $(ARTIFACT) --out $(OUT) --seed $(SEED) $(if $(PROMPTS),--prompts $(PROMPTS)) \
-		$(if $(PROMPT),--prompt "$(PROMPT)")
+	$(BIN)/ditbake run $(ARTIFACT) --output $(OUT)/clip.mp4 --out $(OUT) --seed $(SEED) \
+		$(if $(PROMPT),--prompt "$(PROMPT)",--random-embeddings)
 
 # On a GPU machine: the end-to-end race (Wan2.1-1.3B architecture at 480×832×81, 50 steps, CFG):
 # ditbake aoti vs diffusers eager / torch.compile / cache hooks + torch.compile. Two processes so

@@ -44,11 +44,14 @@ def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
 def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profile], samplers: list[str],
           dtype: torch.dtype = torch.bfloat16, backend: str = "eager", label: str = "",
           scheduler_config: dict | None = None, progress: bool = True, device: str = "cpu",
-          text_encoder: bool = False, onnx_only: bool = False, force: bool = False) -> Path:
+          text_encoder: bool = False, onnx_only: bool = False, pipeline_dir: str | Path | None = None,
+          negative_prompt: str = "", force: bool = False) -> Path:
     """`text_encoder=True` records the shipped MiniLM encoder (by the sha256 of its weights) so the
     runtime can take free-text prompts. `onnx_only` (tensorrt backend, no TensorRT here): ship the
-    verified ONNX graphs without engines. An existing `out` is replaced only when it is an earlier
-    artifact or with `force` (runtime/outputs.py)."""
+    verified ONNX graphs without engines. `pipeline_dir`: also store that pipeline's text encoder(s),
+    tokenizer(s) and VAE decoder (exporter/build_components.py), so the artifact serves text → frames.
+    An existing `out` is replaced only when it is an earlier artifact or with `force`
+    (runtime/outputs.py)."""
     if backend not in BUILD_BACKENDS:
         raise BackendError(f"backend {backend!r} cannot be built yet; available: {BUILD_BACKENDS}")
     check_plan_fits(adapter, plan)
@@ -86,9 +89,16 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
 
             engines = compile_trt(adapter.arch, adapter.config, weights, plan, profiles, tmp, device=device,
                                   progress=progress, onnx_only=onnx_only)
+        components, component_files = None, []
+        if pipeline_dir is not None:
+            from ditbake.exporter.build_components import export_components  # noqa: PLC0415
+
+            components, component_files = export_components(pipeline_dir, tmp, text_len=profiles[0].text_len,
+                                                            dtype=dtype, negative_prompt=negative_prompt)
         # a tensorrt entry also ships its ONNX graph (and has no engine file when built --onnx-only)
         files = {rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
-                 for rel in (WEIGHTS, PLAN, *(f for e in engines for f in (e["file"], e.get("onnx")) if f))}
+                 for rel in (WEIGHTS, PLAN, *(f for e in engines for f in (e["file"], e.get("onnx")) if f),
+                             *component_files)}
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "producer": {"name": "ditbake", "version": PRODUCER_VERSION, "torch": torch.__version__,
@@ -108,6 +118,7 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
             "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
                         for k, v in weights.items()},  # checked against the safetensors header on load
             "text_encoder": _text_encoder_entry(adapter, profiles) if text_encoder else None,
+            "components": components,  # text encoder(s), tokenizer(s), VAE decoder of a pipeline directory
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         bar.update(1)

@@ -38,30 +38,56 @@ def _default_shape(adapter, args) -> tuple[tuple[int, ...], int]:
     return adapter.latent_shape(frames, h, w), text_len
 
 
+def _calibration_shape(adapter, args) -> tuple[tuple[int, ...], int, tuple[int, int, int] | None]:
+    """(latent shape, text length, pixels or None): a pipeline directory takes `--profile HxWxF` in
+    pixels (latent from its VAE's factors) and its pipeline's text length; other sources latent units."""
+    from ditbake.exporter import pipeline  # noqa: PLC0415
+
+    if not pipeline.is_pipeline_dir(args.model) or (args.frames or args.height or args.width) and not args.profile:
+        if args.profile:
+            raise InputError("--profile HxWxF (pixels) needs a pipeline directory (its VAE gives the latent size); "
+                             "use --frames/--height/--width in latent units")
+        latent, text_len = _default_shape(adapter, args)
+        return latent, text_len, None
+    spec = pipeline.pipeline_spec(args.model)
+    pixels = pipeline.parse_pixels(args.profile or pipeline.default_pixels(args.model, spec))
+    f, h, w = pipeline.latent_dims(args.model, adapter.architecture, *pixels)
+    text_len = args.text_len or spec.default_text_len
+    if adapter.architecture == "cogvideox":
+        text_len = int(adapter.config["max_text_seq_length"])
+    return adapter.latent_shape(f, h, w), text_len, pixels
+
+
 def cmd_calibrate(args) -> int:
     from ditbake.exporter import calibrate as cal, models  # noqa: PLC0415
     from ditbake.exporter.adapters import adapter_for  # noqa: PLC0415
+    from ditbake.exporter.prompt_source import conditioning  # noqa: PLC0415
     from ditbake.runtime import arch as runtime_arch  # noqa: PLC0415
 
     from ditbake.exporter.calibrate_checkpoint import partial_dir  # noqa: PLC0415
 
     device = cal.calibration_device(args.device)
     adapter = adapter_for(models.load(args.model, dtype=DTYPES[args.dtype], seed=args.weights_seed).to(device))
-    latent, text_len = _default_shape(adapter, args)
-    text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim")))
-    pooled = negative_pooled = None
-    if args.prompts:
-        embeds, negative = cal.load_prompt_embeds(args.prompts)
-        pooled, negative_pooled = cal.load_pooled(args.prompts)
-    else:
-        embeds, negative = cal.random_prompt_embeds(args.num_prompts, text_len, text_dim, args.seed), None
-        if "pooled" in runtime_arch.extra_inputs(adapter.arch, adapter.config):  # SD3 / Flux: a random pooled vector too
-            pooled = cal.random_prompt_embeds(args.num_prompts, 1, adapter.arch.pooled_dim(adapter.config),
-                                              args.seed + 1)[:, 0]
+    latent, text_len, pixels = _calibration_shape(adapter, args)
+    if args.guidance is None:
+        from ditbake.exporter.pipeline import default_cfg  # noqa: PLC0415
+
+        args.guidance = default_cfg(args.model)
+    text_dim = int(adapter.config.get("text_dim", adapter.config.get("text_embed_dim",
+                                                                      adapter.config.get("joint_attention_dim", 0))))
+    # SD3 / Flux with a real pooled input: random embeddings need a random pooled vector too
+    pooled_dim = adapter.arch.pooled_dim(adapter.config) if (
+        "pooled" in runtime_arch.extra_inputs(adapter.arch, adapter.config)
+        and not adapter.arch.pooled_is_token_mean(adapter.config)) else None
+    cond = conditioning(str(args.model), text_dim, text_len, prompts_arg=args.prompts,
+                        negative_prompt=args.negative_prompt, num_prompts=args.num_prompts,
+                        random_embeddings=args.random_embeddings, seed=args.seed, pooled_dim=pooled_dim)
+    embeds, negative, pooled, negative_pooled = cond.embeds, cond.negative, cond.pooled, cond.negative_pooled
     if embeds.shape[1:] != (text_len, text_dim) and adapter.architecture == "cogvideox":
         raise InputError(f"prompt embeddings are {list(embeds.shape)}; the model expects [N, {text_len}, {text_dim}]")
     if embeds.shape[-1] != text_dim:
         raise InputError(f"prompt embeddings have dim {embeds.shape[-1]}; the model expects {text_dim}")
+    text_len = int(embeds.shape[1])
     observers = []
     if args.precision_stats:  # DMPQ statistics in the same pass (E_rel per format, outlier ratios)
         from ditbake.exporter.calibrate_precision import PrecisionObserverConfig, observer_factory  # noqa: PLC0415
@@ -74,6 +100,10 @@ def cmd_calibrate(args) -> int:
                           resume=args.resume, scheduler_config=sched, pooled=pooled, negative_pooled=negative_pooled)
     stats.meta["weights_seed"] = args.weights_seed
     stats.meta["dtype"] = args.dtype
+    stats.meta["conditioning"] = {"origin": cond.origin, "prompts": list(cond.prompts),
+                                  "negative_prompt": args.negative_prompt}
+    if pixels:
+        stats.meta["pixels"] = list(pixels)  # height, width, frames of the calibrated profile
     if args.heads_delta is not None:  # the progressive head search interleaves with its own trajectory
         from ditbake.exporter.calibrate_heads import calibrate_heads  # noqa: PLC0415
 
@@ -195,11 +225,34 @@ def _precision_config(args):
                            nvfp4_fraction=args.nvfp4_fraction, predictor=args.precision_predictor)
 
 
+def _build_profiles(adapter, args, meta: dict) -> list:
+    """The calibrated shape, or each `--profile HxWxF` (pixels; latent from the pipeline's VAE). Named
+    'HxWxF' when the pixel size is known, so `run --profile 480x832x81` or --height/--width/--frames pick it."""
+    from ditbake.exporter import pipeline  # noqa: PLC0415
+    from ditbake.runtime.artifact import Profile  # noqa: PLC0415
+
+    text_len = int(meta["text_len"])
+    if args.profile:
+        if not pipeline.is_pipeline_dir(args.model):
+            raise InputError("--profile HxWxF (pixels) needs a pipeline directory (its VAE gives the latent size)")
+        profiles = []
+        for text in args.profile:
+            h, w, f = pipeline.parse_pixels(text)
+            latent = adapter.latent_shape(*pipeline.latent_dims(args.model, adapter.architecture, h, w, f))
+            profiles.append(Profile(f"{h}x{w}x{f}", tuple(latent), text_len))
+        return profiles
+    latent = tuple(meta["latent_shape"])
+    if meta.get("pixels"):
+        h, w, f = meta["pixels"]
+        return [Profile(f"{h}x{w}x{f}", latent, text_len)]
+    frames = 1 if len(latent) == 3 else latent[1] if adapter.architecture == "wan" else latent[0]  # 3-D: an image
+    return [Profile(f"f{frames}_h{latent[-2]}_w{latent[-1]}_t{text_len}", latent, text_len)]
+
+
 def cmd_build(args) -> int:
     from ditbake.exporter import build as builder, models  # noqa: PLC0415
     from ditbake.exporter.adapters import adapter_for  # noqa: PLC0415
     from ditbake.exporter.calibrate import CalibrationStats  # noqa: PLC0415
-    from ditbake.runtime.artifact import Profile  # noqa: PLC0415
     from ditbake.runtime.plan import Plan  # noqa: PLC0415
 
     from ditbake.exporter.calibrate_check import check_fits_model  # noqa: PLC0415
@@ -209,66 +262,29 @@ def cmd_build(args) -> int:
     adapter = adapter_for(models.load(args.model, dtype=torch.float32, seed=seed))
     check_fits_model(stats.meta, adapter)  # another model's calibration is refused before any work
     plan = Plan.load(args.plan)
-    latent = tuple(stats.meta["latent_shape"])
-    frames = 1 if len(latent) == 3 else latent[1] if adapter.architecture == "wan" else latent[0]  # 3-D: an image
-    profile = Profile(f"f{frames}_h{latent[-2]}_w{latent[-1]}_t{stats.meta['text_len']}", latent,
-                      int(stats.meta["text_len"]))
+    profiles = _build_profiles(adapter, args, stats.meta)
     sched = _scheduler_config(args.model)
     samplers = args.samplers.split(",") if args.samplers else list(_samplers(adapter, sched))
     if stats.meta["sampler"] in samplers:  # the calibrated sampler is the default
         samplers.remove(stats.meta["sampler"])
         samplers.insert(0, stats.meta["sampler"])
-    out = builder.build(adapter, plan, args.out, profiles=[profile], samplers=samplers, dtype=DTYPES[args.dtype],
+    from ditbake.exporter.pipeline import is_pipeline_dir  # noqa: PLC0415
+
+    pipeline_dir = args.model if is_pipeline_dir(args.model) and args.components else None
+    negative = args.negative_prompt if args.negative_prompt is not None else \
+        (stats.meta.get("conditioning") or {}).get("negative_prompt", "")
+    out = builder.build(adapter, plan, args.out, profiles=profiles, samplers=samplers, dtype=DTYPES[args.dtype],
                         backend=args.backend, label=args.label, device=args.device,
                         text_encoder=args.text_encoder, onnx_only=args.onnx_only, scheduler_config=sched,
-                        force=args.force)
+                        pipeline_dir=pipeline_dir, negative_prompt=negative, force=args.force)
     log.info("artifact ready: %s", out)
     return 0
 
 
 def cmd_run(args) -> int:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from ditbake.exporter.run import cmd_run as run  # noqa: PLC0415
 
-    from ditbake.exporter.calibrate import load_pooled, load_prompt_embeds, random_prompt_embeds  # noqa: PLC0415
-    from ditbake.exporter.media import latents_to_frames, write_gif, write_strip  # noqa: PLC0415
-    from ditbake.runtime import distributed, load  # noqa: PLC0415
-
-    parallel, relaunch = distributed.cli_launch(args.gpus, args.parallel, args.guidance, args.device)
-    if relaunch:  # one process per GPU under torchrun, each running this same command
-        return distributed.relaunch(args.gpus, ["ditbake.exporter.cli", *args.argv])
-    session = load(args.artifact, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                   cuda_graphs=args.cuda_graphs, parallel=parallel)
-    prof = session.profile(args.profile)
-    embeds = negative = pooled = negative_pooled = None
-    if args.prompts:
-        embeds, negative = load_prompt_embeds(args.prompts)
-        pooled, negative_pooled = load_pooled(args.prompts)
-    elif not args.prompt:
-        text_dim = int(session.config.get("text_dim", session.config.get("text_embed_dim")))
-        embeds = random_prompt_embeds(1, prof.text_len, text_dim, args.seed)
-        if "pooled" in session.extra_inputs and not session.arch.pooled_is_token_mean(session.config):
-            pooled = random_prompt_embeds(1, 1, session.arch.pooled_dim(session.config), args.seed + 1)[:, 0]
-        log.warning("no --prompt or --prompts: using random prompt embeddings")
-    writer = getattr(session, "is_writer", True)
-    result = session.generate(embeds, negative, prompt=args.prompt, seed=args.seed, guidance_scale=args.guidance,
-                              profile=prof.name, sampler=args.sampler, pooled_embeds=pooled,
-                              negative_pooled_embeds=negative_pooled,
-                              progress=lambda it: tqdm(it, desc="denoise", unit="step", disable=not writer))
-    if parallel:
-        distributed.shutdown()
-    if not writer:  # every rank holds the same latents; rank 0 writes them
-        return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    label = session.artifact.manifest["model"].get("label", "")
-    frames = latents_to_frames(result.latents[0], session.artifact.architecture)
-    write_gif(frames, out / "clip.gif")
-    write_strip(frames, out / "strip.png", label=f"{label}: {args.prompt}" if args.prompt else label)
-    report = result.report.to_json() | {"artifact": str(args.artifact), "label": label, "prompt": args.prompt}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    log.info("wrote %s, %s and report.json (%d steps in %.1f s, %s)", out / "clip.gif", out / "strip.png",
-             report["steps"], report["seconds"], label or "model")
-    return 0
+    return run(args)
 
 
 def cmd_inspect(args) -> int:
@@ -285,6 +301,9 @@ def cmd_inspect(args) -> int:
         "plan": {"mode": plan.mode, "steps": plan.num_steps, "blocks": plan.num_blocks,
                  "variants": len(plan.variants), "skip_fraction": plan.skip_fraction(), "predicted": plan.predicted},
         "files": m["files"], "hashes": "verified",
+        "components": {"pipeline": m["components"]["pipeline"],
+                       "text_encoders": {k: v["class"] for k, v in m["components"]["text_encoders"].items()},
+                       "vae": m["components"]["vae"]["class"]} if m.get("components") else None,
     }
     print(json.dumps(summary, indent=1))
     return 0
@@ -314,13 +333,20 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="run the model over prompts and the whole trajectory, record statistics")
     p.add_argument("--model", required=True, help="local diffusers dir, config .json (random weights) or tiny-wan/tiny-cogvideox")
     p.add_argument("--out", required=True, help="output directory for calibration.json + stats.safetensors")
-    p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] (and optional 'negative'; SD3/Flux: "
-                   "'pooled' [N, P] and 'negative_pooled')")
-    p.add_argument("--num-prompts", type=int, default=2, help="random prompt embeddings when --prompts is absent")
+    p.add_argument("--prompts", help="a .txt (one prompt per line), 'default' (the shipped set), free text, or a "
+                                      "safetensors with 'embeds' [N, L, D] (and optional 'negative'; SD3/Flux: "
+                                      "'pooled' [N, P] and 'negative_pooled'); text is encoded with the pipeline's "
+                                      "own text encoder(s). Default for a pipeline directory: the shipped set")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional CFG branch)")
+    p.add_argument("--num-prompts", type=int, help="use at most this many prompts (default set: 8; random: 2)")
+    p.add_argument("--random-embeddings", action="store_true",
+                   help="calibrate on random prompt embeddings (models without a text encoder; speed work only)")
+    p.add_argument("--profile", help="pipeline directories: HEIGHTxWIDTHxFRAMES in pixels, e.g. 480x832x81")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", help="flow_euler|unipc|ddim|dpmpp (default: the pipeline's own scheduler; another "
                    "kind takes over its config's compatible fields)")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float,
+                   help="CFG scale (default: the pipeline's own — Wan 5, CogVideoX 6, SD3 7, Flux 1 — else 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for config sources")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -400,27 +426,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--samplers", help="comma-separated samplers to bake; the first is the default")
     p.add_argument("--label", default="", help="shown on outputs, e.g. 'RANDOM WEIGHTS'")
     p.add_argument("--text-encoder", action="store_true",
-                   help="record the shipped MiniLM text encoder so `run --prompt TEXT` works")
+                   help="record the shipped MiniLM text encoder so `run --prompt TEXT` works (test beds)")
+    p.add_argument("--profile", action="append",
+                   help="shape profile HEIGHTxWIDTHxFRAMES in pixels (repeatable; pipeline directories); default: "
+                        "the calibrated shape")
+    p.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
+                   help="store a pipeline directory's text encoder(s), tokenizer(s) and VAE decoder")
+    p.add_argument("--negative-prompt", help="default negative prompt of the artifact (default: the calibration's)")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("run", help="generate with an artifact; writes clip.gif, strip.png, report.json")
-    p.add_argument("artifact")
-    p.add_argument("--out", required=True)
-    p.add_argument("--prompt", help="free-text prompt (artifact built with --text-encoder)")
-    p.add_argument("--prompts", help="safetensors with 'embeds' [N, L, D] and optional 'negative'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--sampler")
-    p.add_argument("--profile")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=DTYPES)
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each step's forward from a CUDA graph (default: where the artifact allows)")
-    p.add_argument("--gpus", type=int, default=1, help="processes (one per GPU, or gloo ranks on --device cpu); "
-                   "N > 1 re-launches this command under torchrun")
-    p.add_argument("--parallel", choices=("cfg", "ulysses", "cfg+ulysses"),
-                   help="cfg: CFG branches on different GPUs; ulysses: visual tokens split across GPUs; "
-                        "default: cfg (2 GPUs) or cfg+ulysses (4, 6, ...) with guidance, ulysses without")
+    p = sub.add_parser("run", help="generate with an artifact: text in, decoded video/image (+ latents) out")
+    from ditbake.exporter.run import add_run_arguments  # noqa: PLC0415
+
+    add_run_arguments(p, DTYPES)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("package", help="write the artifact as one tar (manifest + indexed files, hashes checked)")

@@ -165,6 +165,8 @@ class EvalResult:
     avg_activation_bits: float = 16.0
     seconds_compressed: float = 0.0
     seconds_reference: float = 0.0
+    # the first sample's (reference, compressed) frames [F, C, H, W] in [0, 1] (not serialised)
+    first_frames: tuple | None = field(default=None, repr=False)
 
     def mean(self, name: str) -> float:
         values = [getattr(s, name) for s in self.samples]
@@ -208,21 +210,75 @@ def default_prompts(n: int) -> list[str]:
     return [data.caption_from_attributes("video", data.attributes_of("video", i)) for i in picks]
 
 
-def prompt_embeddings(session, prompts: list[str], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeds [N, L, D], negative [N, L, D]) for the session's first profile."""
+def has_text_encoder(session) -> bool:
+    m = session.artifact.manifest
+    return bool(m.get("components") or m.get("text_encoder"))
+
+
+def is_test_bed(session) -> bool:
+    """Test-bed models take MiniLM's 384-d tokens (their captions are what they were trained on)."""
+    c = session.config
+    return int(c.get("text_dim", c.get("text_embed_dim", c.get("joint_attention_dim", 0)))) == 384
+
+
+def eval_prompts(session, prompts: list[str] | None, num_prompts: int) -> list[str]:
+    """The given prompts, else held-out captions for a test bed, else the shipped default set."""
+    if prompts:
+        return list(prompts)
+    if is_test_bed(session):
+        return default_prompts(num_prompts)
+    from ditbake.exporter.prompt_source import default_prompts as shipped  # noqa: PLC0415
+
+    return shipped(num_prompts)
+
+
+def prompt_embeddings(session, prompts: list[str], seed: int,
+                      random_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds [N, L, D], negative [N, L, D]) for the session's first profile: the artifact's own text
+    encoder(s), MiniLM for a test bed, random only when asked for explicitly."""
     profile = session.profile()
     text_dim = int(session.config.get("text_dim", session.config.get("text_embed_dim", 0)))
-    from ditbake.runtime.text_encoder import TextEncoder, TextEncoderMissingError  # noqa: PLC0415
+    if has_text_encoder(session):
+        negative = session._negative_default()
+        return session.encode_prompt(prompts), session.encode_prompt([negative] * len(prompts))
+    if text_dim == 384 and not random_embeddings:
+        from ditbake.runtime.text_encoder import TextEncoder  # noqa: PLC0415
 
-    if text_dim == 384:
-        try:
-            encoder = TextEncoder.load(max_length=profile.text_len)
-            return encoder.encode(prompts), encoder.encode([""] * len(prompts))
-        except TextEncoderMissingError:
-            log.warning("text encoder package missing: random prompt embeddings stand in")
+        encoder = TextEncoder.load(max_length=profile.text_len)
+        return encoder.encode(prompts), encoder.encode([""] * len(prompts))
+    if not random_embeddings:
+        raise InputError("this artifact has no text encoder, so its prompts cannot be encoded: rebuild it from the "
+                         "pipeline directory (`ditbake build --model PIPELINE_DIR`), or pass --random-embeddings "
+                         "to score random embeddings (speed work only)")
+    log.warning("scoring random prompt embeddings (--random-embeddings)")
     gen = torch.Generator().manual_seed(seed)
     embeds = torch.randn(len(prompts), profile.text_len, text_dim, generator=gen)
     return embeds, torch.zeros_like(embeds)
+
+
+def dequantize_missing_weights(session, plan) -> int:
+    """Give layers stored only in NVFP4 a 16-bit weight dequantized from it (Hadamard unfolded), so the
+    baseline plan can run on a quantized artifact. Returns how many layers needed it: for those the
+    reference carries the weight quantization, so the comparison measures skips, heads and activation
+    precision but not the NVFP4 weights (an uncompressed `--reference` build measures everything)."""
+    from ditbake.exporter.build_quant import layer_precisions  # noqa: PLC0415
+    from ditbake.plugins.hadamard import fold_hadamard_into_weight  # noqa: PLC0415
+    from ditbake.plugins.nvfp4 import NVFP4Tensor, dequantize_nvfp4  # noqa: PLC0415
+
+    w = session.weights
+    count = 0
+    for layer in layer_precisions(plan, session.arch.BLOCK_PREFIX):
+        if layer + ".weight" in w or layer + ".nvfp4_packed" not in w:
+            continue
+        packed = w[layer + ".nvfp4_packed"]
+        t = NVFP4Tensor(packed, w[layer + ".nvfp4_block_scales"], w[layer + ".nvfp4_global_scale"].float().reshape(()),
+                        torch.Size((packed.shape[0], packed.shape[1] * 2)))
+        weight = dequantize_nvfp4(t, torch.float32)
+        if layer + ".nvfp4_hadamard" in w:  # stored as W·H (H orthonormal, symmetric): W = (W·H)·H
+            weight = fold_hadamard_into_weight(weight)
+        w[layer + ".weight"] = weight.to(session.dtype)
+        count += 1
+    return count
 
 
 def to_frames(latents: torch.Tensor, architecture: str, lo: float | None = None,
@@ -249,7 +305,7 @@ def _check_comparable(a, b) -> None:
 def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | None = None,
              prompts: list[str] | None = None, seeds: tuple[int, ...] = (0,), *, num_prompts: int = 4,
              guidance_scale: float = 5.0, sampler: str | None = None, out: str | Path | None = None,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, random_embeddings: bool = False) -> EvalResult:
     """Generate with both, compare, and (with `out`) write eval.json and strip.png."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -265,9 +321,17 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
         reference = dr.load(artifact_path)
         reference.plan = baseline_plan(compressed.plan)
         reference_name = f"{artifact_path} (baseline plan)"
+        dequantized = dequantize_missing_weights(reference, reference.plan)
+        if dequantized:
+            log.warning("%d layers are stored only in NVFP4: the baseline reference runs their dequantized weights, "
+                        "so weight quantization is not measured; pass --reference UNCOMPRESSED_ARTIFACT for that",
+                        dequantized)
+            reference_name += f" ({dequantized} NVFP4-only layers dequantized)"
     _check_comparable(compressed, reference)
-    prompt_list = list(cfg.prompts) or default_prompts(cfg.num_prompts)
-    embeds, negative = prompt_embeddings(compressed, prompt_list, cfg.seeds[0])
+    prompt_list = eval_prompts(compressed, list(cfg.prompts), cfg.num_prompts)
+    by_text = has_text_encoder(compressed)  # the session encodes (with pooled vectors where the model has them)
+    if not by_text:
+        embeds, negative = prompt_embeddings(compressed, prompt_list, cfg.seeds[0], random_embeddings)
     arch = compressed.artifact.architecture
     result = EvalResult(artifact=str(artifact_path), reference=reference_name,
                         avg_activation_bits=average_activation_bits(compressed.plan))
@@ -275,10 +339,15 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
     jobs = [(i, s) for i in range(len(prompt_list)) for s in cfg.seeds]
     for i, seed in tqdm(jobs, desc="evaluate", disable=not progress):
         kwargs = dict(seed=seed, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler)
-        ref = reference.generate(embeds[i:i + 1], negative[i:i + 1], **kwargs)
-        out_c = compressed.generate(embeds[i:i + 1], negative[i:i + 1], **kwargs)
+        inputs = ({"prompt": [prompt_list[i]]} if by_text else
+                  {"text_embeds": embeds[i:i + 1], "negative_embeds": negative[i:i + 1]})
+        ref = reference.generate(**inputs, **kwargs)
+        out_c = compressed.generate(**inputs, **kwargs)
         lo, hi = float(ref.latents.min()), float(ref.latents.max())
-        fr, fc = to_frames(ref.latents[0], arch, lo, hi), to_frames(out_c.latents[0], arch, lo, hi)
+        if compressed.components is not None:  # decoded frames through the artifact's VAE: [F, C, H, W]
+            fr, fc = (compressed.decode(r.latents)[0].permute(0, 3, 1, 2).cpu() for r in (ref, out_c))
+        else:
+            fr, fc = to_frames(ref.latents[0], arch, lo, hi), to_frames(out_c.latents[0], arch, lo, hi)
         result.samples.append(SampleScore(prompt_list[i], seed, psnr(fc, fr), ssim(fc, fr), temporal_error(fc, fr),
                                           flicker_index(fr), flicker_index(fc)))
         skips.append(out_c.report.skip_fraction)
@@ -288,6 +357,7 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
         result.seconds_reference += ref.report.seconds
         if first_pair is None:
             first_pair = (fr, fc)
+    result.first_frames = first_pair
     result.skip_fraction = float(np.mean(skips))
     result.attention_flops_fraction = attn_done / attn_dense if attn_dense else 1.0
     if out is not None:
@@ -309,7 +379,7 @@ def write_comparison_strip(reference: torch.Tensor, compressed: torch.Tensor, pa
         return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
     rows = [row(reference), row(compressed), row((compressed - reference).abs() * diff_gain)]
-    labels = ["reference", "compressed", f"|difference| x{diff_gain:g}"]
+    labels = ["uncompressed (reference)", "compressed", f"|difference| x{diff_gain:g}"]
     h, w = rows[0].shape[:2]
     label_h = 12
     strip = Image.new("RGB", (w * scale, 3 * (h * scale + label_h) + label_h), "white")
@@ -325,10 +395,28 @@ def write_comparison_strip(reference: torch.Tensor, compressed: torch.Tensor, pa
 
 # ---------------------------------------------------------------- CLI
 
+def _seeds(args) -> tuple[int, ...]:
+    if args.seeds:
+        try:
+            return tuple(int(x) for x in args.seeds.split(","))
+        except ValueError:
+            raise InputError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    return tuple(range(args.seed, args.seed + args.num_seeds))
+
+
 def cmd_eval(args) -> int:
-    seeds = tuple(range(args.seed, args.seed + args.num_seeds))
-    result = evaluate(args.artifact, args.reference, seeds=seeds, num_prompts=args.num_prompts,
-                      guidance_scale=args.guidance, sampler=args.sampler, out=args.out)
+    from ditbake.exporter.prompt_source import read_prompts  # noqa: PLC0415
+
+    prompts = read_prompts(args.prompts)
+    if args.guidance is None:
+        from ditbake.runtime.artifact import read_manifest  # noqa: PLC0415
+
+        args.guidance = float((read_manifest(Path(args.artifact)).get("components") or {}).get("guidance_scale", 5.0))
+    if prompts and args.num_prompts:
+        prompts = prompts[:args.num_prompts]
+    result = evaluate(args.artifact, args.reference, prompts=prompts, seeds=_seeds(args),
+                      num_prompts=args.num_prompts or 4, guidance_scale=args.guidance, sampler=args.sampler,
+                      out=args.out, random_embeddings=args.random_embeddings)
     print(result.table())  # the command's output: the table
     log.info("wrote %s and %s", Path(args.out) / "eval.json", Path(args.out) / "strip.png")
     return 0
@@ -341,10 +429,16 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="ARTIFACT")
     p.add_argument("--reference", help="reference artifact (default: ARTIFACT with its plan replaced by the baseline)")
     p.add_argument("--out", required=True, help="output directory for eval.json and strip.png")
-    p.add_argument("--num-prompts", type=int, default=4, help="held-out test-bed captions to generate")
+    p.add_argument("--prompts", help="a .txt (one prompt per line), 'default' (the shipped set) or one prompt; "
+                                      "encoded with the artifact's text encoder (default: held-out test-bed "
+                                      "captions for test beds, the shipped set otherwise)")
+    p.add_argument("--num-prompts", type=int, help="prompts to generate (default 4)")
+    p.add_argument("--random-embeddings", action="store_true",
+                   help="score random prompt embeddings (artifacts without a text encoder; speed work only)")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (overrides --seed/--num-seeds)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--num-seeds", type=int, default=1, help="seeds per prompt: seed, seed+1, …")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's own, else 5)")
     p.add_argument("--sampler")
     p.set_defaults(func=cmd_eval)
     return p

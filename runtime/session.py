@@ -109,6 +109,7 @@ class Session:
                         for k, v in artifact.weights.items()}
         self.plan = artifact.plan
         self._text_encoder = None
+        self._components = None
         if artifact.manifest.get("backend", "eager") == "tensorrt":
             from ditbake.runtime.engines_trt import TrtEngines  # noqa: PLC0415 - needs tensorrt, loaded on demand
 
@@ -122,9 +123,6 @@ class Session:
         if self.plan.num_blocks != self.arch.num_blocks(self.config):
             raise InputError(f"plan has {self.plan.num_blocks} blocks but the model has "
                              f"{self.arch.num_blocks(self.config)}; re-run `ditbake plan` for this model")
-        self._stack_skips, self._cached_blocks = _delta_needs(self.plan)
-        self._stack_branches = {branch for _, branch in self._stack_skips}  # branches that keep a stack residual
-        self._stack_coeff = _extrapolation_coefficients(self.plan, self._stack_skips)
         self._graphs = None
         blockers = graph_blockers(self.device, self.plan, artifact.manifest.get("backend", "eager"))
         if cuda_graphs and blockers:
@@ -138,6 +136,19 @@ class Session:
     def extra_inputs(self) -> tuple[str, ...]:
         """The architecture's conditioning beyond token embeddings: ("pooled",), ("pooled", "guidance") or ()."""
         return runtime_arch.extra_inputs(self.arch, self.config)
+
+    @property
+    def plan(self):
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan) -> None:
+        """Setting a plan (eval's baseline, benchmarks) re-derives which stack residuals and per-block Δs
+        it needs: stale sets would keep serving the old plan's whole-step skips."""
+        self._plan = plan
+        self._stack_skips, self._cached_blocks = _delta_needs(plan)
+        self._stack_branches = {branch for _, branch in self._stack_skips}  # branches that keep a stack residual
+        self._stack_coeff = _extrapolation_coefficients(plan, self._stack_skips)
 
     @property
     def profiles(self) -> tuple[Profile, ...]:
@@ -164,6 +175,27 @@ class Session:
         check_embeds(what, embeds)
         return embeds.to(self.device, self.dtype)
 
+    @property
+    def components(self):
+        """The artifact's text encoder(s) and VAE decoder (runtime/components_session.py), or None."""
+        section = self.artifact.manifest.get("components")
+        if not section:
+            return None
+        if self._components is None:
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            from ditbake.runtime.components_session import Components  # noqa: PLC0415
+
+            path = self.artifact.path  # every file under it was hash-checked at load
+            self._components = Components(path, section, lambda rel: load_file(str(path / rel), device=str(self.device)),
+                                          self.device)
+        return self._components
+
+    def _negative_default(self) -> str:
+        if self.components is not None:
+            return self.components.negative_prompt
+        return self.artifact.manifest["text_encoder"].get("negative_prompt", "")
+
     def _extras(self, text: torch.Tensor, pooled, guidance, what: str, zero_pooled: bool = False) -> tuple:
         """The architecture's extra prologue inputs for one CFG branch (runtime/conditioning.py)."""
         return prologue_extras(self.arch, self.config, text, pooled, guidance, what, zero_pooled=zero_pooled,
@@ -171,11 +203,13 @@ class Session:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Per-token prompt embeddings from the text encoder the artifact records."""
+        """Per-token prompt embeddings from the text encoder(s) the artifact stores (or records)."""
+        if self.components is not None:
+            return self.components.encode(list(prompts))[0]
         entry = self.artifact.manifest.get("text_encoder")
         if not entry:
-            raise InputError("this artifact records no text encoder; pass text_embeds, or rebuild with "
-                             "`ditbake build --text-encoder`")
+            raise InputError("this artifact stores no text encoder; pass text_embeds, or rebuild it from the "
+                             "pipeline directory (`ditbake build --model PIPELINE_DIR`)")
         if self._text_encoder is None:
             from ditbake.runtime.artifact import sha256_file  # noqa: PLC0415
             from ditbake.runtime.text_encoder import TextEncoder, model_dir  # noqa: PLC0415
@@ -187,6 +221,22 @@ class Session:
                                  "at that version")
             self._text_encoder = TextEncoder.load(max_length=int(entry["max_length"]))
         return self._text_encoder.encode(prompts)
+
+    def _encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(per-token embeddings, pooled vector or None): SD3 and Flux pipelines give both."""
+        if self.components is not None:
+            return self.components.encode(list(prompts))
+        return self.encode_prompt(prompts), None
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, *latent_shape] → frames float [B, F, H, W, 3] in [0, 1]: the stored VAE decoder after
+        the pipeline's latent normalization, or the identity for pixel-space test beds."""
+        if self.components is not None:
+            return self.components.decode(latents)
+        from ditbake.runtime.components_session import identity_frames  # noqa: PLC0415
+
+        return identity_frames(latents, self.artifact.architecture)
 
     @torch.no_grad()  # inputs straight from a text encoder may require grad; inference never does
     def generate(self, text_embeds: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None, *,
@@ -209,11 +259,13 @@ class Session:
             if text_embeds is not None:
                 raise InputError("pass either prompt or text_embeds, not both")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            text_embeds = self.encode_prompt(prompts)
+            text_embeds, pooled = self._encode_with_pooled(prompts)
+            pooled_embeds = pooled if pooled_embeds is None else pooled_embeds
             if negative_embeds is None:
-                default = self.artifact.manifest["text_encoder"].get("negative_prompt", "")
-                negative_embeds = self.encode_prompt([negative_prompt if negative_prompt is not None else default]
-                                                     * len(prompts))
+                default = self._negative_default()
+                negative_embeds, negative_pooled = self._encode_with_pooled(
+                    [negative_prompt if negative_prompt is not None else default] * len(prompts))
+                negative_pooled_embeds = negative_pooled if negative_pooled_embeds is None else negative_pooled_embeds
         if text_embeds is None:
             raise InputError("generate needs text_embeds or a prompt")
         sampler_name = sampler or self.artifact.default_sampler

@@ -26,12 +26,12 @@ def test_console_script_help():
 @pytest.mark.parametrize("model,sampler", [("tiny-wan", "flow_euler"), ("tiny-cogvideox", "dpmpp")])
 def test_calibrate_plan_build_run_inspect(tmp_path, model, sampler, capsys):
     cal, plan, art, out = (str(tmp_path / n) for n in ("cal", "plan.json", "art", "out"))
-    assert main(["calibrate", "--model", model, "--out", cal, "--steps", "3", "--sampler", sampler,
+    assert main(["calibrate", "--model", model, "--out", cal, "--steps", "3", "--sampler", sampler, "--random-embeddings",
                  "--num-prompts", "1", "--frames", "2", "--height", "8", "--width", "8"]) == 0
     assert main(["plan", "--calibration", cal, "--out", plan]) == 0
     assert main(["build", "--model", model, "--plan", plan, "--calibration", cal, "--out", art,
                  "--label", "RANDOM WEIGHTS"]) == 0
-    assert main(["run", art, "--out", out, "--seed", "3"]) == 0
+    assert main(["run", art, "--out", out, "--seed", "3", "--random-embeddings"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["steps"] == 3 and report["sampler"] == sampler and report["label"] == "RANDOM WEIGHTS"
     assert (tmp_path / "out" / "clip.gif").stat().st_size > 0 and (tmp_path / "out" / "strip.png").exists()

@@ -86,21 +86,21 @@ def tiny(tmp_path_factory):
 
 def test_identical_artifacts_score_perfectly(tiny, tmp_path):
     full, _ = tiny
-    result = ev.evaluate(full, None, num_prompts=2, seeds=(0,), out=tmp_path, progress=False)
+    result = ev.evaluate(full, None, num_prompts=2, seeds=(0,), out=tmp_path, progress=False, random_embeddings=True)
     assert len(result.samples) == 2
     assert all(s.psnr == math.inf and s.ssim == pytest.approx(1.0) and s.temporal_error == 0 for s in result.samples)
     assert result.skip_fraction == 0 and result.avg_activation_bits == 16.0
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["summary"]["psnr"] == "inf" and (tmp_path / "strip.png").stat().st_size > 0
     assert "mean" in result.table()
-    same = ev.evaluate(full, full, prompts=["a red circle"], seeds=(3,), progress=False)
+    same = ev.evaluate(full, full, prompts=["a red circle"], seeds=(3,), progress=False, random_embeddings=True)
     assert same.samples[0].psnr == math.inf
 
 
 def test_skipping_artifact_scores_lower(tiny):
     full, skip = tiny
     for reference in (None, full):  # baseline plan in place, or the baseline artifact
-        result = ev.evaluate(skip, reference, num_prompts=1, seeds=(0, 1), progress=False)
+        result = ev.evaluate(skip, reference, num_prompts=1, seeds=(0, 1), progress=False, random_embeddings=True)
         assert result.skip_fraction == pytest.approx(1 / 18)
         assert all(math.isfinite(s.psnr) and s.ssim < 1 for s in result.samples)
 
@@ -109,7 +109,10 @@ def test_bad_inputs(tiny, tmp_path):
     full, _ = tiny
     other, _ = build_tiny_artifact(tmp_path / "other", "tiny-wan", steps=3, latent=(4, 3, 16, 16))
     with pytest.raises(ev.EvaluationError, match="different shapes"):
-        ev.evaluate(full, other, num_prompts=1, progress=False)
+        ev.evaluate(full, other, num_prompts=1, progress=False, random_embeddings=True)
+    # a model without a text encoder is not scored on random embeddings unless asked
+    with pytest.raises(InputError, match="no text encoder"):
+        ev.evaluate(full, None, num_prompts=1, progress=False)
     with pytest.raises(ArtifactError):
         ev.evaluate(tmp_path / "missing", None, progress=False)
     with pytest.raises(InputError):
@@ -124,3 +127,69 @@ def test_eval_subcommand_registers():
     args = parser.parse_args(["eval", "art", "--reference", "ref", "--out", "o", "--num-prompts", "3", "--seed", "7"])
     assert (args.artifact, args.reference, args.out, args.num_prompts, args.seed) == ("art", "ref", "o", 3, 7)
     assert args.func is ev.cmd_eval
+
+
+def _quant_plan(meta):
+    """Every linear at W4A8 INT8 (NVFP4 weights only, no 16-bit copy); block 0's first linear with the
+    Hadamard folded in."""
+    plan = plan_from_calibration(meta).to_json()
+    layers = meta["linear_layers"]
+    plan["variants"] = [BlockVariant(precisions=tuple((name, "int8") for name in layers)).to_json()]
+    plan["predicted"] = {"precision": {"hadamard": [[0, layers[0]]]}}
+    return Plan.from_json(plan)
+
+
+def test_quantized_artifact_without_reference(tmp_path):
+    """The baseline reference of an NVFP4-only artifact runs dequantized weights (was a KeyError)."""
+    import ditbake.runtime as dr
+    from ditbake.plugins.hadamard import apply_hadamard
+    from ditbake.plugins.nvfp4 import NVFP4Tensor, dequantize_nvfp4
+
+    quant, adapter = build_tiny_artifact(tmp_path, "tiny-wan", steps=2, plan_fn=_quant_plan)
+    session = dr.load(quant)
+    layer = "blocks.0." + adapter.linear_layers[0]
+    assert layer + ".weight" not in session.weights and layer + ".nvfp4_hadamard" in session.weights
+    assert ev.dequantize_missing_weights(session, ev.baseline_plan(session.plan)) == len(
+        [k for k in session.weights if k.endswith(".nvfp4_packed")])
+    w = session.weights
+    x = torch.randn(5, w[layer + ".weight"].shape[1])
+    packed = w[layer + ".nvfp4_packed"]
+    folded = dequantize_nvfp4(NVFP4Tensor(packed, w[layer + ".nvfp4_block_scales"], w[layer + ".nvfp4_global_scale"],
+                                          torch.Size((packed.shape[0], packed.shape[1] * 2))))
+    expected = apply_hadamard(x) @ folded.T  # what the W4A16 path computes, in fp32
+    got = torch.nn.functional.linear(x, w[layer + ".weight"])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # fp32 matmuls on both sides
+    result = ev.evaluate(quant, None, num_prompts=1, seeds=(0,), progress=False, random_embeddings=True)
+    assert "dequantized" in result.reference and math.isfinite(result.samples[0].psnr)
+    assert result.avg_activation_bits == 8.0
+
+
+def test_demo_summary_and_videos(tiny, tmp_path):
+    """The demo's report reads the plan and eval.json: skipped block computations, FLOPs, bits, bytes."""
+    from ditbake.exporter import demo
+
+    _, skip = tiny
+    result = ev.evaluate(skip, None, num_prompts=1, seeds=(0,), out=tmp_path, progress=False, random_embeddings=True)
+    text = demo.summary(skip, tmp_path / "eval.json")
+    assert "skipped blocks   1 of 18 block computations" in text and "attention FLOPs  100 %" in text
+    assert "activation bits  16.0" in text and f"PSNR {result.samples[0].psnr:.1f} dB" in text
+    reference, compressed = result.first_frames
+    paths = demo.write_videos(reference, compressed, tmp_path, fps=4, min_side=16)
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def _whole_step_plan(meta):
+    plan = plan_from_calibration(meta).to_json()
+    plan["variants"].append(BlockVariant(compute=False).to_json())
+    plan["steps"][2]["cond"] = [1, 1, 1]  # a whole step skipped: served from the stack residual
+    return Plan.from_json(plan)
+
+
+def test_baseline_reference_of_a_whole_step_plan(tiny, tmp_path):
+    """The in-place baseline must not keep the compressed plan's whole-step skips (it scored inf dB)."""
+    full, _ = tiny
+    art, _ = build_tiny_artifact(tmp_path, "tiny-wan", steps=3, plan_fn=_whole_step_plan)
+    in_place = ev.evaluate(art, None, prompts=["x"], seeds=(0,), progress=False, random_embeddings=True)
+    separate = ev.evaluate(art, full, prompts=["x"], seeds=(0,), progress=False, random_embeddings=True)
+    assert math.isfinite(in_place.samples[0].psnr) and in_place.skip_fraction == pytest.approx(3 / 18)
+    assert in_place.samples[0].psnr == pytest.approx(separate.samples[0].psnr, rel=1e-6)
