@@ -5,7 +5,7 @@ export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-mkdir -p /tmp/ns/ditbake && for p in exporter runtime plugins; do ln -sfn "$PWD/$p" /tmp/ns/ditbake/$p; done
+mkdir -p /tmp/ns/ditbake && for p in exporter runtime plugins; do ln -sfn "$PWD/$p" /tmp/ns/ditbake/$p; done; ln -sfn "$PWD/exporter/dropin" /tmp/ns/ditbake/diffusers
 export PYTHONPATH=/tmp/ns:$PWD:${PYTHONPATH:-}
 # NVLink multicast stays off on shared hosts (the device README says why)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
