@@ -51,6 +51,9 @@ def is_ours(path: Path, kind: str) -> bool:
         return isinstance(m, dict) and m.get("format") == ARTIFACT_FORMAT
     if kind == "calibration":
         m = _json(path / "calibration.json") if path.is_dir() else None
+        if m is None and path.is_dir() and {p.name for p in path.iterdir()} == {"partial"}:
+            # a calibration in progress (or interrupted): only its partial/ pieces and their run.json
+            return isinstance(_json(path / "partial" / "run.json"), dict)
         # older calibrations carry no format marker, but always their tensor layout
         return isinstance(m, dict) and (m.get("format") == CALIBRATION_FORMAT or
                                         isinstance(m.get("layout"), dict) and "num_blocks" in m)

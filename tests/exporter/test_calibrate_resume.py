@@ -107,3 +107,18 @@ def test_cli_device_and_batch_size_errors_are_typed(tmp_path, caplog):
     assert main(base + ["--batch-size", "0"]) == 5
     assert "--batch-size must be >= 1" in caplog.text
     assert not (tmp_path / "cal").exists()
+
+
+def test_an_interrupted_calibration_is_recognised_as_ours_and_a_foreign_dir_is_not(setup, tmp_path, monkeypatch):
+    """The final save replaces OUT, which then holds only partial/ (written by this tool): that is an
+    earlier ditbake calibration; a file beside it makes it foreign again (refused without --force)."""
+    from ditbake.runtime.outputs import is_ours
+
+    adapter, embeds, _ = setup
+    monkeypatch.setattr(adapter, "diffusers_forward", lambda *a, **kw: (_ for _ in ()).throw(Interrupted("stop")))
+    out = tmp_path / "cal"
+    with pytest.raises(Interrupted):
+        _run(adapter, embeds, batch_size=2, checkpoint_dir=partial_dir(out))
+    assert is_ours(out, "calibration")
+    (out / "notes.txt").write_text("mine")
+    assert not is_ours(out, "calibration")
