@@ -156,7 +156,8 @@ def check_manifest(m, where: str = "manifest") -> dict:
     _is(m.get("dtype", ""), (str,), f"{where} dtype")
     for i, e in enumerate(_is(m.get("engines", []), (list,), f"{where} engines")):
         _engine(e, i, files)
-    _is(m.get("scheduler_config"), (dict, type(None)), f"{where} scheduler_config")  # the drop-in maps timesteps with it
+    _is(m.get("scheduler_config"), (dict, type(None)), f"{where} scheduler_config")
+    _is(m.get("components"), (dict, type(None)), f"{where} components")  # text encoders, tokenizers, VAE  # the drop-in maps timesteps with it
     te = _is(m.get("text_encoder"), (dict, type(None)), f"{where} text_encoder")
     if te is not None:
         _is(te.get("weights_sha256"), (str,), f"{where} text_encoder.weights_sha256")

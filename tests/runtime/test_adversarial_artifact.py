@@ -50,13 +50,13 @@ FREE_PLAN = (("predicted",),)
 
 
 def _may_load(path: tuple, value, free) -> bool:
-    if path == ("scheduler_config",) and isinstance(value, dict):  # any dict is a scheduler config
+    if path in (("scheduler_config",), ("components",)) and isinstance(value, dict):  # objects read on use
         return True
     if any(path[:len(p)] == p for p in free) or value is DROP and path[-1] in ("purified", "tiles", "adaptive",
                                                                                 "stack_extrapolation", "mode",
                                                                                 "num_steps", "backend", "engines",
                                                                                 "text_encoder", "dtype", "producer",
-                                                                                "scheduler_config"):
+                                                                                "scheduler_config", "components"):
         return True
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
     if path[-1] == "name" or path[:1] == ("profiles",) and path[-1] == "name":

@@ -213,13 +213,14 @@ def test_cli_relaunches_under_torchrun_and_rank0_writes(artifact, tmp_path):
     """`ditbake run --gpus 2` on the CPU (gloo): the same clip and report as one process, written once."""
     from ditbake.exporter.cli import main
 
-    assert main(["run", str(artifact), "--out", str(tmp_path / "one"), "--seed", "3"]) == 0
+    random = ["--random-embeddings", "--guidance", "5"]
+    assert main(["run", str(artifact), "--out", str(tmp_path / "one"), "--seed", "3", *random]) == 0
     assert main(["run", str(artifact), "--out", str(tmp_path / "two"), "--seed", "3", "--gpus", "2",
-                 "--parallel", "cfg"]) == 0
+                 "--parallel", "cfg", *random]) == 0
     assert (tmp_path / "one" / "strip.png").read_bytes() == (tmp_path / "two" / "strip.png").read_bytes()
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert {k: v for k, v in one.items() if k != "seconds"} == {k: v for k, v in two.items() if k != "seconds"}
     # what can be refused before any process starts keeps its exit code
-    assert main(["run", str(artifact), "--out", str(tmp_path / "x"), "--gpus", "4", "--parallel", "cfg"]) == 14
-    assert main(["run", str(artifact), "--out", str(tmp_path / "x"), "--parallel", "ulysses"]) == 14
+    assert main(["run", str(artifact), "--out", str(tmp_path / "x"), "--gpus", "4", "--parallel", "cfg", *random]) == 14
+    assert main(["run", str(artifact), "--out", str(tmp_path / "x"), "--parallel", "ulysses", *random]) == 14
     assert not (tmp_path / "x").exists()
