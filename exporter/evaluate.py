@@ -257,7 +257,7 @@ def prompt_embeddings(session, prompts: list[str], seed: int,
 
 
 def dequantize_missing_weights(session, plan) -> int:
-    """Give layers stored only in NVFP4 a 16-bit weight dequantized from it (Hadamard unfolded), so the
+    """Give layers stored only in NVFP4 (or only in 8 bits) a 16-bit weight dequantized from it (Hadamard unfolded), so the
     baseline plan can run on a quantized artifact. Returns how many layers needed it: for those the
     reference carries the weight quantization, so the comparison measures skips, heads and activation
     precision but not the NVFP4 weights (an uncompressed `--reference` build measures everything)."""
@@ -268,7 +268,15 @@ def dequantize_missing_weights(session, plan) -> int:
     w = session.weights
     count = 0
     for layer in layer_precisions(plan, session.arch.BLOCK_PREFIX):
-        if layer + ".weight" in w or layer + ".nvfp4_packed" not in w:
+        if layer + ".weight" in w:
+            continue
+        eight = next((f for f in ("fp8", "int8") if f"{layer}.{f}_weight" in w), None)
+        if layer + ".nvfp4_packed" not in w and eight:  # an 8-bit-only layer (W8A8): q · per-channel scale
+            q, scale = w[f"{layer}.{eight}_weight"], w[f"{layer}.{eight}_scale"]
+            w[layer + ".weight"] = (q.float() * scale.float()[:, None]).to(session.dtype)
+            count += 1
+            continue
+        if layer + ".nvfp4_packed" not in w:
             continue
         packed = w[layer + ".nvfp4_packed"]
         t = NVFP4Tensor(packed, w[layer + ".nvfp4_block_scales"], w[layer + ".nvfp4_global_scale"].float().reshape(()),

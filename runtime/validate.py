@@ -280,10 +280,11 @@ def _check_weights(arch, config: dict, plan, weights: dict, manifest: dict) -> d
     per_block = _per_block(arch, config, weights)
     for b, names in per_block.items():
         for layer in plan.linear_layers:
-            if not {layer + ".weight", layer + ".nvfp4_packed"} & set(names):
+            if not {layer + ".weight", layer + ".nvfp4_packed", layer + ".fp8_weight", layer + ".int8_weight"} & set(names):
                 raise ArtifactError(f"block {b} has no weight for linear layer {layer}; rebuild the artifact")
         for site in arch.COMPRESSIBLE_ATTENTION:
-            q = names.get(f"{site}.to_q.weight") or names.get(f"{site}.to_q.nvfp4_packed")
+            q = (names.get(f"{site}.to_q.weight") or names.get(f"{site}.to_q.nvfp4_packed")
+                 or names.get(f"{site}.to_q.fp8_weight") or names.get(f"{site}.to_q.int8_weight"))
             if q is not None and q[0][0] != heads * head_dim:
                 raise ArtifactError(f"block {b} {site}.to_q gives {q[0][0]} features but the config's {heads} heads "
                                     f"× {head_dim} need {heads * head_dim}; rebuild the artifact")
@@ -334,8 +335,14 @@ def _dry_run(arch, config: dict, plan, weights: dict, profiles, dtype: torch.dty
                            sort_keys=True, default=str)
     if signature in _dry_runs_passed:
         return
-    meta = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() and ".nvfp4_" not in k else v.dtype,
+    from ditbake.runtime.arch import extra_inputs  # noqa: PLC0415
+    from ditbake.runtime.nn import is_quantized_tensor  # noqa: PLC0415
+
+    meta = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() and not is_quantized_tensor(k) else v.dtype,
                            device="meta") for k, v in weights.items()}
+    # the prologue's extra conditioning (SD3/Flux pooled vector, Flux distilled guidance) as meta tensors
+    extras = tuple(torch.empty((1, arch.pooled_dim(config)), dtype=dtype, device="meta") if name == "pooled"
+                   else torch.empty((1,), device="meta") for name in extra_inputs(arch, config))
     for profile in profiles:
         try:
             text_dim = arch.text_dim(config) if hasattr(arch, "text_dim") else int(config.get("text_dim", config.get(
@@ -343,7 +350,7 @@ def _dry_run(arch, config: dict, plan, weights: dict, profiles, dtype: torch.dty
             x = torch.empty((1, *profile.latent_shape), device="meta")
             t = torch.empty((1,), device="meta")
             text = torch.empty((1, profile.text_len, text_dim), dtype=dtype, device="meta")
-            h, ctx = arch.prologue(meta, config, x.to(dtype), t, text, profile.to_json())
+            h, ctx = arch.prologue(meta, config, x.to(dtype), t, text, profile.to_json(), *extras)
             attention = AttentionRunner(tiles=dict(plan.tiles))
             for b in blocks:
                 h = arch.block(meta, config, b, h, ctx, BlockVariant(), attention, "cond")

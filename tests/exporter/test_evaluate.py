@@ -130,11 +130,12 @@ def test_eval_subcommand_registers():
 
 
 def _quant_plan(meta):
-    """Every linear at W4A8 INT8 (NVFP4 weights only, no 16-bit copy); block 0's first linear with the
-    Hadamard folded in."""
+    """Every linear at W4A4 (NVFP4 weights only, no 16-bit copy) but the last at W8A8 INT8 (INT8 weights
+    only); block 0's first linear with the Hadamard folded in."""
     plan = plan_from_calibration(meta).to_json()
     layers = meta["linear_layers"]
-    plan["variants"] = [BlockVariant(precisions=tuple((name, "int8") for name in layers)).to_json()]
+    plan["variants"] = [BlockVariant(precisions=tuple((name, "int8" if name == layers[-1] else "nvfp4")
+                                                      for name in layers)).to_json()]
     plan["predicted"] = {"precision": {"hadamard": [[0, layers[0]]]}}
     return Plan.from_json(plan)
 
@@ -150,7 +151,10 @@ def test_quantized_artifact_without_reference(tmp_path):
     layer = "blocks.0." + adapter.linear_layers[0]
     assert layer + ".weight" not in session.weights and layer + ".nvfp4_hadamard" in session.weights
     assert ev.dequantize_missing_weights(session, ev.baseline_plan(session.plan)) == len(
-        [k for k in session.weights if k.endswith(".nvfp4_packed")])
+        [k for k in session.weights if k.endswith((".nvfp4_packed", ".int8_weight"))])
+    int8 = "blocks.0." + adapter.linear_layers[-1]
+    torch.testing.assert_close(session.weights[int8 + ".weight"], session.weights[int8 + ".int8_weight"].float()
+                               * session.weights[int8 + ".int8_scale"][:, None])
     w = session.weights
     x = torch.randn(5, w[layer + ".weight"].shape[1])
     packed = w[layer + ".nvfp4_packed"]
@@ -161,7 +165,8 @@ def test_quantized_artifact_without_reference(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # fp32 matmuls on both sides
     result = ev.evaluate(quant, None, num_prompts=1, seeds=(0,), progress=False, random_embeddings=True)
     assert "dequantized" in result.reference and math.isfinite(result.samples[0].psnr)
-    assert result.avg_activation_bits == 8.0
+    layers = len(adapter.linear_layers)
+    assert result.avg_activation_bits == (4.0 * (layers - 1) + 8.0) / layers
 
 
 def test_demo_summary_and_videos(tiny, tmp_path):
