@@ -7,12 +7,7 @@
 # Needs the diffusers wheel in .whl/ when the image lacks diffusers (as benchmarks/gpu_e2e.sh).
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-mkdir -p /tmp/ns/ditbake && for p in exporter runtime plugins; do ln -sfn "$PWD/$p" /tmp/ns/ditbake/$p; done
-export PYTHONPATH=/tmp/ns:${PYTHONPATH:-}
+source benchmarks/gpu_env.sh  # carried wheels, ditbake importable, NVLink multicast off
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import diffusers, scipy, tqdm, safetensors; print('deps ok')" > "$OUT/deps.txt" 2>&1
 case "${1:-all}" in
