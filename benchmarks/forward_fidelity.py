@@ -67,6 +67,7 @@ def main(argv=None) -> int:
             result = evaluate(path, reference, prompts=prompts, seeds=seeds, progress=False)
             rows[name] = {**result.summary(), "seconds": time.perf_counter() - t0}
             log.info("%-28s %s", name, {k: rows[name][k] for k in ("psnr", "ssim")})
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))  # survives a stop
     out = {"model": args.model, "dtype": args.dtype, "steps": args.steps, "prompts": prompts, "seeds": list(seeds),
            "band": args.band, "machine": "cpu (eager runtime; kernels' references)", "rows": rows,
            "method": "each configuration at every step and block vs the same model's 16-bit output (`ditbake eval`)"}
