@@ -28,21 +28,10 @@ def test_components_import_without_the_exporter_world():
     """The component modules and the tokenizer load with diffusers/transformers blocked (as test_isolation)."""
     import subprocess
     import sys
-    import textwrap
 
-    from tests.runtime.test_isolation import FORBIDDEN
-    script = textwrap.dedent(f"""
-        import sys
-        BLOCKED = {FORBIDDEN!r}
-        class Blocker:
-            def find_spec(self, name, path=None, target=None):
-                if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-                    raise ImportError(f"blocked import of {{name}}")
-        sys.meta_path.insert(0, Blocker())
+    from tests.runtime.test_isolation import blocked_script
+    script = blocked_script("""
         import ditbake.runtime.components, ditbake.runtime.tokenizer, tokenizers
-        leaked = [m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED)]
-        assert not leaked, leaked
-        print("OK")
-    """)
+    """) + 'print("OK")\n'
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-2000:]

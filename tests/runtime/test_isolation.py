@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("diffusers", "onnx", "onnxscript", "modelopt", "transformers", "ditbake.exporter")
 
 
-def test_runtime_runs_with_exporter_world_blocked(tmp_path):
-    path, _ = build_tiny_artifact(tmp_path, "tiny-cogvideox", steps=2)
-    script = textwrap.dedent(f"""
+def blocked_script(body: str) -> str:
+    """A Python program that runs `body` with every FORBIDDEN import refused, then checks that none
+    of them was loaded anyway (through a back door such as an already imported dependency)."""
+    return textwrap.dedent(f"""
         import sys
         BLOCKED = {FORBIDDEN!r}
         class Blocker:
@@ -21,14 +22,21 @@ def test_runtime_runs_with_exporter_world_blocked(tmp_path):
                 if any(name == b or name.startswith(b + ".") for b in BLOCKED):
                     raise ImportError(f"blocked import of {{name}}")
         sys.meta_path.insert(0, Blocker())
+    """) + textwrap.dedent(body) + textwrap.dedent("""
+        leaked = [m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED)]
+        assert not leaked, leaked
+    """)
+
+
+def test_runtime_runs_with_exporter_world_blocked(tmp_path):
+    path, _ = build_tiny_artifact(tmp_path, "tiny-cogvideox", steps=2)
+    script = blocked_script(f"""
         import torch
         from ditbake.runtime import load
         s = load({str(path)!r})
         p = s.profile()
         r = s.generate(torch.randn(1, p.text_len, 32), seed=0, guidance_scale=3.0)
         assert torch.isfinite(r.latents).all()
-        leaked = [m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED)]
-        assert not leaked, leaked
         print("OK", tuple(r.latents.shape), r.report.block_computes)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
