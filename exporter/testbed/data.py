@@ -37,6 +37,10 @@ IMAGE_ATTRIBUTES = (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("p
                     ("background", BACKGROUNDS))
 KINDS = ("video", "image")
 HELD_OUT_EVERY = 20
+# How captions are split into train / held-out. "v1" (the first test beds) keys on the caption id
+# mod 20, which fixes the least significant attribute: every v1 held-out video caption has a brown
+# background. "v2" hashes the id, so held-out captions cover every value of every attribute.
+HELD_OUT_RULES = ("v1", "v2")
 
 
 class DataError(ValueError):
@@ -51,10 +55,18 @@ class ClipSpec:
     frames: int = 8
     height: int = 32
     width: int = 32
+    # image sides per frame for (slowly, quickly); None = SPEEDS. Longer clips need slower motion
+    # for the straight path to stay in frame.
+    speeds: tuple[float, float] | None = None
+    held_out_rule: str = "v1"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise DataError(f"unknown data kind {self.kind!r}; expected one of {KINDS}")
+        if self.held_out_rule not in HELD_OUT_RULES:
+            raise DataError(f"unknown held-out rule {self.held_out_rule!r}; expected one of {HELD_OUT_RULES}")
+        if self.speeds is not None and (len(self.speeds) != 2 or not 0 < self.speeds[0] < self.speeds[1]):
+            raise DataError(f"speeds must be (slowly, quickly) with 0 < slowly < quickly, got {self.speeds}")
         if self.frames < 1 or self.height < 8 or self.width < 8:
             raise DataError(f"clip size {self.frames}x{self.height}x{self.width} is too small (frames >= 1, sides >= 8)")
         if self.kind == "image" and self.frames != 1:
@@ -63,6 +75,13 @@ class ClipSpec:
     @property
     def attributes(self):
         return VIDEO_ATTRIBUTES if self.kind == "video" else IMAGE_ATTRIBUTES
+
+    def speed_table(self) -> dict[str, float]:
+        return SPEEDS if self.speeds is None else dict(zip(SPEEDS, self.speeds))
+
+    def at_size(self, frames: int, height: int, width: int) -> ClipSpec:
+        """The same data (motion per frame, split) rendered at another size, e.g. for a low-res stage."""
+        return ClipSpec(self.kind, frames, height, width, self.speeds, self.held_out_rule)
 
 
 def _values(table) -> list[str]:
@@ -99,9 +118,19 @@ def all_captions(kind: str) -> list[str]:
     return [caption_from_attributes(kind, attributes_of(kind, i)) for i in range(num_captions(kind))]
 
 
-def is_held_out(caption_id: torch.Tensor | int) -> torch.Tensor | bool:
+def is_held_out(caption_id: torch.Tensor | int, rule: str = "v1") -> torch.Tensor | bool:
     """About one caption in 20 is reserved for the held-out loss and samples (fixed, seed-free)."""
-    return (caption_id * 7919 + 3) % HELD_OUT_EVERY == 0
+    if rule == "v1":
+        return (caption_id * 7919 + 3) % HELD_OUT_EVERY == 0
+    if rule == "v2":
+        # Knuth's multiplicative hash: the high bits of id * 2654435761 mod 2^32 mix every digit of
+        # the mixed-radix id, so no attribute is pinned by the residue
+        return ((caption_id * 2654435761) % 4294967296) // 65536 % HELD_OUT_EVERY == 0
+    raise DataError(f"unknown held-out rule {rule!r}; expected one of {HELD_OUT_RULES}")
+
+
+def held_out_ids(kind: str, rule: str = "v1") -> list[int]:
+    return [i for i in range(num_captions(kind)) if is_held_out(i, rule)]
 
 
 @dataclass
@@ -140,7 +169,8 @@ def sample_scenes(spec: ClipSpec, n: int, generator: torch.Generator, split: str
     if split not in ("train", "held_out"):
         raise DataError(f"unknown split {split!r}; expected 'train' or 'held_out'")
     pool = torch.arange(num_captions(spec.kind))
-    keep = is_held_out(pool) if split == "held_out" else ~is_held_out(pool)
+    held = is_held_out(pool, spec.held_out_rule)
+    keep = held if split == "held_out" else ~held
     pool = pool[keep]
     ids = pool[torch.randint(len(pool), (n,), generator=generator)]
     return scenes_from_ids(spec, ids, generator)
@@ -158,7 +188,7 @@ def _object_centres(spec: ClipSpec, scenes: SceneBatch, radius: torch.Tensor) ->
         pos = torch.tensor(list(POSITIONS.values()))[scenes.index["position"]]
         return (pos + (j[:, 1:3] - 0.5) * 0.08)[:, None, :]
     direction = torch.tensor(list(DIRECTIONS.values()))[scenes.index["direction"]]  # [B, 2]
-    speed = torch.tensor(list(SPEEDS.values()))[scenes.index["speed"]]  # [B]
+    speed = torch.tensor(list(spec.speed_table().values()))[scenes.index["speed"]]  # [B]
     travel = speed * (spec.frames - 1)
     margin = radius * 0.6
     # start so that the whole path stays inside [margin, 1 - margin] along the motion axis

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ditbake.exporter.testbed import data, flow
-from ditbake.exporter.testbed.models import TESTBEDS, TEXT_LEN, build
+from ditbake.exporter.testbed.models import DATA_FILE, TESTBEDS, TEXT_LEN, build, data_spec_record
 
 log = logging.getLogger("ditbake.testbed")
 
@@ -52,6 +52,10 @@ class TrainConfig:
     held_out_samples: int = 256
     eval_every: int = 250
     seed: int = 0
+    # render at another size than the bed's (frames, height, width): a cheap low-resolution stage
+    # first, the full size after (`--init`); the data rules (motion per frame, split) are the bed's
+    clip: tuple[int, int, int] | None = None
+    compile: bool = False  # regional torch.compile of the blocks (GPU time is the training budget)
 
     def __post_init__(self):
         if self.model not in TESTBEDS:
@@ -114,11 +118,17 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, embeds_dir: Path, device: torch.device, init: Path | None = None):
         self.cfg = cfg
         self.device = device
-        self.spec = TESTBEDS[cfg.model][1]
+        self.spec = TESTBEDS[cfg.model][1] if cfg.clip is None else TESTBEDS[cfg.model][1].at_size(*cfg.clip)
         self.kind = self.spec.kind
         torch.manual_seed(cfg.seed)
         self.model = (build(cfg.model) if init is None else load_model(init)).to(device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if cfg.compile:
+            import importlib  # noqa: PLC0415
+
+            importlib.import_module("torch._dynamo").config.suppress_errors = True  # a graph that fails to compile runs eagerly
+            for block in self.model.blocks:
+                block.compile()
         self.tokens, self.pooled = load_embeds(embeds_dir, self.kind, device)
         self.empty_id = self.tokens.shape[0] - 1
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -204,6 +214,7 @@ class Trainer:
         history["held_out_loss"].append(final)
         log.info("%s: %d steps in %.1f min, held-out loss (EMA) %.4f", cfg.model, step, minutes, final)
         return {"config": asdict(cfg), "parameters": self.parameters, "steps": step, "train_minutes": minutes,
+                "clip": [self.spec.frames, self.spec.height, self.spec.width],
                 "final_held_out_loss": final, "device": torch.cuda.get_device_name() if self.device.type == "cuda"
                 else "cpu", "batch_size": cfg.batch_size, "history": history}
 
@@ -235,10 +246,19 @@ def save(trainer: Trainer, result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     trainer.ema.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
     (out / "history.json").write_text(json.dumps(result))
+    (out / DATA_FILE).write_text(json.dumps(data_spec_record(TESTBEDS[trainer.cfg.model][1], trainer.cfg.model), indent=1))
     try:
         plot_loss(result["history"], out / "loss.png", f"test-bed {trainer.cfg.model}")
     except ImportError:
         log.warning("matplotlib missing: loss.png not written (history.json has the curve)")
+
+
+def _clip_size(text: str) -> tuple[int, int, int]:
+    try:
+        f, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FxHxW such as 16x32x32, got {text!r}") from None
+    return f, h, w
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (regional)")
+    p.add_argument("--clip", type=_clip_size, help="FxHxW to render at instead of the bed's size (a low-res stage)")
     p.add_argument("--init", type=Path, help="continue from a saved model directory (fresh optimizer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -264,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             embed_captions(kind, args.out)
         return 0
     cfg = TrainConfig(model=args.model, minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed)
+                      lr=args.lr, seed=args.seed, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+                      clip=args.clip, compile=args.compile)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
