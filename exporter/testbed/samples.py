@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ditbake.exporter.testbed import data, flow
-from ditbake.exporter.testbed.models import TESTBEDS, TEXT_LEN
+from ditbake.exporter.testbed.models import TESTBEDS, TEXT_LEN, data_spec_of
 
 log = logging.getLogger("ditbake.testbed")
 
@@ -40,8 +40,10 @@ SAMPLE_PROMPTS = {
 }
 
 
-def build_baseline_artifact(model_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """An all-compute, all-16-bit artifact of the test-bed Wan (one profile: 8×32×32 pixels, 16 tokens)."""
+def build_baseline_artifact(model_dir: Path, out: Path, dtype: torch.dtype = torch.float32,
+                            clip: tuple[int, int, int] | None = None) -> Path:
+    """An all-compute, all-16-bit artifact of a test-bed Wan: one profile, the bed's clip size (8×32×32
+    pixels for `testbed-wan`, 16×64×64 for `testbed-wan16k`) or `clip` (frames, height, width), 16 tokens."""
     from ditbake.exporter import build as builder, models  # noqa: PLC0415
     from ditbake.exporter.adapters import adapter_for  # noqa: PLC0415
     from ditbake.exporter.planner import plan_from_calibration  # noqa: PLC0415
@@ -51,7 +53,9 @@ def build_baseline_artifact(model_dir: Path, out: Path, dtype: torch.dtype = tor
     # diffusers records the load path as a PosixPath, which the adapter's JSON round trip rejects
     model.register_to_config(_name_or_path=str(model_dir))
     adapter = adapter_for(model)
-    spec = TESTBEDS["wan"][1]
+    spec = data_spec_of(model_dir)
+    if clip is not None:
+        spec = spec.at_size(*clip)
     meta = {"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
             "linear_layers": list(adapter.linear_layers), "attention_sites": adapter.attention_sites,
             "num_steps": 20, "branches": ["cond", "uncond"]}
@@ -135,6 +139,42 @@ def sd3_samples(model_dir: Path, prompts: list[str], seed: int = 0, guidance: fl
                   "sampler": "flow_euler (exporter/testbed/flow.py, diffusers forward)"}
 
 
+def plot_stages(model_dir: Path) -> Path:
+    """loss.png of a bed trained in stages at several resolutions (history.json {"stages": [...]}, one
+    entry per `train fit` run in order): held-out losses are comparable only within one resolution."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    stages = json.loads((model_dir / "history.json").read_text())["stages"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    palette, labelled, offset = ["tab:blue", "tab:red", "tab:green", "tab:purple"], set(), 0
+    sizes = sorted({tuple(s["clip"]) for s in stages})
+    for s in stages:
+        hist, size = s["history"], tuple(s["clip"])
+        colour, name = palette[sizes.index(size) % len(palette)], "×".join(map(str, size)) + " px"
+        loss = hist["train_loss"]
+        w = max(1, len(loss) // 60)
+        smooth = [sum(loss[max(0, i - w + 1):i + 1]) / len(loss[max(0, i - w + 1):i + 1]) for i in range(len(loss))]
+        ax.plot([offset + x for x in hist["step"]], smooth, color=colour, lw=1, alpha=0.6,
+                label=None if ("train", size) in labelled else f"train, {name}")
+        ax.plot([offset + x for x in hist["eval_step"]], hist["held_out_loss"], "o-", ms=3, color=colour,
+                label=None if ("held", size) in labelled else f"held-out (EMA), {name}")
+        labelled |= {("train", size), ("held", size)}
+        offset += s["steps"]
+        ax.axvline(offset, color="gray", lw=0.5, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step (all stages)")
+    ax.set_ylabel("velocity MSE")
+    ax.set_title(f"{model_dir.name}: {len(stages)} stages")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(model_dir / "loss.png", dpi=100)
+    plt.close(fig)
+    return model_dir / "loss.png"
+
+
 def combined_history(model_dir: Path) -> dict:
     """The training history, with an earlier stage (history_stage1.json, continued with --init) prepended."""
     history = json.loads((model_dir / "history.json").read_text())["history"]
@@ -158,12 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = ARTIFACTS / f"testbed-{args.model}"
-    prompts = SAMPLE_PROMPTS[args.model]
     from ditbake.exporter.testbed.train import plot_loss  # noqa: PLC0415
 
-    plot_loss(combined_history(model_dir), model_dir / "loss.png", f"test-bed {args.model}")
+    if "stages" in json.loads((model_dir / "history.json").read_text()):
+        plot_stages(model_dir)
+    else:
+        plot_loss(combined_history(model_dir), model_dir / "loss.png", f"test-bed {args.model}")
     if args.plot_only:
         return 0
+    if args.model not in SAMPLE_PROMPTS:
+        log.error("%s is GPU-sized (16,384 tokens): its samples.png comes from `python -m "
+                  "ditbake.exporter.testbed.generate --grid` on the GPU (benchmarks/train_testbed16k.sh)", args.model)
+        return 2
+    prompts = SAMPLE_PROMPTS[args.model]
     make = wan_samples if args.model == "wan" else sd3_samples
     rows, timing = make(model_dir, prompts, args.seed, args.guidance)
     write_grid(rows, prompts, model_dir / "samples.png")
