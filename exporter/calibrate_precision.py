@@ -37,8 +37,9 @@ import torch
 from ditbake.exporter.calibrate import Observer
 from ditbake.plugins.hadamard import fold_hadamard_into_weight
 from ditbake.plugins.int8 import quantize_weight_per_channel
-from ditbake.plugins.linear_8bit import linear_w8a8_ref
-from ditbake.plugins.mixed_linear import mixed_linear_ref, prepare_nvfp4_weight
+from ditbake.plugins.act_quant import act_quant_ref
+from ditbake.plugins.mixed_linear import nvfp4_fake_activation, prepare_nvfp4_weight
+from ditbake.plugins.nvfp4 import NVFP4Tensor, dequantize_nvfp4
 from ditbake.runtime.errors import DitbakeError
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,11 @@ class PrecisionObserver(Observer):
                 w = module.weight.detach().float()
                 for had in (False, True):
                     t = prepare_nvfp4_weight(w, hadamard=had)
-                    weights["nvfp4", had] = (t.packed, t.block_scales, t.global_scale)
+                    # the dequantized NVFP4 weight over its global scale (e2m1 × e4m3 block scale: ≤ 6
+                    # significant bits, exact in bf16 at half the memory), made once instead of at every
+                    # layer call; the hook multiplies the global scale into the output
+                    unit = NVFP4Tensor(t.packed, t.block_scales, torch.ones((), device=w.device), t.shape)
+                    weights["nvfp4", had] = (dequantize_nvfp4(unit, torch.bfloat16), t.global_scale.float())
                     for fmt in set(config.formats) - {"nvfp4"}:
                         weights[fmt, had] = quantize_weight_per_channel(fold_hadamard_into_weight(w) if had else w, fmt)
                 bias = None if module.bias is None else module.bias.detach().float()
@@ -133,10 +138,7 @@ class PrecisionObserver(Observer):
             norm = y.reshape(batch, -1).norm(dim=1).clamp_min(1e-30)
             for fmt, erel in self.erel.items():
                 for h in (False, True):
-                    if fmt == "nvfp4":
-                        yq = mixed_linear_ref(x2, *weights[fmt, h], bias, fmt, h)
-                    else:
-                        yq = linear_w8a8_ref(x2, *weights[fmt, h], bias, fmt, h)
+                    yq = _fake_quant_linear(x2, weights[fmt, h], bias, fmt, h)
                     erel[rows, br, s, block, layer, int(h)] = (yq - y).reshape(batch, -1).norm(dim=1) / norm
         return hook
 
@@ -148,6 +150,23 @@ class PrecisionObserver(Observer):
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _fake_quant_linear(x2: torch.Tensor, weight, bias, fmt: str, hadamard: bool) -> torch.Tensor:
+    """The shipped numerics of `mixed_linear_ref` (nvfp4) / `linear_w8a8_ref` (int8, fp8) as one FP32
+    matmul of fake-quantized operands. The references accumulate 8-bit products exactly in float64
+    and dequantize the packed NVFP4 weight at every call; FP32 accumulation differs from them by
+    ~1e-7 relative — five orders below the errors measured here — at a fraction of the time
+    (float64 matmuls were the largest phase of a real-size GPU calibration). Tests hold the two
+    within 1e-4 of each other."""
+    if fmt == "nvfp4":
+        unit, global_scale = weight
+        out = (nvfp4_fake_activation(x2, hadamard) @ unit.float().T) * global_scale
+    else:
+        qw, sw = weight
+        qx, sx, _ = act_quant_ref(x2, fmt, hadamard)
+        out = (qx.float() @ qw.float().T) * sx.float().unsqueeze(-1) * sw.float()
+    return out if bias is None else out + bias
 
 
 # ---------------------------------------------------------------- choosing and fitting

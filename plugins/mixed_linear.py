@@ -122,7 +122,7 @@ def mixed_linear_ref(x, packed, block_scales, global_scale, bias, act_format: st
     else:
         w = dequantize_nvfp4(_weight_tensor(packed, block_scales, global_scale), torch.float32)
         if act_format == "nvfp4":
-            xa = _nvfp4_fake_fp32(x2, hadamard)
+            xa = nvfp4_fake_activation(x2, hadamard)
         else:
             xa = apply_hadamard(x2) if hadamard else x2.to(torch.float32)
             xa = xa.to(torch.bfloat16).to(torch.float32)
@@ -132,7 +132,7 @@ def mixed_linear_ref(x, packed, block_scales, global_scale, bias, act_format: st
     return out.to(x.dtype).reshape(*lead, packed.shape[0])
 
 
-def _nvfp4_fake_fp32(x2: torch.Tensor, hadamard: bool) -> torch.Tensor:
+def nvfp4_fake_activation(x2: torch.Tensor, hadamard: bool) -> torch.Tensor:
     """FP32 fake-quantized NVFP4 activations (exact values, not rounded to x.dtype)."""
     xf = apply_hadamard(x2) if hadamard else x2.to(torch.float32)
     return dequantize_nvfp4(quantize_nvfp4_unchecked(xf, per_row_global_scale(xf)), torch.float32)

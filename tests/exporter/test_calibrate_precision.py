@@ -109,3 +109,27 @@ def test_errors_are_typed():
         cp.PrecisionObserverConfig(max_tokens=0)
     with pytest.raises(cp.PrecisionStatsError, match="at least 2"):
         cp.predictor_samples(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2, 3))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "int8", "fp8"])
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_fast_fake_quant_equals_the_shipped_references(fmt, hadamard):
+    """The observer's FP32 path vs the plugins' references (float64 accumulation, per-call
+    dequantization): 1e-5 of the output scale, against quantization errors of 1e-2 to 1e-1."""
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    x = torch.randn(96, 256, generator=g) * torch.rand(256, generator=g) * 4
+    w, bias = torch.randn(192, 256, generator=g) * 0.05, torch.randn(192, generator=g)
+    if fmt == "nvfp4":
+        t = prepare_nvfp4_weight(w, hadamard=hadamard)
+        unit = cp.NVFP4Tensor(t.packed, t.block_scales, torch.ones(()), t.shape)
+        fast = cp._fake_quant_linear(x, (cp.dequantize_nvfp4(unit, torch.bfloat16), t.global_scale.float()), bias,
+                                     fmt, hadamard)
+        ref = mixed_linear_ref(x, t.packed, t.block_scales, t.global_scale, bias, fmt, hadamard)
+    else:
+        qw, sw = quantize_weight_per_channel(fold_hadamard_into_weight(w) if hadamard else w, fmt)
+        fast = cp._fake_quant_linear(x, (qw, sw), bias, fmt, hadamard)
+        ref = linear_w8a8_ref(x, qw, sw, bias, fmt, hadamard)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5 * scale)
+    exact = torch.nn.functional.linear(x, w, bias)
+    assert (ref - exact).norm() > 1e-3 * exact.norm()  # the formats do quantize: the test can fail

@@ -23,7 +23,7 @@ def dequantized_operands(x, p, act_format, hadamard):
         qw, sw = quantize_weight_per_channel(w.float(), act_format)
         return qx.double() * sx.double()[:, None], qw.double() * sw.double()[:, None]
     if act_format == "nvfp4":
-        return ml._nvfp4_fake_fp32(x2, hadamard).double(), w
+        return ml.nvfp4_fake_activation(x2, hadamard).double(), w
     rotated = act_quant_ref(x2, "none", hadamard)[0] if hadamard else x2
     return rotated.to(torch.bfloat16).double(), w
 
