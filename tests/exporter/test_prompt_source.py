@@ -33,7 +33,7 @@ def test_testbed_prompts_are_training_captions():
     from ditbake.exporter.testbed import data
 
     held = {data.caption_from_attributes("video", data.attributes_of("video", i))
-            for i in range(data.num_captions("video")) if data.is_held_out(i)}
+            for rule in data.HELD_OUT_RULES for i in data.held_out_ids("video", rule)}
     picks = ps.testbed_prompts(4)
     assert len(set(picks)) == 4 and not set(picks) & held
 
