@@ -164,8 +164,8 @@ def test_sixteen_frame_paths_move_as_captioned_and_stay_in_frame():
 
 
 def test_wan16k_runs_through_the_runtime_at_a_reduced_shape(tmp_path):
-    """The shipped 16,384-token bed, built at 4×16×16 pixels (256 tokens; the full size is GPU work): one
-    runtime forward equals the diffusers model's, and a short generation is finite."""
+    """The shipped 16,384-token bed, built at 4×16×16 pixels (256 tokens; the full size is GPU work): runtime
+    forwards (both CFG branches) equal the diffusers model's. Whole generations at full size run on the GPU."""
     from pathlib import Path
 
     import ditbake.runtime as dr
@@ -183,11 +183,11 @@ def test_wan16k_runs_through_the_runtime_at_a_reduced_shape(tmp_path):
     assert all(session.config[k] == v for k, v in WAN16K_CONFIG.items() if k != "_class_name")
     gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     x, text = torch.randn((1, 3, 4, 16, 16), generator=gen), torch.randn((1, 16, 384), generator=gen)
-    t = torch.tensor([0.6])
+    model = load_model(shipped).eval()
     state = session.new_state()
-    ours = session.forward_once(state, 3, "cond", x, t * 1000, text)
-    reference = flow.model_velocity(load_model(shipped).eval(), "video", x, t, text)
-    # fp32 both ways; the runtime's re-implementation reorders sums: 1e-4 of the output's scale
-    torch.testing.assert_close(ours.float(), reference.detach(), rtol=0, atol=1e-4 * reference.abs().max().item())
-    clip = session.generate(text, torch.zeros_like(text), seed=5, guidance_scale=5.0).latents
-    assert clip.shape == (1, 3, 4, 16, 16) and torch.isfinite(clip).all()
+    for step, branch, t, cond in ((3, "cond", 0.6, text), (11, "uncond", 0.2, torch.zeros_like(text))):
+        ours = session.forward_once(state, step, branch, x, torch.tensor([t * 1000]), cond)
+        with torch.no_grad():
+            reference = flow.model_velocity(model, "video", x, torch.tensor([t]), cond)
+        # fp32 both ways; the runtime's re-implementation reorders sums: 1e-4 of the output's scale
+        torch.testing.assert_close(ours.float(), reference, rtol=0, atol=1e-4 * reference.abs().max().item())
