@@ -3,6 +3,7 @@ statistics, progressive head search (forward, attention candidates, MILP), save.
 
     python benchmarks/calibrate_speed.py --steps 3 --prompts 4            # Wan2.1-1.3B arch, 480×832×81
     python benchmarks/calibrate_speed.py --testbed --steps 20 --prompts 4 # artifacts/testbed-wan, native shape
+    python benchmarks/calibrate_speed.py --testbed artifacts/testbed-wan16k --steps 20 --prompts 4  # 16,384 tokens
     python benchmarks/calibrate_speed.py --tiny                           # tiny sizes on CPU: checks the script
 
 The model is the Wan2.1-1.3B architecture (benchmarks/e2e.py's WAN_1_3B: 30 blocks, 12 heads × 128,
@@ -77,9 +78,12 @@ def _model(args, device):
         model = models.from_config(dict(cfg, _class_name="WanTransformer3DModel"), seed=0, dtype=dtype)
         label = "Wan tiny smoke config (random weights)"
     elif args.testbed:
+        from ditbake.exporter.testbed.models import data_spec_of  # noqa: PLC0415
+
         model = models.load(args.testbed, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         adapter = adapter_for(model)
-        latent = adapter.latent_shape(args.frames or 8, args.height or 32, args.width or 32)
+        spec = data_spec_of(args.testbed)  # the bed's own clip size: 8×32×32 or 16×64×64 pixels
+        latent = adapter.latent_shape(args.frames or spec.frames, args.height or spec.height, args.width or spec.width)
         text_len = args.text_len or 16
         label = f"test bed {args.testbed}"
     else:

@@ -3,7 +3,7 @@
 # (cuda vs cpu statistics, kernel vs chunked candidates, one Wan2.1-1.3B-size search layer's memory),
 # then benchmarks/calibrate_speed.py on the Wan2.1-1.3B architecture (3 steps × 4 prompts, CFG,
 # extrapolated to 50 steps); `testbed` (a separate call) times artifacts/testbed-wan at its native
-# shape. Results and logs → $OUT.    benchmarks/gpu_calibrate.sh [all|tests|speed|testbed]
+# shape. Results and logs → $OUT.    benchmarks/gpu_calibrate.sh [all|tests|speed|testbed|testbed16k]
 # Needs the diffusers wheel in .whl/ when the image lacks diffusers (as benchmarks/gpu_e2e.sh).
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -22,7 +22,11 @@ case "${1:-all}" in
     timeout 300 python3 benchmarks/calibrate_speed.py --testbed --steps 20 --target-steps 50 --prompts 4 \
       --out "$OUT/calibrate_speed_testbed_h100.json" > "$OUT/calibrate_speed_testbed.log" 2>&1
     grep calibrate_speed "$OUT/calibrate_speed_testbed.log" | tail -9 ;;
+  testbed16k)  # the 16,384-token bed at its native 16×64×64 (issue: the same 20-minute goal for it)
+    timeout 420 python3 benchmarks/calibrate_speed.py --testbed artifacts/testbed-wan16k --steps 10 --target-steps 50 \
+      --prompts 4 --out "$OUT/calibrate_speed_testbed16k_h100.json" > "$OUT/calibrate_speed_testbed16k.log" 2>&1
+    grep calibrate_speed "$OUT/calibrate_speed_testbed16k.log" | tail -9 ;;
   tests|speed|all) ;;
-  *) echo "usage: $0 [all|tests|speed|testbed]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|tests|speed|testbed|testbed16k]" >&2; exit 2 ;;
 esac
 cat "$OUT/deps.txt"
