@@ -101,16 +101,20 @@ def _near(centre: torch.Tensor, length: int, extent: int, dtype) -> torch.Tensor
 
 
 def _band_sums(p: torch.Tensor, centre: torch.Tensor, half_widths: list[int]) -> list[torch.Tensor]:
-    """Row sums of p [n, S] over keys [centre − w, centre + w] per w, from one prefix sum."""
+    """Row sums of p [n, S] over keys [centre − w, centre + w] per w, from one prefix sum in p's
+    dtype (a float32 prefix of a softmax row is off by ~1e-7 of the row's mass of 1)."""
     n, s = p.shape
-    prefix = torch.zeros(n, s + 1, dtype=torch.float64, device=p.device)
-    prefix[:, 1:] = p.to(torch.float64).cumsum(-1)
+    inclusive = p.cumsum(-1)
     rows = torch.arange(n, device=p.device)
+
+    def below(j):  # sum of keys < j
+        return torch.where(j > 0, inclusive[rows, (j - 1).clamp_min(0)], 0)
+
     out = []
     for w in half_widths:
         lo = (centre - w).clamp(0, s)
         hi = (centre + w + 1).clamp(0, s)
-        out.append(prefix[rows, hi] - prefix[rows, lo])
+        out.append((below(hi) - below(lo)).to(torch.float64))
     return out
 
 
@@ -134,11 +138,19 @@ class _Layout:
         frames, rows, cols = self.w.grid
         fq, rq, cq = _coords(self.w.grid, idx)
         out = dict(zip((f"band_{f:g}" for f in self.w.band_fractions), _band_sums(p, idx, self.band)))
-        pv = p.view(-1, frames, rows, cols)
-        per_frame = {}  # side → [n, F] mass inside the side × side square of each frame
+        # per frame, the mass inside each query's side × side square: 4 lookups in a 2D prefix sum
+        box = p.view(-1, frames, rows, cols).cumsum(2).cumsum(3).view(-1, frames, rows * cols)
+
+        def below(r, c):  # [n, F]: mass of rows < r and cols < c, per frame
+            at = ((r - 1).clamp_min(0) * cols + (c - 1).clamp_min(0))[:, None, None].expand(-1, frames, 1)
+            return torch.where(((r > 0) & (c > 0))[:, None], box.gather(2, at)[..., 0], 0)
+
+        per_frame = {}  # side → [n, F]
         for side in self.w.side_extents:
-            per_frame[side] = torch.einsum("nfhw,nh,nw->nf", pv, _near(rq, rows, side, p.dtype),
-                                           _near(cq, cols, side, p.dtype)).to(torch.float64)
+            half = max(rows, cols) if side == 0 else side // 2
+            r0, r1 = (rq - half).clamp(0, rows), (rq + half + 1).clamp(0, rows)
+            c0, c1 = (cq - half).clamp(0, cols), (cq + half + 1).clamp(0, cols)
+            per_frame[side] = (below(r1, c1) - below(r0, c1) - below(r1, c0) + below(r0, c0)).to(torch.float64)
         for t in self.w.frame_extents:
             near_f = _near(fq, frames, t, torch.float64)
             for side in self.w.side_extents:
@@ -147,9 +159,7 @@ class _Layout:
             tile = "x".join(str(t) for t in self.w.tile)
             tiled = _band_sums(p[:, self.perm], self.inverse[idx], self.tile_band)
             out.update(zip((f"local3d_{tile}_{f:g}" for f in self.w.tile_fractions), tiled))
-        whole = per_frame.get(0)
-        if whole is None:
-            whole = pv.sum((2, 3)).to(torch.float64)
+        whole = box[:, :, -1].to(torch.float64)
         distance = (torch.arange(frames, device=p.device)[None, :] - fq[:, None]).abs()
         out["frame_distance"] = torch.zeros_like(whole).scatter_add_(1, distance, whole)  # [n, F]
         return out
