@@ -99,6 +99,14 @@ def measure_bed(model_dir: Path, embeds: Path, steps: list[int], queries: int, p
     }
 
 
+def frame_distance_share(grid, queries: int, seed: int) -> torch.Tensor:
+    """Share of keys at each frame distance |Δf| from the sampled queries: the uniform baseline."""
+    frames, rows, cols = grid
+    fq = sample_queries(frames * rows * cols, queries, seed) // (rows * cols)
+    distance = (torch.arange(frames)[None, :] - fq[:, None]).abs()
+    return torch.stack([(distance == d).double().mean() for d in range(frames)])
+
+
 def plot(results: dict, path: Path) -> Path:
     import matplotlib  # noqa: PLC0415
 
@@ -131,16 +139,19 @@ def plot(results: dict, path: Path) -> Path:
         ax_win.plot([bed["coverage"][w] for w in own], [bed["mean"][w]["all"] for w in own], "^--",
                     label=f"{name}: own frame × side")
         profile = torch.tensor(bed["frame_distance"]).mean((0, 1, 2))
-        ax_dist.plot(range(len(profile)), profile.numpy(), "o-", label=name)
+        share = frame_distance_share(bed["grid"], bed["queries_per_head"], bed["seed"])
+        ax_dist.plot(range(len(profile)), (profile / share).numpy(), "o-", label=name)
+    ax_dist.axhline(1.0, color="k", ls=":", lw=0.8, label="no locality")
     for ax in (ax_band, ax_win):
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="no locality (mass = share of keys)")
+        x = torch.logspace(-4, 0, 50).numpy()
+        ax.plot(x, x, "k:", lw=0.8, label="no locality (mass = share of keys)")
         ax.set_xscale("log")
         ax.set_xlabel("share of keys inside")
         ax.set_ylabel("mean attention mass inside")
         ax.legend(fontsize=7)
     ax_band.set_title("diagonal bands (raster order)", fontsize=9)
     ax_win.set_title("3D windows", fontsize=9)
-    ax_dist.set_title("mass per frame distance |Δf| (mean of heads, layers, steps)", fontsize=9)
+    ax_dist.set_title("mass at frame distance |Δf| ÷ share of keys there\n(mean of heads, layers, steps)", fontsize=9)
     ax_dist.set_yscale("log")
     ax_dist.set_xlabel("|Δf|")
     ax_dist.legend(fontsize=7)
@@ -158,7 +169,7 @@ def git_commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, action="append", required=True, help="a test-bed directory (repeatable)")
+    p.add_argument("--model", type=Path, action="append", default=[], help="a test-bed directory (repeatable)")
     p.add_argument("--embeds", type=Path, default=Path("out/testbed"), help="directory of `train embed`'s table")
     p.add_argument("--steps", default="1,10,19", help=f"step indices of the {SCHEDULE_STEPS}-step schedule")
     p.add_argument("--queries", type=int, default=2048, help="query tokens per head")
@@ -167,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=512, help="queries per softmax block")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", type=Path, default=RESULTS / "attention_locality.json")
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return 0
     steps = [int(s) for s in args.steps.split(",")]
     if any(not 0 <= s < SCHEDULE_STEPS for s in steps):
         p.error(f"--steps must be indices in [0, {SCHEDULE_STEPS})")
