@@ -188,11 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 <= s < SCHEDULE_STEPS for s in steps):
         p.error(f"--steps must be indices in [0, {SCHEDULE_STEPS})")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"beds": {}}
+    commit = git_commit()  # the code the run starts with
     for model_dir in args.model:
         name = model_dir.name.removeprefix("testbed-")
         bed = measure_bed(model_dir, args.embeds, steps, args.queries, args.prompts, args.seed,
                           torch.device(args.device), args.chunk)
-        bed.update(commit=git_commit(), device=args.device, torch=torch.__version__)
+        bed.update(commit=commit, device=args.device, torch=torch.__version__)
         results["beds"][name] = bed
         log.info("%s: %s", name, {k: bed["mean"][k]["all"] for k in HEADLINE if k in bed["mean"]})
         args.out.parent.mkdir(parents=True, exist_ok=True)
