@@ -37,6 +37,11 @@ class ComponentModule(torch.nn.Module):
         return tuple(out[k] for k in self.outputs) if self.outputs else out
 
 
+def as_outputs(out) -> list[torch.Tensor]:
+    """A loaded package returns a lone output as the tensor itself, several as a list."""
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def text_outputs(result) -> tuple[str, ...] | None:
     """The output names of an encoder result: a dict's tensor entries in order, None for a tensor."""
     if isinstance(result, dict):
@@ -108,7 +113,7 @@ class ComponentEngines:
         if hidden_state_index is not None and hidden_state_index != entry.get("hidden_state_index"):
             return None
         w = self._weights(entry, 2, weights)
-        rows = [engine(input_ids[i:i + 1], attention_mask[i:i + 1].to(input_ids.dtype), *w)
+        rows = [as_outputs(engine(input_ids[i:i + 1], attention_mask[i:i + 1].to(input_ids.dtype), *w))
                 for i in range(input_ids.shape[0])]
         outs = [torch.cat([r[j] for r in rows]) for j in range(len(entry["outputs"]))]
         if entry.get("returns") == "dict":
@@ -121,5 +126,5 @@ class ComponentEngines:
             if entry.get("component") == "vae" and list(z.shape[1:]) == entry["input_shape"][1:] \
                     and key in self.engines:
                 w = self._weights(entry, 1, weights)
-                return torch.cat([self.engines[key](z[i:i + 1], *w)[0] for i in range(z.shape[0])])
+                return torch.cat([as_outputs(self.engines[key](z[i:i + 1], *w))[0] for i in range(z.shape[0])])
         return None

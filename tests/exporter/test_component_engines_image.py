@@ -14,6 +14,7 @@ from ditbake.exporter.build_components import export_components
 from ditbake.exporter.engine_components import compile_components
 from ditbake.runtime import text_clip, vae_kl
 from ditbake.runtime.artifact import Profile
+from ditbake.runtime.components_engines import as_outputs
 from ditbake.runtime.engines import promote_libstdcxx
 from tests.pipelines import sd3_pipeline
 
@@ -48,7 +49,8 @@ def test_aoti_clip_and_kl_decoder_equal_eager(sd3):
     ids = torch.randint(0, enc["config"]["vocab_size"], (1, 77))
     ids[0, 9] = enc["config"]["eos_token_id"]  # the pooled vector is read at the first end-of-text token
     mask = torch.ones(1, 77, dtype=torch.int64)
-    got = engine(ids, mask, *[w[k] for k in clip["inputs"][2:]])
+    got = as_outputs(engine(ids, mask, *[w[k] for k in clip["inputs"][2:]]))
+    assert len(got) == len(clip["outputs"])
     ref = text_clip.encode(w, enc["config"], ids, mask, hidden_state_index=-2)
     for name, g in zip(clip["outputs"], got):
         torch.testing.assert_close(g, ref[name], rtol=1e-5, atol=1e-6)
@@ -59,7 +61,7 @@ def test_aoti_clip_and_kl_decoder_equal_eager(sd3):
     vw = load_file(str(out / section["vae"]["weights"]))
     engine = torch._inductor.aoti_load_package(str(out / vae["file"]))
     z = torch.randn(1, 4, 16, 16)
-    (got,) = engine(z, *[vw[k] for k in vae["inputs"][1:]])
+    (got,) = as_outputs(engine(z, *[vw[k] for k in vae["inputs"][1:]]))
     ref = vae_kl.decode(vw, section["vae"]["config"], z)
     assert got.shape == ref.shape == (1, 3, 32, 32)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
