@@ -18,6 +18,8 @@ from ditbake.exporter.cli import main
 from ditbake.runtime import ArtifactError, load
 from tests.pipelines import wan_pipeline
 
+pytestmark = pytest.mark.slow  # one AOTInductor build (5 engines): ~2 min of CPU on the shared 2 cores
+
 PROMPTS = ["a red fox running through snow at dawn", "waves"]  # two lengths: the padding mask matters
 RTOL, ATOL = 1e-5, 1e-6
 

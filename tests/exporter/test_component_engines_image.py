@@ -32,6 +32,7 @@ def sd3(tmp_path_factory):
     return out, section
 
 
+@pytest.mark.slow  # two AOTInductor compiles
 def test_aoti_clip_and_kl_decoder_equal_eager(sd3):
     out, section = sd3
     only = dict(section, text_encoders={"text_encoder": section["text_encoders"]["text_encoder"]})

@@ -34,6 +34,7 @@ def flux(tmp_path_factory):
     return aoti, eager
 
 
+@pytest.mark.slow  # the fixture compiles 4 AOTInductor engines
 def test_flux_engines_per_kind_match_eager(flux):
     aoti, eager = flux
     manifest = json.loads((aoti / "manifest.json").read_text())
@@ -51,6 +52,7 @@ def test_flux_engines_per_kind_match_eager(flux):
     torch.testing.assert_close(ra.latents, re_.latents, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_artifact_without_kind_engines_is_refused(flux, tmp_path):
     """An aoti Flux artifact from before block kinds (one `block-v0-p0` engine for all blocks) gets a
     typed error naming the rebuild, not a crash inside the engine."""
