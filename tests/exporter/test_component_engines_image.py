@@ -4,7 +4,7 @@ pooled vector) and the KL decoder equal the eager runtime modules on fresh input
 backend's ONNX graphs of all four components pass onnx.checker and equal eager under onnx.reference.
 
 Tolerance: fp32 compiled vs eager, the same ops reordered by Inductor / the ONNX optimizer: a few
-ulps (measured ≤ ~1e-6 relative); rtol 1e-5 / atol 1e-6 for aoti, and the ONNX check's 1e-4 absolute
+ulps per op; rtol 1e-5 / atol 1e-6 for aoti, and the ONNX check's 1e-4 absolute
 (engine_trt's, on outputs of magnitude ~1-4) — a wrong weight or mask gives differences of order 1e-1.
 """
 import pytest
