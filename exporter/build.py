@@ -95,6 +95,12 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
 
             components, component_files = export_components(pipeline_dir, tmp, text_len=profiles[0].text_len,
                                                             dtype=dtype, negative_prompt=negative_prompt)
+            if backend != "eager":  # one engine per text encoder and per profile's VAE decoder
+                from ditbake.exporter.engine_components import compile_components  # noqa: PLC0415
+
+                components["engines"] = compile_components(components, tmp, profiles, backend=backend, device=device,
+                                                           progress=progress)
+                component_files += [f for e in components["engines"] for f in (e.get("file"), e.get("onnx")) if f]
         # a tensorrt entry also ships its ONNX graph (and has no engine file when built --onnx-only)
         files = {rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
                  for rel in (WEIGHTS, PLAN, *(f for e in engines for f in (e["file"], e.get("onnx")) if f),

@@ -1,5 +1,9 @@
 """The `aoti` backend: torch.export + AOTInductor packages per distinct block configuration.
 
+A configuration is (block kind, variant, profile): Flux's double- and single-stream blocks and SD3's
+last (context_pre_only) block have their own code and weights, so each kind is traced at its first
+block and keyed by runtime.arch.block_kind.
+
 Engines take weights as inputs (never constants), so one compiled block serves every block that
 shares its configuration, and the weights exist once in memory. Prologue and epilogue are
 engines too. The positional conventions come from ditbake.runtime.engines.
@@ -19,7 +23,7 @@ from ditbake.runtime.artifact import Profile, sha256_file
 from ditbake.runtime.attention import AttentionRunner
 from ditbake.runtime.engines import block_weight_names, engine_key, global_weight_names
 from ditbake.runtime.errors import BackendError
-from ditbake.runtime.plan import Plan
+from ditbake.runtime.plan import BlockVariant, Plan
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +43,19 @@ class _Prologue(torch.nn.Module):
 
 
 class _Block(torch.nn.Module):
-    """A block of one configuration; its weights arrive under block 0's names."""
+    """A block of one configuration; its weights arrive under block `index`'s names (the first of its kind)."""
 
-    def __init__(self, arch, config, names, variant, latent, text_len, n_ctx, tiles=()):
+    def __init__(self, arch, config, names, variant, latent, text_len, n_ctx, tiles=(), index: int = 0):
         super().__init__()
-        self.arch, self.config, self.variant, self.tiles = arch, config, variant, dict(tiles)
-        self.names = [f"{arch.BLOCK_PREFIX}0.{n}" for n in names]
+        self.arch, self.config, self.variant, self.tiles, self.index = arch, config, variant, dict(tiles), index
+        self.names = [f"{arch.BLOCK_PREFIX}{index}.{n}" for n in names]
         self.latent, self.text_len, self.n_ctx = latent, text_len, n_ctx
 
     def forward(self, h, *rest):
         ctx = self.arch.unpack_ctx(rest[: self.n_ctx], self.latent, self.text_len)
         w = dict(zip(self.names, rest[self.n_ctx:]))
         # the plan's tiles: local3d heads compile their token permutation into the engine
-        return self.arch.block(w, self.config, 0, h, ctx, self.variant, AttentionRunner(self.tiles), "cond")
+        return self.arch.block(w, self.config, self.index, h, ctx, self.variant, AttentionRunner(self.tiles), "cond")
 
 
 class _Epilogue(torch.nn.Module):
@@ -93,7 +97,7 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
     used = sorted({vid for step in plan.steps for ids in step.values() for vid in ids if plan.variants[vid].compute})
     if plan.mode == "adaptive":  # the runtime may pick any precompiled variant
         used = [vid for vid, v in enumerate(plan.variants) if v.compute]
-    jobs = len(profiles) * (2 + len(used))
+    jobs = len(profiles) * (2 + len(used) * len(runtime_arch.block_kinds(arch, config, arch.num_blocks(config))))
     bar = tqdm(total=jobs, desc="compile aoti", unit="engine", disable=not progress)
     entries = []
     (out_dir / "engines").mkdir(exist_ok=True)
@@ -105,16 +109,18 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
         text = torch.randn(1, prof.text_len, text_dim, device=device, dtype=dtype)
         extras = example_extras(arch, config, dtype, device)
         jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, device_weights, plan, used, prof, x, t, text, extras)
-        for part, vid, module, args in jobs:
-            key = engine_key(part, vid, prof.name)
+        for part, kind, vid, module, args in jobs:
+            key = engine_key(part, vid, prof.name, kind)
             config_json = plan.variants[vid].to_json() if vid is not None else None
-            content = _content_key(part, config_json, prof.to_json(), arch.NAME, config, str(dtype), built_for)
+            content = _content_key(part, kind, config_json, prof.to_json(), arch.NAME, config, str(dtype), built_for)
             rel = f"engines/{part}-{content}.pt2"
             bar.set_postfix_str(key)
             _compile(module, args, out_dir / rel)
-            entries.append({"key": key, "part": part, "variant": vid, "profile": prof.name, "backend": "aoti",
+            entries.append({"key": key, "part": part, **({"block_kind": kind} if kind else {}), "variant": vid,
+                            "profile": prof.name, "backend": "aoti",
                             "file": rel, "sha256": sha256_file(out_dir / rel), "built_for": built_for,
-                            "inputs": _input_names(part, gnames, bnames, n_ctx, runtime_arch.extra_inputs(arch, config)),
+                            "inputs": _input_names(part, gnames, bnames.get(kind, []), n_ctx,
+                                                   runtime_arch.extra_inputs(arch, config)),
                             "outputs": ["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
                             else ["hidden" if part == "block" else "model_output"]})
             bar.update(1)
@@ -139,22 +145,42 @@ def example_extras(arch, config: dict, dtype, device="cpu", batch: int = 1) -> t
 def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], prof: Profile, x, t, text,
                 extras: tuple = ()):
     """One shape profile's engines in the shared calling convention, traced at the example inputs
-    x, t, text, *extras: ([(part, variant id, wrapper module, example args)], global weight names,
-    block weight names, number of context tensors). Shared by the AOTInductor and TensorRT exporters."""
+    x, t, text, *extras: ([(part, block kind or None, variant id, wrapper module, example args)], global
+    weight names, {block kind: block weight names}, number of context tensors). Each block kind is
+    traced at its first block, with the hidden state the blocks before it give. Shared by the
+    AOTInductor and TensorRT exporters."""
     gnames = global_weight_names(weights, arch, prof.name)
     gw = [weights[k] for k in gnames]
     h, ctx = arch.prologue(weights, config, x, t, text, prof.to_json(), *extras)
     ctx_tensors = arch.pack_ctx(ctx)
-    bnames = block_weight_names(weights, arch, 0)
-    bw = [weights[f"{arch.BLOCK_PREFIX}0.{n}"] for n in bnames]
     n_ctx = len(ctx_tensors)
-    jobs = [("prologue", None, _Prologue(arch, config, gnames, prof, len(extras)), (x, t, text, *extras, *gw))]
-    for vid in used:
-        module = _Block(arch, config, bnames, plan.variants[vid], tuple(x.shape), prof.text_len, n_ctx, plan.tiles)
-        jobs.append(("block", vid, module, (h, *ctx_tensors, *bw)))
-    jobs.append(("epilogue", None, _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, n_ctx),
+    kinds = runtime_arch.block_kinds(arch, config, arch.num_blocks(config))
+    bnames = {kind: _kind_weight_names(weights, arch, config, kind) for kind in kinds}
+    jobs = [("prologue", None, None, _Prologue(arch, config, gnames, prof, len(extras)), (x, t, text, *extras, *gw))]
+    hidden, index = h, 0
+    for kind, first in kinds.items():
+        while index < first:  # a realistic input for this kind: the eager blocks before it
+            hidden = arch.block(weights, config, index, hidden, ctx, BlockVariant(), AttentionRunner(), "cond")
+            index += 1
+        bw = [weights[f"{arch.BLOCK_PREFIX}{first}.{n}"] for n in bnames[kind]]
+        for vid in used:
+            module = _Block(arch, config, bnames[kind], plan.variants[vid], tuple(x.shape), prof.text_len, n_ctx,
+                            plan.tiles, index=first)
+            jobs.append(("block", kind, vid, module, (hidden, *ctx_tensors, *bw)))
+    jobs.append(("epilogue", None, None, _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, n_ctx),
                  (h, *ctx_tensors, *gw)))
     return jobs, gnames, bnames, n_ctx
+
+
+def _kind_weight_names(weights: dict, arch, config: dict, kind: str) -> list[str]:
+    """The block weight names every block of `kind` shares (one engine serves them all)."""
+    blocks = [i for i in range(arch.num_blocks(config)) if runtime_arch.block_kind(arch, config, i) == kind]
+    names = block_weight_names(weights, arch, blocks[0])
+    for i in blocks[1:]:
+        if block_weight_names(weights, arch, i) != names:
+            raise BackendError(f"blocks {blocks[0]} and {i} (both {kind!r}) store different weights, so one compiled "
+                               "engine cannot serve both; build with --backend eager and report it with the plan")
+    return names
 
 
 def _input_names(part: str, gnames, bnames, n_ctx: int, extras: tuple[str, ...] = ()) -> list[str]:

@@ -139,7 +139,8 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
     (out_dir / "engines").mkdir(exist_ok=True)
     dtype = next(v.dtype for v in weights.values() if v.is_floating_point() and v.element_size() > 1)
     text_dim = int(config.get("text_dim", config.get("text_embed_dim")))
-    bar = tqdm(total=len(profiles) * (2 + len(used)), desc="export onnx", unit="engine", disable=not progress)
+    kinds = runtime_arch.block_kinds(arch, config, arch.num_blocks(config))
+    bar = tqdm(total=len(profiles) * (2 + len(used) * len(kinds)), desc="export onnx", unit="engine", disable=not progress)
     entries = []
     for prof in profiles:
         gen = torch.Generator().manual_seed(0)
@@ -148,17 +149,18 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
         text = torch.randn(1, prof.text_len, text_dim, generator=gen).to(dtype)
         extras = example_extras(arch, config, dtype)
         jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, weights, plan, used, prof, x, t, text, extras)
-        for part, vid, module, args in jobs:
-            key = engine_key(part, vid, prof.name)
+        for part, kind, vid, module, args in jobs:
+            key = engine_key(part, vid, prof.name, kind)
             config_json = plan.variants[vid].to_json() if vid is not None else None
-            content = _content_key(part, config_json, prof.to_json(), arch.NAME, config, str(dtype), "tensorrt")
-            inputs = _input_names(part, gnames, bnames, n_ctx, runtime_arch.extra_inputs(arch, config))
+            content = _content_key(part, kind, config_json, prof.to_json(), arch.NAME, config, str(dtype), "tensorrt")
+            inputs = _input_names(part, gnames, bnames.get(kind, []), n_ctx, runtime_arch.extra_inputs(arch, config))
             outputs = (["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
                        else ["hidden_out" if part == "block" else "model_output"])
             onnx_rel = f"engines/{part}-{content}.onnx"
             bar.set_postfix_str(key)
             model = export_onnx(module, args, inputs, outputs, out_dir / onnx_rel)
-            entry = {"key": key, "part": part, "variant": vid, "profile": prof.name, "backend": "tensorrt",
+            entry = {"key": key, "part": part, **({"block_kind": kind} if kind else {}), "variant": vid,
+                     "profile": prof.name, "backend": "tensorrt",
                      "onnx": onnx_rel, "onnx_sha256": sha256_file(out_dir / onnx_rel), "onnx_opset": 23,
                      "onnx_checked": True, "inputs": inputs, "outputs": outputs, "file": None, "built_for": None}
             if verify:

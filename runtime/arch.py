@@ -22,3 +22,22 @@ def extra_inputs(module: ModuleType, config: dict) -> tuple[str, ...]:
     for guidance-distilled Flux, () for Wan and CogVideoX. Engines take them positionally after text."""
     fn = getattr(module, "extra_inputs", None)
     return tuple(fn(config)) if fn else ()
+
+
+DEFAULT_BLOCK_KIND = "block"
+
+
+def block_kind(module: ModuleType, config: dict, index: int) -> str:
+    """The kind of block `index` (its code path and weight names): "double" / "single" for Flux,
+    "joint" / "joint_pre_only" (the last, context_pre_only block) for SD3, "block" for Wan and
+    CogVideoX. Compiled engines exist per (kind, variant): blocks of one kind share an engine."""
+    fn = getattr(module, "block_kind", None)
+    return str(fn(config, index)) if fn else DEFAULT_BLOCK_KIND
+
+
+def block_kinds(module: ModuleType, config: dict, num_blocks: int) -> dict[str, int]:
+    """Each block kind with its first block index (the block the exporter traces for it), in block order."""
+    kinds: dict[str, int] = {}
+    for i in range(num_blocks):
+        kinds.setdefault(block_kind(module, config, i), i)
+    return kinds

@@ -69,6 +69,11 @@ def is_single(config: dict, index: int) -> bool:
     return index >= int(config["num_layers"])
 
 
+def block_kind(config: dict, index: int) -> str:
+    """Compiled engines differ per kind: the two kinds have different code and weights."""
+    return "single" if is_single(config, index) else "double"
+
+
 def extra_inputs(config: dict) -> tuple[str, ...]:
     """Prologue inputs beyond (latents, timestep, text), in the engines' positional order."""
     return ("pooled", "guidance") if config.get("guidance_embeds") else ("pooled",)

@@ -47,6 +47,11 @@ def text_dim(config: dict) -> int:
     return int(config["joint_attention_dim"])
 
 
+def block_kind(config: dict, index: int) -> str:
+    """The last block is context_pre_only (diffusers builds it so): other weights, other code."""
+    return "joint_pre_only" if index == num_blocks(config) - 1 else "joint"
+
+
 def extra_inputs(config: dict) -> tuple[str, ...]:
     """Prologue inputs beyond (latents, timestep, text), in the engines' positional order."""
     return ("pooled",)

@@ -33,8 +33,9 @@ def _clean_wan(text: str) -> str:
 class Components:
     """The artifact's text encoder(s), tokenizer(s) and VAE decoder, loaded on first use."""
 
-    def __init__(self, path: Path, section: dict, weights_loader, device: torch.device):
+    def __init__(self, path: Path, section: dict, weights_loader, device: torch.device, backend: str = "eager"):
         self.path = Path(path)
+        self.backend = backend  # aoti / tensorrt: the compiled engines of section["engines"] where they fit
         self.section = section
         self.pipeline = section["pipeline"]
         self.architecture = section["architecture"]
@@ -42,6 +43,16 @@ class Components:
         self._load_weights = weights_loader  # rel path → dict of tensors (hash already checked)
         self._encoders: dict[str, tuple] = {}
         self._vae = None
+        self._engines = None
+
+    @property
+    def engines(self):
+        """The compiled component engines (runtime/components_engines.py), or None (eager)."""
+        if self._engines is None and self.backend != "eager" and self.section.get("engines"):
+            from ditbake.runtime.components_engines import ComponentEngines  # noqa: PLC0415
+
+            self._engines = ComponentEngines(self.path, self.section["engines"], self.backend, self.device)
+        return self._engines
 
     @property
     def negative_prompt(self) -> str:
@@ -65,7 +76,10 @@ class Components:
         tokens = tokenizer(prompts, max_length=length)
         ids = tokens["input_ids"].to(self.device)
         attention = tokens["attention_mask"].to(self.device)
-        out = encode(weights, config, ids, attention if mask else torch.ones_like(attention), **kwargs)
+        attention_in = attention if mask else torch.ones_like(attention)
+        out = self.engines.encode(name, weights, ids, attention_in, **kwargs) if self.engines else None
+        if out is None:
+            out = encode(weights, config, ids, attention_in, **kwargs)
         return out, attention
 
     @torch.no_grad()
@@ -118,7 +132,11 @@ class Components:
             z = z.permute(0, 2, 1, 3, 4) / float(config["scaling_factor"])  # [B, F, C, H, W] → [B, C, F, H, W]
         else:  # sd3, flux: the runtime keeps Flux latents unpacked [C, H, W]
             z = z / float(config["scaling_factor"]) + float(config.get("shift_factor") or 0.0)
-        pixels = VAE_DECODERS[entry["kind"]].decode(self._vae, config, z.to(dtype)).float()
+        z = z.to(dtype)
+        pixels = self.engines.decode(self._vae, z) if self.engines else None
+        if pixels is None:
+            pixels = VAE_DECODERS[entry["kind"]].decode(self._vae, config, z)
+        pixels = pixels.float()
         pixels = (pixels / 2 + 0.5).clamp(0, 1)
         if pixels.ndim == 4:  # an image [B, C, H, W]
             pixels = pixels[:, :, None]

@@ -1,7 +1,8 @@
 """Engines: how the runtime executes prologue, block variants and epilogue.
 
 `EagerEngines` composes the architecture's torch functions (and the plugins' ops) directly.
-`AotiEngines` calls AOTInductor packages compiled per (part, variant, profile) by the exporter.
+`AotiEngines` calls AOTInductor packages compiled per (part, block kind, variant, profile) by the
+exporter (runtime.arch.block_kind: Flux and SD3 have two kinds of blocks).
 Compiled engines take weights as inputs, never as constants, so all blocks that share a
 configuration share one engine and the weights exist once in memory. The positional calling
 convention below is shared by the exporter (which compiles against it) and the runtime:
@@ -74,8 +75,11 @@ def profile_weights(weights: dict, arch, profile: str) -> dict:
     return {k: weights[k] for k in global_weight_names(weights, arch, profile)}
 
 
-def engine_key(part: str, variant: int | None, profile: str) -> str:
-    return f"{part}" + (f"-v{variant}" if variant is not None else "") + f"-{profile}"
+def engine_key(part: str, variant: int | None, profile: str, kind: str | None = None) -> str:
+    """`block-v3-p0` for the one block kind of Wan/CogVideoX (the key older artifacts hold), and
+    `block-single-v3-p0` for a named kind (Flux double/single, SD3 joint/joint_pre_only)."""
+    named = kind is not None and kind != runtime_arch.DEFAULT_BLOCK_KIND
+    return f"{part}" + (f"-{kind}" if named else "") + (f"-v{variant}" if variant is not None else "") + f"-{profile}"
 
 
 def engine_files(artifact_path: Path, entries: list[dict]) -> dict[str, Path]:
@@ -169,7 +173,8 @@ class AotiEngines:
         return h, ctx
 
     def block(self, vid: int, variant: BlockVariant, index: int, h, ctx, attention, branch: str):
-        engine = self._engine(engine_key("block", vid, ctx["_profile"]))
+        kind = runtime_arch.block_kind(self.arch, self.config, index)
+        engine = self._engine(engine_key("block", vid, ctx["_profile"], kind))
         out = engine(h, *self.arch.pack_ctx(ctx), *self._block_weights(index))
         text_range = self.arch.text_range(self.config, ctx)
         for site, schemes in variant.heads or (("attn1", None),):

@@ -188,7 +188,7 @@ class Session:
 
             path = self.artifact.path  # every file under it was hash-checked at load
             self._components = Components(path, section, lambda rel: load_file(str(path / rel), device=str(self.device)),
-                                          self.device)
+                                          self.device, self.artifact.manifest.get("backend", "eager"))
         return self._components
 
     def _negative_default(self) -> str:

@@ -134,5 +134,6 @@ def _clamp_fp16(h: torch.Tensor) -> torch.Tensor:
     if h.dtype != torch.float16:
         return h
     big = torch.finfo(h.dtype).max
-    limit = big - 1000 if torch.isinf(h).any() else big
+    # a tensor condition, not a Python branch: the compiled (aoti) encoder keeps the data-dependent choice
+    limit = torch.where(torch.isinf(h).any(), big - 1000, big).to(h.dtype)
     return torch.clamp(h, min=-limit, max=limit)

@@ -157,7 +157,9 @@ def check_manifest(m, where: str = "manifest") -> dict:
     for i, e in enumerate(_is(m.get("engines", []), (list,), f"{where} engines")):
         _engine(e, i, files)
     _is(m.get("scheduler_config"), (dict, type(None)), f"{where} scheduler_config")
-    _is(m.get("components"), (dict, type(None)), f"{where} components")  # text encoders, tokenizers, VAE  # the drop-in maps timesteps with it
+    components = _is(m.get("components"), (dict, type(None)), f"{where} components")  # text encoders, tokenizers, VAE
+    for i, e in enumerate(_is((components or {}).get("engines", []), (list,), f"{where} components.engines")):
+        _engine(e, i, files)  # compiled text encoder / VAE decoder engines: listed and hashed like the blocks
     te = _is(m.get("text_encoder"), (dict, type(None)), f"{where} text_encoder")
     if te is not None:
         _is(te.get("weights_sha256"), (str,), f"{where} text_encoder.weights_sha256")

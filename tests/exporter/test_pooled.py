@@ -174,7 +174,7 @@ def test_compiled_engine_convention_carries_pooled_and_guidance(tmp_path):
     extras = example_extras(adapter.arch, adapter.config, torch.float32)
     assert [e.shape for e in extras] == [(1, POOLED), (1,)]
     jobs, gnames, bnames, n_ctx = engine_jobs(adapter.arch, adapter.config, weights, plan, [0], prof, x, t, text, extras)
-    part, _, module, args = jobs[0]
+    part, _, _, module, args = jobs[0]
     assert part == "prologue" and _input_names(part, gnames, bnames, n_ctx, ("pooled", "guidance"))[:5] == \
         ["latents", "timestep", "text", "pooled", "guidance"]
     h, *ctx = module(*args)
