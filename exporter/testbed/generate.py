@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--embeds", type=Path, required=True, help="directory written by `train embed`")
     p.add_argument("--split", choices=("held_out", "train"), default="held_out")
+    p.add_argument("--held-out-rule", choices=data.HELD_OUT_RULES,
+                   help="split the captions by this rule instead of the bed's own (e.g. score a v1 bed on the v2 "
+                        "held-out captions, which it partly saw in training)")
     p.add_argument("--limit", type=int, default=0, help="first N captions of the split (0 = all)")
+    p.add_argument("--every", type=int, default=1, help="every K-th caption of the split (a spread-out subset)")
     p.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -80,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = data_spec_of(args.model_dir)
-    ids = data.held_out_ids(spec.kind, spec.held_out_rule)
+    rule = args.held_out_rule or spec.held_out_rule
+    ids = data.held_out_ids(spec.kind, rule)
     if args.split == "train":
         held = set(ids)
         ids = [i for i in range(data.num_captions(spec.kind)) if i not in held]
+    if args.every < 1:
+        p.error("--every must be >= 1")
+    ids = ids[::args.every]
     if args.limit:
         ids = ids[:args.limit]
     device = torch.device(args.device)
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"clips": clips.contiguous(), "caption_ids": torch.tensor(ids), "seeds": torch.tensor(seeds)},
               str(args.out), metadata={"model_dir": str(args.model_dir), "steps": str(args.steps),
-                                       "guidance": str(args.guidance), "sampler": "flow_euler shift 3"})
+                                       "guidance": str(args.guidance), "sampler": "flow_euler shift 3",
+                                       "split": args.split, "held_out_rule": rule})
     if args.grid:
         write_grid(clips[:12], [data.caption_from_attributes(spec.kind, data.attributes_of(spec.kind, i))
                                 for i in ids[:12]], args.grid)
