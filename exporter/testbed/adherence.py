@@ -255,6 +255,13 @@ def reference_clips(caption_ids, seeds, spec: data.ClipSpec) -> torch.Tensor:
     return ((torch.cat(clips) + 1) * 127.5).round().to(torch.uint8)
 
 
+def ground_truth(spec: data.ClipSpec, n: int, seed: int) -> dict:
+    """The score of `n` ground-truth renders of random captions and placements: what a perfect model gets."""
+    g = torch.Generator().manual_seed(seed)
+    scenes = data.scenes_from_ids(spec, torch.randint(data.num_captions("video"), (n,), generator=g), g)
+    return {"seed": seed, **aggregate(score_clips(data.render(spec, scenes), scenes.caption_ids, spec))}
+
+
 def _git_commit() -> str:
     import subprocess  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
@@ -287,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="key of this bed in --out (default: the model directory's name)")
     p.add_argument("--note", default="", help="free text stored with the scores")
     p.add_argument("--reference", action="store_true", help="also score ground-truth renders of the same captions")
+    p.add_argument("--ground-truth", type=int, default=0, metavar="N",
+                   help="also score N ground-truth renders of random captions and placements (the scorer's own accuracy)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("ditbake.testbed")
@@ -311,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.reference:
             ref = score_clips(reference_clips(ids, seeds, spec), ids, spec)
             record["reference_aggregate"] = aggregate(ref)
+        if args.ground_truth > 0:
+            record["ground_truth"] = ground_truth(spec, args.ground_truth, seed=int(torch.randint(2**31, ())))
     except data.DataError as e:
         log.error("%s", e)
         return 2
