@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("ditbake.testbed")
+    torch.set_num_threads(1)  # thousands of tiny per-frame ops: more threads only add overhead
     try:
         spec = data_spec_of(args.spec_from)
         try:
