@@ -13,10 +13,18 @@ from safetensors.torch import save_file
 from ditbake.exporter.testbed import adherence, data
 from ditbake.exporter.testbed.models import TESTBEDS, data_spec_record
 
-torch.set_num_threads(1)
 WAN = TESTBEDS["wan"][1]
 WAN16K = TESTBEDS["wan16k"][1]
 ATTR = dict(data.VIDEO_ATTRIBUTES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the scorer runs thousands of tiny per-frame ops; on a shared 2-core CPU more threads only spin
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _fresh_scenes(spec, n):
