@@ -62,6 +62,16 @@ def write_grid(clips_u8: torch.Tensor, captions: list[str], path: Path, frames: 
     return grid(rows, captions, path, scale=scale)
 
 
+def split_ids(kind: str, rule: str, split: str, every: int = 1, limit: int = 0) -> list[int]:
+    """Caption ids of `split` under held-out `rule`, every `every`-th, the first `limit` (0 = all)."""
+    ids = data.held_out_ids(kind, rule)
+    if split == "train":
+        held = set(ids)
+        ids = [i for i in range(data.num_captions(kind)) if i not in held]
+    ids = ids[::every]
+    return ids[:limit] if limit else ids
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file  # noqa: PLC0415
 
@@ -85,15 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = data_spec_of(args.model_dir)
     rule = args.held_out_rule or spec.held_out_rule
-    ids = data.held_out_ids(spec.kind, rule)
-    if args.split == "train":
-        held = set(ids)
-        ids = [i for i in range(data.num_captions(spec.kind)) if i not in held]
     if args.every < 1:
         p.error("--every must be >= 1")
-    ids = ids[::args.every]
-    if args.limit:
-        ids = ids[:args.limit]
+    ids = split_ids(spec.kind, rule, args.split, args.every, args.limit)
     device = torch.device(args.device)
     model = load_model(args.model_dir).to(device).eval()
     tokens, _ = load_embeds(args.embeds, spec.kind, device)

@@ -143,3 +143,14 @@ def test_cli_scores_a_clips_file_and_merges_beds(tmp_path):
     bad = tmp_path / "bad.safetensors"
     save_file({"clips": clips}, str(bad))
     assert adherence.main([str(bad), "--spec-from", str(model), "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_generate_selects_captions_of_another_rule():
+    from ditbake.exporter.testbed.generate import split_ids
+
+    v2 = data.held_out_ids("video", "v2")
+    assert split_ids("video", "v2", "held_out") == v2
+    assert split_ids("video", "v2", "held_out", every=3, limit=5) == v2[::3][:5]
+    train = split_ids("video", "v1", "train")
+    assert len(train) + len(data.held_out_ids("video", "v1")) == data.num_captions("video")
+    assert not set(train) & set(data.held_out_ids("video", "v1"))
