@@ -62,6 +62,16 @@ def write_grid(clips_u8: torch.Tensor, captions: list[str], path: Path, frames: 
     return grid(rows, captions, path, scale=scale)
 
 
+def split_ids(kind: str, rule: str, split: str, every: int = 1, limit: int = 0) -> list[int]:
+    """Caption ids of `split` under held-out `rule`, every `every`-th, the first `limit` (0 = all)."""
+    ids = data.held_out_ids(kind, rule)
+    if split == "train":
+        held = set(ids)
+        ids = [i for i in range(data.num_captions(kind)) if i not in held]
+    ids = ids[::every]
+    return ids[:limit] if limit else ids
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file  # noqa: PLC0415
 
@@ -69,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--embeds", type=Path, required=True, help="directory written by `train embed`")
     p.add_argument("--split", choices=("held_out", "train"), default="held_out")
+    p.add_argument("--held-out-rule", choices=data.HELD_OUT_RULES,
+                   help="split the captions by this rule instead of the bed's own (e.g. score a v1 bed on the v2 "
+                        "held-out captions, which it partly saw in training)")
     p.add_argument("--limit", type=int, default=0, help="first N captions of the split (0 = all)")
+    p.add_argument("--every", type=int, default=1, help="every K-th caption of the split (a spread-out subset)")
     p.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -80,12 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = data_spec_of(args.model_dir)
-    ids = data.held_out_ids(spec.kind, spec.held_out_rule)
-    if args.split == "train":
-        held = set(ids)
-        ids = [i for i in range(data.num_captions(spec.kind)) if i not in held]
-    if args.limit:
-        ids = ids[:args.limit]
+    rule = args.held_out_rule or spec.held_out_rule
+    if args.every < 1:
+        p.error("--every must be >= 1")
+    ids = split_ids(spec.kind, rule, args.split, args.every, args.limit)
     device = torch.device(args.device)
     model = load_model(args.model_dir).to(device).eval()
     tokens, _ = load_embeds(args.embeds, spec.kind, device)
@@ -94,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"clips": clips.contiguous(), "caption_ids": torch.tensor(ids), "seeds": torch.tensor(seeds)},
               str(args.out), metadata={"model_dir": str(args.model_dir), "steps": str(args.steps),
-                                       "guidance": str(args.guidance), "sampler": "flow_euler shift 3"})
+                                       "guidance": str(args.guidance), "sampler": "flow_euler shift 3",
+                                       "split": args.split, "held_out_rule": rule})
     if args.grid:
         write_grid(clips[:12], [data.caption_from_attributes(spec.kind, data.attributes_of(spec.kind, i))
                                 for i in ids[:12]], args.grid)
