@@ -33,6 +33,8 @@ from ditbake.runtime import load
 from ditbake.runtime.artifact import Profile
 from ditbake.runtime.text_encoder import TextEncoder
 
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
+
 log = logging.getLogger("benchmarks.heads")
 RESULTS = Path(__file__).parent / "results"
 TEXT_LEN = 16
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
         d = args.heatmap_delta if args.heatmap_delta in r["searches"] else max(r["searches"])
         r["heatmap"] = heatmap_data(d, *r.pop("searches")[d])
         results[name] = r
-        path.write_text(json.dumps(results, indent=1))
+        path.write_text(json.dumps(stamp(results), indent=1))
     heatmap({name: r["heatmap"] for name, r in results.items() if "heatmap" in r}, RESULTS / "heads_heatmap.png")
     print(f"wrote {path} and {RESULTS / 'heads_heatmap.png'}")
     return 0
