@@ -48,9 +48,10 @@ MODELS = {  # name → (model dir, sampler); clip kind, size and held-out rule f
     "wan": ("artifacts/testbed-wan", "unipc"),
     "wan16k": ("artifacts/testbed-wan16k", "unipc"),
 }
-# The point tests/benchmarks/test_reports_reproduce.py re-runs (heads.json "quick"): Wan, one δ,
-# 4 steps, one calibration and one held-out caption, no ablation.
-QUICK = ["--models", "wan", "--deltas", "0.03", "--ablation-deltas", "", "--steps", "4", "--calibration-prompts", "1",
+# The point tests/benchmarks/test_reports_reproduce.py re-runs (heads.json "quick"): the SD3 bed (272
+# tokens: the Wan bed's 2,048 cost 50 s of CPU here), one δ, 3 steps, one calibration and one
+# held-out caption, no ablation.
+QUICK = ["--models", "sd3", "--deltas", "0.1", "--ablation-deltas", "", "--steps", "3", "--calibration-prompts", "1",
          "--eval-prompts", "1"]
 
 

@@ -27,8 +27,8 @@ from provenance import stamp  # benchmarks/ is the script's directory: commit + 
 
 log = logging.getLogger("precision")
 # The point tests/benchmarks/test_reports_reproduce.py re-runs (dmpq.json "quick"): the same
-# pipeline, 4 steps, one calibration and one held-out prompt, 128 tokens per layer for the statistics.
-QUICK = ["--steps", "4", "--calib-prompts", "1", "--eval-prompts", "1", "--max-tokens", "128", "--budgets", "6.5",
+# pipeline, 2 steps, one calibration and one held-out prompt, 64 tokens per layer for the statistics.
+QUICK = ["--steps", "2", "--calib-prompts", "1", "--eval-prompts", "1", "--max-tokens", "64", "--budgets", "6.5",
          "--no-measured"]
 
 
