@@ -5,9 +5,11 @@ Tolerance. On the CPU a run is deterministic for fixed seeds: the same process g
 outputs, so a code change that moves a number by a measurable amount fails here. What may differ
 between machines is only the floating-point summation order of BLAS / oneDNN kernels (thread
 count, SIMD width). Measured with the quick points at 1 and 2 threads (torch.set_num_threads, same
-commit): bit-equal (THREADS_SPREAD_DB). The tolerance, 0.05 dB / 1e-3 SSIM, leaves room for
-another machine's summation order (fp32 rounding moving a quantizer's rounding decision here and
-there) and stays ten times below the smallest difference the reports discuss (0.5 dB between plans). Regenerate a quick point with `python benchmarks/precision.py --quick`
+commit): bit-equal (THREADS_SPREAD_DB). Another machine and torch (the H100 host's 16-thread CPU,
+where dmpq.json was made) moved the full 20-step W4A4 point by 0.13 dB with bit-equal code (README,
+Status): fp32 rounding flips a quantizer's rounding decision now and then, and NVFP4 steps amplify
+it. The tolerance, 0.2 dB / 5e-3 SSIM, covers that and stays below the 0.5 dB between plans the
+reports tell apart; the quick points run 2-3 steps, so they drift less than the 20-step point. Regenerate a quick point with `python benchmarks/precision.py --quick`
 (or heads.py --quick) when a change is meant to move it, and say why in the commit.
 """
 import json
@@ -23,8 +25,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling
 # largest |PSNR(1 thread) - PSNR(2 threads)| over the quick points' plans, measured on the 2-core
 # development machine at fab3eae (torch 2.13.0+cpu): every PSNR and SSIM was bit-equal
 THREADS_SPREAD_DB = 0.0
-TOLERANCE_DB = 0.05
-TOLERANCE_SSIM = 1e-3
+TOLERANCE_DB = 0.2
+TOLERANCE_SSIM = 5e-3
 
 
 def _committed(name: str) -> dict:
