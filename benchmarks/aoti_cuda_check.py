@@ -14,6 +14,8 @@ import sys
 import tempfile
 import textwrap
 
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
+
 MLP_COMPILE = """
 import torch, sys
 m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
@@ -85,7 +87,7 @@ def main() -> int:
     report["mlp_load_promoted_libstdcxx"] = probe("mlp_load_promoted", MLP_LOAD, pkg, "--promote")
     report["ditbake_aoti_cuda"] = probe("ditbake_aoti_cuda", DITBAKE, tmp, timeout=200)
     with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(stamp(report), f, indent=1)
     return 0
 
 

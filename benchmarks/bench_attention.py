@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ditbake.plugins import head_attention as ha
 from ditbake.plugins.head_attention import HeadScheme
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 logger = logging.getLogger("bench_attention")
 
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(stamp(report), indent=2))
     print_table(results)
     return 0
 

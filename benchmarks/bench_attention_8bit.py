@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from ditbake.plugins import attention_8bit as a8  # noqa: E402
 from ditbake.plugins import head_attention as ha  # noqa: E402
 from ditbake.plugins.head_attention import HeadScheme  # noqa: E402
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 logger = logging.getLogger("bench_attention_8bit")
 
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
     }
     out = args.out or default_out(args.smoke)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(stamp(report), indent=2))
     print_table(results)
     logger.info("wrote %s", out)
     return 0

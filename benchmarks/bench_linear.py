@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
+
 log = logging.getLogger("bench_linear")
 
 SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536)]  # (K, N): attention/FFN linears of Wan2.1-1.3B
@@ -275,7 +277,7 @@ def main() -> None:
         pass
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(stamp(result), indent=2))
     print(f"{'key':44s} value")
     for key, val in summary.items():
         print(f"{key:44s} {val if not isinstance(val, float) else round(val, 3)}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_attention import time_ms  # benchmarks/ is the script's directory
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 SHAPES = {"attn1.to_q (1536→1536)": (1536, 1536, "norm"), "ffn.net.0.proj (1536→8960)": (1536, 8960, "norm"),
           "ffn.net.2 (8960→1536)": (8960, 1536, "gelu")}
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
            "method": "median CUDA-event ms (bench_attention.time_ms); producer + linear compiled together by Inductor"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps(stamp(out), indent=1))
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bench_attention import time_ms  # benchmarks/ is the script's directory
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 log = logging.getLogger("block_race")
 
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
               "model": "Wan2.1-1.3B block (random weights)", "band_fraction": args.band, "skip_fraction": args.skip,
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(stamp(result), indent=1))
     print(f"{'contender':40s} {'ms':>8s} {'× eager':>8s} {'rel err':>9s}")
     for name, row in rows.items():
         if "ms" in row:

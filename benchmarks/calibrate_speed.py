@@ -37,6 +37,7 @@ import torch
 
 from e2e import SMOKE, WAN_1_3B  # benchmarks/ is the script's directory
 from block_race import LATENT, TEXT_LEN
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 log = logging.getLogger("calibrate_speed")
 
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
         "peak_memory_gb": max((v["peak_gb"] or 0.0) for v in phases.values()) if device.type == "cuda" else None,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(stamp(result), indent=1))
     log.info("calibration of %s, %d prompts × %d steps: %.1f s measured → %.1f min at %d steps (peak %s GB); %s",
              label, args.prompts, args.steps, total, total_extrapolated / 60, args.target_steps,
              result["peak_memory_gb"], out)

@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
+
 # option → (calibration, plan arguments); "cal" has the head search, "cal_prec" the DMPQ statistics
 OPTIONS = {
     "tdc0.3-block": ("cal", ["--tdc-skip-budget", "0.3"]),
@@ -68,7 +70,7 @@ def main() -> int:
                                     "weights_bytes": manifest["files"]["weights.safetensors"]["bytes"],
                                     "eval_seconds": time.perf_counter() - t}
         logging.info("%s: %s", name, results["options"][name])
-        out.write_text(json.dumps(results, indent=1))
+        out.write_text(json.dumps(stamp(results), indent=1))
     return 0
 
 

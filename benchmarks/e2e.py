@@ -41,6 +41,7 @@ import torch
 
 from block_race import LATENT, TEXT_LEN, WAN_1_3B as ONE_BLOCK  # benchmarks/ is the script's directory
 from tdc_peers import peer_configs
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 log = logging.getLogger("e2e")
 
@@ -466,7 +467,7 @@ def main(argv=None) -> int:
             result["rows"].update(run_peers(args, cfg, latent, text_len, dev, dtype))
         result = merge([result])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(stamp(result), indent=1))
     print_table(result)
     return 0
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from forward_race import contenders  # benchmarks/ is the script's directory
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 log = logging.getLogger("forward_fidelity")
 
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
            "band": args.band, "machine": "cpu (eager runtime; kernels' references)", "rows": rows,
            "method": "each configuration at every step and block vs the same model's 16-bit output (`ditbake eval`)"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps(stamp(out), indent=1))
     print(f"{'configuration':28s} {'PSNR dB':>8s} {'SSIM':>6s}")
     for name, row in rows.items():
         print(f"{name:28s} {row['psnr']:8.2f} {row['ssim']:6.3f}")

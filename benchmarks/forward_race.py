@@ -35,6 +35,7 @@ import torch
 
 from bench_attention import time_ms  # benchmarks/ is the script's directory
 from block_race import LATENT, TEXT_LEN, WAN_1_3B as ONE_BLOCK
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 log = logging.getLogger("forward_race")
 
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "band": args.band, "method": "median CUDA-event ms of whole forwards "
                "(2 warm-up, 5 timed); error = relative L2 of the forward output vs diffusers eager bf16"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(stamp(result), indent=1))
     print(f"{result['model']}, {result['tokens']} tokens, {result['device']}")
     print(f"{'contender':48s} {'ms':>9s} {'× compile':>10s} {'rel err':>9s} {'build s':>8s}")
     for name, row in result["rows"].items():

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/heads.py                       # both models, default deltas
     .venv/bin/python benchmarks/heads.py --models sd3 --deltas 0.05,0.2
+    .venv/bin/python benchmarks/heads.py --quick    # the cheap point tests/benchmarks re-runs: heads.json "quick"
 
 For each model and δ: the progressive calibration + MILP search (calibrate_heads) on training
 captions, the plan (heads_pass), then generation through the ditbake eager runtime on held-out
@@ -9,12 +10,15 @@ captions with fixed seeds, against the same runtime with the uncompressed plan: 
 reduction (counted by the runtime), PSNR and SSIM (exporter/evaluate.py), search wall time.
 Ablation: arrow-only (no cached heads) vs arrow + caching (+ local3d windows for Wan).
 Writes benchmarks/results/heads.json (merged per model) and benchmarks/results/heads_heatmap.png.
+Clip sizes and held-out captions come from each bed's data spec (`testbed.json`: wan16k is
+16×64×64 pixels with held-out rule v2).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,21 +33,30 @@ from ditbake.exporter.evaluate import psnr, ssim, to_frames
 from ditbake.exporter.plan_heads import VALIDATED, HeadsConfig, heads_pass
 from ditbake.exporter.planner import plan_from_calibration
 from ditbake.exporter.testbed import data
+from ditbake.exporter.testbed.models import data_spec_of
 from ditbake.runtime import load
 from ditbake.runtime.artifact import Profile
 from ditbake.runtime.text_encoder import TextEncoder
 
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
+
 log = logging.getLogger("benchmarks.heads")
 RESULTS = Path(__file__).parent / "results"
 TEXT_LEN = 16
-MODELS = {  # name → (model dir, sampler, clip kind, latent args (frames, height, width))
-    "sd3": ("artifacts/testbed-sd3", "flow_euler", "image", (1, 32, 32)),
-    "wan": ("artifacts/testbed-wan", "unipc", "video", (8, 32, 32)),
+MODELS = {  # name → (model dir, sampler); clip kind, size and held-out rule from the bed's data spec
+    "sd3": ("artifacts/testbed-sd3", "flow_euler"),
+    "wan": ("artifacts/testbed-wan", "unipc"),
+    "wan16k": ("artifacts/testbed-wan16k", "unipc"),
 }
+# The point tests/benchmarks/test_reports_reproduce.py re-runs (heads.json "quick"): the SD3 bed (272
+# tokens: the Wan bed's 2,048 cost 50 s of CPU here), one δ, 3 steps, one calibration and one
+# held-out caption, no ablation.
+QUICK = ["--models", "sd3", "--deltas", "0.1", "--ablation-deltas", "", "--steps", "3", "--calibration-prompts", "1",
+         "--eval-prompts", "1"]
 
 
-def captions(kind: str, held_out: bool, n: int) -> list[str]:
-    ids = [i for i in range(data.num_captions(kind)) if data.is_held_out(i) == held_out]
+def captions(kind: str, held_out: bool, n: int, rule: str = "v1") -> list[str]:
+    ids = [i for i in range(data.num_captions(kind)) if data.is_held_out(i, rule) == held_out]
     picks = [ids[(k * len(ids)) // n] for k in range(n)]
     return [data.caption_from_attributes(kind, data.attributes_of(kind, i)) for i in picks]
 
@@ -63,13 +76,15 @@ def encode(texts: list[str]) -> torch.Tensor:
 
 def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], steps: int, cal_prompts: int,
                 eval_prompts: int, out_dir: Path) -> dict:
-    src, sampler, kind, (frames, height, width) = MODELS[name]
+    src, sampler = MODELS[name]
+    spec = data_spec_of(src)
+    kind, rule = spec.kind, spec.held_out_rule
     model = models.load(src)
     model.register_to_config(_name_or_path=str(src))
     adapter = adapter_for(model)
-    latent = adapter.latent_shape(frames, height, width)
-    cal_text = encode(captions(kind, False, cal_prompts))
-    eval_caps = captions(kind, True, eval_prompts)
+    latent = adapter.latent_shape(spec.frames, spec.height, spec.width)
+    cal_text = encode(captions(kind, False, cal_prompts, rule))
+    eval_caps = captions(kind, True, eval_prompts, rule)
     eval_text, negative = encode(eval_caps), encode([""])
     meta = {"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
             "linear_layers": list(adapter.linear_layers), "attention_sites": adapter.attention_sites,
@@ -86,7 +101,7 @@ def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], st
 
     reference = generate_all(baseline)
     ref_frames = [to_frames(r.latents[0], adapter.architecture) for r in reference]
-    base_cfg = replace(VALIDATED[name], delta=1.0)
+    base_cfg = replace(VALIDATED["sd3" if kind == "image" else "wan"], delta=1.0)
     points, ablation, searches = [], [], {}
     runs = [(d, True) for d in deltas] + [(d, False) for d in ablation_deltas]
     for delta, caching in runs:
@@ -113,7 +128,7 @@ def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], st
               f"PSNR {point['psnr_db']:.2f} dB SSIM {point['ssim']:.4f} search {search_seconds:.0f} s "
               f"(MILP {point['milp_seconds']:.2f} s) kinds {point['kind_fractions']}", flush=True)
     return {"points": points, "ablation_arrow_only": ablation, "searches": searches,
-            "setup": {"steps": steps, "sampler": sampler, "guidance_scale": 5.0, "calibration_prompts": cal_prompts,
+            "setup": {"latent_shape": list(latent), "held_out_rule": rule, "steps": steps, "sampler": sampler, "guidance_scale": 5.0, "calibration_prompts": cal_prompts,
                       "eval_prompts": eval_caps, "seeds": list(range(len(eval_caps))), "config": base_cfg.to_json(),
                       "machine": f"CPU, {torch.get_num_threads()} threads (shared)", "torch": torch.__version__}}
 
@@ -154,8 +169,16 @@ def heatmap(searches: dict[str, dict], path: Path, steps_to_show=(0, 1, 5, 10, 1
     return path
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
+def quick_point(args: argparse.Namespace) -> dict:
+    """The QUICK configuration's one point (attention FLOPs removed, PSNR, SSIM), with its commit."""
+    r = bench_model(args.models, [float(args.deltas)], [], args.steps, args.calibration_prompts, args.eval_prompts,
+                    Path(args.out))
+    point = {k: r["points"][0][k] for k in ("delta", "attention_flops_reduction", "psnr_db", "ssim")}
+    return stamp({"args": QUICK, "model": args.models, "point": point})
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="sd3,wan")
     p.add_argument("--deltas", default="0.05,0.1,0.2,0.4")
     p.add_argument("--ablation-deltas", default="0.1,0.4", help="arrow-only runs (no cached heads)")
@@ -166,13 +189,24 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="artifacts/built")
     p.add_argument("--embeds", help="caption-embedding cache (.pt): read if present, written after the run")
     p.add_argument("--only-embeds", action="store_true", help="fill the --embeds cache for the models and stop")
+    p.add_argument("--quick", action="store_true", help=f"run only the quick point ({' '.join(QUICK)}) and store it "
+                   "as heads.json's \"quick\" entry (the rest of the file is kept)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    if args.quick:
+        args = p.parse_args([*argv, *QUICK])  # the quick point's settings win over any given
     if args.embeds and Path(args.embeds).is_file():
         EMBEDS.update(torch.load(args.embeds))
     if args.only_embeds:
         for name in args.models.split(","):
-            kind = MODELS[name][2]
-            encode(captions(kind, False, args.calibration_prompts) + captions(kind, True, args.eval_prompts) + [""])
+            spec = data_spec_of(MODELS[name][0])
+            encode(captions(spec.kind, False, args.calibration_prompts, spec.held_out_rule)
+                   + captions(spec.kind, True, args.eval_prompts, spec.held_out_rule) + [""])
         torch.save(EMBEDS, args.embeds)
         return 0
     logging.basicConfig(level=logging.WARNING)
@@ -180,14 +214,19 @@ def main(argv=None) -> int:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "heads.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    if args.quick:
+        results["quick"] = quick_point(args)
+        path.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results["quick"]["point"]))
+        return 0
     for name in args.models.split(","):
         deltas = [float(x) for x in args.deltas.split(",")]
         ablation = [float(x) for x in args.ablation_deltas.split(",") if x]
         r = bench_model(name, deltas, ablation, args.steps, args.calibration_prompts, args.eval_prompts, Path(args.out))
         d = args.heatmap_delta if args.heatmap_delta in r["searches"] else max(r["searches"])
         r["heatmap"] = heatmap_data(d, *r.pop("searches")[d])
-        results[name] = r
-        path.write_text(json.dumps(results, indent=1))
+        results[name] = stamp(r)  # models merged from earlier runs keep their own commit
+        path.write_text(json.dumps(stamp(results), indent=1))
     heatmap({name: r["heatmap"] for name, r in results.items() if "heatmap" in r}, RESULTS / "heads_heatmap.png")
     print(f"wrote {path} and {RESULTS / 'heads_heatmap.png'}")
     return 0

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from block_race import LATENT, TEXT_LEN, WAN_1_3B as ONE_BLOCK  # benchmarks/ is the script's directory
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 log = logging.getLogger("multi_gpu")
 
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         for mode in modes:
             result["rows"][mode] = launch(args, mode, work)
-            out.write_text(json.dumps(result, indent=1))  # what ran survives a later timeout
+            out.write_text(json.dumps(stamp(result), indent=1))  # what ran survives a later timeout
         base = result["rows"].get("single", {})
         ref = load_file(str(work / "single.safetensors"))["latents"] if (work / "single.safetensors").exists() else None
         for mode, row in result["rows"].items():
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     goals = {"cfg": 1.85, "ulysses": 1.7}
     result["goals"] = {m: {"speedup_total_at_least": g, "met": result["rows"].get(m, {}).get("speedup_total", 0) >= g}
                        for m, g in goals.items() if m in result["rows"]}
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(stamp(result), indent=1))
     for mode, row in result["rows"].items():
         if "error" in row:
             print(f"{mode:10s} ERROR {row['error']}")

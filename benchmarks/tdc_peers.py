@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
+
 log = logging.getLogger("tdc_peers")
 
 
@@ -298,7 +300,7 @@ def main(argv=None) -> int:
     results["seconds"] = time.perf_counter() - start
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(args.out).write_text(json.dumps(stamp(results), indent=1))
     plot(results, args.plot)
     print(f"{'method':18s} {'knob':>8s} {'skip':>6s} {'PSNR dB':>8s} {'SSIM':>7s}")
     for name, points in results["methods"].items():

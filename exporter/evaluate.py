@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ditbake.runtime.errors import DitbakeError, InputError
+from ditbake.runtime.errors import BackendError, DitbakeError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ class EvalResult:
     avg_activation_bits: float = 16.0
     seconds_compressed: float = 0.0
     seconds_reference: float = 0.0
+    device: str = "cpu"
     # the first sample's (reference, compressed) frames [F, C, H, W] in [0, 1] (not serialised)
     first_frames: tuple | None = field(default=None, repr=False)
 
@@ -184,7 +185,7 @@ class EvalResult:
         def finite(v):
             return v if isinstance(v, str) or math.isfinite(v) else str(v)
 
-        return {"artifact": self.artifact, "reference": self.reference,
+        return {"artifact": self.artifact, "reference": self.reference, "device": self.device,
                 "summary": {k: finite(v) for k, v in self.summary().items()},
                 "samples": [{k: finite(v) for k, v in asdict(s).items()} for s in self.samples]}
 
@@ -201,13 +202,44 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def default_prompts(n: int) -> list[str]:
-    """`n` held-out test-bed video captions, spread over the held-out set (fixed, seed-free)."""
+def default_prompts(n: int, spec=None) -> list[str]:
+    """`n` held-out captions of a test bed's data, spread over its held-out set (fixed, seed-free).
+    `spec` (exporter.testbed.data.ClipSpec) gives the kind and the held-out rule; without one, the
+    first beds' video captions under rule v1."""
     from ditbake.exporter.testbed import data  # noqa: PLC0415
 
-    held = [i for i in range(data.num_captions("video")) if data.is_held_out(i)]
+    kind, rule = (spec.kind, spec.held_out_rule) if spec is not None else ("video", "v1")
+    held = data.held_out_ids(kind, rule)
     picks = [held[(k * len(held)) // n] for k in range(n)] if n <= len(held) else held
-    return [data.caption_from_attributes("video", data.attributes_of("video", i)) for i in picks]
+    return [data.caption_from_attributes(kind, data.attributes_of(kind, i)) for i in picks]
+
+
+def testbed_spec(session, testbed: str | Path | None = None):
+    """The data spec (ClipSpec) of the test bed an artifact was built from, None for other models.
+
+    From `testbed` (a test-bed directory) when given; else from the source directory the manifest
+    records (`model.config._name_or_path`) when it is still there; else the shipped bed whose clip
+    size is the artifact's first profile (16×64×64 → wan16k, 8×32×32 → wan, 1×32×32 → sd3)."""
+    from ditbake.exporter.testbed import models as beds  # noqa: PLC0415
+
+    if testbed is not None:
+        if not (Path(testbed) / "config.json").is_file():
+            raise InputError(f"--testbed {testbed} is not a test-bed directory (no config.json); pass e.g. "
+                             "artifacts/testbed-wan16k")
+        return beds.data_spec_of(testbed)
+    if not is_test_bed(session):
+        return None
+    source = session.config.get("_name_or_path")
+    if isinstance(source, str) and (Path(source) / "config.json").is_file():
+        return beds.data_spec_of(source)
+    latent = tuple(session.profile().latent_shape)
+    for _, spec in beds.TESTBEDS.values():
+        size = (spec.height, spec.width) if spec.kind == "image" else (spec.frames, spec.height, spec.width)
+        if latent[-len(size):] == size:
+            return spec
+    log.warning("test-bed artifact of unknown clip size %s: held-out captions by rule v1; pass --testbed DIR",
+                list(latent))
+    return None
 
 
 def has_text_encoder(session) -> bool:
@@ -221,12 +253,13 @@ def is_test_bed(session) -> bool:
     return int(c.get("text_dim", c.get("text_embed_dim", c.get("joint_attention_dim", 0)))) == 384
 
 
-def eval_prompts(session, prompts: list[str] | None, num_prompts: int) -> list[str]:
-    """The given prompts, else held-out captions for a test bed, else the shipped default set."""
+def eval_prompts(session, prompts: list[str] | None, num_prompts: int, testbed: str | Path | None = None) -> list[str]:
+    """The given prompts, else held-out captions for a test bed (its own kind and held-out rule,
+    `testbed_spec`), else the shipped default set."""
     if prompts:
         return list(prompts)
-    if is_test_bed(session):
-        return default_prompts(num_prompts)
+    if is_test_bed(session) or testbed is not None:
+        return default_prompts(num_prompts, testbed_spec(session, testbed))
     from ditbake.exporter.prompt_source import default_prompts as shipped  # noqa: PLC0415
 
     return shipped(num_prompts)
@@ -254,6 +287,21 @@ def prompt_embeddings(session, prompts: list[str], seed: int,
     gen = torch.Generator().manual_seed(seed)
     embeds = torch.randn(len(prompts), profile.text_len, text_dim, generator=gen)
     return embeds, torch.zeros_like(embeds)
+
+
+def eval_device(name: str | torch.device) -> torch.device:
+    """The device both sessions run on, checked before anything loads (typed errors, not tracebacks)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"eval runs on cpu or cuda, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BackendError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def dequantize_missing_weights(session, plan) -> int:
@@ -313,20 +361,24 @@ def _check_comparable(a, b) -> None:
 def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | None = None,
              prompts: list[str] | None = None, seeds: tuple[int, ...] = (0,), *, num_prompts: int = 4,
              guidance_scale: float = 5.0, sampler: str | None = None, out: str | Path | None = None,
-             progress: bool = True, random_embeddings: bool = False) -> EvalResult:
-    """Generate with both, compare, and (with `out`) write eval.json and strip.png."""
+             progress: bool = True, random_embeddings: bool = False, device: str | torch.device = "cpu",
+             testbed: str | Path | None = None) -> EvalResult:
+    """Generate with both on `device` (cpu, cuda, cuda:N), compare, and (with `out`) write eval.json
+    and strip.png. `testbed`: the test-bed directory whose held-out captions are the default prompts
+    (else found from the artifact, `testbed_spec`)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     import ditbake.runtime as dr  # noqa: PLC0415
 
     cfg = EvalConfig(num_prompts=num_prompts, seeds=tuple(seeds), guidance_scale=guidance_scale, sampler=sampler,
                      prompts=tuple(prompts or ()))
-    compressed = dr.load(artifact_path)
+    device = eval_device(device)
+    compressed = dr.load(artifact_path, device=device)
     if reference_artifact_path is not None:
-        reference = dr.load(reference_artifact_path)
+        reference = dr.load(reference_artifact_path, device=device)
         reference_name = str(reference_artifact_path)
     else:
-        reference = dr.load(artifact_path)
+        reference = dr.load(artifact_path, device=device)
         reference.plan = baseline_plan(compressed.plan)
         reference_name = f"{artifact_path} (baseline plan)"
         dequantized = dequantize_missing_weights(reference, reference.plan)
@@ -336,13 +388,13 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
                         dequantized)
             reference_name += f" ({dequantized} NVFP4-only layers dequantized)"
     _check_comparable(compressed, reference)
-    prompt_list = eval_prompts(compressed, list(cfg.prompts), cfg.num_prompts)
+    prompt_list = eval_prompts(compressed, list(cfg.prompts), cfg.num_prompts, testbed)
     by_text = has_text_encoder(compressed)  # the session encodes (with pooled vectors where the model has them)
     if not by_text:
         embeds, negative = prompt_embeddings(compressed, prompt_list, cfg.seeds[0], random_embeddings)
     arch = compressed.artifact.architecture
     result = EvalResult(artifact=str(artifact_path), reference=reference_name,
-                        avg_activation_bits=average_activation_bits(compressed.plan))
+                        avg_activation_bits=average_activation_bits(compressed.plan), device=str(device))
     skips, attn_done, attn_dense, first_pair = [], 0.0, 0.0, None
     jobs = [(i, s) for i in range(len(prompt_list)) for s in cfg.seeds]
     for i, seed in tqdm(jobs, desc="evaluate", disable=not progress):
@@ -424,7 +476,8 @@ def cmd_eval(args) -> int:
         prompts = prompts[:args.num_prompts]
     result = evaluate(args.artifact, args.reference, prompts=prompts, seeds=_seeds(args),
                       num_prompts=args.num_prompts or 4, guidance_scale=args.guidance, sampler=args.sampler,
-                      out=args.out, random_embeddings=args.random_embeddings)
+                      out=args.out, random_embeddings=args.random_embeddings, device=args.device,
+                      testbed=args.testbed)
     print(result.table())  # the command's output: the table
     log.info("wrote %s and %s", Path(args.out) / "eval.json", Path(args.out) / "strip.png")
     return 0
@@ -448,5 +501,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-seeds", type=int, default=1, help="seeds per prompt: seed, seed+1, …")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the pipeline's own, else 5)")
     p.add_argument("--sampler")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both artifacts generate")
+    p.add_argument("--testbed", help="test-bed directory (e.g. artifacts/testbed-wan16k) whose held-out captions are "
+                                     "the default prompts (default: found from the artifact's source / shape)")
     p.set_defaults(func=cmd_eval)
     return p
