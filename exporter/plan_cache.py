@@ -2,23 +2,28 @@
 
 A skipped block returns h + Δ, with Δ = out − in cached at its last compute. The error a run of
 skips incurs is bounded (triangle inequality) by the sum of the calibrated step-to-step relative
-changes of Δ over the skipped steps, so per CFG branch and block we walk the steps:
+changes of Δ over the skipped steps, so per block (both CFG branches together) we walk the steps:
 
     skip step i  iff  i is not unsafe,  run < max_run,  and  acc + change[i] ≤ τ
     (acc and run reset at every compute)
 
-`change[i]` is the mean over calibration prompts of ‖Δ_i − Δ_{i−1}‖₁ / ‖Δ_{i−1}‖₁. Unsafe steps
-are the first step (no cache yet) and the leading steps whose median change over blocks exceeds
-τ, per CFG branch: the early, fast-moving part of the trajectory, measured rather than fixed.
+`change[i]` is the mean over calibration prompts and CFG branches of ‖Δ_i − Δ_{i−1}‖₁ / ‖Δ_{i−1}‖₁.
+Unsafe steps are the first step (no cache yet) and the leading steps whose median change over
+blocks exceeds τ: the early, fast-moving part of the trajectory, measured rather than fixed.
 
-A skip budget is met by `nested_schedule`, not by bisecting τ: the τ walk above is greedy along
-the steps, so a larger τ can move skips to other steps (a skip that now fits carries its
-accumulated change into the next step, which then no longer fits), and the unsafe prefix shrinks
-with τ, so a larger budget can suddenly open the fast-moving early steps. Quality then jumped
-with the budget (measured: per step 22 dB at 30 % but 29 dB at 40 %). `nested_schedule` ranks
-every skip once, cheapest first, by the growth of the summed accumulated change Σ acc it causes,
-and a budget takes the shortest prefix of that ranking: a larger budget keeps every skip of a
-smaller one and adds the next cheapest, so quality can only degrade step by step.
+The CFG branches skip together: in u + g·(c − u) a branch that is stale alone has its error
+multiplied by g (or g − 1), while both stale together largely cancel in c − u. Planned apart,
+their skips fell on alternate steps at some budgets and not at others.
+
+A skip budget is met by `nested_schedule`, not by bisecting τ: the τ walk is greedy along the
+steps, so a larger τ can move skips to other steps (a skip that now fits carries its accumulated
+change into the next step, which then no longer fits), and the unsafe prefix shrinks with τ.
+Quality jumped with the budget (issue 18: per step 22 dB at 30 %, 29 dB at 40 %; the diagnosis
+is in benchmarks/results/tdc_monotone_cpu.json). `nested_schedule` ranks every skip once,
+cheapest first, by the growth of the summed accumulated change Σ acc it causes, and a budget
+takes the shortest prefix of that ranking: a larger budget is a smaller one plus the next
+cheapest skips. With max_run = 2 the ranking reaches about half of the steps (lone skips come
+first and a lone skip between two others would make a run of 3); more needs a larger max_run.
 """
 from __future__ import annotations
 
@@ -262,5 +267,6 @@ def plan_schedule(delta_change: torch.Tensor, config: CacheConfig, gamma: torch.
         sched = nested_schedule(change, config.skip_budget, config.max_run)
     else:
         sched = schedule(change, config.tau, config.max_run)
-    return SkipSchedule(sched.skip.expand(branches, -1, blocks).clone(), sched.tau, sched.unsafe_steps * branches,
+    return SkipSchedule(sched.skip.expand(branches, -1, blocks).clone(), sched.tau,
+                        sched.unsafe_steps * branches,
                         sched.predicted_error.expand(branches, -1, blocks).clone())

@@ -55,7 +55,8 @@ def test_cfg_branches_skip_together():
     s = plan_schedule(change, CacheConfig(tau=0.05, max_run=2))
     assert not s.skip.any()
     change[0, 1] = 0.02
-    for cfg in (CacheConfig(tau=0.05, max_run=2), CacheConfig(skip_budget=0.4), CacheConfig(skip_budget=0.4, granularity="step")):
+    for cfg in (CacheConfig(tau=0.05, max_run=2), CacheConfig(skip_budget=0.4),
+                CacheConfig(skip_budget=0.4, granularity="step")):
         s = plan_schedule(change, cfg)
         assert s.skip[0].any() and torch.equal(s.skip[0], s.skip[1])
 
