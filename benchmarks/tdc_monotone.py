@@ -29,16 +29,19 @@ log = logging.getLogger("tdc_monotone")
 # (caption, held-out status for the shipped small test bed, trained with rule v1 held out)
 PROMPTS = (
     ("a small red circle moving quickly up on a brown background", "v1 held-out (never seen)"),
-    ("a large yellow square moving slowly up on a brown background", "v1 held-out (never seen)"),
-    ("a small purple triangle moving quickly right on a brown background", "v1 held-out (never seen)"),
-    ("a large purple triangle moving slowly left on a brown background", "v1 held-out (never seen)"),
     ("a small green triangle moving quickly down on a blue background", "v2 held-out only: SEEN in training"),
+    ("a small purple triangle moving quickly right on a brown background", "v1 held-out (never seen)"),
+    ("a large yellow square moving slowly up on a brown background", "v1 held-out (never seen)"),
     ("a large red square moving slowly up on a gray background", "v2 held-out only: SEEN in training"),
+    ("a large purple triangle moving slowly left on a brown background", "v1 held-out (never seen)"),
 )
 SEEDS = (1234, 777, 4242)  # prompt k runs seed SEEDS[k % 3]
 # tdc_peers.py's knobs whose skip fractions on this bed fall in 10-60 % (FirstBlockCache 0.02 / 0.05
 # skip nothing, TaylorSeer 4 skips 65 %)
 PEER_KNOBS = {"MagCache": (0.02, 0.06, 0.12, 0.25), "FirstBlockCache": (0.1, 0.2, 0.4), "TaylorSeerCache": (2, 3)}
+PEER_ORDER = (("MagCache", 0.02), ("MagCache", 0.06), ("FirstBlockCache", 0.1), ("TaylorSeerCache", 2),
+              ("MagCache", 0.12), ("FirstBlockCache", 0.2), ("MagCache", 0.25), ("FirstBlockCache", 0.4),
+              ("TaylorSeerCache", 3))  # most informative first: a run cut short still has them
 
 
 def _peers_module():
@@ -64,14 +67,16 @@ class Bench:
         self.args = args
         self.cache = Path(args.cache)
         self.cache.mkdir(parents=True, exist_ok=True)
-        self.adapter = adapter_for(models.load(args.model))
+        self.device = torch.device(args.device)
+        self.adapter = adapter_for(models.load(args.model).to(self.device))
         self.latent = self.adapter.latent_shape(args.frames, args.size, args.size)
         self.encoder = TextEncoder.load(max_length=16)
         self.prompts = [p for p, _ in PROMPTS[:args.prompts]]
-        self.embeds = self.encoder.encode(self.prompts)
-        self.negative = self.encoder.encode([""])
+        self.embeds = self.encoder.encode(self.prompts).to(self.device)
+        self.negative = self.encoder.encode([""]).to(self.device)
         self.seeds = [SEEDS[k % len(SEEDS)] for k in range(len(self.prompts))]
-        self.noise = [torch.randn((1, *self.latent), generator=torch.Generator().manual_seed(s)) for s in self.seeds]
+        self.noise = [torch.randn((1, *self.latent), generator=torch.Generator().manual_seed(s)).to(self.device)
+                      for s in self.seeds]
         self.shape_kwargs = dict(height=self.latent[2] * 8, width=self.latent[3] * 8,
                                  num_frames=(self.latent[1] - 1) * 4 + 1)
 
@@ -116,16 +121,14 @@ class Bench:
 
     def calibration(self):
         from ditbake.exporter import calibrate as cal
-        from ditbake.exporter.testbed import data
 
         path = self.cache / f"cal{self.args.calib_prompts}"
         if path.is_dir():
             return cal.CalibrationStats.load(path), self.calib_captions()
-        stats = cal.calibrate(self.adapter, self.encoder.encode(self.calib_captions()), self.negative,
+        stats = cal.calibrate(self.adapter, self.encoder.encode(self.calib_captions()), self.negative.cpu(),
                               latent=self.latent, sampler=self.args.sampler, num_steps=self.args.steps,
                               guidance_scale=self.args.guidance, seed=7, source=self.args.model, progress=False)
         stats.save(path, force=True)
-        del data
         return stats, self.calib_captions()
 
     def calib_captions(self) -> list[str]:
@@ -135,11 +138,8 @@ class Bench:
         return [train[(k * 97) % len(train)] for k in range(self.args.calib_prompts)]  # as tdc_peers.py
 
     def tdc(self, granularity: str, refs) -> dict:
-        from ditbake.exporter import build as builder
         from ditbake.exporter.plan_cache import CacheConfig
         from ditbake.exporter.planner import plan_from_calibration
-        from ditbake.runtime import load
-        from ditbake.runtime.artifact import Profile
 
         stats, captions = self.calibration()
         points = []
@@ -150,18 +150,9 @@ class Bench:
                                                                max_run=self.args.max_run))
                 skipped = sorted([i, br] for i, step in enumerate(plan.steps) for br, ids in step.items()
                                  if all(not plan.variants[v].compute for v in ids))
-                path = builder.build(self.adapter, plan, Path(tmp) / f"{granularity}{budget}",
-                                     profiles=[Profile("p", self.latent, 16)], samplers=[self.args.sampler],
-                                     dtype=torch.float32, progress=False)
-                session = load(path, device="cpu")
-                outs, skips = [], []
-                for i in range(len(self.prompts)):
-                    r = session.generate(self.embeds[i:i + 1], self.negative, guidance_scale=self.args.guidance,
-                                         latents=self.noise[i])
-                    outs.append(r.latents.cpu())
-                    skips.append(r.report.skip_fraction)
-                point = {"knob": budget, "max_run": self.args.max_run, "skip_fraction": sum(skips) / len(skips), **self.fidelity(outs, refs),
-                         "tdc": plan.predicted["tdc"], "whole_steps_skipped": skipped}
+                result = self.run_plan(plan, refs, tmp, f"{granularity}{budget}")
+                point = {"knob": budget, "max_run": self.args.max_run, **result, "tdc": plan.predicted["tdc"],
+                         "whole_steps_skipped": skipped}
                 points.append(point)
                 log.info("TDC %s %.2f: skip %.3f psnr %.2f ssim %.4f", granularity, budget, point["skip_fraction"],
                          point["psnr_db"], point["ssim"])
@@ -176,7 +167,7 @@ class Bench:
 
         path = builder.build(self.adapter, plan, Path(tmp) / name, profiles=[Profile("p", self.latent, 16)],
                              samplers=[self.args.sampler], dtype=torch.float32, progress=False)
-        session = load(path, device="cpu")
+        session = load(path, device=self.args.device)
         outs, skips = [], []
         for i in range(len(self.prompts)):
             r = session.generate(self.embeds[i:i + 1], self.negative, guidance_scale=self.args.guidance,
@@ -195,7 +186,7 @@ class Bench:
         stats, captions = self.calibration()
         change = mean_change(stats.tensors["delta_change"]).mean(-1, keepdim=True)
         cases = []
-        for budget in (0.25, 0.3, 0.35, 0.4):
+        for budget in (0.3, 0.4):
             skip = search_tau(change, budget, 2).skip[..., 0]
             cases.append((f"pre-fix tau search, per step, budget {budget:.2f}", skip))
             if budget == 0.3:
@@ -219,17 +210,15 @@ class Bench:
 
     def peers(self, refs) -> dict:
         peers = _peers_module()
-        from ditbake.exporter import calibrate as cal  # noqa: F401  (diffusers import order as tdc_peers)
-
         # MagCache's per-step ratios from its own calibration mode, on one calibration caption (not
         # the evaluation prompts: ditbake calibrates on training captions too)
-        emb = self.encoder.encode(self.calib_captions()[:1])
+        emb = self.encoder.encode(self.calib_captions()[:1]).to(self.device)
         ratios = peers.mag_ratios(self.adapter, {"steps": self.args.steps, "call": lambda: peers.run_pipeline(
             self.adapter, self.args.sampler, self.args.steps, self.noise[0], emb, self.negative, self.args.guidance,
             self.shape_kwargs)})
         methods = {}
         configs = [c for c in peers.peer_configs(self.args.steps, ratios) if c[1] in PEER_KNOBS.get(c[0], ())]
-        for name, knob, config in sorted(configs, key=lambda c: list(PEER_KNOBS).index(c[0])):
+        for name, knob, config in sorted(configs, key=lambda c: PEER_ORDER.index(c[:2])):
             self.adapter.model.enable_cache(config)
             try:
                 outs, skip = self.run_peer(f"{name}({knob})")
@@ -245,7 +234,8 @@ def report(args) -> None:
     out = {"what": "TDC skip-budget sweep at 5 % steps vs diffusers caches (issue 18 item 2)",
            "model": args.model, "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
            "latent_shape": [3, args.frames, args.size, args.size],
-           "machine": "2-core shared CPU, eager runtime float32 (diffusers pipelines float32)",
+           "machine": (torch.cuda.get_device_name() if args.device == "cuda" else "2-core CPU shared with ~7 other agents")
+           + ", eager runtime float32 (diffusers pipelines float32)",
            "prompts": [{"caption": p, "status": s, "seed": SEEDS[k % len(SEEDS)]}
                        for k, (p, s) in enumerate(PROMPTS[:args.prompts])],
            "reference": "uncached diffusers WanPipeline, same initial noise (torch.randn, Generator seeded by the seed)",
@@ -315,6 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default=",".join(f"{b / 100:.2f}" for b in range(10, 61, 5)))
     p.add_argument("--max-run", type=int, default=2, help="TDC max consecutive skips")
     p.add_argument("--tag", default="", help="suffix of this process's part files (parallel processes)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the JSON records which)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="out/tdc_monotone")
     p.add_argument("--out", default="benchmarks/results/tdc_monotone_cpu.json")
@@ -330,6 +321,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     # parts other than the reference wait for its file only when they need it (parallel processes)
     refs = bench.reference() if "reference" in parts else None
+    commit = git_commit()  # the code this process runs (HEAD may move while it does)
     for part in parts:
         t = time.perf_counter()
         if part in ("block", "step"):
@@ -340,7 +332,7 @@ def main(argv=None) -> int:
             bench.peers(refs)
         elif part not in ("reference", "report"):
             raise SystemExit(f"unknown part {part!r}")
-        meta = {"git_commit": git_commit(), "seconds": time.perf_counter() - t}
+        meta = {"git_commit": commit, "seconds": time.perf_counter() - t}
         (Path(args.cache) / f"meta_{part}{args.tag}.json").write_text(json.dumps(meta, indent=1))
     log.info("done in %.0f s", time.perf_counter() - start)
     if "report" in parts:
