@@ -152,10 +152,10 @@ def search_tau(change: torch.Tensor, budget: float, max_run: int, iters: int = 4
     return best
 
 
-def _column_cost(change: torch.Tensor, skip: list[bool]) -> float:
+def _column_cost(change: list[float], skip: list[bool]) -> float:
     """Σ over skipped steps of the run's accumulated change (the bound of each skip's error)."""
     cost, acc = 0.0, 0.0
-    for c, s in zip(change.tolist(), skip):
+    for c, s in zip(change, skip):
         acc = acc + c if s else 0.0
         cost += acc if s else 0.0
     return cost
@@ -172,8 +172,9 @@ def _longest_run(skip: list[bool], i: int) -> int:
     return hi - lo + 1
 
 
-def skip_ranking(change: torch.Tensor, max_run: int) -> list[tuple[int, int, int]]:
-    """Every admissible skip (branch, step, column), in the order a growing budget adds them.
+def skip_ranking(change: torch.Tensor, max_run: int, limit: int | None = None) -> list[tuple[int, int, int]]:
+    """Every admissible skip (branch, step, column), in the order a growing budget adds them (the
+    first `limit` of them if given: the order does not depend on it).
 
     Greedy: repeatedly add the skip whose addition grows its column's Σ acc the least (acc: the
     change accumulated since the run's last compute), never the first step (no cache yet) nor a
@@ -186,10 +187,10 @@ def skip_ranking(change: torch.Tensor, max_run: int) -> list[tuple[int, int, int
     base = [[0.0] * cols for _ in range(branches)]
 
     def marginals(br: int, col: int) -> list[float]:
-        column, state = change[br, :, col], skip[br][col]
+        column, state = change[br, :, col].tolist(), skip[br][col]
         out = [float("inf")] * steps
         for i in range(1, steps):
-            if state[i] or not torch.isfinite(column[i]) or _longest_run(state, i) > max_run:
+            if state[i] or not math.isfinite(column[i]) or _longest_run(state, i) > max_run:
                 continue
             trial = state.copy()
             trial[i] = True
@@ -199,7 +200,7 @@ def skip_ranking(change: torch.Tensor, max_run: int) -> list[tuple[int, int, int
     cost = torch.tensor([[marginals(br, col) for col in range(cols)] for br in range(branches)],
                         dtype=torch.float64).permute(0, 2, 1).contiguous()  # [branch, step, col]
     order = []
-    while True:
+    while limit is None or len(order) < limit:
         # lowest cost first; ties to the later step (calmer), then the lower branch / column
         best = float(cost.min())
         if not best < float("inf"):
@@ -207,17 +208,18 @@ def skip_ranking(change: torch.Tensor, max_run: int) -> list[tuple[int, int, int
         hits = (cost == best).nonzero().tolist()
         br, i, col = min(hits, key=lambda h: (-h[1], h[0], h[2]))
         skip[br][col][i] = True
-        base[br][col] = _column_cost(change[br, :, col], skip[br][col])
+        base[br][col] = _column_cost(change[br, :, col].tolist(), skip[br][col])
         order.append((br, i, col))
         cost[br, :, col] = torch.tensor(marginals(br, col), dtype=torch.float64)
+    return order
 
 
 def nested_schedule(change: torch.Tensor, budget: float, max_run: int) -> SkipSchedule:
     """The shortest prefix of `skip_ranking` that skips at least `budget` of the entries of
     `change` [branch, step, column]: schedules of growing budgets are nested."""
     branches, steps, cols = change.shape
-    ranking = skip_ranking(change, max_run)
     need = math.ceil(budget * branches * steps * cols - 1e-9)
+    ranking = skip_ranking(change, max_run, need)
     if need > len(ranking):
         log.warning("skip budget %.2f unreachable with max_run=%d; best is %.3f", budget, max_run,
                     len(ranking) / (branches * steps * cols))
