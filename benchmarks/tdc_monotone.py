@@ -259,12 +259,41 @@ def report(args) -> None:
         d = json.loads((cache / "part_peers.json").read_text())
         out["methods"].update(d["methods"])
         out["mag_ratios"] = d["mag_ratios"]
+    cal_dir = cache / f"cal{args.calib_prompts}"
+    if cal_dir.is_dir():
+        out["schedules"] = schedules(cal_dir, args.budgets)
     Path(args.out).write_text(json.dumps(out, indent=1))
     plot(out, args.plot)
     print(f"{'method':24s} {'knob':>6s} {'skip':>6s} {'PSNR dB':>8s} {'SSIM':>7s}")
     for name, pts in out["methods"].items():
         for q in pts:
             print(f"{name:24s} {q['knob']:>6} {q['skip_fraction']:6.3f} {q['psnr_db']:8.2f} {q['ssim']:7.4f}")
+
+
+def schedules(cal_dir: Path, budgets: str) -> dict:
+    """Planning only (no model runs): the per-step schedules before and after the fix, per budget:
+    which steps each CFG branch skips, and how many skips of the previous budget were dropped."""
+    from ditbake.exporter.calibrate import CalibrationStats
+    from ditbake.exporter.plan_cache import CacheConfig, plan_schedule
+
+    stats = CalibrationStats.load(cal_dir)
+    out = {}
+    for search in ("tau", "nested"):
+        for gran in ("step", "block"):
+            rows, prev = [], None
+            for b in [float(x) for x in budgets.split(",")]:
+                s = plan_schedule(stats.tensors["delta_change"], CacheConfig(skip_budget=b, granularity=gran,
+                                                                             search=search))
+                row = {"budget": b, "skip_fraction": s.skip_fraction,
+                       "dropped_from_previous_budget": None if prev is None else int((prev & ~s.skip).sum()),
+                       "branches_differ": int((s.skip[0] != s.skip[1]).sum())}
+                if gran == "step":
+                    row["skipped_steps"] = {br: s.skip[k, :, 0].nonzero().flatten().tolist()
+                                            for k, br in enumerate(("cond", "uncond"))}
+                rows.append(row)
+                prev = s.skip
+            out[f"{'pre-fix tau bisection, branches apart' if search == 'tau' else 'fixed: nested ranking, branches together'}, per {gran}"] = rows
+    return out
 
 
 def plot(results: dict, path: str) -> None:
