@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("relative", "residual")
 GRANULARITIES = ("block", "step")
+SEARCHES = ("nested", "tau")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class CacheConfig:
     metric: str = "relative"
     granularity: str = "block"
     extrapolate: str = "none"
+    # "nested" (CFG branches together, budgets by the skip ranking) or "tau" (each branch walks
+    # on its own, budgets bisect τ): the rule adaptive plans re-run online (runtime/adaptive.py)
+    search: str = "nested"
 
     def __post_init__(self):
         if not self.tau >= 0:
@@ -80,6 +84,8 @@ class CacheConfig:
             raise PlanError(f"TDC metric must be one of {METRICS}, got {self.metric!r}")
         if self.extrapolate not in EXTRAPOLATIONS:
             raise PlanError(f"TDC extrapolate must be one of {EXTRAPOLATIONS}, got {self.extrapolate!r}")
+        if self.search not in SEARCHES:
+            raise PlanError(f"TDC search must be one of {SEARCHES}, got {self.search!r}")
         if self.granularity not in GRANULARITIES:
             raise PlanError(f"TDC granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
@@ -260,15 +266,19 @@ def plan_schedule(delta_change: torch.Tensor, config: CacheConfig, gamma: torch.
     branches, _, blocks = change.shape
     # CFG branches skip together: the guided prediction u + g·(c − u) multiplies an error of one
     # branch alone by g (or g − 1), while errors of both stale branches largely cancel in c − u.
-    # Planned apart, the branches' skips fell on alternate steps at some budgets (measured: 22 dB
-    # instead of 29 dB at 30 % per step; benchmarks/results/tdc_monotone_cpu.json "diagnosis").
-    change = change.mean(dim=0, keepdim=True)
+    # Planned apart, the branches' skips fell on alternate steps at some budgets (issue 18: 22 dB at
+    # 30 % per step, 29 dB at 40 %; benchmarks/results/tdc_monotone_cpu.json "diagnosis").
+    if config.search == "nested":
+        change = change.mean(dim=0, keepdim=True)
     if config.granularity == "step":
         change = change.mean(dim=-1, keepdim=True)  # one decision per step
-    if config.skip_budget is not None:
+    if config.skip_budget is not None and config.search == "nested":
         sched = nested_schedule(change, config.skip_budget, config.max_run)
+    elif config.skip_budget is not None:
+        sched = search_tau(change, config.skip_budget, config.max_run)
     else:
         sched = schedule(change, config.tau, config.max_run)
+    together = sched.skip.shape[0] == 1
     return SkipSchedule(sched.skip.expand(branches, -1, blocks).clone(), sched.tau,
-                        sched.unsafe_steps * branches,
+                        sched.unsafe_steps * branches if together else sched.unsafe_steps,
                         sched.predicted_error.expand(branches, -1, blocks).clone())

@@ -67,7 +67,7 @@ def test_unsafe_prefix_measured():
 
 
 def test_config_validation():
-    for bad in (dict(tau=-1), dict(max_run=-1), dict(skip_budget=1.5)):
+    for bad in (dict(tau=-1), dict(max_run=-1), dict(skip_budget=1.5), dict(search="bisect")):
         with pytest.raises(PlanError):
             CacheConfig(**bad)
 
