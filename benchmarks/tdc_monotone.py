@@ -240,6 +240,8 @@ def report(args) -> None:
                        for k, (p, s) in enumerate(PROMPTS[:args.prompts])],
            "reference": "uncached diffusers WanPipeline, same initial noise (torch.randn, Generator seeded by the seed)",
            "methods": {}}
+    if args.note:
+        out["note"] = args.note
     out["git_commit"], out["seconds"] = {}, {}
     for path in sorted(cache.glob("meta_*.json")):  # one per process: parts may run in parallel
         for key, value in json.loads(path.read_text()).items():
@@ -308,6 +310,11 @@ def plot(results: dict, path: str) -> None:
         style = "-" if name.startswith("ditbake") else "--"
         for ax, key in zip(axes, ("psnr_db", "ssim")):
             ax.plot([q["skip_fraction"] for q in pts], [q[key] for q in pts], style, marker="o", label=name)
+    for q in results.get("diagnosis", []):  # pre-fix schedules (and the aligned control) as single points
+        pre = q["label"].startswith("pre-fix")
+        for ax, key in zip(axes, ("psnr_db", "ssim")):
+            ax.plot([q["skip_fraction"]], [q[key]], "x" if pre else "+", color="red" if pre else "black",
+                    markersize=9, label=q["label"] if key == "psnr_db" else None)
     for ax, key in zip(axes, ("PSNR vs uncached (dB)", "SSIM vs uncached")):
         ax.set_xlabel("fraction of block computations skipped")
         ax.set_ylabel(key)
@@ -335,6 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-run", type=int, default=2, help="TDC max consecutive skips")
     p.add_argument("--tag", default="", help="suffix of this process's part files (parallel processes)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the JSON records which)")
+    p.add_argument("--note", default="", help="report: a remark stored in the JSON")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="out/tdc_monotone")
     p.add_argument("--out", default="benchmarks/results/tdc_monotone_cpu.json")
