@@ -168,15 +168,15 @@ def test_tau_bisection_was_not_nested(rng_seed):
 
 
 def test_nested_on_a_calibrated_tiny_model(tmp_path):
-    """The same on a real calibration of a tiny random Wan (4 prompts × 2 branches × 12 steps)."""
+    """The same on a real calibration of a tiny random Wan (2 prompts × 2 branches × 10 steps)."""
     from ditbake.exporter import calibrate as cal, models
     from ditbake.exporter.adapters import adapter_for
 
     adapter = adapter_for(models.load("tiny-wan"))
-    latent = adapter.latent_shape(2, 16, 16)
+    latent = adapter.latent_shape(2, 8, 8)
     text_dim = int(adapter.config["text_dim"])
-    stats = cal.calibrate(adapter, cal.random_prompt_embeds(4, 8, text_dim, seed=3), None, latent=latent,
-                          sampler="unipc", num_steps=12, guidance_scale=5.0, seed=0, source="tiny-wan", progress=False)
+    stats = cal.calibrate(adapter, cal.random_prompt_embeds(2, 8, text_dim, seed=3), None, latent=latent,
+                          sampler="unipc", num_steps=10, guidance_scale=5.0, seed=0, source="tiny-wan", progress=False)
     change = stats.tensors["delta_change"]
     for granularity in ("block", "step"):
         steps = _nested_costs(change, granularity)
