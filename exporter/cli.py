@@ -395,7 +395,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="max|X|/mean|X| above which a layer runs bf16 at a refresh")
     g = p.add_argument_group("Temporal Delta Cache (skip blocks, reuse cached residual)")
     g.add_argument("--tdc-tau", type=float, help="accumulated Δ-change threshold per skip run")
-    g.add_argument("--tdc-skip-budget", type=float, help="target fraction of block computations to skip (searches tau)")
+    g.add_argument("--tdc-skip-budget", type=float,
+                   help="target fraction of block computations to skip (a larger budget keeps every skip of a smaller one)")
     g.add_argument("--tdc-max-run", type=int, default=2, help="most consecutive skips of one block")
     g.add_argument("--tdc-metric", default="relative", choices=("relative", "residual"),
                    help="skip error measured against the block's Δ (paper) or against its input")

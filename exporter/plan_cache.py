@@ -2,18 +2,33 @@
 
 A skipped block returns h + Δ, with Δ = out − in cached at its last compute. The error a run of
 skips incurs is bounded (triangle inequality) by the sum of the calibrated step-to-step relative
-changes of Δ over the skipped steps, so per CFG branch and block we walk the steps:
+changes of Δ over the skipped steps, so per block (both CFG branches together) we walk the steps:
 
     skip step i  iff  i is not unsafe,  run < max_run,  and  acc + change[i] ≤ τ
     (acc and run reset at every compute)
 
-`change[i]` is the mean over calibration prompts of ‖Δ_i − Δ_{i−1}‖₁ / ‖Δ_{i−1}‖₁. Unsafe steps
-are the first step (no cache yet) and the leading steps whose median change over blocks exceeds
-τ, per CFG branch: the early, fast-moving part of the trajectory, measured rather than fixed.
+`change[i]` is the mean over calibration prompts and CFG branches of ‖Δ_i − Δ_{i−1}‖₁ / ‖Δ_{i−1}‖₁.
+Unsafe steps are the first step (no cache yet) and the leading steps whose median change over
+blocks exceeds τ: the early, fast-moving part of the trajectory, measured rather than fixed.
+
+The CFG branches skip together: in u + g·(c − u) a branch that is stale alone has its error
+multiplied by g (or g − 1), while both stale together largely cancel in c − u. Planned apart,
+their skips fell on alternate steps at some budgets and not at others.
+
+A skip budget is met by `nested_schedule`, not by bisecting τ: the τ walk is greedy along the
+steps, so a larger τ can move skips to other steps (a skip that now fits carries its accumulated
+change into the next step, which then no longer fits), and the unsafe prefix shrinks with τ.
+Quality jumped with the budget (issue 18: per step 22 dB at 30 %, 29 dB at 40 %; the diagnosis
+is in benchmarks/results/tdc_monotone_cpu.json). `nested_schedule` ranks every skip once,
+cheapest first, by the growth of the summed accumulated change Σ acc it causes, and a budget
+takes the shortest prefix of that ranking: a larger budget is a smaller one plus the next
+cheapest skips. With max_run = 2 the ranking reaches about half of the steps (lone skips come
+first and a lone skip between two others would make a run of 3); more needs a larger max_run.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +41,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("relative", "residual")
 GRANULARITIES = ("block", "step")
+SEARCHES = ("nested", "tau")
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,9 @@ class CacheConfig:
     metric: str = "relative"
     granularity: str = "block"
     extrapolate: str = "none"
+    # "nested" (CFG branches together, budgets by the skip ranking) or "tau" (each branch walks
+    # on its own, budgets bisect τ): the rule adaptive plans re-run online (runtime/adaptive.py)
+    search: str = "nested"
 
     def __post_init__(self):
         if not self.tau >= 0:
@@ -65,6 +84,8 @@ class CacheConfig:
             raise PlanError(f"TDC metric must be one of {METRICS}, got {self.metric!r}")
         if self.extrapolate not in EXTRAPOLATIONS:
             raise PlanError(f"TDC extrapolate must be one of {EXTRAPOLATIONS}, got {self.extrapolate!r}")
+        if self.search not in SEARCHES:
+            raise PlanError(f"TDC search must be one of {SEARCHES}, got {self.search!r}")
         if self.granularity not in GRANULARITIES:
             raise PlanError(f"TDC granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
@@ -78,7 +99,7 @@ class SkipSchedule:
 
     @property
     def skip_fraction(self) -> float:
-        return float(self.skip.float().mean())
+        return float(self.skip.double().mean())  # float32 would put 42/120 below 0.35
 
 
 def mean_change(delta_change: torch.Tensor) -> torch.Tensor:
@@ -137,6 +158,94 @@ def search_tau(change: torch.Tensor, budget: float, max_run: int, iters: int = 4
     return best
 
 
+def _column_cost(change: list[float], skip: list[bool]) -> float:
+    """Σ over skipped steps of the run's accumulated change (the bound of each skip's error)."""
+    cost, acc = 0.0, 0.0
+    for c, s in zip(change, skip):
+        acc = acc + c if s else 0.0
+        cost += acc if s else 0.0
+    return cost
+
+
+def _longest_run(skip: list[bool], i: int) -> int:
+    """Length of the run of skips through step i if i were skipped."""
+    lo = i
+    while lo > 0 and skip[lo - 1]:
+        lo -= 1
+    hi = i
+    while hi + 1 < len(skip) and skip[hi + 1]:
+        hi += 1
+    return hi - lo + 1
+
+
+def skip_ranking(change: torch.Tensor, max_run: int, limit: int | None = None) -> list[tuple[int, int, int]]:
+    """Every admissible skip (branch, step, column), in the order a growing budget adds them (the
+    first `limit` of them if given: the order does not depend on it).
+
+    Greedy: repeatedly add the skip whose addition grows its column's Σ acc the least (acc: the
+    change accumulated since the run's last compute), never the first step (no cache yet) nor a
+    skip that would make a run longer than max_run. Ties go to the later step, then the lower
+    index. Fast-moving steps come last because their own change is large, so no τ-dependent
+    unsafe prefix is needed."""
+    branches, steps, cols = change.shape
+    change = torch.nan_to_num(change.double(), nan=float("inf"))
+    skip = [[[False] * steps for _ in range(cols)] for _ in range(branches)]
+    base = [[0.0] * cols for _ in range(branches)]
+
+    def marginals(br: int, col: int) -> list[float]:
+        column, state = change[br, :, col].tolist(), skip[br][col]
+        out = [float("inf")] * steps
+        for i in range(1, steps):
+            if state[i] or not math.isfinite(column[i]) or _longest_run(state, i) > max_run:
+                continue
+            trial = state.copy()
+            trial[i] = True
+            out[i] = _column_cost(column, trial) - base[br][col]
+        return out
+
+    cost = torch.tensor([[marginals(br, col) for col in range(cols)] for br in range(branches)],
+                        dtype=torch.float64).permute(0, 2, 1).contiguous()  # [branch, step, col]
+    order = []
+    while limit is None or len(order) < limit:
+        # lowest cost first; ties to the later step (calmer), then the lower branch / column
+        best = float(cost.min())
+        if not best < float("inf"):
+            return order
+        hits = (cost == best).nonzero().tolist()
+        br, i, col = min(hits, key=lambda h: (-h[1], h[0], h[2]))
+        skip[br][col][i] = True
+        base[br][col] = _column_cost(change[br, :, col].tolist(), skip[br][col])
+        order.append((br, i, col))
+        cost[br, :, col] = torch.tensor(marginals(br, col), dtype=torch.float64)
+    return order
+
+
+def nested_schedule(change: torch.Tensor, budget: float, max_run: int) -> SkipSchedule:
+    """The shortest prefix of `skip_ranking` that skips at least `budget` of the entries of
+    `change` [branch, step, column]: schedules of growing budgets are nested."""
+    branches, steps, cols = change.shape
+    need = math.ceil(budget * branches * steps * cols - 1e-9)
+    ranking = skip_ranking(change, max_run, need)
+    if need > len(ranking):
+        log.warning("skip budget %.2f unreachable with max_run=%d; best is %.3f", budget, max_run,
+                    len(ranking) / (branches * steps * cols))
+    skip = torch.zeros(branches, steps, cols, dtype=torch.bool)
+    for br, i, col in ranking[:need]:
+        skip[br, i, col] = True
+    error = torch.zeros(branches, steps, cols, dtype=torch.float64)
+    tau = 0.0
+    for br in range(branches):
+        for col in range(cols):
+            acc = 0.0
+            for i in range(steps):
+                acc = acc + float(change[br, i, col]) if skip[br, i, col] else 0.0
+                error[br, i, col] = acc
+                tau = max(tau, acc)
+    # "unsafe" here: the leading steps no skip of the budget touches, per branch
+    unsafe = tuple(int(skip[br].any(-1).nonzero().min()) if skip[br].any() else steps for br in range(branches))
+    return SkipSchedule(skip, tau, unsafe, error)
+
+
 def residual_change(delta_change: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """‖Δᵢ − Δᵢ₋₁‖ / ‖hᵢ₋₁‖ per [prompt, branch, step, block]: the relative change times the previous
     step's Γ = ‖Δ‖ / ‖h‖ (NaN at the first step, as delta_change)."""
@@ -154,14 +263,22 @@ def plan_schedule(delta_change: torch.Tensor, config: CacheConfig, gamma: torch.
             raise PlanError("the 'residual' TDC metric needs the calibration's gamma statistics")
         delta_change = residual_change(delta_change, gamma)
     change = mean_change(delta_change)
-    blocks = change.shape[-1]
+    branches, _, blocks = change.shape
+    # CFG branches skip together: the guided prediction u + g·(c − u) multiplies an error of one
+    # branch alone by g (or g − 1), while errors of both stale branches largely cancel in c − u.
+    # Planned apart, the branches' skips fell on alternate steps at some budgets (issue 18: 22 dB at
+    # 30 % per step, 29 dB at 40 %; benchmarks/results/tdc_monotone_cpu.json "diagnosis").
+    if config.search == "nested":
+        change = change.mean(dim=0, keepdim=True)
     if config.granularity == "step":
-        change = change.mean(dim=-1, keepdim=True)  # one decision per (branch, step)
-    if config.skip_budget is not None:
+        change = change.mean(dim=-1, keepdim=True)  # one decision per step
+    if config.skip_budget is not None and config.search == "nested":
+        sched = nested_schedule(change, config.skip_budget, config.max_run)
+    elif config.skip_budget is not None:
         sched = search_tau(change, config.skip_budget, config.max_run)
     else:
         sched = schedule(change, config.tau, config.max_run)
-    if config.granularity == "step":
-        sched = SkipSchedule(sched.skip.expand(-1, -1, blocks).clone(), sched.tau, sched.unsafe_steps,
-                             sched.predicted_error.expand(-1, -1, blocks).clone())
-    return sched
+    together = sched.skip.shape[0] == 1
+    return SkipSchedule(sched.skip.expand(branches, -1, blocks).clone(), sched.tau,
+                        sched.unsafe_steps * branches if together else sched.unsafe_steps,
+                        sched.predicted_error.expand(branches, -1, blocks).clone())

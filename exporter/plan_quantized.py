@@ -7,6 +7,8 @@ Refresh → bit count, baked or adaptive. Used by `ditbake plan` and the benchma
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ditbake.exporter.plan_adaptive import adaptive_section, make_adaptive
@@ -41,6 +43,8 @@ def quantized_plan(meta: dict, tensors: dict[str, torch.Tensor], precision: Prec
     if prec is not None:
         before.append(prec)
     after = ([pdr_pass(tensors, pdr_cfg)] if pdr_cfg is not None else []) + [bits_pass]
+    if mode == "adaptive" and cache is not None:  # the runtime re-runs the per-branch τ walk online
+        cache = dataclasses.replace(cache, search="tau")
     plan = plan_from_calibration(meta, mode="baked", tensors=tensors, cache=cache, passes=before, after_cache=after)
     if mode == "baked":
         return plan

@@ -44,7 +44,8 @@ def cache_pass(tensors: dict[str, torch.Tensor] | None, cache: CacheConfig) -> T
                     if sched.skip[br, i, b]:
                         blocks[b] = SKIP
         predicted.update(skip_fraction=sched.skip_fraction, relative_block_cost=1.0 - sched.skip_fraction,
-                         tdc={"tau": sched.tau, "max_run": cache.max_run, "metric": cache.metric, "granularity": cache.granularity, "unsafe_steps": sched.unsafe_steps,
+                         tdc={"tau": sched.tau, "max_run": cache.max_run, "metric": cache.metric, "granularity": cache.granularity, "search": cache.search,
+                              "unsafe_steps": sched.unsafe_steps,
                               "max_predicted_error": float(sched.predicted_error.max())})
     return apply
 

@@ -31,7 +31,7 @@ def calibrated():
                                               (dict(nvfp4_fraction=0.8), 0.2)])
 def test_equal_measurements_choose_the_baked_plan(calibrated, precision, budget):
     _, stats = calibrated
-    kwargs = dict(cache=CacheConfig(skip_budget=budget))
+    kwargs = dict(cache=CacheConfig(skip_budget=budget, search="tau"))  # the walk adaptive plans re-run online
     baked = quantized_plan(stats.meta, stats.tensors, PrecisionConfig(**precision), **kwargs)
     plan = quantized_plan(stats.meta, stats.tensors, PrecisionConfig(**precision), mode="adaptive", **kwargs)
     assert baked.skip_fraction() > 0 and any(v.purified for v in baked.variants)
