@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ditbake.runtime.errors import ArtifactError, BackendError
+from ditbake.runtime.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ComponentEngines:
     """The loaded engines of one artifact, by key (`text_encoder…`, `vae-<profile>`)."""
 
     def __init__(self, path: Path, entries: list[dict], backend: str, device: torch.device):
-        from ditbake.runtime.engines import engine_files, promote_libstdcxx  # noqa: PLC0415
+        from ditbake.runtime.engines import engine_files, load_aoti_package  # noqa: PLC0415
 
         self.entries = {e["key"]: e for e in entries}
         self.engines: dict[str, object] = {}
@@ -71,17 +71,7 @@ class ComponentEngines:
             self._load_trt(files, entries, device)
             return
         for e in entries:
-            built = (e.get("built_for") or {}).get("device", "cpu")
-            if built != device.type:
-                raise BackendError(f"component engine {e['file']} was compiled for {built}, not {device.type}; "
-                                   f"load with device={built!r} or rebuild the artifact on a {device.type} machine")
-            promote_libstdcxx()
-            try:
-                self.engines[e["key"]] = torch._inductor.aoti_load_package(str(files[e["file"]]),
-                                                                           run_single_threaded=True)
-            except Exception as exc:  # the loader raises RuntimeError and others
-                raise BackendError(f"cannot load component engine {e['file']} ({type(exc).__name__}: {exc}); "
-                                   f"rebuild it with this torch ({torch.__version__})") from exc
+            self.engines[e["key"]] = load_aoti_package(files[e["file"]], e, device, "component engine")
 
     def _load_trt(self, files: dict, entries: list[dict], device: torch.device) -> None:
         """TensorRT plans (UNTESTED: no TensorRT on the project's machines); ONNX-only entries stay eager."""

@@ -94,6 +94,23 @@ def engine_files(artifact_path: Path, entries: list[dict]) -> dict[str, Path]:
             for e in entries if e.get("file") is not None}
 
 
+
+def load_aoti_package(path: Path, entry: dict, device: torch.device, what: str = "engine"):
+    """An AOTInductor package of the artifact (block or component engine), refused with a typed error
+    when it was compiled for another device type or this torch cannot load it."""
+    built = (entry.get("built_for") or {}).get("device", "cpu")
+    if built != device.type:
+        raise BackendError(f"{what} {entry['file']} was compiled for {built}, not {device.type}; "
+                           f"load with device={built!r} or rebuild the artifact on a {device.type} machine")
+    promote_libstdcxx()
+    try:
+        # single-threaded: the container's cross-thread event waits are illegal inside a CUDA graph
+        # capture, and a session is driven by one thread
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+    except Exception as exc:  # the loader raises RuntimeError and others
+        raise BackendError(f"cannot load {what} {entry['file']} ({type(exc).__name__}: {exc}); rebuild it "
+                           f"with this torch ({torch.__version__})") from exc
+
 class EagerEngines:
     name = "eager"
 
@@ -132,19 +149,7 @@ class AotiEngines:
         """Load every engine the manifest lists into self.packages (backends override this)."""
         files = engine_files(artifact_path, entries)
         for e in entries:
-            built = e.get("built_for", {}).get("device", "cpu")
-            if built != self.device.type:
-                raise BackendError(f"engine {e['file']} was compiled for {built}, not {self.device.type}; "
-                                   f"load with device={built!r} or rebuild the artifact on a {self.device.type} machine")
-            promote_libstdcxx()
-            try:
-                # single-threaded: the container's cross-thread event waits are illegal inside a CUDA
-                # graph capture, and a session is driven by one thread
-                self.packages[e["key"]] = torch._inductor.aoti_load_package(str(files[e["file"]]),
-                                                                            run_single_threaded=True)
-            except Exception as exc:  # the loader raises RuntimeError and others
-                raise BackendError(f"cannot load engine {e['file']} ({type(exc).__name__}: {exc}); rebuild it "
-                                   f"with this torch ({torch.__version__})") from exc
+            self.packages[e["key"]] = load_aoti_package(files[e["file"]], e, self.device)
 
     def _engine(self, key: str):
         try:
