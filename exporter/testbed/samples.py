@@ -147,6 +147,8 @@ def plot_stages(model_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    from ditbake.exporter.testbed.train import running_mean  # noqa: PLC0415
+
     stages = json.loads((model_dir / "history.json").read_text())["stages"]
     fig, ax = plt.subplots(figsize=(7, 3.8))
     palette, labelled, offset = ["tab:blue", "tab:red", "tab:green", "tab:purple"], set(), 0
@@ -154,9 +156,7 @@ def plot_stages(model_dir: Path) -> Path:
     for s in stages:
         hist, size = s["history"], tuple(s["clip"])
         colour, name = palette[sizes.index(size) % len(palette)], "×".join(map(str, size)) + " px"
-        loss = hist["train_loss"]
-        w = max(1, len(loss) // 60)
-        smooth = [sum(loss[max(0, i - w + 1):i + 1]) / len(loss[max(0, i - w + 1):i + 1]) for i in range(len(loss))]
+        smooth = running_mean(hist["train_loss"], max(1, len(hist["train_loss"]) // 60))
         ax.plot([offset + x for x in hist["step"]], smooth, color=colour, lw=1, alpha=0.6,
                 label=None if ("train", size) in labelled else f"train, {name}")
         ax.plot([offset + x for x in hist["eval_step"]], hist["held_out_loss"], "o-", ms=3, color=colour,

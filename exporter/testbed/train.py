@@ -219,6 +219,12 @@ class Trainer:
                 else "cpu", "batch_size": cfg.batch_size, "history": history}
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the up to `window - 1` before it (the loss curves' smoothing)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
 def plot_loss(history: dict, path: Path, title: str) -> Path:
     import matplotlib  # noqa: PLC0415
 
@@ -227,7 +233,7 @@ def plot_loss(history: dict, path: Path, title: str) -> Path:
 
     steps, loss = history["step"], history["train_loss"]
     window = max(1, len(loss) // 100)
-    smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1]) for i in range(len(loss))]
+    smooth = running_mean(loss, window)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, smooth, label=f"train (mean of {window})", lw=1)
     ax.plot(history["eval_step"], history["held_out_loss"], "o-", ms=3, label="held-out captions (EMA weights)")
