@@ -21,6 +21,16 @@ def rng_seed():
     return seed
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`),
+    restored after it: for tiny tensors, or for results that must not depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build_tiny_artifact(tmp_path, name="tiny-wan", steps=4, samplers=None, plan_fn=None, dtype=torch.float32,
                         latent=None, text_len=None, guidance=True, backend="eager", scheduler_config=None, profiles=None):
     """Build a tiny random-weight artifact through the exporter API (fast: no calibration run).

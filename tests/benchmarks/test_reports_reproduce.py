@@ -29,16 +29,9 @@ TOLERANCE_DB = 0.2
 TOLERANCE_SSIM = 5e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the quick points are bit-equal at 1 and 2, and a second OpenMP thread on a loaded
-    2-core machine spins (measured: 30 s of CPU at 1 thread, 137 s at 2 for the dmpq point)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread: the quick points are bit-equal at 1 and 2, and a second OpenMP thread on a loaded
+# 2-core machine spins (measured: 30 s of CPU at 1 thread, 137 s at 2 for the dmpq point).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _committed(name: str) -> dict:

@@ -18,13 +18,8 @@ WAN16K = TESTBEDS["wan16k"][1]
 ATTR = dict(data.VIDEO_ATTRIBUTES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the scorer runs thousands of tiny per-frame ops; on a shared 2-core CPU more threads only spin
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# the scorer runs thousands of tiny per-frame ops; on a shared 2-core CPU more threads only spin
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fresh_scenes(spec, n):

@@ -64,13 +64,8 @@ def artifact(tmp_path_factory):
                          progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not spin against the worker processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors: one intra-op thread is faster and does not spin against the worker processes
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _free_port() -> int:
