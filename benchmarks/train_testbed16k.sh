@@ -4,7 +4,8 @@
 #                   mkdir -p .carry/testbed && cp out/testbed/embeds_video.safetensors .carry/testbed/
 # Call 1 (carry .whl .carry):      STAGE=1 bash benchmarks/train_testbed16k.sh
 #   a low-resolution stage (16×32×32 = 4,096 tokens, cheap) then the full size (16×64×64) from it.
-# Call k>1 (carry .whl .carry, with the previous $OUT/testbed-wan16k copied to .carry/init):
+# Call k>1 (carry .whl .carry, with the previous $OUT/testbed-wan16k copied to .carry/init, or INIT=<dir>
+#   to continue from a bed already in the tree, e.g. INIT=artifacts/testbed-wan16k):
 #                                  STAGE=2 bash benchmarks/train_testbed16k.sh
 # Each call ends by generating every held-out caption (clips.safetensors, samples.png) so the bed can
 # be judged here (`python -m ditbake.exporter.testbed.adherence`) before deciding on another call.
@@ -15,7 +16,7 @@ STAGE=${STAGE:-1}; COMPILE=${COMPILE:---compile}; LOW_MINUTES=${LOW_MINUTES:-5.5
 EMB=.carry/testbed; W=/tmp/wan16k; mkdir -p $W
 fit() { python3 -m ditbake.exporter.testbed.train fit --model wan16k --embeds $EMB "$@"; }
 # call 1 starts from scratch; later calls from the bed the previous call returned
-if [ "$STAGE" = 1 ]; then init=(); low_lr=5e-4; else init=(--init .carry/init); low_lr=${LOW_LR:-4e-4}; fi
+if [ "$STAGE" = 1 ]; then init=(); low_lr=5e-4; else init=(--init "${INIT:-.carry/init}"); low_lr=${LOW_LR:-4e-4}; fi
 if [ "$LOW_MINUTES" != 0 ]; then
   fit --out $W/low "${init[@]}" --clip 16x32x32 --minutes "$LOW_MINUTES" --batch-size 64 --lr $low_lr \
     --seed "$STAGE" --warmup-steps 100 $COMPILE >> "$OUT/train.log" 2>&1 || { tail -30 "$OUT/train.log"; exit 1; }
