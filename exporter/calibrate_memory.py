@@ -27,6 +27,7 @@ batches 4 prompts; the head search needs ≈ 9 GB per prompt (head cache 6 GB).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -60,7 +61,9 @@ def free_bytes(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    # blocks torch's caching allocator holds but no tensor uses are free to this process too
+    if "expandable_segments:True" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return int(free)  # fixed segments: held-but-unused blocks are fragments a GB-sized tensor may not fit
+    # expandable segments: blocks torch's caching allocator holds but no tensor uses are free to this process too
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
