@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     from ditbake.exporter.calibrate_heads import calibrate_heads  # noqa: PLC0415
     from ditbake.exporter.calibrate_precision import (PrecisionObserverConfig, observer_factory,  # noqa: PLC0415
                                                       precision_report, scatter_plot)
+    from ditbake.exporter.models import compute_dtype  # noqa: PLC0415
     from ditbake.exporter.plan_heads import VALIDATED, HeadsConfig  # noqa: PLC0415
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     result = {
         "what": "full calibration: Γ/Δ + DMPQ precision statistics in one pass, progressive head search, save",
         "machine": _machine(device), "model": label, "config": dict(adapter.config),
-        "dtype": str(next(adapter.model.parameters()).dtype), "latent": list(latent), "text_len": text_len,
+        "dtype": str(compute_dtype(adapter.model)), "latent": list(latent), "text_len": text_len,
         "tokens": sum(b - a for a, b in (adapter.token_layout(latent, text_len).text,
                                         adapter.token_layout(latent, text_len).visual)),
         "prompts": args.prompts, "cfg_branches": len(stats.meta["branches"]), "sampler": args.sampler,

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
+from ditbake.exporter.models import compute_dtype
 from ditbake.exporter.sampler import scheduler_for
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime import atomic
@@ -265,7 +266,7 @@ def run_signature(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor
     from ditbake.exporter.calibrate_checkpoint import tensor_digest  # noqa: PLC0415
 
     param = next(adapter.model.parameters())
-    return {"architecture": adapter.architecture, "config": adapter.config, "dtype": str(param.dtype),
+    return {"architecture": adapter.architecture, "config": adapter.config, "dtype": str(compute_dtype(adapter.model)),
             "device": param.device.type, "weights": tensor_digest(param), "prompts": tensor_digest(embeds, negative),
             **settings}
 
@@ -285,7 +286,7 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
     SD3 / Flux: `pooled` [N, P] and `negative_pooled` (see pooled_inputs); Flux with a guidance
     embedding: `guidance`, the distilled guidance scale (default the model config's)."""
     model = adapter.model
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)
     device = next(model.parameters()).device
     n, text_len, _ = embeds.shape
     use_cfg = guidance_scale > 1.0

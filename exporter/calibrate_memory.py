@@ -31,6 +31,8 @@ import os
 
 import torch
 
+from ditbake.exporter.models import compute_dtype
+
 log = logging.getLogger(__name__)
 
 HEADROOM = 0.9
@@ -42,7 +44,7 @@ def _dims(adapter, latent, text_len) -> tuple[int, int, int, int, int]:
     c = adapter.config
     width = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
     ffn = int(c.get("ffn_dim") or 4 * width)
-    size = next(adapter.model.parameters()).element_size()
+    size = torch.empty((), dtype=compute_dtype(adapter.model)).element_size()
     return tokens, width, ffn, adapter.num_blocks, size
 
 

@@ -52,6 +52,19 @@ class ModelLoadError(DitbakeError):
     exit_code = 8
 
 
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype most of a model's parameters are in: what its inputs must be cast to. Not the first
+    parameter's: diffusers keeps some modules in fp32 when loading bf16 weights (Wan's
+    `scale_shift_table` comes first), and a bf16 patch embedding refuses fp32 latents."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if not counts:
+        raise UnsupportedModelError(f"{type(model).__name__} has no floating-point parameters")
+    return max(counts, key=counts.get)
+
+
 def _model_class(class_name: str, where: str = ""):
     if class_name not in ADAPTERS:
         found = f"model class {class_name!r}" if class_name else "a config.json without `_class_name`"

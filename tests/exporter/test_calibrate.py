@@ -76,3 +76,22 @@ def test_extra_observers_share_the_single_pass():
                           observers=[CountForwards])
     assert torch.equal(stats.tensors["forwards"], torch.ones(2, 2, 3))
     assert not adapter.model._forward_pre_hooks  # removed after the pass
+
+
+def test_a_bf16_checkpoint_with_fp32_kept_modules_calibrates(tmp_path):
+    # diffusers keeps Wan's scale_shift_table (its first parameter) and norms in fp32 when loading
+    # bf16 weights; the latents must follow the bf16 patch embedding, not the first parameter
+    src = models.from_config(dict(models.TINY_CONFIGS["tiny-wan"]), seed=0)
+    src.save_pretrained(tmp_path / "wan")
+    model = models.load(tmp_path / "wan", dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32  # the situation under test
+    assert models.compute_dtype(model) == torch.bfloat16
+    adapter = adapter_for(model)
+    stats = cal.calibrate(adapter, torch.randn(1, 8, 32), None, latent=adapter.latent_shape(3, 8, 8),
+                          sampler="unipc", num_steps=2, guidance_scale=1.0, seed=0, source="bf16", progress=False)
+    assert torch.isfinite(stats.tensors["gamma"]).all()
+
+
+def test_compute_dtype_needs_floating_parameters():
+    with pytest.raises(models.UnsupportedModelError):
+        models.compute_dtype(torch.nn.Module())
