@@ -82,9 +82,10 @@ def encode(texts: list[str]) -> torch.Tensor:
 
 def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], steps: int, cal_prompts: int,
                 eval_prompts: int, out_dir: Path, device: str = "cpu", seeds: list[int] | None = None,
-                frames: int | None = None, size: int | None = None) -> dict:
+                frames: int | None = None, size: int | None = None, partial: str | None = None) -> dict:
     """`frames` / `size` override the bed's clip size (a reduced shape for a CPU smoke run of a large
-    bed); `seeds` the held-out seeds (default 0, 1, …, one per prompt)."""
+    bed); `seeds` the held-out seeds (default 0, 1, …, one per prompt); `partial`: a JSON rewritten with
+    the points so far after each one (a run cut short by a time limit keeps them)."""
     src, sampler = MODELS[name]
     spec = data_spec_of(src)
     kind, rule = spec.kind, spec.held_out_rule
@@ -137,6 +138,8 @@ def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], st
         (points if caching else ablation).append(point)
         if caching:
             searches[delta] = (tensors, heads_meta)
+        if partial:
+            Path(partial).write_text(json.dumps({"model": name, "points": points, "ablation_arrow_only": ablation}, indent=1))
         print(f"{name} delta={delta:<6g} caching={caching!s:<5} attn FLOPs -{point['attention_flops_reduction']:.1%} "
               f"PSNR {point['psnr_db']:.2f} dB SSIM {point['ssim']:.4f} search {search_seconds:.0f} s "
               f"(MILP {point['milp_seconds']:.2f} s) kinds {point['kind_fractions']}", flush=True)
@@ -206,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
                    "(default 0, 1, … one per prompt)")
     p.add_argument("--frames", type=int, help="override the bed's frames (reduced-shape smoke runs)")
     p.add_argument("--size", type=int, help="override the bed's height and width (reduced-shape smoke runs)")
+    p.add_argument("--partial", help="JSON rewritten with the points so far after each one")
     p.add_argument("--results", default=str(RESULTS), help="directory of heads.json and heads_heatmap.png")
     p.add_argument("--embeds", help="caption-embedding cache (.pt): read if present, written after the run")
     p.add_argument("--only-embeds", action="store_true", help="fill the --embeds cache for the models and stop")
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
         ablation = [float(x) for x in args.ablation_deltas.split(",") if x]
         seeds = [int(x) for x in args.seeds.split(",") if x]
         r = bench_model(name, deltas, ablation, args.steps, args.calibration_prompts, args.eval_prompts, Path(args.out),
-                        device=args.device, seeds=seeds, frames=args.frames, size=args.size)
+                        device=args.device, seeds=seeds, frames=args.frames, size=args.size, partial=args.partial)
         d = args.heatmap_delta if args.heatmap_delta in r["searches"] else max(r["searches"])
         r["heatmap"] = heatmap_data(d, *r.pop("searches")[d])
         results[name] = stamp(r)  # models merged from earlier runs keep their own commit

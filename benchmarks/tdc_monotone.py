@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import tempfile
 import time
@@ -53,6 +54,8 @@ def _peers_module():
 
 
 def git_commit() -> str:
+    if not (Path(__file__).parent.parent / ".git").exists():  # a copy without git (the GPU machine's)
+        return os.environ.get("DITBAKE_COMMIT", "unknown") + ("+dirty" if os.environ.get("DITBAKE_DIRTY") == "1" else "")
     out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=Path(__file__).parent).stdout.strip()
@@ -88,7 +91,9 @@ class Bench:
             ref = load_file(str(path))
             return [ref[str(i)] for i in range(len(self.prompts))]
         outs, _ = self.run_peer("reference")
-        save_file({str(i): o.contiguous() for i, o in enumerate(outs)}, str(path))
+        tmp = path.with_suffix(".partial")  # a parallel process polls for the file: it appears whole
+        save_file({str(i): o.contiguous() for i, o in enumerate(outs)}, str(tmp))
+        tmp.rename(path)
         return outs
 
     def run_peer(self, label):
