@@ -61,12 +61,18 @@ def captions(kind: str, held_out: bool, n: int, rule: str = "v1") -> list[str]:
     return [data.caption_from_attributes(kind, data.attributes_of(kind, i)) for i in picks]
 
 
+CACHE_ONLY: str | None = None  # a prompt_cache.py file: its captions only (no encoder on the GPU machine)
 EMBEDS: dict[str, torch.Tensor] = {}  # caption → [TEXT_LEN, D], filled from --embeds or the encoder
 
 
 def encode(texts: list[str]) -> torch.Tensor:
     """Prompt embeddings through the shipped text encoder, or from a cache written on a machine
-    that has it (the GPU host does not carry the encoder package)."""
+    that has it (the GPU host does not carry the encoder package: a .safetensors cache from
+    benchmarks/prompt_cache.py fills EMBEDS in main, and a caption missing from it is an error there)."""
+    if CACHE_ONLY and any(t not in EMBEDS for t in texts):
+        from prompt_cache import Embedder  # noqa: PLC0415
+
+        return Embedder(CACHE_ONLY)(texts)  # names the missing caption and the fix
     missing = [t for t in texts if t not in EMBEDS]
     if missing:
         encoded = TextEncoder.load(max_length=TEXT_LEN).encode(missing)
@@ -75,28 +81,36 @@ def encode(texts: list[str]) -> torch.Tensor:
 
 
 def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], steps: int, cal_prompts: int,
-                eval_prompts: int, out_dir: Path) -> dict:
+                eval_prompts: int, out_dir: Path, device: str = "cpu", seeds: list[int] | None = None,
+                frames: int | None = None, size: int | None = None, partial: str | None = None) -> dict:
+    """`frames` / `size` override the bed's clip size (a reduced shape for a CPU smoke run of a large
+    bed); `seeds` the held-out seeds (default 0, 1, …, one per prompt); `partial`: a JSON rewritten with
+    the points so far after each one (a run cut short by a time limit keeps them)."""
     src, sampler = MODELS[name]
     spec = data_spec_of(src)
     kind, rule = spec.kind, spec.held_out_rule
     model = models.load(src)
     model.register_to_config(_name_or_path=str(src))
-    adapter = adapter_for(model)
-    latent = adapter.latent_shape(spec.frames, spec.height, spec.width)
+    adapter = adapter_for(model.to(device))
+    latent = adapter.latent_shape(frames or spec.frames, size or spec.height, size or spec.width)
     cal_text = encode(captions(kind, False, cal_prompts, rule))
     eval_caps = captions(kind, True, eval_prompts, rule)
     eval_text, negative = encode(eval_caps), encode([""])
+    seeds = list(seeds) if seeds else list(range(len(eval_caps)))
+    if len(seeds) < len(eval_caps):
+        seeds = [seeds[k % len(seeds)] for k in range(len(eval_caps))]  # prompt k runs seed k mod len
     meta = {"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
             "linear_layers": list(adapter.linear_layers), "attention_sites": adapter.attention_sites,
             "num_steps": steps, "branches": ["cond", "uncond"]}
     baseline = plan_from_calibration(meta)
     art = builder.build(adapter, baseline, out_dir / f"heads-{name}", profiles=[Profile("p", latent, TEXT_LEN)],
                         samplers=[sampler], dtype=torch.float32, progress=False, label=f"test-bed {name}")
-    session = load(art)
+    session = load(art, device=device)
 
     def generate_all(plan):
         session.plan = plan
-        results = [session.generate(eval_text[i:i + 1], negative, seed=i, guidance_scale=5.0) for i in range(len(eval_caps))]
+        results = [session.generate(eval_text[i:i + 1], negative, seed=seeds[i], guidance_scale=5.0)
+                   for i in range(len(eval_caps))]
         return results
 
     reference = generate_all(baseline)
@@ -124,13 +138,16 @@ def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], st
         (points if caching else ablation).append(point)
         if caching:
             searches[delta] = (tensors, heads_meta)
+        if partial:
+            Path(partial).write_text(json.dumps({"model": name, "points": points, "ablation_arrow_only": ablation}, indent=1))
         print(f"{name} delta={delta:<6g} caching={caching!s:<5} attn FLOPs -{point['attention_flops_reduction']:.1%} "
               f"PSNR {point['psnr_db']:.2f} dB SSIM {point['ssim']:.4f} search {search_seconds:.0f} s "
               f"(MILP {point['milp_seconds']:.2f} s) kinds {point['kind_fractions']}", flush=True)
     return {"points": points, "ablation_arrow_only": ablation, "searches": searches,
             "setup": {"latent_shape": list(latent), "held_out_rule": rule, "steps": steps, "sampler": sampler, "guidance_scale": 5.0, "calibration_prompts": cal_prompts,
-                      "eval_prompts": eval_caps, "seeds": list(range(len(eval_caps))), "config": base_cfg.to_json(),
-                      "machine": f"CPU, {torch.get_num_threads()} threads (shared)", "torch": torch.__version__}}
+                      "eval_prompts": eval_caps, "seeds": seeds[:len(eval_caps)], "config": base_cfg.to_json(),
+                      "machine": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
+                      else f"CPU, {torch.get_num_threads()} threads (shared)", "torch": torch.__version__}}
 
 
 def heatmap_data(delta: float, tensors: dict, meta: dict) -> dict:
@@ -187,6 +204,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-prompts", type=int, default=2)
     p.add_argument("--heatmap-delta", type=float, help="δ whose schemes the heatmap shows (default: largest run)")
     p.add_argument("--out", default="artifacts/built")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: model, calibration and runtime session")
+    p.add_argument("--seeds", default="", help="comma-separated held-out seeds, prompt k runs seed k mod len "
+                   "(default 0, 1, … one per prompt)")
+    p.add_argument("--frames", type=int, help="override the bed's frames (reduced-shape smoke runs)")
+    p.add_argument("--size", type=int, help="override the bed's height and width (reduced-shape smoke runs)")
+    p.add_argument("--partial", help="JSON rewritten with the points so far after each one")
+    p.add_argument("--results", default=str(RESULTS), help="directory of heads.json and heads_heatmap.png")
     p.add_argument("--embeds", help="caption-embedding cache (.pt): read if present, written after the run")
     p.add_argument("--only-embeds", action="store_true", help="fill the --embeds cache for the models and stop")
     p.add_argument("--quick", action="store_true", help=f"run only the quick point ({' '.join(QUICK)}) and store it "
@@ -200,7 +224,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args = p.parse_args([*argv, *QUICK])  # the quick point's settings win over any given
-    if args.embeds and Path(args.embeds).is_file():
+    if args.embeds and args.embeds.endswith(".safetensors"):  # benchmarks/prompt_cache.py (no pickle)
+        global CACHE_ONLY
+        from prompt_cache import load as load_cache  # noqa: PLC0415
+
+        CACHE_ONLY = args.embeds
+        EMBEDS.update(load_cache(args.embeds))
+    elif args.embeds and Path(args.embeds).is_file():
         EMBEDS.update(torch.load(args.embeds))
     if args.only_embeds:
         for name in args.models.split(","):
@@ -211,8 +241,9 @@ def main(argv=None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "heads.json"
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "heads.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if args.quick:
         results["quick"] = quick_point(args)
@@ -222,13 +253,15 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         deltas = [float(x) for x in args.deltas.split(",")]
         ablation = [float(x) for x in args.ablation_deltas.split(",") if x]
-        r = bench_model(name, deltas, ablation, args.steps, args.calibration_prompts, args.eval_prompts, Path(args.out))
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+        r = bench_model(name, deltas, ablation, args.steps, args.calibration_prompts, args.eval_prompts, Path(args.out),
+                        device=args.device, seeds=seeds, frames=args.frames, size=args.size, partial=args.partial)
         d = args.heatmap_delta if args.heatmap_delta in r["searches"] else max(r["searches"])
         r["heatmap"] = heatmap_data(d, *r.pop("searches")[d])
         results[name] = stamp(r)  # models merged from earlier runs keep their own commit
         path.write_text(json.dumps(stamp(results), indent=1))
-    heatmap({name: r["heatmap"] for name, r in results.items() if "heatmap" in r}, RESULTS / "heads_heatmap.png")
-    print(f"wrote {path} and {RESULTS / 'heads_heatmap.png'}")
+    heatmap({name: r["heatmap"] for name, r in results.items() if "heatmap" in r}, results_dir / "heads_heatmap.png")
+    print(f"wrote {path} and {results_dir / 'heads_heatmap.png'}")
     return 0
 
 

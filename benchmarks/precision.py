@@ -64,8 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dmpq-out", default="benchmarks/results/dmpq.json",
                    help="the summary the issue asks for: mixed (at --headline-bits) vs uniform W4A4 / W4A8")
     p.add_argument("--headline-bits", default="6.5")
-    p.add_argument("--embeds", default=None, help="prompt embeddings cache (.pt with calib/eval/negative), for "
-                   "machines without the text encoder package")
+    p.add_argument("--embeds", default=None, help="prompt embeddings cache (.pt with calib/eval/negative, or a "
+                   ".safetensors caption table from benchmarks/prompt_cache.py), for machines without the text encoder")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: model, calibration and runtime sessions")
+    p.add_argument("--seeds", default="", help="comma-separated held-out seeds of the initial noise, prompt k runs "
+                   "seed k mod len (default 100, 101, …)")
+    p.add_argument("--frames", type=int, help="override the bed's frames (reduced-shape smoke runs)")
+    p.add_argument("--size", type=int, help="override the bed's height and width (reduced-shape smoke runs)")
     p.add_argument("--calibration", help="calibration directory: reused when it holds one made with these settings "
                    "(steps, sampler, guidance, prompts, max tokens), else written there after calibrating")
     p.add_argument("--quick", action="store_true", help=f"run only the quick point ({' '.join(QUICK)}) and "
@@ -114,12 +119,18 @@ def run(args: argparse.Namespace) -> dict:
     from ditbake.runtime.artifact import Profile
 
     start = time.perf_counter()
-    adapter = adapter_for(models.load(args.model))
+    adapter = adapter_for(models.load(args.model).to(args.device))
     spec = data_spec_of(args.model)
-    latent = adapter.latent_shape(spec.frames, spec.height, spec.width)
+    latent = adapter.latent_shape(args.frames or spec.frames, args.size or spec.height, args.size or spec.width)
     text_len = 16
     prompts = default_prompts(args.eval_prompts, spec)
-    if args.embeds:  # same captions, encoded beforehand (benchmarks/tdc_peers.py --embeds writes this file)
+    if args.embeds and args.embeds.endswith(".safetensors"):  # caption table (benchmarks/prompt_cache.py)
+        from prompt_cache import Embedder, train_captions  # noqa: PLC0415
+
+        embed = Embedder(args.embeds)
+        calib_embeds = embed(train_captions(spec.kind, spec.held_out_rule, args.calib_prompts))
+        eval_embeds, negative = embed(prompts), embed([""])
+    elif args.embeds:  # same captions, encoded beforehand (benchmarks/tdc_peers.py --embeds writes this file)
         cached = torch.load(args.embeds)
         # a cache encodes default_prompts(ITS count): the first 4 of 8 are other captions than
         # default_prompts(4), so only a cache of exactly --eval-prompts captions is the set recorded here
@@ -170,9 +181,13 @@ def run(args: argparse.Namespace) -> dict:
         configs["mixed-measured@6.5"] = PrecisionConfig(avg_bits=6.5, predictor="measured")
     configs["w4a4"] = PrecisionConfig(nvfp4_fraction=1.0, **no_excl)
     configs["w4a8"] = PrecisionConfig(nvfp4_fraction=0.0, **no_excl)
-    noise = [torch.randn((1, *latent), generator=torch.Generator().manual_seed(100 + i)) for i in range(len(prompts))]
+    given = [int(x) for x in args.seeds.split(",") if x]
+    seeds = [given[i % len(given)] if given else 100 + i for i in range(len(prompts))]
+    noise = [torch.randn((1, *latent), generator=torch.Generator().manual_seed(s)) for s in seeds]
     profile = Profile("p", latent, text_len)
-    results = {"model": args.model, "machine": f"CPU ({platform.machine()}), eager runtime, float32 compute",
+    machine = (torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda"
+               else f"CPU ({platform.machine()})")
+    results = {"model": args.model, "machine": f"{machine}, eager runtime, float32 compute", "seeds": seeds,
                "latent_shape": list(latent), "held_out_rule": spec.held_out_rule, "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
                "calibration_prompts": args.calib_prompts, "eval_prompts": prompts, "max_tokens": args.max_tokens,
                "seconds_calibration": seconds_calibration, "predictor": {
@@ -189,18 +204,19 @@ def run(args: argparse.Namespace) -> dict:
         outs = []
         for i in range(len(prompts)):
             r = session.generate(eval_embeds[i:i + 1], negative, guidance_scale=args.guidance, latents=noise[i])
-            outs.append(r.latents)
+            outs.append(r.latents.cpu())
         return outs
 
     with tempfile.TemporaryDirectory() as tmp:
         bf16 = quantized_plan(stats.meta, stats.tensors, None)
         ref = generate(load(builder.build(adapter, bf16, Path(tmp) / "bf16", profiles=[profile], samplers=[args.sampler],
-                                          dtype=torch.float32, progress=False)))
+                                          dtype=torch.float32, progress=False), device=args.device))
         bf16_bytes = weight_bytes_16bit_equiv(adapter.weights())
         for name, cfg in configs.items():
             plan = quantized_plan(stats.meta, stats.tensors, cfg)
             session = load(builder.build(adapter, plan, Path(tmp) / name.replace("@", "_"), profiles=[profile],
-                                         samplers=[args.sampler], dtype=torch.float32, progress=False))
+                                         samplers=[args.sampler], dtype=torch.float32, progress=False),
+                           device=args.device)
             outs = generate(session)
             frames = [(to_frames(o[0], "wan"), to_frames(r_[0], "wan")) for o, r_ in zip(outs, ref)]
             q_bytes = weight_bytes_16bit_equiv(quantize_weights(adapter.weights(), adapter.weights(), plan))

@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import tempfile
 import time
@@ -53,6 +54,8 @@ def _peers_module():
 
 
 def git_commit() -> str:
+    if not (Path(__file__).parent.parent / ".git").exists():  # a copy without git (the GPU machine's)
+        return os.environ.get("DITBAKE_COMMIT", "unknown") + ("+dirty" if os.environ.get("DITBAKE_DIRTY") == "1" else "")
     out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=Path(__file__).parent).stdout.strip()
@@ -63,18 +66,17 @@ class Bench:
     def __init__(self, args):
         from ditbake.exporter import models
         from ditbake.exporter.adapters import adapter_for
-        from ditbake.runtime.text_encoder import TextEncoder
-
         self.args = args
         self.cache = Path(args.cache)
         self.cache.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(args.device)
         self.adapter = adapter_for(models.load(args.model).to(self.device))
         self.latent = self.adapter.latent_shape(args.frames, args.size, args.size)
-        self.encoder = TextEncoder.load(max_length=16)
-        self.prompts = [p for p, _ in PROMPTS[:args.prompts]]
-        self.embeds = self.encoder.encode(self.prompts).to(self.device)
-        self.negative = self.encoder.encode([""]).to(self.device)
+        self.encode = _encoder(args.embeds)
+        self.prompts = eval_captions(args)
+        (self.cache / "prompts.json").write_text(json.dumps(self.prompts))  # the report names what was scored
+        self.embeds = self.encode(self.prompts).to(self.device)
+        self.negative = self.encode([""]).to(self.device)
         self.seeds = [SEEDS[k % len(SEEDS)] for k in range(len(self.prompts))]
         self.noise = [torch.randn((1, *self.latent), generator=torch.Generator().manual_seed(s)).to(self.device)
                       for s in self.seeds]
@@ -89,7 +91,9 @@ class Bench:
             ref = load_file(str(path))
             return [ref[str(i)] for i in range(len(self.prompts))]
         outs, _ = self.run_peer("reference")
-        save_file({str(i): o.contiguous() for i, o in enumerate(outs)}, str(path))
+        tmp = path.with_suffix(".partial")  # a parallel process polls for the file: it appears whole
+        save_file({str(i): o.contiguous() for i, o in enumerate(outs)}, str(tmp))
+        tmp.rename(path)
         return outs
 
     def run_peer(self, label):
@@ -126,17 +130,17 @@ class Bench:
         path = self.cache / f"cal{self.args.calib_prompts}"
         if path.is_dir():
             return cal.CalibrationStats.load(path), self.calib_captions()
-        stats = cal.calibrate(self.adapter, self.encoder.encode(self.calib_captions()), self.negative.cpu(),
+        stats = cal.calibrate(self.adapter, self.encode(self.calib_captions()), self.negative.cpu(),
                               latent=self.latent, sampler=self.args.sampler, num_steps=self.args.steps,
                               guidance_scale=self.args.guidance, seed=7, source=self.args.model, progress=False)
         stats.save(path, force=True)
         return stats, self.calib_captions()
 
     def calib_captions(self) -> list[str]:
-        from ditbake.exporter.testbed import data
+        from prompt_cache import train_captions  # benchmarks/ is this script's directory
 
-        train = [c for i, c in enumerate(data.all_captions("video")) if not data.is_held_out(i)]
-        return [train[(k * 97) % len(train)] for k in range(self.args.calib_prompts)]  # as tdc_peers.py
+        # training captions of the rule the model was trained with, every 97th (as tdc_peers.py)
+        return train_captions("video", self.args.held_out_rule, self.args.calib_prompts)
 
     def tdc(self, granularity: str, refs) -> dict:
         from ditbake.exporter.plan_cache import CacheConfig
@@ -213,7 +217,7 @@ class Bench:
         peers = _peers_module()
         # MagCache's per-step ratios from its own calibration mode, on one calibration caption (not
         # the evaluation prompts: ditbake calibrates on training captions too)
-        emb = self.encoder.encode(self.calib_captions()[:1]).to(self.device)
+        emb = self.encode(self.calib_captions()[:1]).to(self.device)
         ratios = peers.mag_ratios(self.adapter, {"steps": self.args.steps, "call": lambda: peers.run_pipeline(
             self.adapter, self.args.sampler, self.args.steps, self.noise[0], emb, self.negative, self.args.guidance,
             self.shape_kwargs)})
@@ -228,6 +232,31 @@ class Bench:
             methods.setdefault(name, []).append({"knob": knob, "skip_fraction": skip, **self.fidelity(outs, refs)})
             (self.cache / "part_peers.json").write_text(json.dumps({"methods": methods, "mag_ratios": ratios}, indent=1))
         return {"methods": methods, "mag_ratios": ratios}
+
+
+def _encoder(cache: str | None):
+    """Caption → embedding: the cache from benchmarks/prompt_cache.py (GPU machine: no text encoder)
+    when given, else the shipped text encoder."""
+    if cache:
+        from prompt_cache import Embedder
+
+        return Embedder(cache)
+    from ditbake.runtime.text_encoder import TextEncoder
+
+    encoder = TextEncoder.load(max_length=16)
+    return encoder.encode
+
+
+def eval_captions(args) -> list[str]:
+    """PROMPTS (the small bed's fixed list), or with --prompt-set spec the model's own held-out captions
+    (its testbed.json: kind and held-out rule, spread over the held-out set as `ditbake eval`)."""
+    if args.prompt_set == "fixed":
+        return [p for p, _ in PROMPTS[:args.prompts]]
+    from prompt_cache import held_out_captions
+
+    from ditbake.exporter.testbed.models import data_spec_of
+
+    return held_out_captions(data_spec_of(args.model), args.prompts)
 
 
 def held_out_status(caption: str, rule: str) -> str:
@@ -247,7 +276,8 @@ def report(args) -> None:
            "machine": (torch.cuda.get_device_name() if args.device == "cuda" else "2-core CPU shared with ~7 other agents")
            + ", eager runtime float32 (diffusers pipelines float32)",
            "prompts": [{"caption": p, "status": held_out_status(p, args.held_out_rule), "seed": SEEDS[k % len(SEEDS)]}
-                       for k, (p, _) in enumerate(PROMPTS[:args.prompts])],
+                       for k, p in enumerate(json.loads((cache / "prompts.json").read_text())
+                                             if (cache / "prompts.json").is_file() else eval_captions(args))],
            "reference": "uncached diffusers WanPipeline, same initial noise (torch.randn, Generator seeded by the seed)",
            "methods": {}}
     if args.note:
@@ -354,6 +384,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (the JSON records which)")
     p.add_argument("--held-out-rule", default="v1", help="the rule the model was trained with (testbed-wan v1, "
                    "testbed-wan16k v2): labels each prompt held out or seen")
+    p.add_argument("--prompt-set", choices=("fixed", "spec"), default="fixed", help="fixed: the PROMPTS list "
+                   "(small bed); spec: --prompts held-out captions of the model's testbed.json (its held-out rule)")
+    p.add_argument("--embeds", help="caption-embedding cache from benchmarks/prompt_cache.py (machines without the "
+                   "text encoder: the GPU one)")
     p.add_argument("--note", default="", help="report: a remark stored in the JSON")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="out/tdc_monotone")

@@ -362,10 +362,13 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
              prompts: list[str] | None = None, seeds: tuple[int, ...] = (0,), *, num_prompts: int = 4,
              guidance_scale: float = 5.0, sampler: str | None = None, out: str | Path | None = None,
              progress: bool = True, random_embeddings: bool = False, device: str | torch.device = "cpu",
-             testbed: str | Path | None = None) -> EvalResult:
+             testbed: str | Path | None = None,
+             embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> EvalResult:
     """Generate with both on `device` (cpu, cuda, cuda:N), compare, and (with `out`) write eval.json
     and strip.png. `testbed`: the test-bed directory whose held-out captions are the default prompts
-    (else found from the artifact, `testbed_spec`)."""
+    (else found from the artifact, `testbed_spec`). `embeddings`: (embeds [N, L, D], negative [N, L, D])
+    of `prompts` computed beforehand, for an artifact without a text encoder on a machine without
+    the test beds' encoder (the GPU one)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     import ditbake.runtime as dr  # noqa: PLC0415
@@ -390,7 +393,12 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
     _check_comparable(compressed, reference)
     prompt_list = eval_prompts(compressed, list(cfg.prompts), cfg.num_prompts, testbed)
     by_text = has_text_encoder(compressed)  # the session encodes (with pooled vectors where the model has them)
-    if not by_text:
+    if embeddings is not None:
+        if by_text or len(embeddings[0]) != len(prompt_list) or len(embeddings[1]) != len(prompt_list):
+            raise InputError(f"embeddings for {len(embeddings[0])} prompts given with {len(prompt_list)} prompts "
+                             "(or an artifact that encodes its own prompts): pass one row per prompt")
+        embeds, negative = embeddings
+    elif not by_text:
         embeds, negative = prompt_embeddings(compressed, prompt_list, cfg.seeds[0], random_embeddings)
     arch = compressed.artifact.architecture
     result = EvalResult(artifact=str(artifact_path), reference=reference_name,

@@ -12,11 +12,15 @@ A local3d head is an arrow head run on the visual tokens reordered into the site
 the op's band then covers neighbouring tiles, and the output is permuted back."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from ditbake.runtime.errors import BackendError
 from ditbake.runtime.plan import HeadScheme
+
+log = logging.getLogger(__name__)
 
 
 def _scheme_tensor(schemes: tuple[HeadScheme, ...]) -> torch.Tensor:
@@ -132,14 +136,30 @@ class AttentionRunner:
         # read tensor values) out of traced graphs, so torch.export sees one custom op per group.
         try:
             if precision == "bf16":
-                import ditbake.plugins.head_attention  # noqa: F401, PLC0415 - registers ditbake::head_attention
+                import ditbake.plugins.head_attention as ha  # noqa: PLC0415 - registers ditbake::head_attention
 
+                if q.is_cuda and not (ha.HAS_TRITON and q.dtype in (torch.bfloat16, torch.float16)
+                                      and q.shape[-1] in ha.KERNEL_CONFIGS):
+                    return AttentionRunner._reference(ha, q, k, v, table, text_range)
                 return torch.ops.ditbake.head_attention(q, k, v, table, text_range[0], text_range[1], None, None)
             import ditbake.plugins.attention_8bit  # noqa: F401, PLC0415 - registers ditbake::attention_8bit
         except ImportError as exc:  # pragma: no cover - depends on the plugins build
             raise BackendError(f"head-wise attention needs ditbake.plugins ({exc}); rebuild the plan with full "
                                "bf16 attention") from exc
         return torch.ops.ditbake.attention_8bit(q, k, v, table, text_range[0], text_range[1], None, None, precision)
+
+    _warned = False
+
+    @staticmethod
+    def _reference(ha, q, k, v, table, text_range):
+        """A float32 artifact or a head dim the Triton kernel lacks (the 16k test bed: fp32, 32) on the
+        GPU: the op's reference in query chunks (exact, memory grows with S; not fast)."""
+        if not AttentionRunner._warned:
+            AttentionRunner._warned = True
+            log.warning("head-wise attention on %s %s with head dim %d: the Triton kernel takes bf16/fp16 with head "
+                        "dim %s, so these heads run the chunked reference (slow; build in bfloat16 for speed)",
+                        q.device, q.dtype, q.shape[-1], sorted(ha.KERNEL_CONFIGS))
+        return ha.head_attention_ref(q, k, v, table, text_range)
 
     def _permutations(self, site: str, grid, device) -> tuple[torch.Tensor, torch.Tensor]:
         from ditbake.plugins.head_attention import invert_permutation, tile_order  # noqa: PLC0415

