@@ -141,7 +141,7 @@ def cudnn_band_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """The specification: ditbake's arrow reference with every head ARROW(w_left, w_right), no text."""
     check_inputs(q, k, v, w_left, w_right, scale)
     schemes = torch.tensor([[int(HeadKind.ARROW), w_left, w_right]] * q.shape[1], dtype=torch.int32)
-    return head_attention_ref(q, k, v, schemes, (0, 0), scale=scale)
+    return head_attention_ref(q, k, v, schemes, (0, 0), scale=scale).contiguous()  # the CUDA kernel's layout
 
 
 # --------------------------------------------------------------------------------------------
