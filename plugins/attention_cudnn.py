@@ -43,10 +43,20 @@ from typing import Optional
 
 import torch
 
-from ditbake.plugins.head_attention import HeadKind, head_attention_ref
-from ditbake.runtime.errors import BackendError, InputError
+from ditbake.plugins.head_attention import HeadAttentionError, HeadKind, head_attention_ref
 
 logger = logging.getLogger(__name__)
+
+
+# plugins/ may not import ditbake.runtime (tests/runtime/test_isolation.py), so the typed errors live
+# here, like HeadAttentionError; the runtime maps them to InputError / BackendError where it calls the op.
+class BandInputError(HeadAttentionError):
+    """Malformed input to the band op (shape, dtype, width, scale); the message names the fix."""
+
+
+class CudnnUnavailableError(RuntimeError):
+    """The cuDNN path cannot run this call here (frontend, GPU, cuDNN version, dtype, head dim);
+    the message names the fix, usually ditbake::head_attention for this group."""
 
 # Left and right diagonal bands on the SDPA node came with cuDNN 9.7 (frontend 1.10 release notes:
 # "SDPA operations now accept both left window and right window size"); torch 2.11 + CUDA 13 ships newer.
@@ -95,34 +105,34 @@ def available(device: Optional[torch.device] = None) -> bool:
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: int, w_right: int,
                  scale: Optional[float]) -> None:
-    """Shape/dtype/width checks valid on every device (typed one-line errors)."""
+    """Shape/dtype/width checks valid on every device (BandInputError, one line)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise InputError(f"{name} must be a 4-D tensor [B, H, S, D], got shape {tuple(getattr(t, 'shape', ()))}")
+            raise BandInputError(f"{name} must be a 4-D tensor [B, H, S, D], got shape {tuple(getattr(t, 'shape', ()))}")
         if t.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-            raise InputError(f"{name} must be bf16, fp16, fp32 or fp64, got {t.dtype}")
+            raise BandInputError(f"{name} must be bf16, fp16, fp32 or fp64, got {t.dtype}")
     if k.shape != q.shape or v.shape != q.shape:
-        raise InputError(f"q, k, v must share one shape [B, H, S, D] (self-attention), got "
+        raise BandInputError(f"q, k, v must share one shape [B, H, S, D] (self-attention), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-        raise InputError("q, k, v must share one dtype and one device")
+        raise BandInputError("q, k, v must share one dtype and one device")
     if w_left < 0 or w_right < 0:
-        raise InputError(f"band widths must be >= 0, got w_left={w_left}, w_right={w_right}")
+        raise BandInputError(f"band widths must be >= 0, got w_left={w_left}, w_right={w_right}")
     if scale is not None and not (scale > 0 and math.isfinite(scale)):
-        raise InputError(f"scale must be a positive finite float, got {scale}")
+        raise BandInputError(f"scale must be a positive finite float, got {scale}")
 
 
 def check_cuda_inputs(q: torch.Tensor) -> None:
-    """What the cuDNN kernel itself cannot run (BackendError names the fix)."""
+    """What the cuDNN kernel itself cannot run (CudnnUnavailableError names the fix)."""
     if q.dtype not in _IO_DTYPES:
-        raise BackendError(f"cuDNN band attention takes bf16 or fp16, got {q.dtype}; cast q, k, v first")
+        raise CudnnUnavailableError(f"cuDNN band attention takes bf16 or fp16, got {q.dtype}; cast q, k, v first")
     head_dim = q.shape[-1]
     if head_dim % 8 != 0 or head_dim > MAX_HEAD_DIM:
-        raise BackendError(f"cuDNN SDPA needs a head dim that is a multiple of 8 and <= {MAX_HEAD_DIM}, got {head_dim}; "
+        raise CudnnUnavailableError(f"cuDNN SDPA needs a head dim that is a multiple of 8 and <= {MAX_HEAD_DIM}, got {head_dim}; "
                            "use ditbake::head_attention for this group")
     reason = unavailable_reason(q.device)
     if reason is not None:
-        raise BackendError(reason)
+        raise CudnnUnavailableError(reason)
 
 
 def cudnn_bounds(w_left: int, w_right: int, seq_kv: int) -> tuple[Optional[int], Optional[int]]:
@@ -171,7 +181,7 @@ class _BandGraph:
             g.check_support()
             g.build_plans()
         except Exception as exc:  # cuDNN raises several types (cudnnGraphNotSupportedError, RuntimeError)
-            raise BackendError(f"cuDNN cannot run this band attention (shape {tuple(q.shape)}, {q.dtype}, "
+            raise CudnnUnavailableError(f"cuDNN cannot run this band attention (shape {tuple(q.shape)}, {q.dtype}, "
                                f"bounds {left}/{right}): {exc}; use ditbake::head_attention for this group") from exc
         self.graph = g
         self.workspace_bytes = int(g.get_workspace_size())

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ditbake.plugins import attention_cudnn as ac
-from ditbake.runtime.errors import BackendError, InputError
+from ditbake.plugins.attention_cudnn import BandInputError, CudnnUnavailableError
 
 
 def band_mask(seq: int, w_left: int, w_right: int, device=None) -> torch.Tensor:
@@ -85,7 +85,7 @@ def test_fake_and_meta_shape_propagation():
         q = torch.empty(2, 12, 1000, 128, dtype=torch.bfloat16, device="cuda")
         out = torch.ops.ditbake.cudnn_band_attention(q, q, q, 10, 20, None)
         assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
-        with pytest.raises(InputError):
+        with pytest.raises(BandInputError):
             torch.ops.ditbake.cudnn_band_attention(q, torch.empty(2, 6, 1000, 128, dtype=q.dtype, device="cuda"), q,
                                                    10, 20, None)
     m = torch.empty(1, 8, 333, 64, dtype=torch.float16, device="meta")
@@ -115,25 +115,25 @@ def test_export_keeps_one_custom_op_node():
 
 def test_bad_inputs_raise_typed_errors():
     x = torch.randn(1, 2, 10, 8)
-    with pytest.raises(InputError, match="4-D"):
+    with pytest.raises(BandInputError, match="4-D"):
         ac.cudnn_band_attention(x[0], x[0], x[0], 1, 1)
-    with pytest.raises(InputError, match="same shape|share one shape"):
+    with pytest.raises(BandInputError, match="same shape|share one shape"):
         ac.cudnn_band_attention(x, x[:, :1], x, 1, 1)
-    with pytest.raises(InputError, match=">= 0"):
+    with pytest.raises(BandInputError, match=">= 0"):
         ac.cudnn_band_attention(x, x, x, -1, 1)
-    with pytest.raises(InputError, match="bf16, fp16"):
+    with pytest.raises(BandInputError, match="bf16, fp16"):
         ac.cudnn_band_attention(x.int(), x.int(), x.int(), 1, 1)
-    with pytest.raises(InputError, match="dtype"):
+    with pytest.raises(BandInputError, match="dtype"):
         ac.cudnn_band_attention(x, x.double(), x, 1, 1)
-    with pytest.raises(InputError, match="scale"):
+    with pytest.raises(BandInputError, match="scale"):
         ac.cudnn_band_attention(x, x, x, 1, 1, scale=float("nan"))
-    with pytest.raises(InputError, match=">= 0"):  # through the dispatcher too, not only the wrapper
+    with pytest.raises(BandInputError, match=">= 0"):  # through the dispatcher too, not only the wrapper
         torch.ops.ditbake.cudnn_band_attention(x, x, x, 0, -3, None)
     # what the cuDNN kernel cannot run: checked before any GPU work (meta tensors stand in for CUDA)
-    with pytest.raises(BackendError, match="bf16 or fp16"):
+    with pytest.raises(CudnnUnavailableError, match="bf16 or fp16"):
         ac.check_cuda_inputs(torch.empty(1, 2, 10, 64, device="meta"))
     for head_dim in (12, 264):
-        with pytest.raises(BackendError, match="head dim"):
+        with pytest.raises(CudnnUnavailableError, match="head dim"):
             ac.check_cuda_inputs(torch.empty(1, 2, 10, head_dim, dtype=torch.bfloat16, device="meta"))
 
 
