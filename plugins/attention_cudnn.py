@@ -74,6 +74,9 @@ def _import_cudnn():
         import cudnn  # noqa: PLC0415 - optional dependency, imported on first use
     except ImportError:
         return None
+    except Exception as exc:  # noqa: BLE001 - a broken install (missing shared library) is "unavailable" too
+        logger.warning("nvidia-cudnn-frontend failed to import: %s", exc)
+        return None
     return cudnn
 
 
@@ -158,22 +161,30 @@ def cudnn_band_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 # Graph cache (built once per shape/band; execution only binds pointers)
 # --------------------------------------------------------------------------------------------
 
+def define_graph(cudnn, handle, q, k, v, out, left: Optional[int], right: Optional[int], scale: float):
+    """The SDPA graph (not yet built): q, k, v, out with their own dims and strides, the band as bounds.
+
+    Returns (graph, (q, k, v, o) graph tensors). Needs no GPU, so CPU tests can check it validates.
+    """
+    io = cudnn.data_type.BFLOAT16 if q.dtype == torch.bfloat16 else cudnn.data_type.HALF
+    g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
+                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    tq, tk, tv = (g.tensor(name=name, dim=list(t.shape), stride=list(t.stride()), data_type=io)
+                  for name, t in (("q", q), ("k", k), ("v", v)))
+    to, _ = g.sdpa(name="band_sdpa", q=tq, k=tk, v=tv, generate_stats=False, attn_scale=scale,
+                   diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
+                   diagonal_band_left_bound=left, diagonal_band_right_bound=right)
+    to.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(io)
+    return g, (tq, tk, tv, to)
+
+
 class _BandGraph:
     """One built cuDNN SDPA graph and what executing it needs."""
 
     def __init__(self, cudnn, handle, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  left: Optional[int], right: Optional[int], scale: float):
-        io = cudnn.data_type.BFLOAT16 if q.dtype == torch.bfloat16 else cudnn.data_type.HALF
         start = time.perf_counter()
-        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
-                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-        self.q = g.tensor(name="q", dim=list(q.shape), stride=list(q.stride()), data_type=io)
-        self.k = g.tensor(name="k", dim=list(k.shape), stride=list(k.stride()), data_type=io)
-        self.v = g.tensor(name="v", dim=list(v.shape), stride=list(v.stride()), data_type=io)
-        self.o, _ = g.sdpa(name="band_sdpa", q=self.q, k=self.k, v=self.v, generate_stats=False,
-                           attn_scale=scale, diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
-                           diagonal_band_left_bound=left, diagonal_band_right_bound=right)
-        self.o.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(io)
+        g, (self.q, self.k, self.v, self.o) = define_graph(cudnn, handle, q, k, v, out, left, right, scale)
         try:
             g.validate()
             g.build_operation_graph()

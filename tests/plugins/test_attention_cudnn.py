@@ -137,6 +137,20 @@ def test_bad_inputs_raise_typed_errors():
             ac.check_cuda_inputs(torch.empty(1, 2, 10, head_dim, dtype=torch.bfloat16, device="meta"))
 
 
+def test_graph_definition_validates_with_the_installed_frontend():
+    """Where the frontend is installed (no GPU needed): the graph this op defines passes the frontend's
+    own validation and operation-graph build with band bounds and strided q/k/v."""
+    cudnn = pytest.importorskip("cudnn")
+    q = torch.empty(1, 50, 4, 64, dtype=torch.bfloat16).transpose(1, 2)
+    out = torch.empty(1, 4, 50, 64, dtype=torch.bfloat16)
+    for left, right in [ac.cudnn_bounds(0, 0, 50), ac.cudnn_bounds(7, 2, 50), ac.cudnn_bounds(49, 3, 50),
+                        ac.cudnn_bounds(49, 49, 50)]:
+        g, tensors = ac.define_graph(cudnn, None, q, q, q, out, left, right, 0.125)
+        g.validate()
+        g.build_operation_graph()
+        assert [t.get_stride() for t in tensors[:3]] == [list(q.stride())] * 3
+
+
 def test_module_imports_without_the_frontend():
     """`import cudnn` is lazy: with the frontend hidden the module imports and says why it cannot run."""
     code = ("import sys; sys.modules['cudnn'] = None\n"
