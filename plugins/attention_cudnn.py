@@ -192,13 +192,14 @@ class _BandGraph:
             g.check_support()
             g.build_plans()
         except Exception as exc:  # cuDNN raises several types (cudnnGraphNotSupportedError, RuntimeError)
-            raise CudnnUnavailableError(f"cuDNN cannot run this band attention (shape {tuple(q.shape)}, {q.dtype}, "
-                               f"bounds {left}/{right}): {exc}; use ditbake::head_attention for this group") from exc
+            raise CudnnUnavailableError(
+                f"cuDNN cannot run this band attention (shape {tuple(q.shape)}, {q.dtype}, bounds {left}/{right}): "
+                f"{exc}; use ditbake::head_attention for this group") from exc
         self.graph = g
         self.workspace_bytes = int(g.get_workspace_size())
         self.build_s = time.perf_counter() - start
         try:
-            self.plan = g.get_plan_name_at_index(0)
+            self.plan = g.get_plan_name_at_index(0)  # the heuristics' first plan
         except Exception:  # noqa: BLE001 - the name is informational only
             self.plan = "?"
         logger.info("cuDNN band graph %s: %.2f s, workspace %d B, plan %s", tuple(q.shape), self.build_s,
