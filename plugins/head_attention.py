@@ -334,16 +334,20 @@ MASK_RULE = 3        # the whole arrow rule plus the sequence bound (text rows, 
 # Launch parameters per head dim (BLOCK_M queries x BLOCK_N keys per step).
 # Picked by the sweep in benchmarks/bench_attention.py on an H100 (see plugins/notes/head_attention.md).
 KERNEL_CONFIGS = {
+    # 32: the 16k test bed's heads (8 x 32); not swept, the 64 config's tiles
+    32: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
 }
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 if HAS_TRITON:
 
     @triton.jit
     def _attend_key_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
                           offs_m, offs_n, offs_d, seq_len, text_start, text_end, vis_start, vis_end,
-                          w_left, w_right, qk_scale, MASK: tl.constexpr):
+                          w_left, w_right, qk_scale, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
         cols = start_n + offs_n
         if MASK == 0:
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
@@ -353,7 +357,7 @@ if HAS_TRITON:
             in_seq = cols < seq_len
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_seq[:, None], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASK == 1:
             key_text = (cols >= text_start) & (cols < text_end)
             qk = tl.where(key_text[None, :], qk, float("-inf"))
@@ -374,7 +378,7 @@ if HAS_TRITON:
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, m_new, l_i
 
     @triton.jit
@@ -384,7 +388,7 @@ if HAS_TRITON:
                                stride_ob, stride_oh, stride_os,
                                num_heads, seq_len, text_start, text_end, vis_start, vis_end, qk_scale,
                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               HAS_CACHE: tl.constexpr):
+                               HAS_CACHE: tl.constexpr, DOT_PRECISION: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
@@ -450,27 +454,27 @@ if HAS_TRITON:
             for start_n in range(text_start, text_plain_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_key_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
                                                   offs_m, offs_n, offs_d, seq_len, text_start, text_end,
-                                                  vis_start, vis_end, w_left, w_right, qk_scale, 0)
+                                                  vis_start, vis_end, w_left, w_right, qk_scale, 0, DOT_PRECISION)
             for start_n in range(text_floor, text_tail_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_key_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
                                                   offs_m, offs_n, offs_d, seq_len, text_start, text_end,
-                                                  vis_start, vis_end, w_left, w_right, qk_scale, 1)
+                                                  vis_start, vis_end, w_left, w_right, qk_scale, 1, DOT_PRECISION)
             for start_n in range(band_lo, lead_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_key_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
                                                   offs_m, offs_n, offs_d, seq_len, text_start, text_end,
-                                                  vis_start, vis_end, w_left, w_right, qk_scale, 2)
+                                                  vis_start, vis_end, w_left, w_right, qk_scale, 2, DOT_PRECISION)
             for start_n in range(plain_lo, plain_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_key_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
                                                   offs_m, offs_n, offs_d, seq_len, text_start, text_end,
-                                                  vis_start, vis_end, w_left, w_right, qk_scale, 0)
+                                                  vis_start, vis_end, w_left, w_right, qk_scale, 0, DOT_PRECISION)
             for start_n in range(trail_lo, trail_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_key_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
                                                   offs_m, offs_n, offs_d, seq_len, text_start, text_end,
-                                                  vis_start, vis_end, w_left, w_right, qk_scale, 2)
+                                                  vis_start, vis_end, w_left, w_right, qk_scale, 2, DOT_PRECISION)
             for start_n in range(rule_lo, rule_hi, BLOCK_N):
                 acc, m_i, l_i = _attend_key_block(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, start_n,
                                                   offs_m, offs_n, offs_d, seq_len, text_start, text_end,
-                                                  vis_start, vis_end, w_left, w_right, qk_scale, 3)
+                                                  vis_start, vis_end, w_left, w_right, qk_scale, 3, DOT_PRECISION)
 
             l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past the sequence end
             tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -483,6 +487,10 @@ def launch_head_attention(q, k, v, schemes, text_start, text_end, cached, scale,
     batch, heads, seq_len, head_dim = q.shape
     cfg = dict(config or KERNEL_CONFIGS[head_dim])
     block_m = cfg.pop("BLOCK_M")
+    if q.dtype == torch.float32:  # fp32 tiles are twice the bytes: two stages keep K, V in shared memory
+        cfg["num_stages"] = min(cfg.get("num_stages", 2), 2)
+    # fp32 inputs (test beds' fidelity runs) get IEEE fp32 products, not TF32: the reference's numerics
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     text_start, text_end = (0, 0) if text_end <= text_start else (text_start, text_end)
     vis_start, vis_end = _visual_range(text_start, text_end, seq_len)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -495,7 +503,7 @@ def launch_head_attention(q, k, v, schemes, text_start, text_end, cached, scale,
                  v.stride(0), v.stride(1), v.stride(2), cache.stride(0), cache.stride(1), cache.stride(2),
                  out.stride(0), out.stride(1), out.stride(2),
                  heads, seq_len, text_start, text_end, vis_start, vis_end, scale * 1.4426950408889634,
-                 HEAD_DIM=head_dim, BLOCK_M=block_m, HAS_CACHE=has_cache, **cfg)
+                 HEAD_DIM=head_dim, BLOCK_M=block_m, HAS_CACHE=has_cache, DOT_PRECISION=dot_precision, **cfg)
     return out
 
 
@@ -524,8 +532,8 @@ def head_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes
         return out
     if q.shape[-1] not in KERNEL_CONFIGS:
         raise HeadAttentionError(f"the GPU kernel supports head dim {sorted(KERNEL_CONFIGS)}, got {q.shape[-1]}")
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise HeadAttentionError(f"the GPU kernel takes bf16 or fp16, got {q.dtype}; cast q, k, v first")
+    if q.dtype not in KERNEL_DTYPES:
+        raise HeadAttentionError(f"the GPU kernel takes bf16, fp16 or fp32, got {q.dtype}; cast q, k, v first")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if cached is not None and cached.stride(-1) != 1:
         cached = cached.contiguous()

@@ -44,10 +44,10 @@ def test_interleaved_groups_match_per_head_reference_with_one_call_per_group(mon
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp32_head_dim_32_on_cuda_runs_the_reference():
-    """The 16k test bed as built for fidelity runs (float32, head dim 32: no Triton kernel for it) on the
-    GPU: banded heads fall back to the op's chunked reference instead of failing; the result is the
-    CPU one (fp32 summation order: 1e-5)."""
+def test_fp32_head_dim_32_on_cuda_matches_cpu():
+    """The 16k test bed as built for fidelity runs (float32, head dim 32) on the GPU: banded heads run
+    the Triton kernel with IEEE fp32 products; the result is the CPU reference's (fp32 summation
+    order: 1e-5)."""
     grid, tile, text_range = (2, 4, 4), (1, 2, 2), (32, 36)
     schemes = (HeadScheme("arrow", 3, 3), HeadScheme("full"), HeadScheme("local3d", 2, 2), HeadScheme("arrow", 1, 6))
     q, k, v = (torch.randn(2, 4, 36, 32) for _ in range(3))
