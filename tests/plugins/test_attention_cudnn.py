@@ -238,18 +238,38 @@ def test_gpu_cuda_graph_capture_replays_new_data():
     torch.testing.assert_close(out, ac.cudnn_band_attention(q, k, v, 64, 64), rtol=0, atol=0)
 
 
+AOTI_CHECK = """
+import sys, torch
+import ditbake.plugins.attention_cudnn  # registers ditbake::cudnn_band_attention
+
+class Band(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.ops.ditbake.cudnn_band_attention(q, k, v, 7, 3, None) * 2
+
+torch.manual_seed(4)
+args = tuple(torch.randn(1, 2, 200, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+with torch.no_grad():
+    ep = torch.export.export(Band(), args)
+    loaded = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep, package_path=sys.argv[1]))
+    got, want = loaded(*args), Band()(*args)
+torch.testing.assert_close(got, want, rtol=0, atol=0)
+"""
+
+
 @pytest.mark.gpu
 def test_gpu_aoti_package_runs_the_op(tmp_path):
-    """aoti_compile_and_package + aoti_load_package: the Python custom op runs inside the compiled
-    model through AOTInductor's proxy executor (dispatcher call), and equals eager."""
+    """aoti_compile_and_package + aoti_load_package: can the Python custom op run inside a compiled
+    engine through AOTInductor's proxy executor? On torch 2.11 + CUDA 13 (H100, 2026-11-26) the
+    call segfaults, so the runtime must call the op between engine segments, never inside one. Run
+    in a subprocess so the crash is this test's outcome, not the session's: a segfault is the known
+    limitation (xfail); any other error fails, and the day it passes the op may move into the engine."""
     _need_cudnn()
-    torch.manual_seed(4)
-    model = _Tiny().cuda().to(torch.bfloat16).eval()
-    args = tuple(torch.randn(1, 2, 200, 16, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    with torch.no_grad():
-        ep = torch.export.export(model, args)
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "band.pt2"))
-        loaded = torch._inductor.aoti_load_package(path)
-        got, want = loaded(*args), model(*args)
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16 linear epilogue may fuse differently
-    assert _rel_l2(got, want) < 1e-2
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    proc = subprocess.run([sys.executable, "-c", AOTI_CHECK, str(tmp_path / "band.pt2")], capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode == -11:
+        pytest.xfail("the Python custom op segfaults inside an AOTInductor package (proxy executor), torch "
+                     + torch.__version__)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # it ran and equals eager bit for bit
