@@ -1,8 +1,9 @@
 """Where a benchmark result came from: the commit, whether the tree had uncommitted changes, and
 the software and machine it ran on. Every JSON a benchmark writes carries this under "provenance",
 so a number that no longer reproduces can be traced to the code that produced it. A copy of the
-tree without its .git (the GPU machine's) takes the commit from $DITBAKE_COMMIT and the dirty flag
-from $DITBAKE_DIRTY (0/1), which the caller exports: `DITBAKE_COMMIT=$(git rev-parse HEAD)`.
+tree on another machine (the GPU machine's) takes the commit from $DITBAKE_COMMIT and the dirty flag
+from $DITBAKE_DIRTY (0/1), which the caller exports: `DITBAKE_COMMIT=$(git rev-parse HEAD)`; when set,
+they win over any .git found there.
 
     from provenance import stamp          # benchmarks/ is on sys.path when a script there runs
     results = stamp({...})                # adds results["provenance"]
@@ -31,14 +32,17 @@ def provenance() -> dict:
     the number is then from the commit plus those edits, named in `dirty_files`."""
     import torch  # noqa: PLC0415
 
-    commit = (_git("rev-parse", "HEAD") or "").strip() or None
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    changed = [] if status is None else [line[3:] for line in status.splitlines()
-                                         if line.strip() and not line[3:].startswith("benchmarks/results/")]
-    dirty = None if status is None else bool(changed)
-    if commit is None and os.environ.get("DITBAKE_COMMIT"):
-        commit = os.environ["DITBAKE_COMMIT"]
+    if os.environ.get("DITBAKE_COMMIT"):
+        # the caller knows: the GPU machine's copy of the tree may carry a stale .git of its own (seen
+        # 2026-11-26: the session's first snapshot, so every later file looked "dirty")
+        commit, changed = os.environ["DITBAKE_COMMIT"], []
         dirty = {"0": False, "1": True}.get(os.environ.get("DITBAKE_DIRTY", ""))
+    else:
+        commit = (_git("rev-parse", "HEAD") or "").strip() or None
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        changed = [] if status is None else [line[3:] for line in status.splitlines()
+                                             if line.strip() and not line[3:].startswith("benchmarks/results/")]
+        dirty = None if status is None else bool(changed)
     return {"commit": commit, "dirty": dirty, "dirty_files": changed[:20],
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
