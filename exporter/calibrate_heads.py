@@ -47,10 +47,10 @@ TILE_ELEMENTS = 1 << 24  # score elements per query chunk of the reference path 
 
 
 def kernel_supports(q: torch.Tensor) -> bool:
-    """Whether the plugins' Triton kernel can run these inputs (CUDA, bf16/fp16/fp32, its head dims)."""
-    from ditbake.plugins.head_attention import HAS_TRITON, KERNEL_CONFIGS, KERNEL_DTYPES  # noqa: PLC0415
+    """Whether the plugins' Triton kernel can run these inputs (head_attention.kernel_supports)."""
+    from ditbake.plugins.head_attention import kernel_supports as supports  # noqa: PLC0415
 
-    return HAS_TRITON and q.is_cuda and q.dtype in KERNEL_DTYPES and q.shape[-1] in KERNEL_CONFIGS
+    return supports(q)
 
 
 def scheme_positions(scheme: HeadScheme, seq_len: int, text_range: tuple[int, int],
@@ -111,9 +111,11 @@ class CandidateRunner:
             return
         if q.is_cuda and not self._warned:
             self._warned = True
+            from ditbake.plugins.head_attention import KERNEL_CONFIGS  # noqa: PLC0415
+
             log.warning("head search on %s %s with head dim %d: the block-sparse kernel takes bf16/fp16/fp32 with head dim "
-                        "64 or 128, so candidates run through the chunked reference (slow at large sizes; calibrate "
-                        "with --dtype bfloat16)", q.device, q.dtype, q.shape[-1])
+                        "%s, so candidates run through the chunked reference (slow at large sizes)",
+                        q.device, q.dtype, q.shape[-1], sorted(KERNEL_CONFIGS))
         seq_len = q.shape[2]
         for c, scheme in banded:
             key = (scheme.kind, seq_len, tuple(text_range), tuple(grid) if grid else None, str(q.device))

@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from ditbake.plugins.head_attention import HeadAttentionError, HeadKind, head_attention_ref
+from ditbake.plugins.head_attention import HeadAttentionError, HeadKind, check_qkv_tensors, head_attention_ref
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +109,7 @@ def available(device: Optional[torch.device] = None) -> bool:
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: int, w_right: int,
                  scale: Optional[float]) -> None:
     """Shape/dtype/width checks valid on every device (BandInputError, one line)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise BandInputError(f"{name} must be a 4-D tensor [B, H, S, D], got shape {tuple(getattr(t, 'shape', ()))}")
-        if t.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-            raise BandInputError(f"{name} must be bf16, fp16, fp32 or fp64, got {t.dtype}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise BandInputError(f"q, k, v must share one shape [B, H, S, D] (self-attention), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-        raise BandInputError("q, k, v must share one dtype and one device")
+    check_qkv_tensors(q, k, v, BandInputError)
     if w_left < 0 or w_right < 0:
         raise BandInputError(f"band widths must be >= 0, got w_left={w_left}, w_right={w_right}")
     if scale is not None and not (scale > 0 and math.isfinite(scale)):

@@ -130,18 +130,25 @@ def _visual_range(text_start: int, text_end: int, seq_len: int) -> Tuple[int, in
     return (text_end, seq_len) if text_start == 0 else (0, text_start)
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_schemes: int,
-               cached: Optional[torch.Tensor]) -> None:
+def check_qkv_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, error=None) -> None:
+    """q, k, v are 4-D [B, H, S, D] floating tensors of one shape, dtype and device (self-attention);
+    `error` is the plugin's own subclass of HeadAttentionError (default HeadAttentionError)."""
+    error = error or HeadAttentionError
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise HeadAttentionError(f"{name} must be a 4-D tensor [B, H, S, D], got shape {getattr(t, 'shape', None)}")
+            raise error(f"{name} must be a 4-D tensor [B, H, S, D], got shape {getattr(t, 'shape', None)}")
         if t.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-            raise HeadAttentionError(f"{name} must be bf16, fp16, fp32 or fp64, got {t.dtype}")
+            raise error(f"{name} must be bf16, fp16, fp32 or fp64, got {t.dtype}")
     if k.shape != q.shape or v.shape != q.shape:
-        raise HeadAttentionError(
-            f"q, k, v must have the same shape [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise error(f"q, k, v must have the same shape [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                    f"{tuple(v.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-        raise HeadAttentionError("q, k, v must share one dtype and one device")
+        raise error("q, k, v must share one dtype and one device")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_schemes: int,
+               cached: Optional[torch.Tensor]) -> None:
+    check_qkv_tensors(q, k, v)
     if num_schemes != q.shape[1]:
         raise HeadAttentionError(f"got {num_schemes} head schemes for {q.shape[1]} heads; give one per head")
     if cached is not None and (cached.shape != q.shape or cached.dtype != q.dtype or cached.device != q.device):
@@ -341,6 +348,11 @@ KERNEL_CONFIGS = {
 }
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def kernel_supports(q: torch.Tensor) -> bool:
+    """Whether the Triton kernel can run these inputs (CUDA, KERNEL_DTYPES, a head dim of KERNEL_CONFIGS)."""
+    return HAS_TRITON and q.is_cuda and q.dtype in KERNEL_DTYPES and q.shape[-1] in KERNEL_CONFIGS
 
 if HAS_TRITON:
 

@@ -138,8 +138,7 @@ class AttentionRunner:
             if precision == "bf16":
                 import ditbake.plugins.head_attention as ha  # noqa: PLC0415 - registers ditbake::head_attention
 
-                if q.is_cuda and not (ha.HAS_TRITON and q.dtype in ha.KERNEL_DTYPES
-                                      and q.shape[-1] in ha.KERNEL_CONFIGS):
+                if q.is_cuda and not ha.kernel_supports(q):
                     return AttentionRunner._reference(ha, q, k, v, table, text_range)
                 return torch.ops.ditbake.head_attention(q, k, v, table, text_range[0], text_range[1], None, None)
             import ditbake.plugins.attention_8bit  # noqa: F401, PLC0415 - registers ditbake::attention_8bit
@@ -152,12 +151,12 @@ class AttentionRunner:
 
     @staticmethod
     def _reference(ha, q, k, v, table, text_range):
-        """A float32 artifact or a head dim the Triton kernel lacks (the 16k test bed: fp32, 32) on the
-        GPU: the op's reference in query chunks (exact, memory grows with S; not fast)."""
+        """A dtype or head dim the Triton kernel lacks, on the GPU: the op's reference in query chunks
+        (exact, memory grows with S; not fast)."""
         if not AttentionRunner._warned:
             AttentionRunner._warned = True
             log.warning("head-wise attention on %s %s with head dim %d: the Triton kernel takes bf16/fp16/fp32 with head "
-                        "dim %s, so these heads run the chunked reference (slow; build in bfloat16 for speed)",
+                        "dim %s, so these heads run the chunked reference (slow)",
                         q.device, q.dtype, q.shape[-1], sorted(ha.KERNEL_CONFIGS))
         return ha.head_attention_ref(q, k, v, table, text_range)
 
