@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ditbake.exporter.attention_locality import Windows, capture_self_attention,
 from ditbake.exporter.testbed import data, flow
 from ditbake.exporter.testbed.models import data_spec_of
 from ditbake.exporter.testbed.train import load_embeds, load_model
+from provenance import provenance  # benchmarks/ is the script's directory
 
 log = logging.getLogger("benchmarks.attention_locality")
 RESULTS = Path(__file__).parent / "results"
@@ -164,13 +164,6 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, action="append", default=[], help="a test-bed directory (repeatable)")
@@ -193,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 <= s < SCHEDULE_STEPS for s in steps):
         p.error(f"--steps must be indices in [0, {SCHEDULE_STEPS})")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"beds": {}}
-    commit = git_commit()  # the code the run starts with
+    commit = provenance()["commit"] or "unknown"  # the code the run starts with
     for model_dir in args.model:
         name = model_dir.name.removeprefix("testbed-")
         bed = measure_bed(model_dir, args.embeds, steps, args.queries, args.prompts, args.seed,

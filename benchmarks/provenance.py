@@ -49,6 +49,12 @@ def provenance() -> dict:
                        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")}
 
 
+def commit_label() -> str:
+    """"<commit>", "<commit>+dirty" or "unknown": the one-string form some reports record."""
+    p = provenance()
+    return (p["commit"] or "unknown") + ("+dirty" if p["dirty"] else "")
+
+
 def stamp(results: dict) -> dict:
     """`results` with its provenance added (in place, also returned)."""
     results["provenance"] = provenance()

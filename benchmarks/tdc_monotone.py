@@ -17,13 +17,13 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from provenance import commit_label  # benchmarks/ is the script's directory
 
 log = logging.getLogger("tdc_monotone")
 
@@ -51,15 +51,6 @@ def _peers_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def git_commit() -> str:
-    if not (Path(__file__).parent.parent / ".git").exists():  # a copy without git (the GPU machine's)
-        return os.environ.get("DITBAKE_COMMIT", "unknown") + ("+dirty" if os.environ.get("DITBAKE_DIRTY") == "1" else "")
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=Path(__file__).parent).stdout.strip()
-    return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
 class Bench:
@@ -404,7 +395,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     # parts other than the reference wait for its file only when they need it (parallel processes)
     refs = bench.reference() if "reference" in parts else None
-    commit = git_commit()  # the code this process runs (HEAD may move while it does)
+    commit = commit_label()  # the code this process runs (HEAD may move while it does)
     for part in parts:
         t = time.perf_counter()
         if part in ("block", "step"):
