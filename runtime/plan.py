@@ -32,8 +32,9 @@ PLAN_VERSION = 1
 PRECISIONS = ("bf16", "int8", "fp8", "nvfp4")
 HEAD_KINDS = ("full", "arrow", "cached", "local3d")
 # attention precision of a head: bf16, or 8-bit (ditbake.plugins.attention_8bit): int8 = INT8 QK
-# with per-block scales + FP8 PV (SageAttention's recipe), fp8 = FP8 QK + FP8 PV
-ATTENTION_PRECISIONS = ("bf16", "int8", "fp8")
+# with per-block scales + FP8 PV (SageAttention's recipe), fp8 = FP8 QK + FP8 PV; fp8t = per-tensor
+# FP8 q, k, v, P and output through cuDNN's fused FP8 SDPA (ditbake.plugins.cudnn_sdpa)
+ATTENTION_PRECISIONS = ("bf16", "int8", "fp8", "fp8t")
 # how a step that skips every block rebuilds the stack's residual: the last computed step's
 # ("none") or the line through the last two computed steps' residuals ("linear")
 EXTRAPOLATIONS = ("none", "linear")
