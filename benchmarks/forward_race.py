@@ -27,6 +27,7 @@ import argparse
 import functools
 import json
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -78,12 +79,23 @@ def contenders(arch, config: dict, band: float, visual_tokens: int):
     # input costs a reduction pass to quantize; benchmarks/results/linear_fp8_h100.json): the
     # measured per-layer menu keeps it bf16
     menu = tuple((n, "bf16" if n.endswith("ffn.net.2") else "fp8") for n in names)
+    def every_head(scheme):
+        return ((site, (scheme,) * heads),)
+
     return {
         "ditbake bf16": BlockVariant(),
         "(a) linears fp8": BlockVariant(precisions=fp8),
         "(a*) linears fp8 where faster": BlockVariant(precisions=menu),
-        "(b) + attention 8-bit": BlockVariant(precisions=fp8, heads=((site, (HeadScheme("full", precision="int8"),) * heads),)),
-        f"(c) + band {band:.2f}": BlockVariant(precisions=fp8, heads=((site, (HeadScheme("arrow", half, half, "int8"),) * heads),)),
+        # 8-bit attention, two numerics: SageAttention-style INT8 QK (ditbake's Triton kernel) and
+        # per-tensor FP8 through cuDNN's fused FP8 SDPA (plugins/cudnn_sdpa.py)
+        "(b) + attention int8 (Triton)": BlockVariant(precisions=fp8, heads=every_head(HeadScheme("full", precision="int8"))),
+        "(b) + attention fp8t (cuDNN)": BlockVariant(precisions=fp8, heads=every_head(HeadScheme("full", precision="fp8t"))),
+        f"(c) + band {band:.2f} int8 (Triton)": BlockVariant(precisions=fp8,
+                                                            heads=every_head(HeadScheme("arrow", half, half, "int8"))),
+        f"(c) + band {band:.2f} fp8t (cuDNN)": BlockVariant(precisions=fp8,
+                                                           heads=every_head(HeadScheme("arrow", half, half, "fp8t"))),
+        # the band in bf16: Triton or cuDNN, whichever the build measured faster
+        f"(c16) (a) + band {band:.2f} bf16": BlockVariant(precisions=fp8, heads=every_head(HeadScheme("arrow", half, half))),
     }
 
 
@@ -148,13 +160,15 @@ def race_wan(args, dev, dtype) -> dict:
     p = cfg["patch_size"]
     visual = (latent[1] // p[0]) * (latent[2] // p[1]) * (latent[3] // p[2])
     variants = contenders(arch, config, args.band, visual)
+    if args.only:
+        variants = {n: v for n, v in variants.items() if n == "ditbake bf16" or re.search(args.only, n)}
     names = list(variants)
     # one artifact whose step i runs contender i in every block: the build stores each format once
     plan = Plan(architecture=arch.NAME, num_blocks=adapter.num_blocks, linear_layers=tuple(adapter.linear_layers),
                 attention_sites=tuple(sorted(adapter.attention_sites.items())), variants=tuple(variants.values()),
                 steps=tuple({"cond": (i,) * adapter.num_blocks} for i in range(len(names))))
     profile = Profile("race", latent, text_len)
-    backends = ["eager"] + ([] if args.no_aoti else ["aoti"])
+    backends = [b for b in args.backends.split(",") if b and not (b == "aoti" and args.no_aoti)]
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
             t0 = time.perf_counter()
@@ -172,10 +186,21 @@ def race_wan(args, dev, dtype) -> dict:
             from ditbake.runtime.session import GenerationReport
 
             for i, name in enumerate(names):
-                def forward(i=i):
-                    return session._forward(i, "cond", x, t, text, profile, AttentionRunner(dict(plan.tiles)), {},
+                kernels = {}  # eager: measure each attention group's kernels once, as the aoti build does
+                if backend == "eager" and dev.type == "cuda":
+                    probe = AttentionRunner(dict(plan.tiles), measure=True)
+                    session._forward(i, "cond", x, t, text, profile, probe, {}, GenerationReport())
+                    kernels = probe.kernels
+                    rows.setdefault("_kernels", {})[f"{name} [eager]"] = probe.timings
+
+                def forward(i=i, kernels=kernels):
+                    return session._forward(i, "cond", x, t, text, profile, AttentionRunner(dict(plan.tiles), kernels), {},
                                             GenerationReport())
                 record(f"{name} [{backend}]", forward, ref)
+            if backend == "aoti":  # what the build measured and baked, per engine
+                rows["_kernels_aoti"] = {str(e.get("variant")): e.get("attention_kernels")
+                                         for e in load(path, device=dev).artifact.manifest["engines"]
+                                         if e.get("attention_kernels")}
             del session
     return {"model": "Wan2.1-1.3B architecture (random weights)", "tokens": visual, "rows": rows}
 
@@ -207,6 +232,8 @@ def race_flux(args, dev, dtype) -> dict:
     add_fp8_weights(weights, arch, config)
     visual = h0.shape[1] - text_len
     for name, variant in contenders(arch, config, args.band, visual).items():
+        if args.only and name != "ditbake bf16" and not re.search(args.only, name):
+            continue
         record(f"{name} [eager]", lambda v=variant: eager_forward(arch, config, weights, v, x, t, text, profile), ref)
     rows["ditbake aoti"] = {"skipped": "Flux's double/single blocks need one engine per (variant, block kind); "
                                        "the aoti layout keys engines by variant only (runtime/engines.py)"}
@@ -236,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--band", type=float, default=0.5, help="arrow band of (c) as a fraction of the visual keys")
     p.add_argument("--no-aoti", action="store_true")
+    p.add_argument("--backends", default="eager,aoti", help="comma-separated: eager, aoti (Wan)")
+    p.add_argument("--only", default="", help="regex: race only the ditbake rows it matches (bf16 always)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (checks the script, times nothing)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

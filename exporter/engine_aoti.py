@@ -50,12 +50,29 @@ class _Block(torch.nn.Module):
         self.arch, self.config, self.variant, self.tiles, self.index = arch, config, variant, dict(tiles), index
         self.names = [f"{arch.BLOCK_PREFIX}{index}.{n}" for n in names]
         self.latent, self.text_len, self.n_ctx = latent, text_len, n_ctx
+        self.kernels: dict[str, str] = {}  # attention group → kernel, measured by measure_kernels()
+        self.timings: dict[str, dict[str, float]] = {}
+        self._measure = False
 
     def forward(self, h, *rest):
         ctx = self.arch.unpack_ctx(rest[: self.n_ctx], self.latent, self.text_len)
         w = dict(zip(self.names, rest[self.n_ctx:]))
         # the plan's tiles: local3d heads compile their token permutation into the engine
-        return self.arch.block(w, self.config, self.index, h, ctx, self.variant, AttentionRunner(self.tiles), "cond")
+        attention = AttentionRunner(self.tiles, self.kernels, measure=self._measure)
+        out = self.arch.block(w, self.config, self.index, h, ctx, self.variant, attention, "cond")
+        if self._measure:
+            self.kernels.update(attention.kernels)
+            self.timings.update(attention.timings)
+        return out
+
+    def measure_kernels(self, args: tuple) -> None:
+        """Run the block once eagerly on the GPU, timing every kernel that can run each attention
+        group; the export that follows bakes the fastest into the engine (issue #15 item 3)."""
+        self._measure = True
+        try:
+            self(*args)
+        finally:
+            self._measure = False
 
 
 class _Epilogue(torch.nn.Module):
@@ -112,9 +129,15 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
         for part, kind, vid, module, args in jobs:
             key = engine_key(part, vid, prof.name, kind)
             config_json = plan.variants[vid].to_json() if vid is not None else None
-            content = _content_key(part, kind, config_json, prof.to_json(), arch.NAME, config, str(dtype), built_for)
-            rel = f"engines/{part}-{content}.pt2"
             bar.set_postfix_str(key)
+            kernels = {}
+            if part == "block" and torch.device(device).type == "cuda":
+                module.measure_kernels(args)
+                kernels = {sig: {"kernel": name, "ms": module.timings.get(sig)} for sig, name in module.kernels.items()}
+            choice = {sig: k["kernel"] for sig, k in kernels.items()}  # the engine's code depends on it
+            content = _content_key(part, kind, config_json, prof.to_json(), arch.NAME, config, str(dtype), built_for,
+                                   choice)
+            rel = f"engines/{part}-{content}.pt2"
             _compile(module, args, out_dir / rel)
             entries.append({"key": key, "part": part, **({"block_kind": kind} if kind else {}), "variant": vid,
                             "profile": prof.name, "backend": "aoti",
@@ -122,7 +145,8 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
                             "inputs": _input_names(part, gnames, bnames.get(kind, []), n_ctx,
                                                    runtime_arch.extra_inputs(arch, config)),
                             "outputs": ["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
-                            else ["hidden" if part == "block" else "model_output"]})
+                            else ["hidden" if part == "block" else "model_output"],
+                            **({"attention_kernels": kernels} if kernels else {})})
             bar.update(1)
     bar.close()
     return entries

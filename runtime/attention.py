@@ -9,7 +9,14 @@ against permuting heads inside the q/k/v/o weights at build time in plugins/note
 
 A local3d head is an arrow head run on the visual tokens reordered into the site's 3D tiles
 (frames × height × width, `Plan.tiles`): its group's q, k, v go through the tile permutation,
-the op's band then covers neighbouring tiles, and the output is permuted back."""
+the op's band then covers neighbouring tiles, and the output is permuted back.
+
+Kernels (issue #15 item 3): a group may have several kernels with the same numerics — dense bf16:
+torch SDPA or ditbake's cuDNN op; a bf16 band shared by the group's heads with no text tokens:
+ditbake's Triton op or cuDNN's diagonal band. `AttentionRunner(measure=True)` (the build, on the
+GPU, before tracing each engine) times every candidate of every group it runs and keeps the
+fastest in `kernels`, keyed by `group_signature`; the build records that table in the artifact and
+engines and runtime follow it. `fp8t` (per-tensor FP8) has one kernel, cuDNN's FP8 SDPA."""
 from __future__ import annotations
 
 import logging
@@ -36,8 +43,12 @@ class AttentionRunner:
     versus what dense attention would have done.
     """
 
-    def __init__(self, tiles: dict[str, tuple[int, int, int]] | None = None):
+    def __init__(self, tiles: dict[str, tuple[int, int, int]] | None = None, kernels: dict[str, str] | None = None,
+                 measure: bool = False):
         self.tiles = dict(tiles or {})  # site → 3D tile of its local3d heads
+        self.kernels = dict(kernels or {})  # group_signature → kernel name (the build's measurement)
+        self.measure = measure  # time every candidate kernel of each group run and keep the fastest
+        self.timings: dict[str, dict[str, float]] = {}  # group_signature → kernel → ms (when measuring)
         self._perms: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache: dict[tuple, torch.Tensor] = {}
         self.flops_done = 0.0
@@ -114,21 +125,46 @@ class AttentionRunner:
             self._perms[key] = _scheme_tensor(schemes).to(device)
         return self._perms[key]
 
-    def _run_group(self, key, group: tuple[str, str], q, k, v, schemes, text_range, grid, cached):
-        kind, precision = group
+    def _run_group(self, key, group: tuple, q, k, v, schemes, text_range, grid, cached):
+        kind, precision = group[0], group[1]
         if kind == "cached":
             return cached
-        if kind == "full" and precision == "bf16":
-            return F.scaled_dot_product_attention(q, k, v)
-        table = self._table(schemes, q.device)
         if kind == "local3d":
             perm, inverse = self._permutations(key[-1], grid, q.device)
             from ditbake.plugins.head_attention import reorder_visual_tokens  # noqa: PLC0415
 
             q, k, v = (reorder_visual_tokens(t, perm, text_range, dim=2) for t in (q, k, v))
-            out = self._kernel(precision, q, k, v, table, text_range)
+            out = self._choose_and_run(kind, precision, q, k, v, schemes, text_range)
             return reorder_visual_tokens(out, inverse, text_range, dim=2)
-        return self._kernel(precision, q, k, v, table, text_range)
+        return self._choose_and_run(kind, precision, q, k, v, schemes, text_range)
+
+    def _choose_and_run(self, kind, precision, q, k, v, schemes, text_range):
+        names = candidate_kernels(kind, precision, schemes, q, text_range)
+        signature = group_signature(kind, precision, schemes, q, text_range)
+        if self.measure and q.is_cuda and not torch.compiler.is_compiling():
+            self.timings[signature] = {n: _time_ms(lambda n=n: self._run_kernel(n, precision, q, k, v, schemes, text_range))
+                                       for n in names}  # one candidate too: the artifact lists every group's kernel
+            self.kernels[signature] = min(self.timings[signature], key=self.timings[signature].get)
+            log.info("attention group %s: %s → %s", signature, self.timings[signature], self.kernels[signature])
+        name = self.kernels.get(signature, names[0])
+        if name not in names:
+            raise BackendError(f"attention group {signature} was built for kernel {name!r}, which cannot run here "
+                               f"(available: {names}); rebuild the artifact on this machine")
+        return self._run_kernel(name, precision, q, k, v, schemes, text_range)
+
+    def _run_kernel(self, name: str, precision: str, q, k, v, schemes, text_range):
+        if name == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v)
+        if name in ("cudnn", "reference"):
+            from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415 - registers the ditbake::cudnn_sdpa ops
+
+            w_left, w_right = _uniform_band(schemes)
+            if precision == "fp8t":
+                if name == "reference":  # CPU, or a GPU without the cuDNN build: the op's specification
+                    return cudnn_sdpa.fp8t_attention_ref(q, k, v, w_left, w_right)
+                return cudnn_sdpa.fp8t_attention(q, k, v, w_left, w_right)
+            return torch.ops.ditbake.cudnn_sdpa(q, k, v, w_left, w_right, q.shape[-1] ** -0.5)
+        return self._kernel(precision, q, k, v, self._table(schemes, q.device), text_range)
 
     @staticmethod
     def _kernel(precision: str, q, k, v, table, text_range):
@@ -177,11 +213,77 @@ class AttentionRunner:
         return self._perms[key]
 
 
-def head_groups(schemes: tuple[HeadScheme, ...]) -> dict[tuple[str, str], tuple[int, ...]]:
-    """Head indices per `HeadScheme.group`, groups in order of first appearance."""
-    groups: dict[tuple[str, str], list[int]] = {}
+def _uniform_band(schemes: tuple[HeadScheme, ...]) -> tuple[int, int]:
+    """The band every head of a group shares, as the cuDNN ops take it (-1: unbounded side)."""
+    first = schemes[0]
+    if first.kind == "full":
+        return -1, -1
+    return first.left, first.right
+
+
+def _single_band(schemes: tuple[HeadScheme, ...]) -> bool:
+    return len({(s.kind, s.left, s.right) for s in schemes}) == 1
+
+
+def candidate_kernels(kind: str, precision: str, schemes: tuple[HeadScheme, ...], q: torch.Tensor,
+                      text_range: tuple[int, int]) -> list[str]:
+    """Kernels that compute this group with its precision's numerics, the default first.
+
+    cuDNN takes one band per call and no text rows/columns, so a banded group qualifies only when
+    its heads share one band and the sequence has no text tokens (Wan's self-attention)."""
+    no_text = text_range[1] <= text_range[0]
+    expressible = kind == "full" or (_single_band(schemes) and no_text)
+    if precision == "fp8t":
+        if not expressible:
+            raise BackendError("fp8t attention runs through cuDNN, which cannot express per-head bands or text tokens "
+                               "inside a band; plan these heads in int8/fp8 or bf16")
+        if q.is_cuda:
+            from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415
+
+            if not cudnn_sdpa.supports(q, "fp8t"):
+                raise BackendError(f"fp8t attention needs cuDNN's FP8 SDPA (Hopper or newer, head dim a multiple of 16, "
+                                   f"nvidia-cudnn-frontend): {cudnn_sdpa.unavailable_reason() or 'unsupported shape'}")
+            return ["cudnn"]
+        return ["reference"]
+    default = "sdpa" if (kind == "full" and precision == "bf16") else "triton"
+    if precision != "bf16" or not expressible or not q.is_cuda:
+        return [default]
+    from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415
+
+    return [default, "cudnn"] if cudnn_sdpa.supports(q, "bf16") else [default]
+
+
+def group_signature(kind: str, precision: str, schemes: tuple[HeadScheme, ...], q: torch.Tensor,
+                    text_range: tuple[int, int]) -> str:
+    """What decides a group's fastest kernel: scheme class, precision, bands, shape, dtype, text."""
+    bands = ",".join(sorted({f"{s.left}-{s.right}" for s in schemes})) if kind != "full" else "-"
+    b, h, s, d = q.shape
+    dtype = str(q.dtype).replace("torch.", "")
+    return f"{kind}/{precision}/{bands}/{b}x{h}x{s}x{d}/{dtype}/text{text_range[0]}-{text_range[1]}"
+
+
+def _time_ms(fn, warmup: int = 2, reps: int = 5) -> float:
+    """Median CUDA-event time of fn (build-time kernel choice)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def head_groups(schemes: tuple[HeadScheme, ...]) -> dict[tuple, tuple[int, ...]]:
+    """Head indices per `HeadScheme.group`, groups in order of first appearance. fp8t band heads
+    are split further by band: their only kernel (cuDNN) takes one band per call."""
+    groups: dict[tuple, list[int]] = {}
     for h, s in enumerate(schemes):
-        groups.setdefault(s.group, []).append(h)
+        key = (*s.group, s.left, s.right) if s.precision == "fp8t" and s.kind != "full" else s.group
+        groups.setdefault(key, []).append(h)
     return {g: tuple(heads) for g, heads in groups.items()}
 
 

@@ -103,6 +103,7 @@ def load_aoti_package(path: Path, entry: dict, device: torch.device, what: str =
         raise BackendError(f"{what} {entry['file']} was compiled for {built}, not {device.type}; "
                            f"load with device={built!r} or rebuild the artifact on a {device.type} machine")
     promote_libstdcxx()
+    _load_native_ops(entry, what)
     try:
         # single-threaded: the container's cross-thread event waits are illegal inside a CUDA graph
         # capture, and a session is driven by one thread
@@ -110,6 +111,20 @@ def load_aoti_package(path: Path, entry: dict, device: torch.device, what: str =
     except Exception as exc:  # the loader raises RuntimeError and others
         raise BackendError(f"cannot load {what} {entry['file']} ({type(exc).__name__}: {exc}); rebuild it "
                            f"with this torch ({torch.__version__})") from exc
+
+def _load_native_ops(entry: dict, what: str) -> None:
+    """Engines whose attention the build gave to cuDNN (bf16 band or fp8t) call ditbake's C++ ops
+    through the dispatcher: compile/load them before the package (plugins/cudnn_sdpa.py)."""
+    kernels = entry.get("attention_kernels") or {}
+    if not any(k.get("kernel") == "cudnn" for k in kernels.values() if isinstance(k, dict)) and \
+            not any("/fp8t/" in sig for sig in kernels):
+        return
+    from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415
+
+    if not cudnn_sdpa.load_native():
+        raise BackendError(f"{what} {entry['file']} runs attention through cuDNN, which cannot be loaded here: "
+                           f"{cudnn_sdpa.unavailable_reason()}; install ditbake[cuda] or rebuild without it")
+
 
 class EagerEngines:
     name = "eager"
