@@ -263,7 +263,8 @@ def load_native(verbose: bool = False) -> bool:
                  extra_cflags=["-O2", "-std=c++17"], extra_ldflags=_cudnn_lib_flags(), with_cuda=True,
                  build_directory=str(build_dir), is_python_module=False, verbose=verbose)
         except Exception as exc:  # noqa: BLE001 - a compiler or linker error is "unavailable", reported
-            _REASON = f"building the cuDNN extension failed: {str(exc).splitlines()[-1] if str(exc) else exc!r}"
+            cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # load_library hides the dlopen error
+            _REASON = f"building the cuDNN extension failed: {str(exc).splitlines()[-1] if str(exc) else exc!r}{cause}"
             logger.warning("ditbake cuDNN attention unavailable: %s", _REASON)
             return False
         _LOADED = True

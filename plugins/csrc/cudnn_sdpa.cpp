@@ -21,7 +21,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+// The frontend resolves cuDNN and NVRTC through dlopen: NVRTC (used by its runtime-compiled
+// engines) is not a link dependency of torch's, and cuDNN is the one torch already loaded.
+#define NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING
 #include <cudnn_frontend.h>
+#include <dlfcn.h>
+
+namespace cudnn_frontend {
+void* cudnn_dlhandle = nullptr;  // declared by cudnn_frontend_shim.h; set before the first graph
+}
 
 #include <memory>
 #include <mutex>
@@ -94,6 +102,12 @@ std::pair<int64_t, int64_t> cudnn_bounds(int64_t w_left, int64_t w_right, int64_
 }
 
 cudnnHandle_t current_handle() {
+    static std::once_flag opened;
+    std::call_once(opened, [] {
+        // the library torch links (already in the process: dlopen returns its handle)
+        cudnn_frontend::cudnn_dlhandle = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_GLOBAL);
+    });
+    TORCH_CHECK(cudnn_frontend::cudnn_dlhandle != nullptr, "ditbake cudnn_sdpa: cannot dlopen libcudnn.so.9: ", dlerror());
     cudnnHandle_t handle = at::native::getCudnnHandle();
     TORCH_CHECK(cudnnSetStream(handle, c10::cuda::getCurrentCUDAStream()) == CUDNN_STATUS_SUCCESS,
                 "ditbake cudnn_sdpa: cudnnSetStream failed");
