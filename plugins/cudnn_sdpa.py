@@ -257,6 +257,10 @@ def load_native(verbose: bool = False) -> bool:
         try:
             from torch.utils.cpp_extension import load  # noqa: PLC0415
 
+            from ditbake.plugins.native_loading import promote_libstdcxx  # noqa: PLC0415
+
+            promote_libstdcxx()  # else the extension's first std::ostream use crashes (native_loading.py)
+
             build_dir = Path(os.environ.get("DITBAKE_EXT_DIR", Path.home() / ".cache" / "ditbake" / "ext"))
             build_dir.mkdir(parents=True, exist_ok=True)
             load(name="ditbake_cudnn_sdpa", sources=[str(CSRC)], extra_include_paths=includes,

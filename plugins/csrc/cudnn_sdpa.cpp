@@ -33,7 +33,6 @@ void* cudnn_dlhandle = nullptr;  // declared by cudnn_frontend_shim.h; set befor
 
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -87,11 +86,17 @@ void check(fe::error_t status, const char* step, const std::string& key) {
 
 std::string key_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                    int64_t left, int64_t right, double scale, bool fp8) {
-    std::ostringstream s;
-    s << (fp8 ? "fp8" : "16") << '|' << q.scalar_type() << '|' << q.sizes() << q.strides() << k.sizes()
-      << k.strides() << v.sizes() << v.strides() << out.strides() << '|' << left << ',' << right << '|'
-      << scale << '|' << q.get_device();
-    return s.str();
+    std::string s = fp8 ? "fp8|" : "16|";
+    s += std::to_string(static_cast<int>(q.scalar_type()));
+    for (const auto* t : {&q, &k, &v, &out}) {
+        for (auto d : t->sizes()) s += "," + std::to_string(d);
+        s += "/";
+        for (auto d : t->strides()) s += "," + std::to_string(d);
+        s += "|";
+    }
+    s += std::to_string(left) + "," + std::to_string(right) + "|" + std::to_string(scale) + "|" +
+         std::to_string(q.get_device());
+    return s;
 }
 
 // ditbake's inclusive widths -> cuDNN bounds; -1 = no bound on that side

@@ -1,0 +1,37 @@
+"""Loading native code (AOTInductor packages, ditbake's C++ ops) into a Python process safely."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def promote_libstdcxx() -> bool:
+    """Put the process's libstdc++ into the global symbol scope before loading native code
+    (AOTInductor packages, plugins/csrc extensions: the cuDNN ops crashed the same way in their
+    first std::ostream insertion, measured on the H200 image 2026-11-26).
+
+    A compiled package's .so does not list libstdc++ as a dependency and carries its own weak
+    copies of inline template statics (std::regex's locale facet ids among them). Python loads
+    torch, and libstdc++ with it, RTLD_LOCAL, so when the loader dlopens the package the .so
+    binds those statics to its own copies, which libstdc++'s locale never initialised: the
+    model constructor's std::regex (parse_device_str) then crashes. Measured on the H100 image
+    (torch 2.11, CUDA 13, 2026-11-24): every package, CPU or CUDA, segfaulted in
+    aoti_load_package; with libstdc++ preloaded it loaded and ran. Promoting the already loaded
+    library to RTLD_GLOBAL has the same effect without an environment variable.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    for mode in (os.RTLD_NOLOAD | os.RTLD_GLOBAL, os.RTLD_GLOBAL):
+        try:
+            ctypes.CDLL("libstdc++.so.6", mode=mode)
+            return True
+        except OSError:
+            continue
+    log.warning("could not promote libstdc++ to the global symbol scope; AOTInductor packages and C++ ops may crash on load")
+    return False
