@@ -31,6 +31,7 @@ namespace cudnn_frontend {
 void* cudnn_dlhandle = nullptr;  // declared by cudnn_frontend_shim.h; set before the first graph
 }
 
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -94,7 +95,9 @@ std::string key_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         for (auto d : t->strides()) s += "," + std::to_string(d);
         s += "|";
     }
-    s += std::to_string(left) + "," + std::to_string(right) + "|" + std::to_string(scale) + "|" +
+    uint64_t scale_bits;  // exact: two scales never share a graph
+    std::memcpy(&scale_bits, &scale, sizeof(scale_bits));
+    s += std::to_string(left) + "," + std::to_string(right) + "|" + std::to_string(scale_bits) + "|" +
          std::to_string(q.get_device());
     return s;
 }
