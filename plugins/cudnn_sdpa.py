@@ -97,6 +97,14 @@ def check_inputs(q, k, v, w_left: int, w_right: int, scale: float, fp8: bool = F
             raise CudnnSdpaInputError(f"{name} must be an int (negative: unbounded), got {w!r}")
 
 
+def check_fp8_scales(descale_q, descale_k, descale_v, scale_o) -> None:
+    """The FP8 op's scales: one-element fp32 tensors (the CUDA kernel binds their pointers as fp32)."""
+    for name, t in (("descale_q", descale_q), ("descale_k", descale_k), ("descale_v", descale_v), ("scale_o", scale_o)):
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.float32:
+            raise CudnnSdpaInputError(f"{name} must be a one-element fp32 tensor, got "
+                                      f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+
+
 def band_attention_ref(q, k, v, w_left: int, w_right: int, scale: float) -> torch.Tensor:
     """bf16 op's specification: every head ARROW(w_left, w_right) with no text, fp32 softmax."""
     wl, wr = _widths(w_left, w_right, q.shape[2])
@@ -141,16 +149,22 @@ def _cudnn_sdpa_cpu(q, k, v, w_left, w_right, scale):
 @torch.library.impl("ditbake::cudnn_sdpa_fp8", "CPU")
 def _cudnn_sdpa_fp8_cpu(q, k, v, descale_q, descale_k, descale_v, scale_o, w_left, w_right, scale):
     check_inputs(q, k, v, w_left, w_right, scale, fp8=True)
+    check_fp8_scales(descale_q, descale_k, descale_v, scale_o)
     return fp8_op_ref(q, k, v, descale_q, descale_k, descale_v, scale_o, w_left, w_right, scale)
 
 
+# The fake kernels check too: a malformed call fails at export, not inside a compiled engine
+# (whose C++ kernel would only raise an untyped cuDNN error).
 @torch.library.register_fake("ditbake::cudnn_sdpa")
 def _cudnn_sdpa_fake(q, k, v, w_left, w_right, scale):
+    check_inputs(q, k, v, w_left, w_right, scale)
     return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("ditbake::cudnn_sdpa_fp8")
 def _cudnn_sdpa_fp8_fake(q, k, v, descale_q, descale_k, descale_v, scale_o, w_left, w_right, scale):
+    check_inputs(q, k, v, w_left, w_right, scale, fp8=True)
+    check_fp8_scales(descale_q, descale_k, descale_v, scale_o)
     return q.new_empty(q.shape)
 
 
@@ -165,11 +179,12 @@ def _per_tensor_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return codes, (amax / FP8_MAX).reshape(1, 1, 1, 1), amax
 
 
-def fp8t_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: int = -1, w_right: int = -1,
-                   scale: Optional[float] = None) -> torch.Tensor:
-    """Per-tensor FP8 attention through cuDNN (module docstring, steps 1-5); traceable. On CPU the
-    op's reference runs, so this is also the CPU specification of the composite."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+def _fp8t_inputs(q, k, v, w_left, w_right, scale):
+    """Steps 1-3 of the module docstring, after checking the composite's own inputs (floating q, k, v
+    of one shape and dtype, int widths, a positive scale): the quantized op inputs and what
+    dequantizes its output."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None and isinstance(q, torch.Tensor) else scale
+    check_inputs(q, k, v, w_left, w_right, scale)
     k = k - k.float().mean(dim=2, keepdim=True).to(k.dtype)
     v_mean = v.float().mean(dim=2, keepdim=True)
     v_dev = v.float() - v_mean
@@ -177,22 +192,23 @@ def fp8t_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: in
     k8, dk, _ = _per_tensor_fp8(k)
     v8, dv, v_amax = _per_tensor_fp8(v_dev)
     scale_o = (FP8_MAX / v_amax).reshape(1, 1, 1, 1)
-    o8 = torch.ops.ditbake.cudnn_sdpa_fp8(q8.contiguous(), k8.contiguous(), v8.contiguous(), dq, dk, dv, scale_o,
-                                          int(w_left), int(w_right), scale)
+    return (q8, k8, v8, dq, dk, dv, scale_o, int(w_left), int(w_right), float(scale)), v_amax, v_mean
+
+
+def fp8t_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: int = -1, w_right: int = -1,
+                   scale: Optional[float] = None) -> torch.Tensor:
+    """Per-tensor FP8 attention through cuDNN (module docstring, steps 1-5); traceable. On CPU the
+    op's reference runs, so this is also the CPU specification of the composite."""
+    (q8, k8, v8, *rest), v_amax, v_mean = _fp8t_inputs(q, k, v, w_left, w_right, scale)
+    o8 = torch.ops.ditbake.cudnn_sdpa_fp8(q8.contiguous(), k8.contiguous(), v8.contiguous(), *rest)
     return (o8.float() * (v_amax / FP8_MAX) + v_mean).to(q.dtype)
 
 
 def fp8t_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: int = -1, w_right: int = -1,
                        scale: Optional[float] = None) -> torch.Tensor:
     """The composite's specification on any device (the op's reference in place of cuDNN)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    k = k - k.float().mean(dim=2, keepdim=True).to(k.dtype)
-    v_mean = v.float().mean(dim=2, keepdim=True)
-    v_dev = v.float() - v_mean
-    q8, dq, _ = _per_tensor_fp8(q)
-    k8, dk, _ = _per_tensor_fp8(k)
-    v8, dv, v_amax = _per_tensor_fp8(v_dev)
-    o8 = fp8_op_ref(q8, k8, v8, dq, dk, dv, (FP8_MAX / v_amax).reshape(1, 1, 1, 1), w_left, w_right, scale)
+    args, v_amax, v_mean = _fp8t_inputs(q, k, v, w_left, w_right, scale)
+    o8 = fp8_op_ref(*args)
     return (o8.float() * (v_amax / FP8_MAX) + v_mean).to(q.dtype)
 
 
