@@ -124,3 +124,33 @@ def test_fp8t_is_accepted_by_the_config_and_the_cli_flag():
     assert HeadsConfig.from_json(config.to_json()) == config
     menu = candidates(HeadsConfig(arrow_fractions=(0.25,), attention_precisions=("fp8t",)), 64)
     assert HeadScheme("arrow", 16, 16, "fp8t") in menu and HeadScheme.from_json(["full", 0, 0, "fp8t"]) in menu
+
+
+@pytest.mark.parametrize("name,latent,text_len", [("tiny-wan", (4, 4, 8, 8), 6), ("tiny-sd3", (4, 8, 8), 6)])
+def test_calibration_plans_fp8t_heads(name, latent, text_len):
+    """The whole progressive search on a tiny model with attention_precisions=("fp8t",) and the planner
+    pass: Wan's self-attention has no text tokens, so every fp8t twin is measured; SD3's joint
+    attention has, so its banded fp8t twins stay NaN and never reach the plan while full fp8t does."""
+    from ditbake.exporter.plan_heads import heads_pass
+    from ditbake.exporter.planner import plan_from_calibration
+    from tests.exporter.test_plan_heads import _calibrate
+
+    config = HeadsConfig(delta=2.0, head_factor=3.0, arrow_fractions=(0.1,), attention_precisions=("fp8t",),
+                         eight_bit_speedup=2.0)
+    adapter, tensors, meta, plan_meta = _calibrate(name, latent, text_len, config, steps=2)
+    site = next(iter(meta["sites"]))
+    menu = [HeadScheme.from_json(c) for c in meta["sites"][site]["candidates"]]
+    errors = tensors[f"heads_error.{site}"]
+    fp8t = [c for c, s in enumerate(menu) if s.precision == "fp8t"]
+    banded = [c for c in fp8t if menu[c].kind != "full"]
+    assert [menu[c].kind for c in fp8t] == ["full", "arrow"]
+    full8 = errors[..., fp8t[0]]
+    assert torch.isfinite(full8).all() and (full8 > 0).all() and (full8 < FP8T_BOUND[1] ** 2).all()
+    has_text = meta["sites"][site]["text_tokens"] > 0
+    assert has_text == (name == "tiny-sd3")
+    assert torch.isnan(errors[..., banded]).all() == has_text
+    assert torch.isfinite(errors[..., banded]).all() != has_text
+    plan = plan_from_calibration(plan_meta, passes=[heads_pass(tensors, meta)])
+    used = {s for v in plan.variants for _, schemes in v.heads for s in schemes}
+    assert any(s.precision == "fp8t" for s in used), used
+    assert not (has_text and any(s.precision == "fp8t" and s.kind != "full" for s in used)), used
