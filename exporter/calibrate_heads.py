@@ -97,6 +97,8 @@ class CandidateRunner:
         self._perms: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pos: dict[tuple, torch.Tensor] = {}
         self._warned = False
+        self._fp8t_warned = False
+        self._fp8t_refused: set[tuple] = set()  # (scheme, shape) graphs cuDNN refused: not rebuilt per layer
 
     def outputs(self, menu: tuple[HeadScheme, ...], q, k, v, text_range, grid):
         """Yields (candidate index, output [B, H, S, D]) for the arrow and local3d candidates and
@@ -126,7 +128,8 @@ class CandidateRunner:
 
     def _eight_bit(self, candidates, q, k, v, text_range, grid):
         """8-bit candidates through ditbake::attention_8bit: its Triton kernel on CUDA (bf16/fp16, head
-        dim 64/128), its reference elsewhere — the numerics the runtime runs either way."""
+        dim 64/128), its reference elsewhere — the numerics the runtime runs either way. "fp8t"
+        candidates go through cuDNN's per-tensor FP8 attention instead (`_fp8t`)."""
         if not candidates:
             return
         import ditbake.plugins.attention_8bit  # noqa: F401, PLC0415 - registers ditbake::attention_8bit
@@ -135,6 +138,11 @@ class CandidateRunner:
         start, end = normalize_text_range(text_range, q.shape[2])
         heads = q.shape[1]
         for c, scheme in candidates:
+            if scheme.precision == "fp8t":
+                out = self._fp8t(scheme, q, k, v, (start, end), grid)
+                if out is not None:
+                    yield c, out
+                continue
             kind = 0 if scheme.kind == "full" else 1
             table = torch.tensor([[kind, scheme.left, scheme.right]] * heads, dtype=torch.int32, device=q.device)
             if scheme.kind != "local3d":
@@ -144,6 +152,46 @@ class CandidateRunner:
             tiled = [reorder_visual_tokens(t, perm, (start, end), dim=2).contiguous() for t in (q, k, v)]
             out = torch.ops.ditbake.attention_8bit(*tiled, table, start, end, None, None, scheme.precision)
             yield c, reorder_visual_tokens(out, inverse, (start, end), dim=2)
+
+    def _fp8t(self, scheme: HeadScheme, q, k, v, text_range: tuple[int, int], grid) -> torch.Tensor | None:
+        """One fp8t candidate for every head at once (one scheme per call, as the runtime groups heads):
+        full → unbounded band, arrow → (left, right), local3d → that band over the tile-ordered tokens.
+        cuDNN's native op where `cudnn_sdpa.supports` says so, its reference elsewhere (CPU, other head
+        dims, pre-Hopper). None where fp8t cannot express the candidate: cuDNN's band has no global
+        rows or columns, so an arrow or local3d candidate WITH text tokens (whose rows and columns
+        always attend) is not offered — its error stays NaN, which the MILP never picks; full fp8t
+        with text is ordinary dense attention. Also None where cuDNN refuses the band graph on this
+        GPU (check_support): the runtime could not run it either."""
+        from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415
+        from ditbake.plugins.head_attention import reorder_visual_tokens  # noqa: PLC0415
+
+        start, end = text_range
+        if scheme.kind != "full" and end > start:
+            return None
+        native = cudnn_sdpa.supports(q, "fp8t")
+        if not native and not self._fp8t_warned:
+            self._fp8t_warned = True  # a GPU that should run it natively deserves a warning, a CPU run a note
+            (log.warning if q.is_cuda else log.info)(
+                "head search on %s: cuDNN's FP8 attention does not run %s with head dim %d here (%s); fp8t candidates "
+                "run through its reference, the op's specification (slower)", q.device, q.dtype, q.shape[-1],
+                cudnn_sdpa.unavailable_reason() or "head dim or GPU generation")
+        attention = cudnn_sdpa.fp8t_attention if native else cudnn_sdpa.fp8t_attention_ref
+        w_left, w_right = (-1, -1) if scheme.kind == "full" else (scheme.left, scheme.right)
+        key = (scheme, tuple(q.shape), q.dtype, str(q.device))
+        if key in self._fp8t_refused:
+            return None
+        try:
+            if scheme.kind != "local3d":
+                return attention(q, k, v, w_left, w_right)
+            perm, inverse = self._permutation(grid, q.device)
+            tiled = [reorder_visual_tokens(t, perm, text_range, dim=2).contiguous() for t in (q, k, v)]
+            return reorder_visual_tokens(attention(*tiled, w_left, w_right), inverse, text_range, dim=2)
+        except RuntimeError as exc:
+            if "cuDNN cannot run this attention" not in str(exc):  # the C++ op's check_support refusal
+                raise
+            self._fp8t_refused.add(key)
+            log.warning("head search: fp8t %s candidate not offered: %s", scheme.to_json(), str(exc).splitlines()[0])
+            return None
 
     def _permutation(self, grid, device) -> tuple[torch.Tensor, torch.Tensor]:
         from ditbake.plugins.head_attention import invert_permutation, tile_order  # noqa: PLC0415

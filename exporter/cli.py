@@ -368,8 +368,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--heads-widths", help="arrow half-widths as fractions of the visual tokens (default 0.0625,0.125,0.25)")
     g.add_argument("--heads-no-cache", action="store_true", help="do not offer cached heads (arrow-only ablation)")
     g.add_argument("--heads-tile", help="F,H,W tile for local3d window candidates after tile reordering, e.g. 2,8,8")
-    g.add_argument("--heads-precisions", help="8-bit attention formats to offer per head beside bf16, e.g. int8 "
-                                              "(each candidate gets an 8-bit twin whose error is measured)")
+    g.add_argument("--heads-precisions", help="8-bit attention formats to offer per head beside bf16: int8, fp8, "
+                                              "fp8t (cuDNN per-tensor FP8), comma-separated (each candidate gets an "
+                                              "8-bit twin whose error is measured)")
     g.add_argument("--heads-8bit-speedup", type=float,
                    help="measured 8-bit/bf16 attention speed ratio on the target (weighs 8-bit candidates; default 1.5)")
     _latent_args(p)

@@ -97,6 +97,14 @@ def check_inputs(q, k, v, w_left: int, w_right: int, scale: float, fp8: bool = F
             raise CudnnSdpaInputError(f"{name} must be an int (negative: unbounded), got {w!r}")
 
 
+def check_fp8_scales(descale_q, descale_k, descale_v, scale_o) -> None:
+    """The FP8 op's scales: one-element fp32 tensors (the CUDA kernel binds their pointers as fp32)."""
+    for name, t in (("descale_q", descale_q), ("descale_k", descale_k), ("descale_v", descale_v), ("scale_o", scale_o)):
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.float32:
+            raise CudnnSdpaInputError(f"{name} must be a one-element fp32 tensor, got "
+                                      f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+
+
 def band_attention_ref(q, k, v, w_left: int, w_right: int, scale: float) -> torch.Tensor:
     """bf16 op's specification: every head ARROW(w_left, w_right) with no text, fp32 softmax."""
     wl, wr = _widths(w_left, w_right, q.shape[2])
@@ -141,16 +149,22 @@ def _cudnn_sdpa_cpu(q, k, v, w_left, w_right, scale):
 @torch.library.impl("ditbake::cudnn_sdpa_fp8", "CPU")
 def _cudnn_sdpa_fp8_cpu(q, k, v, descale_q, descale_k, descale_v, scale_o, w_left, w_right, scale):
     check_inputs(q, k, v, w_left, w_right, scale, fp8=True)
+    check_fp8_scales(descale_q, descale_k, descale_v, scale_o)
     return fp8_op_ref(q, k, v, descale_q, descale_k, descale_v, scale_o, w_left, w_right, scale)
 
 
+# The fake kernels check too: a malformed call fails at export, not inside a compiled engine
+# (whose C++ kernel would only raise an untyped cuDNN error).
 @torch.library.register_fake("ditbake::cudnn_sdpa")
 def _cudnn_sdpa_fake(q, k, v, w_left, w_right, scale):
+    check_inputs(q, k, v, w_left, w_right, scale)
     return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("ditbake::cudnn_sdpa_fp8")
 def _cudnn_sdpa_fp8_fake(q, k, v, descale_q, descale_k, descale_v, scale_o, w_left, w_right, scale):
+    check_inputs(q, k, v, w_left, w_right, scale, fp8=True)
+    check_fp8_scales(descale_q, descale_k, descale_v, scale_o)
     return q.new_empty(q.shape)
 
 
@@ -165,11 +179,12 @@ def _per_tensor_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return codes, (amax / FP8_MAX).reshape(1, 1, 1, 1), amax
 
 
-def fp8t_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: int = -1, w_right: int = -1,
-                   scale: Optional[float] = None) -> torch.Tensor:
-    """Per-tensor FP8 attention through cuDNN (module docstring, steps 1-5); traceable. On CPU the
-    op's reference runs, so this is also the CPU specification of the composite."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+def _fp8t_inputs(q, k, v, w_left, w_right, scale):
+    """Steps 1-3 of the module docstring, after checking the composite's own inputs (floating q, k, v
+    of one shape and dtype, int widths, a positive scale): the quantized op inputs and what
+    dequantizes its output."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None and isinstance(q, torch.Tensor) else scale
+    check_inputs(q, k, v, w_left, w_right, scale)
     k = k - k.float().mean(dim=2, keepdim=True).to(k.dtype)
     v_mean = v.float().mean(dim=2, keepdim=True)
     v_dev = v.float() - v_mean
@@ -177,22 +192,23 @@ def fp8t_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: in
     k8, dk, _ = _per_tensor_fp8(k)
     v8, dv, v_amax = _per_tensor_fp8(v_dev)
     scale_o = (FP8_MAX / v_amax).reshape(1, 1, 1, 1)
-    o8 = torch.ops.ditbake.cudnn_sdpa_fp8(q8.contiguous(), k8.contiguous(), v8.contiguous(), dq, dk, dv, scale_o,
-                                          int(w_left), int(w_right), scale)
+    return (q8, k8, v8, dq, dk, dv, scale_o, int(w_left), int(w_right), float(scale)), v_amax, v_mean
+
+
+def fp8t_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: int = -1, w_right: int = -1,
+                   scale: Optional[float] = None) -> torch.Tensor:
+    """Per-tensor FP8 attention through cuDNN (module docstring, steps 1-5); traceable. On CPU the
+    op's reference runs, so this is also the CPU specification of the composite."""
+    (q8, k8, v8, *rest), v_amax, v_mean = _fp8t_inputs(q, k, v, w_left, w_right, scale)
+    o8 = torch.ops.ditbake.cudnn_sdpa_fp8(q8.contiguous(), k8.contiguous(), v8.contiguous(), *rest)
     return (o8.float() * (v_amax / FP8_MAX) + v_mean).to(q.dtype)
 
 
 def fp8t_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left: int = -1, w_right: int = -1,
                        scale: Optional[float] = None) -> torch.Tensor:
     """The composite's specification on any device (the op's reference in place of cuDNN)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    k = k - k.float().mean(dim=2, keepdim=True).to(k.dtype)
-    v_mean = v.float().mean(dim=2, keepdim=True)
-    v_dev = v.float() - v_mean
-    q8, dq, _ = _per_tensor_fp8(q)
-    k8, dk, _ = _per_tensor_fp8(k)
-    v8, dv, v_amax = _per_tensor_fp8(v_dev)
-    o8 = fp8_op_ref(q8, k8, v8, dq, dk, dv, (FP8_MAX / v_amax).reshape(1, 1, 1, 1), w_left, w_right, scale)
+    args, v_amax, v_mean = _fp8t_inputs(q, k, v, w_left, w_right, scale)
+    o8 = fp8_op_ref(*args)
     return (o8.float() * (v_amax / FP8_MAX) + v_mean).to(q.dtype)
 
 
@@ -239,6 +255,28 @@ def _cudnn_lib_flags() -> list[str]:
     return ["-lcudnn"]
 
 
+def _nvrtc_lib_flags() -> list[str]:
+    """libnvrtc, where one is found: cudnn-frontend (1.32) compiles direct NVRTC calls into
+    Graph::create_execution_plans (its open-source SM100 RMSNorm+SiLU engine), so the extension has
+    undefined nvrtc* symbols, and a dlopen with RTLD_NOW of a library that does not link NVRTC fails
+    (the engine itself is never requested: heuristics A + FALLBACK only). Nothing found: no flag."""
+    try:
+        import nvidia.cuda_nvrtc  # noqa: PLC0415 - torch's pip NVRTC
+
+        lib = Path(list(nvidia.cuda_nvrtc.__path__)[0]) / "lib"
+        found = sorted(lib.glob("libnvrtc.so.*[0-9]"))
+        if found:
+            return [f"-L{lib}", f"-l:{found[0].name}", f"-Wl,-rpath,{lib}"]
+    except Exception:  # noqa: BLE001 - no pip NVRTC: try the toolkit's
+        pass
+    from torch.utils.cpp_extension import CUDA_HOME  # noqa: PLC0415
+
+    for sub in ("lib64", "lib"):
+        if CUDA_HOME and Path(CUDA_HOME, sub, "libnvrtc.so").exists():
+            return [f"-L{Path(CUDA_HOME, sub)}", "-lnvrtc"]
+    return []
+
+
 def load_native(verbose: bool = False) -> bool:
     """Compile (once per machine) and load the CUDA kernels; False with `unavailable_reason()` set
     when this machine cannot (no GPU, no frontend headers, compiler error)."""
@@ -264,7 +302,7 @@ def load_native(verbose: bool = False) -> bool:
             build_dir = Path(os.environ.get("DITBAKE_EXT_DIR", Path.home() / ".cache" / "ditbake" / "ext"))
             build_dir.mkdir(parents=True, exist_ok=True)
             load(name="ditbake_cudnn_sdpa", sources=[str(CSRC)], extra_include_paths=includes,
-                 extra_cflags=["-O2", "-std=c++17"], extra_ldflags=_cudnn_lib_flags(), with_cuda=True,
+                 extra_cflags=["-O2", "-std=c++17"], extra_ldflags=_cudnn_lib_flags() + _nvrtc_lib_flags(), with_cuda=True,
                  build_directory=str(build_dir), is_python_module=False, verbose=verbose)
         except Exception as exc:  # noqa: BLE001 - a compiler or linker error is "unavailable", reported
             cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # load_library hides the dlopen error
