@@ -255,28 +255,6 @@ def _cudnn_lib_flags() -> list[str]:
     return ["-lcudnn"]
 
 
-def _nvrtc_lib_flags() -> list[str]:
-    """libnvrtc, where one is found: cudnn-frontend (1.32) compiles direct NVRTC calls into
-    Graph::create_execution_plans (its open-source SM100 RMSNorm+SiLU engine), so the extension has
-    undefined nvrtc* symbols, and a dlopen with RTLD_NOW of a library that does not link NVRTC fails
-    (the engine itself is never requested: heuristics A + FALLBACK only). Nothing found: no flag."""
-    try:
-        import nvidia.cuda_nvrtc  # noqa: PLC0415 - torch's pip NVRTC
-
-        lib = Path(list(nvidia.cuda_nvrtc.__path__)[0]) / "lib"
-        found = sorted(lib.glob("libnvrtc.so.*[0-9]"))
-        if found:
-            return [f"-L{lib}", f"-l:{found[0].name}", f"-Wl,-rpath,{lib}"]
-    except Exception:  # noqa: BLE001 - no pip NVRTC: try the toolkit's
-        pass
-    from torch.utils.cpp_extension import CUDA_HOME  # noqa: PLC0415
-
-    for sub in ("lib64", "lib"):
-        if CUDA_HOME and Path(CUDA_HOME, sub, "libnvrtc.so").exists():
-            return [f"-L{Path(CUDA_HOME, sub)}", "-lnvrtc"]
-    return []
-
-
 def load_native(verbose: bool = False) -> bool:
     """Compile (once per machine) and load the CUDA kernels; False with `unavailable_reason()` set
     when this machine cannot (no GPU, no frontend headers, compiler error)."""
@@ -302,7 +280,7 @@ def load_native(verbose: bool = False) -> bool:
             build_dir = Path(os.environ.get("DITBAKE_EXT_DIR", Path.home() / ".cache" / "ditbake" / "ext"))
             build_dir.mkdir(parents=True, exist_ok=True)
             load(name="ditbake_cudnn_sdpa", sources=[str(CSRC)], extra_include_paths=includes,
-                 extra_cflags=["-O2", "-std=c++17"], extra_ldflags=_cudnn_lib_flags() + _nvrtc_lib_flags(), with_cuda=True,
+                 extra_cflags=["-O2", "-std=c++17"], extra_ldflags=_cudnn_lib_flags(), with_cuda=True,
                  build_directory=str(build_dir), is_python_module=False, verbose=verbose)
         except Exception as exc:  # noqa: BLE001 - a compiler or linker error is "unavailable", reported
             cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # load_library hides the dlopen error
