@@ -110,7 +110,7 @@ assert c.load_native(), c.unavailable_reason()
 pkg = torch._inductor.aoti_load_package(sys.argv[1])
 x = torch.load(sys.argv[2])
 got = pkg(*x["args"])
-print("max_abs_diff", max(float((g.float() - e.float()).abs().max()) for g, e in zip(got, x["expected"])))
+print("max_abs_diff", max(float((g.float().cpu() - e.float()).abs().max()) for g, e in zip(got, x["expected"])))
 """
 
 

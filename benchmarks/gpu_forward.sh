@@ -15,11 +15,12 @@ case "${1:-}" in
     tail -30 "$OUT/attn8.log"
     timeout 120 python3 benchmarks/bench_linear_fp8.py --out "$OUT/linear_fp8_h100.json" > "$OUT/linfp8.log" 2>&1
     tail -8 "$OUT/linfp8.log" ;;
-  wan)
-    timeout 570 python3 benchmarks/forward_race.py --model wan --out "$OUT/forward_race_wan_h100.json" \
-      > "$OUT/race_wan.log" 2>&1; tail -16 "$OUT/race_wan.log" ;;
+  wan)  # BACKENDS=aoti / eager splits the race over two calls when both do not fit one
+    timeout ${LIMIT:-570} python3 benchmarks/forward_race.py --model wan --backends "${BACKENDS:-eager,aoti}" \
+      ${ONLY:+--only "$ONLY"} --out "$OUT/forward_race_wan${TAG:-}_h100.json" \
+      > "$OUT/race_wan.log" 2>&1; grep -v "^INFO\|^W1\|already exists" "$OUT/race_wan.log" | tail -24 ;;
   flux)
-    timeout 570 python3 benchmarks/forward_race.py --model flux --out "$OUT/forward_race_flux_h100.json" \
+    timeout ${LIMIT:-570} python3 benchmarks/forward_race.py --model flux ${ONLY:+--only "$ONLY"} --out "$OUT/forward_race_flux_h100.json" \
       > "$OUT/race_flux.log" 2>&1; tail -14 "$OUT/race_flux.log" ;;
   *) echo "usage: $0 kernels|wan|flux" >&2; exit 2 ;;
 esac
