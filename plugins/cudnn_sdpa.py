@@ -23,6 +23,11 @@ Numerics of ``fp8t`` (the specification is ``fp8t_attention_ref``):
    band or not) and it removes a key offset that would take FP8's range.
 2. v ← v − mean_tokens(v) per head, added back after attention: exact since each row's weights sum
    to 1, and the FP8 output then only carries the deviation.
+2b. q, k ← q·H, k·H with H the orthonormal Hadamard matrix (power-of-two head dims): scores are
+   unchanged, and channels with outliers shared by q and k are spread over all channels. FP8's error
+   is relative per product, so a few dominant products make the score error large: on the trained
+   16k test bed's layer 0 (q, k amax 6-10x their rms) the rotation cut the attention error from
+   7.8 % to 5.7 %, on synthetic peaky inputs from 30 % to 9.4 % (CPU reference; benchmarks notes).
 3. q, k, v → E4M3 with one scale per tensor, s = amax / 448 (E4M3 is floating point: heads of
    different magnitudes keep their relative precision down to 2⁻⁶ · amax before subnormals).
 4. cuDNN: S = q8·k8ᵀ · s_q s_k · scale in fp32; P = exp(S − rowmax) rounded to E4M3 after ×448;
@@ -44,6 +49,7 @@ from typing import Optional
 
 import torch
 
+from ditbake.plugins.hadamard import apply_hadamard
 from ditbake.plugins.head_attention import HeadAttentionError, HeadKind, check_qkv_tensors, head_attention_ref
 
 logger = logging.getLogger(__name__)
@@ -185,9 +191,11 @@ def _fp8t_inputs(q, k, v, w_left, w_right, scale):
     dequantizes its output."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None and isinstance(q, torch.Tensor) else scale
     check_inputs(q, k, v, w_left, w_right, scale)
-    k = k - k.float().mean(dim=2, keepdim=True).to(k.dtype)
+    k = k.float() - k.float().mean(dim=2, keepdim=True)
     v_mean = v.float().mean(dim=2, keepdim=True)
     v_dev = v.float() - v_mean
+    if q.shape[-1] & (q.shape[-1] - 1) == 0:  # rotate q and k (step 2b): scores unchanged, outliers spread
+        q, k = apply_hadamard(q.float()), apply_hadamard(k)
     q8, dq, _ = _per_tensor_fp8(q)
     k8, dk, _ = _per_tensor_fp8(k)
     v8, dv, v_amax = _per_tensor_fp8(v_dev)
