@@ -3,6 +3,9 @@
 #   kernels  — GPU tests of the 8-bit kernels, attention_8bit sweep, FP8 linear with fused quantization
 #   wan      — forward race, Wan2.1-1.3B at 32,760 tokens (eager + aoti rows)
 #   flux     — forward race, Flux at 2048² (eager rows)
+#   fidelity — the race's configurations on the 16k video test bed (PSNR / SSIM vs its bf16 output,
+#              3 held-out v2 captions × 2 seeds, 20 steps, CFG 5, eager), ≤ 240 s; needs the caption
+#              cache carried: .carry/fid16k/embeds.safetensors (benchmarks/prompt_cache.py makes it)
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
@@ -22,5 +25,11 @@ case "${1:-}" in
   flux)
     timeout ${LIMIT:-570} python3 benchmarks/forward_race.py --model flux ${ONLY:+--only "$ONLY"} --out "$OUT/forward_race_flux_h100.json" \
       > "$OUT/race_flux.log" 2>&1; tail -14 "$OUT/race_flux.log" ;;
-  *) echo "usage: $0 kernels|wan|flux" >&2; exit 2 ;;
+  fidelity)
+    EMB=${EMBEDS:-.carry/fid16k/embeds.safetensors}
+    [ -f "$EMB" ] || { echo "no caption-embedding cache $EMB: run benchmarks/prompt_cache.py first, carry .carry" >&2; exit 2; }
+    timeout 240 python3 benchmarks/forward_fidelity.py --model artifacts/testbed-wan16k --device cuda --embeds "$EMB" \
+      --prompts ${F_PROMPTS:-3} --seeds ${F_SEEDS:-1234,777} --out "$OUT/forward_fidelity16k_h100.json" \
+      > "$OUT/fidelity16k.log" 2>&1; echo "rc $?"; tail -14 "$OUT/fidelity16k.log" ;;
+  *) echo "usage: $0 kernels|wan|flux|fidelity" >&2; exit 2 ;;
 esac
