@@ -110,10 +110,10 @@ def add_fp8_weights(weights: dict, arch, config: dict) -> None:
             weights[name + ".fp8_weight"], weights[name + ".fp8_scale"] = q, s
 
 
-def eager_forward(arch, config, weights, variant, x, t, text, profile: dict, tiles=None):
+def eager_forward(arch, config, weights, variant, x, t, text, profile: dict, tiles=None, extras: tuple = ()):
     from ditbake.runtime.attention import AttentionRunner
 
-    h, ctx = arch.prologue(weights, config, x, t, text, profile)
+    h, ctx = arch.prologue(weights, config, x, t, text, profile, *extras)
     attention = AttentionRunner(tiles)
     for b in range(arch.num_blocks(config)):
         h = arch.block(weights, config, b, h, ctx, variant, attention, "cond")
@@ -224,17 +224,24 @@ def race_flux(args, dev, dtype) -> dict:
     weights = adapter.weights()
     profile = {"name": "race", "latent_shape": list(latent), "text_len": text_len}
     weights.update({k: v.to(dev) for k, v in adapter.profile_tensors(profile).items()})
-    h0, ctx0 = arch.prologue(weights, config, x, t, text, profile)
+    # Flux's further prologue inputs (CLIP pooled vector, distilled guidance), the same for both sides
+    from ditbake.exporter.engine_aoti import example_extras
+    from ditbake.runtime import arch as runtime_arch
+
+    extras = example_extras(arch, config, dtype, dev)
+    named = dict(zip(runtime_arch.extra_inputs(arch, config), extras))
+    h0, ctx0 = arch.prologue(weights, config, x, t, text, profile, *extras)
     rows: dict = {}
     record = _recorder(rows, Path(args.out).with_suffix(".partial.json"))
-    # the adapter packs latents, builds ids and the pooled vector as the runtime does (same conditioning)
-    ref = diffusers_rows(model, lambda: adapter.diffusers_forward(x, t, text), rows, record)
+    # the adapter packs latents and builds ids as the runtime does (same conditioning)
+    ref = diffusers_rows(model, lambda: adapter.diffusers_forward(x, t, text, **named), rows, record)
     add_fp8_weights(weights, arch, config)
     visual = h0.shape[1] - text_len
     for name, variant in contenders(arch, config, args.band, visual).items():
         if args.only and name != "ditbake bf16" and not re.search(args.only, name):
             continue
-        record(f"{name} [eager]", lambda v=variant: eager_forward(arch, config, weights, v, x, t, text, profile), ref)
+        record(f"{name} [eager]", lambda v=variant: eager_forward(arch, config, weights, v, x, t, text, profile,
+                                                                  extras=extras), ref)
     rows["ditbake aoti"] = {"skipped": "Flux's double/single blocks need one engine per (variant, block kind); "
                                        "the aoti layout keys engines by variant only (runtime/engines.py)"}
     return {"model": "FLUX.1 transformer architecture (random weights), 2048²", "tokens": h0.shape[1], "rows": rows}
