@@ -40,19 +40,10 @@ SWEEP_CONFIGS = {  # candidates around the defaults in KERNEL_CONFIGS (first = t
 
 
 def time_ms(fn, warmup: int, reps: int) -> float:
-    """Median of CUDA-event timings after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median of CUDA-event timings after warm-up (the runtime's own timer: one definition)."""
+    from ditbake.runtime.attention import median_cuda_ms
+
+    return median_cuda_ms(fn, warmup, reps)
 
 
 def band_width_for_density(visual: int, density: float) -> int:

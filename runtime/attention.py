@@ -20,6 +20,7 @@ engines and runtime follow it. `fp8t` (per-tensor FP8) has one kernel, cuDNN's F
 from __future__ import annotations
 
 import logging
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +143,7 @@ class AttentionRunner:
         names = candidate_kernels(kind, precision, schemes, q, text_range)
         signature = group_signature(kind, precision, schemes, q, text_range)
         if self.measure and q.is_cuda and not torch.compiler.is_compiling():
-            self.timings[signature] = {n: _time_ms(lambda n=n: self._run_kernel(n, precision, q, k, v, schemes, text_range))
+            self.timings[signature] = {n: median_cuda_ms(lambda n=n: self._run_kernel(n, precision, q, k, v, schemes, text_range))
                                        for n in names}  # one candidate too: the artifact lists every group's kernel
             self.kernels[signature] = min(self.timings[signature], key=self.timings[signature].get)
             log.info("attention group %s: %s → %s", signature, self.timings[signature], self.kernels[signature])
@@ -262,10 +263,11 @@ def group_signature(kind: str, precision: str, schemes: tuple[HeadScheme, ...], 
     return f"{kind}/{precision}/{bands}/{b}x{h}x{s}x{d}/{dtype}/text{text_range[0]}-{text_range[1]}"
 
 
-def _time_ms(fn, warmup: int = 2, reps: int = 5) -> float:
-    """Median CUDA-event time of fn (build-time kernel choice)."""
+def median_cuda_ms(fn, warmup: int = 2, reps: int = 5) -> float:
+    """Median CUDA-event time of fn after warm-up (build-time kernel choice; the benchmarks' timer)."""
     for _ in range(warmup):
         fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -274,7 +276,7 @@ def _time_ms(fn, warmup: int = 2, reps: int = 5) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def head_groups(schemes: tuple[HeadScheme, ...]) -> dict[tuple, tuple[int, ...]]:
