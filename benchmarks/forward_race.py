@@ -154,6 +154,9 @@ def race_wan(args, dev, dtype) -> dict:
     record = _recorder(rows, Path(args.out).with_suffix(".partial.json"))
     adapter = adapter_for(model)
     ref = diffusers_rows(model, lambda: adapter.diffusers_forward(x, t, text), rows, record)
+    if args.profile and dev.type == "cuda":  # the bar's own kernels, beside ditbake's
+        rows.setdefault("_profile", {})["diffusers torch.compile (regional)"] = kernel_profile(
+            lambda: adapter.diffusers_forward(x, t, text))
 
     arch, config = adapter.arch, adapter.config
     p = cfg["patch_size"]
@@ -196,6 +199,8 @@ def race_wan(args, dev, dtype) -> dict:
                     return session._forward(i, "cond", x, t, text, profile, AttentionRunner(dict(plan.tiles), kernels), {},
                                             GenerationReport())
                 record(f"{name} [{backend}]", forward, ref)
+                if args.profile and dev.type == "cuda":
+                    rows.setdefault("_profile", {})[f"{name} [{backend}]"] = kernel_profile(forward)
             if backend == "aoti":  # what the build measured and baked, per engine
                 rows["_kernels_aoti"] = {str(e.get("variant")): e.get("attention_kernels")
                                          for e in load(path, device=dev).artifact.manifest["engines"]
@@ -247,6 +252,35 @@ def race_flux(args, dev, dtype) -> dict:
     return {"model": "FLUX.1 transformer architecture (random weights), 2048²", "tokens": h0.shape[1], "rows": rows}
 
 
+# kernel-name patterns → where a forward's GPU time goes (cuDNN/flash/Triton attention, GEMMs, the rest)
+KERNEL_CLASSES = (("attention", re.compile(r"fmha|flash|sdpa|attention|attn|cudnn_generated|_attention_8bit|"
+                                           r"_head_attention|sm90_.*softmax", re.I)),
+                  ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|scaled_mm|cublas|matmul", re.I)))
+
+
+def kernel_profile(fn, reps: int = 2) -> dict:
+    """GPU time of `reps` forwards by kernel class (torch.profiler), ms per forward, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    top = []
+    for event in prof.key_averages():
+        ms = event.device_time_total / 1e3 / reps
+        if ms <= 0:
+            continue
+        kind = next((k for k, pattern in KERNEL_CLASSES if pattern.search(event.key)), "other")
+        totals[kind] = totals.get(kind, 0.0) + ms
+        top.append((ms, kind, event.key[:90]))
+    top.sort(reverse=True)
+    return {"ms_per_forward": totals, "top": [{"ms": m, "class": k, "kernel": n} for m, k, n in top[:12]]}
+
+
 def _recorder(rows: dict, partial: Path | None = None):
     def record(name, fn, ref, build_s=None):
         try:
@@ -271,6 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--band", type=float, default=0.5, help="arrow band of (c) as a fraction of the visual keys")
     p.add_argument("--no-aoti", action="store_true")
     p.add_argument("--backends", default="eager,aoti", help="comma-separated: eager, aoti (Wan)")
+    p.add_argument("--profile", action="store_true", help="also profile each ditbake row's GPU kernels by class")
     p.add_argument("--only", default="", help="regex: race only the ditbake rows it matches (bf16 always)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (checks the script, times nothing)")
     args = p.parse_args(argv)
