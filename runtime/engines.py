@@ -88,8 +88,11 @@ def _load_native_ops(entry: dict, what: str) -> None:
     """Engines whose attention the build gave to cuDNN (bf16 band or fp8t) call ditbake's C++ ops
     through the dispatcher: compile/load them before the package (plugins/cudnn_sdpa.py)."""
     kernels = entry.get("attention_kernels") or {}
-    if not any(k.get("kernel") == "cudnn" for k in kernels.values() if isinstance(k, dict)) and \
-            not any("/fp8t/" in sig for sig in kernels):
+    if not isinstance(kernels, dict) or not all(isinstance(sig, str) and isinstance(k, dict) and
+                                                isinstance(k.get("kernel"), str) for sig, k in kernels.items()):
+        raise ArtifactError(f"{what} {entry.get('file')}: attention_kernels must map group signatures to "
+                            "{\"kernel\": name, \"ms\": ...}; rebuild the artifact")
+    if not any(k["kernel"] == "cudnn" for k in kernels.values()):
         return
     from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415
 
