@@ -24,15 +24,17 @@ Numerics of ``fp8t`` (the specification is ``fp8t_attention_ref``):
 2. v ← v − mean_tokens(v) per head, added back after attention: exact since each row's weights sum
    to 1, and the FP8 output then only carries the deviation.
 2b. q, k ← q·S, k·S with S the ±1 Sylvester Hadamard matrix (power-of-two head dims; the softmax
-   scale takes 1/d since S Sᵀ = d·I): scores are unchanged, and channels with outliers shared by q and k are spread over all channels. FP8's error
-   is relative per product, so a few dominant products make the score error large: on the trained
-   16k test bed's layer 0 (q, k amax 6-10x their rms) the rotation cut the attention error from
-   7.8 % to 5.7 %, on synthetic peaky inputs from 30 % to 9.4 % (CPU reference; benchmarks notes).
+   scale takes 1/d since S Sᵀ = d·I): scores are unchanged, and channels with outliers shared by
+   q and k are spread over all channels. FP8's error is relative per product, so a few dominant
+   products make the score error large: on the trained 16k test bed's layer 0 (q, k amax 6-10x
+   their rms) the rotation cut the attention error from 7.8 % to 5.7 %, on synthetic peaky inputs
+   from 30 % to 9.4 % (CPU reference; plugins/notes/cudnn_sdpa.md).
 3. q, k, v → E4M3 with one scale per tensor, s = amax / 448 (E4M3 is floating point: heads of
-   different magnitudes keep their relative precision down to 2⁻⁶ · amax before subnormals).
+   different magnitudes keep their relative precision down to amax · 2⁻⁶ / 448, below which
+   values are subnormal).
 4. cuDNN: S = q8·k8ᵀ · s_q s_k · scale in fp32; P = exp(S − rowmax) rounded to E4M3 after ×448;
-   O = P8·v8 · s_v / rowsum, multiplied by scale_o = 448 / amax(v) and rounded to E4M3 — exact
-   range, since a softmax average never exceeds max |v|.
+   O = P8·v8 · s_v / rowsum, multiplied by scale_o = 448 / amax(v) and rounded to E4M3, saturating
+   at 448 (a softmax average never exceeds max |v|; P's rounding can overshoot it by a few %).
 5. out = O8 · amax(v)/448 + mean(v), in the input dtype.
 Error, measured against fp64 (tests/plugins/test_cudnn_sdpa.py, GPU): a few % on random data, as
 every attention with FP8 P and V (plugins/notes/attention_8bit.md: E4M3 keeps 3 mantissa bits);
@@ -317,7 +319,9 @@ def supports(q: torch.Tensor, precision: str) -> bool:
         return False
     head_dim = q.shape[-1]
     if precision == "fp8t":
-        ok = head_dim in FP8_HEAD_DIMS and torch.cuda.get_device_capability(q.device)[0] >= 9
+        major = torch.cuda.get_device_capability(q.device)[0]
+        # Blackwell's FP8 SDPA takes head dims <= 128 (plus special sizes); Hopper's up to 256
+        ok = head_dim in FP8_HEAD_DIMS and major >= 9 and (major < 10 or head_dim <= 128)
     else:
         ok = head_dim in BF16_HEAD_DIMS and q.dtype in (torch.bfloat16, torch.float16)
     return ok and load_native()
