@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from ditbake.plugins.head_attention import HeadAttentionError, HeadKind, check_qkv_tensors, head_attention_ref
+from ditbake.plugins.head_attention import HeadAttentionError, check_qkv_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +144,9 @@ def cudnn_band_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              scale: Optional[float] = None) -> torch.Tensor:
     """The specification: ditbake's arrow reference with every head ARROW(w_left, w_right), no text."""
     check_inputs(q, k, v, w_left, w_right, scale)
-    schemes = torch.tensor([[int(HeadKind.ARROW), w_left, w_right]] * q.shape[1], dtype=torch.int32)
-    return head_attention_ref(q, k, v, schemes, (0, 0), scale=scale).contiguous()  # the CUDA kernel's layout
+    from ditbake.plugins.cudnn_sdpa import band_attention_ref  # noqa: PLC0415 - the C++ op's spec is the same
+
+    return band_attention_ref(q, k, v, w_left, w_right, scale)
 
 
 # --------------------------------------------------------------------------------------------

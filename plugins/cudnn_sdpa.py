@@ -68,10 +68,6 @@ class CudnnSdpaInputError(HeadAttentionError):
     """Malformed input to the cuDNN ops (shape, dtype, width, scale); the message names the fix."""
 
 
-class CudnnSdpaUnavailable(RuntimeError):
-    """The native cuDNN ops cannot be built or run here; the message says why (and the fallback)."""
-
-
 # --------------------------------------------------------------------------------------------
 # Schemas, references, fake kernels
 # --------------------------------------------------------------------------------------------
@@ -113,7 +109,7 @@ def check_fp8_scales(descale_q, descale_k, descale_v, scale_o) -> None:
                                       f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
 
 
-def band_attention_ref(q, k, v, w_left: int, w_right: int, scale: float) -> torch.Tensor:
+def band_attention_ref(q, k, v, w_left: int, w_right: int, scale: Optional[float]) -> torch.Tensor:
     """bf16 op's specification: every head ARROW(w_left, w_right) with no text, fp32 softmax."""
     wl, wr = _widths(w_left, w_right, q.shape[2])
     table = torch.tensor([[int(HeadKind.ARROW), wl, wr]] * q.shape[1], dtype=torch.int32)
@@ -238,6 +234,16 @@ _LOADED: Optional[bool] = None
 _REASON: Optional[str] = None
 
 
+def _nvidia_cudnn_dir() -> Optional[Path]:
+    """The pip cuDNN torch uses (nvidia/cudnn: include/, lib/), or None for a system cuDNN."""
+    try:
+        import nvidia.cudnn  # noqa: PLC0415 - torch's own cuDNN wheel
+
+        return Path(list(nvidia.cudnn.__path__)[0])
+    except Exception:  # noqa: BLE001 - a system cuDNN: CUDA_HOME is searched by the build
+        return None
+
+
 def _include_dirs() -> list[str]:
     """cudnn_frontend.h (the frontend wheel's include/) and cudnn.h (the cuDNN wheel torch uses)."""
     dirs = []
@@ -249,26 +255,17 @@ def _include_dirs() -> list[str]:
             dirs.append(str(frontend))
     except Exception:  # noqa: BLE001 - missing or broken frontend: reported below
         pass
-    try:
-        import nvidia.cudnn  # noqa: PLC0415 - torch's own cuDNN wheel
-
-        base = Path(list(nvidia.cudnn.__path__)[0])
-        if (base / "include" / "cudnn.h").is_file():
-            dirs.append(str(base / "include"))
-    except Exception:  # noqa: BLE001 - a system cuDNN: CUDA_HOME/include is searched by the build
-        pass
+    base = _nvidia_cudnn_dir()
+    if base is not None and (base / "include" / "cudnn.h").is_file():
+        dirs.append(str(base / "include"))
     return dirs
 
 
 def _cudnn_lib_flags() -> list[str]:
-    try:
-        import nvidia.cudnn  # noqa: PLC0415
-
-        lib = Path(list(nvidia.cudnn.__path__)[0]) / "lib"
-        if (lib / "libcudnn.so.9").exists():
-            return [f"-L{lib}", "-l:libcudnn.so.9", f"-Wl,-rpath,{lib}"]
-    except Exception:  # noqa: BLE001
-        pass
+    base = _nvidia_cudnn_dir()
+    if base is not None and (base / "lib" / "libcudnn.so.9").exists():
+        lib = base / "lib"
+        return [f"-L{lib}", "-l:libcudnn.so.9", f"-Wl,-rpath,{lib}"]
     return ["-lcudnn"]
 
 
