@@ -69,7 +69,7 @@ def bench_shape(name, shape, warmup, reps) -> dict:
     out: dict = {"shape": list(shape)}
     for frac in FRACTIONS:
         w = -1 if frac >= 1 else band_width_for_density(s, frac)
-        pairs = s * s if w < 0 else sum(min(s - 1, i + w) - max(0, i - w) + 1 for i in range(0, s, 1))
+        pairs = s * s if w < 0 else head_attention._band_pairs(s, w, w)
         ref, rows = reference(q, k, v, w)
         tag = "dense" if w < 0 else f"band{int(frac * 100)}"
 

@@ -109,6 +109,11 @@ def add_fp8_weights(weights: dict, arch, config: dict) -> None:
             weights[name + ".fp8_weight"], weights[name + ".fp8_scale"] = q, s
 
 
+def selected(name: str, only: str) -> bool:
+    """`--only`: the rows the regex matches, and always the bf16 row they are compared with."""
+    return not only or name == "ditbake bf16" or re.search(only, name) is not None
+
+
 def eager_forward(arch, config, weights, variant, x, t, text, profile: dict, tiles=None, extras: tuple = ()):
     from ditbake.runtime.attention import AttentionRunner
 
@@ -162,8 +167,7 @@ def race_wan(args, dev, dtype) -> dict:
     p = cfg["patch_size"]
     visual = (latent[1] // p[0]) * (latent[2] // p[1]) * (latent[3] // p[2])
     variants = contenders(arch, config, args.band, visual)
-    if args.only:
-        variants = {n: v for n, v in variants.items() if n == "ditbake bf16" or re.search(args.only, n)}
+    variants = {n: v for n, v in variants.items() if selected(n, args.only)}
     names = list(variants)
     # one artifact whose step i runs contender i in every block: the build stores each format once
     plan = Plan(architecture=arch.NAME, num_blocks=adapter.num_blocks, linear_layers=tuple(adapter.linear_layers),
@@ -242,7 +246,7 @@ def race_flux(args, dev, dtype) -> dict:
     add_fp8_weights(weights, arch, config)
     visual = h0.shape[1] - text_len
     for name, variant in contenders(arch, config, args.band, visual).items():
-        if args.only and name != "ditbake bf16" and not re.search(args.only, name):
+        if not selected(name, args.only):
             continue
         record(f"{name} [eager]", lambda v=variant: eager_forward(arch, config, weights, v, x, t, text, profile,
                                                                   extras=extras), ref)

@@ -66,7 +66,6 @@ def engine_files(artifact_path: Path, entries: list[dict]) -> dict[str, Path]:
             for e in entries if e.get("file") is not None}
 
 
-
 def load_aoti_package(path: Path, entry: dict, device: torch.device, what: str = "engine"):
     """An AOTInductor package of the artifact (block or component engine), refused with a typed error
     when it was compiled for another device type or this torch cannot load it."""
@@ -83,6 +82,7 @@ def load_aoti_package(path: Path, entry: dict, device: torch.device, what: str =
     except Exception as exc:  # the loader raises RuntimeError and others
         raise BackendError(f"cannot load {what} {entry['file']} ({type(exc).__name__}: {exc}); rebuild it "
                            f"with this torch ({torch.__version__})") from exc
+
 
 def _load_native_ops(entry: dict, what: str) -> None:
     """Engines whose attention the build gave to cuDNN (bf16 band or fp8t) call ditbake's C++ ops
