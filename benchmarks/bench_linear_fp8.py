@@ -27,9 +27,34 @@ def producer(kind: str, x, scale, shift):
     return F.gelu(x, approximate="tanh")
 
 
+# INT8 GEMM tiles to try on this GPU (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first
+# is plugins/linear_8bit._gemm_config's large-M choice (measured best of three on the H100 in 2026-11)
+INT8_CONFIGS = ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4),
+                (128, 256, 64, 8, 4), (128, 128, 128, 8, 4), (256, 128, 64, 8, 4))
+
+
+def int8_gemm_sweep(tokens: int, k: int, n: int) -> dict:
+    """The INT8 GEMM alone (ditbake's Triton kernel) per tile config: name → median ms."""
+    from ditbake.plugins.linear_8bit import gemm_8bit
+
+    qx = torch.randint(-127, 128, (tokens, k), device="cuda", dtype=torch.int8)
+    qw = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    sx, sw = torch.rand(tokens, device="cuda") * 1e-3, torch.rand(n, device="cuda") * 1e-3
+    times = {}
+    for bm, bn, bk, warps, stages in INT8_CONFIGS:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+        name = f"{bm}x{bn}x{bk} w{warps} s{stages}"
+        try:
+            times[name] = time_ms(lambda: gemm_8bit(qx, sx, qw, sw, None, torch.bfloat16, cfg), 3, 20)
+        except Exception as exc:  # e.g. out of shared memory: recorded, the others go on
+            times[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    return times
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     from ditbake.plugins.linear_fp8 import linear_fp8, quantize_weight_fp8
+    from ditbake.plugins.linear_int8 import linear_int8, quantize_weight_int8
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -49,13 +74,23 @@ def main(argv=None) -> int:
         row["bf16_ms"] = time_ms(lambda: bf16(x), 5, 20)
         row["fp8_ms"] = time_ms(lambda: fp8(x), 5, 20)
         row["fp8_unfused_ms"] = time_ms(lambda: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias), 5, 20)
+        qi, si = quantize_weight_int8(w)
+        fast = torch.compile(lambda x: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias, fast_accum=True))
+        int8 = torch.compile(lambda x: linear_int8(producer(kind, x, scale, shift), qi, si, bias))
+        row["fp8_fast_accum_ms"] = time_ms(lambda: fast(x), 5, 20)
+        row["int8_ms"] = time_ms(lambda: int8(x), 5, 20)
         row["speedup"] = row["bf16_ms"] / row["fp8_ms"]
-        row["rel_err_bf16"] = float((bf16(x).double() - ref).norm() / ref.norm())
-        row["rel_err_fp8"] = float((fp8(x).double() - ref).norm() / ref.norm())
+        row["speedup_fp8_fast_accum"] = row["bf16_ms"] / row["fp8_fast_accum_ms"]
+        row["speedup_int8"] = row["bf16_ms"] / row["int8_ms"]
+        for key, fn in (("bf16", bf16), ("fp8", fp8), ("fp8_fast_accum", fast), ("int8", int8)):
+            row[f"rel_err_{key}"] = float((fn(x).double() - ref).norm() / ref.norm())
         row["fp8_tflops"] = row["flops"] / row["fp8_ms"] / 1e9
         rows[name] = row
         print(f"{name:30s} bf16 {row['bf16_ms']:.3f} ms  fp8 {row['fp8_ms']:.3f} ms (unfused {row['fp8_unfused_ms']:.3f})"
-              f"  ×{row['speedup']:.2f}  err bf16 {row['rel_err_bf16']:.1e} fp8 {row['rel_err_fp8']:.1e}", flush=True)
+              f"  ×{row['speedup']:.2f}  fast-accum ×{row['speedup_fp8_fast_accum']:.2f}  int8 ×{row['speedup_int8']:.2f}"
+              f"  err bf16 {row['rel_err_bf16']:.1e} fp8 {row['rel_err_fp8']:.1e} fast {row['rel_err_fp8_fast_accum']:.1e}"
+              f" int8 {row['rel_err_int8']:.1e}", flush=True)
+        row["int8_gemm_configs_ms"] = int8_gemm_sweep(args.tokens, k, n)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
            "method": "median CUDA-event ms (bench_attention.time_ms); producer + linear compiled together by Inductor"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ Rows (every block linear and every self-attention head of the model):
 * (a) every block linear FP8 W8A8 (FP8 weights, per-token activations quantized in-graph),
   attention bf16 dense;
 * (b) (a) + 8-bit attention (INT8 QK with per-block scales, FP8 PV) in every head;
+* (a8), (b8): (a) and (b) with INT8 W8A8 linears (plugins/linear_int8.py: slower GEMM than FP8,
+  far more accurate on the test bed);
 * (c) (b) + every head an arrow band of `--band` of the keys (0.5: half the attention FLOPs);
 each on the `eager` backend (the runtime composing torch ops and the plugins' kernels) and, for
 Wan, on `aoti` (the artifact's AOTInductor engines, built with `ditbake.exporter.build` and run
@@ -73,6 +75,7 @@ def contenders(arch, config: dict, band: float, visual_tokens: int):
     heads = int(config["num_attention_heads"])
     names = sorted({n for b in range(arch.num_blocks(config)) for n in all_block_linears(arch, config, b)})
     fp8 = tuple((n, "fp8") for n in names)
+    int8 = tuple((n, "int8") for n in names)  # W8A8 INT8: slower GEMM than FP8, far more accurate
     half = max(1, round(band * visual_tokens / 2))
     # ffn.net.2 (8960 → 1536) measured slower in FP8 than bf16 on the H100 (its 8960-wide GELU
     # input costs a reduction pass to quantize; benchmarks/results/linear_fp8_h100.json): the
@@ -89,6 +92,9 @@ def contenders(arch, config: dict, band: float, visual_tokens: int):
         # per-tensor FP8 through cuDNN's fused FP8 SDPA (plugins/cudnn_sdpa.py)
         "(b) + attention int8 (Triton)": BlockVariant(precisions=fp8, heads=every_head(HeadScheme("full", precision="int8"))),
         "(b) + attention fp8t (cuDNN)": BlockVariant(precisions=fp8, heads=every_head(HeadScheme("full", precision="fp8t"))),
+        "(a8) linears int8": BlockVariant(precisions=int8),
+        "(b8) int8 linears + attention int8 (Triton)": BlockVariant(
+            precisions=int8, heads=every_head(HeadScheme("full", precision="int8"))),
         f"(c) + band {band:.2f} int8 (Triton)": BlockVariant(precisions=fp8,
                                                             heads=every_head(HeadScheme("arrow", half, half, "int8"))),
         f"(c) + band {band:.2f} fp8t (cuDNN)": BlockVariant(precisions=fp8,
@@ -98,15 +104,18 @@ def contenders(arch, config: dict, band: float, visual_tokens: int):
     }
 
 
-def add_fp8_weights(weights: dict, arch, config: dict) -> None:
-    """FP8 per-channel weights beside the 16-bit ones for every block linear (the build's format)."""
+def add_8bit_weights(weights: dict, arch, config: dict) -> None:
+    """FP8 and INT8 per-channel weights beside the 16-bit ones for every block linear (the build's formats)."""
     from ditbake.plugins.linear_fp8 import quantize_weight_fp8
+    from ditbake.plugins.linear_int8 import quantize_weight_int8
 
     for b in range(arch.num_blocks(config)):
         for n in all_block_linears(arch, config, b):
             name = f"{arch.BLOCK_PREFIX}{b}.{n}"
             q, s = quantize_weight_fp8(weights[name + ".weight"])
             weights[name + ".fp8_weight"], weights[name + ".fp8_scale"] = q, s
+            q, s = quantize_weight_int8(weights[name + ".weight"])
+            weights[name + ".int8_weight"], weights[name + ".int8_scale"] = q, s
 
 
 def selected(name: str, only: str) -> bool:
@@ -243,7 +252,7 @@ def race_flux(args, dev, dtype) -> dict:
     record = _recorder(rows, Path(args.out).with_suffix(".partial.json"))
     # the adapter packs latents and builds ids as the runtime does (same conditioning)
     ref = diffusers_rows(model, lambda: adapter.diffusers_forward(x, t, text, **named), rows, record)
-    add_fp8_weights(weights, arch, config)
+    add_8bit_weights(weights, arch, config)
     visual = h0.shape[1] - text_len
     for name, variant in contenders(arch, config, args.band, visual).items():
         if not selected(name, args.only):

@@ -3,6 +3,7 @@
 #   kernels  — GPU tests of the 8-bit kernels, attention_8bit sweep, FP8 linear with fused quantization
 #   wan      — forward race, Wan2.1-1.3B at 32,760 tokens (eager + aoti rows)
 #   flux     — forward race, Flux at 2048² (eager rows)
+#   linears  — FP8 / FP8 fast-accum / INT8 linears fused with their producer, INT8 tile sweep
 #   fidelity — the race's configurations on the 16k video test bed (PSNR / SSIM vs its bf16 output,
 #              3 held-out v2 captions × 2 seeds, 20 steps, CFG 5, eager), ≤ 240 s; needs the caption
 #              cache carried: .carry/fid16k/embeds.safetensors (benchmarks/prompt_cache.py makes it)
@@ -31,5 +32,10 @@ case "${1:-}" in
     timeout 240 python3 benchmarks/forward_fidelity.py --model artifacts/testbed-wan16k --device cuda --embeds "$EMB" \
       --prompts ${F_PROMPTS:-3} --seeds ${F_SEEDS:-1234,777} --out "$OUT/forward_fidelity16k_h100.json" \
       > "$OUT/fidelity16k.log" 2>&1; echo "rc $?"; tail -14 "$OUT/fidelity16k.log" ;;
-  *) echo "usage: $0 kernels|wan|flux|fidelity" >&2; exit 2 ;;
+  linears)  # FP8 / FP8 fast-accum / INT8 linears with their producer, INT8 GEMM tile sweep, GPU tests
+    timeout 150 python3 -m pytest -q -ra -m gpu tests/plugins/test_linear_int8.py tests/plugins/test_linear_fp8.py \
+      tests/plugins/test_linear_8bit.py > "$OUT/test_gpu_linears.log" 2>&1; tail -6 "$OUT/test_gpu_linears.log"
+    timeout 200 python3 benchmarks/bench_linear_fp8.py --out "$OUT/linear_8bit_fused.json" > "$OUT/lin8.log" 2>&1
+    grep -v "^W1\|^INFO" "$OUT/lin8.log" | tail -8 ;;
+  *) echo "usage: $0 kernels|wan|flux|fidelity|linears" >&2; exit 2 ;;
 esac

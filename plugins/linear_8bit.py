@@ -89,6 +89,17 @@ def linear_w8a8(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias: 
     return out.reshape(*lead, qw.shape[0])
 
 
+@triton_op("ditbake::gemm_w8a8", mutates_args=())
+def gemm_w8a8(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM alone, for callers that quantize the activations themselves (plugins/linear_int8.py
+    writes the quantization in torch ops so that Inductor fuses it into the producing kernel):
+    qx [M, K] and qw [N, K] of one 8-bit dtype, sx fp32 [M], w_scale fp32 [N]."""
+    if not use_triton(qx):
+        return matmul_8bit_ref(qx, sx, qw, w_scale, bias, torch.float32).to(out_dtype)
+    return gemm_8bit(qx, sx, qw, w_scale, bias, out_dtype)
+
+
 def linear_8bit(x, qw, w_scale, bias=None, fmt: str = "int8", hadamard: bool = False) -> torch.Tensor:
     """Validated entry point for :func:`linear_w8a8`."""
     check_w8a8_args(x, qw, w_scale, bias, fmt, hadamard)

@@ -50,8 +50,13 @@ def linear_fp8_ref(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bia
     return out.to(x.dtype).reshape(*x.shape[:-1], qw.shape[0])
 
 
-def linear_fp8(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias=None) -> torch.Tensor:
-    """FP8 W8A8 linear; traceable (torch.export / Inductor fuse the activation quantization)."""
+def linear_fp8(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias=None,
+               fast_accum: bool = False) -> torch.Tensor:
+    """FP8 W8A8 linear; traceable (torch.export / Inductor fuse the activation quantization).
+
+    `fast_accum` lets cuBLASLt keep Hopper's FP8 tensor-core accumulator (fewer than fp32's
+    mantissa bits) instead of promoting partial sums to fp32: faster, less accurate at large K;
+    torchao's FP8 inference default. Measured per shape in benchmarks/bench_linear_fp8.py."""
     if not x.is_cuda:  # the W8A8 op: same numerics on CPU, and one node the ONNX exporter translates
         import ditbake.plugins.linear_8bit  # noqa: F401, PLC0415 - registers ditbake::linear_w8a8
 
@@ -59,5 +64,6 @@ def linear_fp8(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias=No
     lead, k, n = x.shape[:-1], x.shape[-1], qw.shape[0]
     qx, sx = quantize_rows(x.reshape(-1, k), "fp8")  # torch ops: fused into the producer by Inductor
     out = torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=w_scale.reshape(1, n),
-                           bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+                           bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                           use_fast_accum=fast_accum)
     return out.to(x.dtype).reshape(*lead, n)

@@ -59,7 +59,8 @@ def quantizable_linear(x: torch.Tensor, w: Weights, name: str, precision: str) -
     `bf16` runs the stored 16-bit weight. A layer run in 8 bits stores 8-bit weights (W8A8):
     `fp8` reads `name.fp8_weight` (e4m3 [N, K]) and `name.fp8_scale` (fp32 [N]) and runs
     ditbake.plugins.linear_fp8 (per-token activations quantized in-graph, cuBLASLt FP8 GEMM);
-    `int8` reads `name.int8_weight` / `name.int8_scale` and runs the `linear_w8a8` op. `nvfp4`
+    `int8` reads `name.int8_weight` / `name.int8_scale` and runs ditbake.plugins.linear_int8
+    (the same in-graph quantization, Triton INT8 GEMM). `nvfp4`
     runs the mixed-precision op on the NVFP4 weight (`name.nvfp4_packed`, `.nvfp4_block_scales`,
     `.nvfp4_global_scale`, Hadamard folded in when `name.nvfp4_hadamard` is present); so does an
     8-bit precision on an artifact that stores only NVFP4 for the layer (W4A8, format of
@@ -72,9 +73,9 @@ def quantizable_linear(x: torch.Tensor, w: Weights, name: str, precision: str) -
 
         return linear_fp8(x, w[name + ".fp8_weight"], w[name + ".fp8_scale"], w.get(name + ".bias"))
     if precision == "int8" and name + ".int8_weight" in w:
-        from ditbake.plugins.linear_8bit import linear_w8a8  # noqa: PLC0415
+        from ditbake.plugins.linear_int8 import linear_int8  # noqa: PLC0415
 
-        return linear_w8a8(x, w[name + ".int8_weight"], w[name + ".int8_scale"], w.get(name + ".bias"), "int8", False)
+        return linear_int8(x, w[name + ".int8_weight"], w[name + ".int8_scale"], w.get(name + ".bias"))
     packed = w.get(name + ".nvfp4_packed")
     if packed is None:
         raise ArtifactError(f"layer {name} is planned at {precision} but the artifact stores no weight in that "
