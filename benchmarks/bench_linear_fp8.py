@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +32,20 @@ def producer(kind: str, x, scale, shift):
 # is plugins/linear_8bit._gemm_config's large-M choice (measured best of three on the H100 in 2026-11)
 INT8_CONFIGS = ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4),
                 (128, 256, 64, 8, 4), (128, 128, 128, 8, 4), (256, 128, 64, 8, 4))
+
+
+def kernels(fn, reps: int = 3) -> list:
+    """(kernel name, µs per call) of fn's GPU kernels, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key[:100], round(e.device_time_total / reps, 1)) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
 
 
 def int8_gemm_sweep(tokens: int, k: int, n: int) -> dict:
@@ -59,9 +74,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=32760)
+    p.add_argument("--sweep", action="store_true", help="also time the INT8 GEMM alone per tile config")
+    p.add_argument("--profile", action="store_true", help="also record GPU time per kernel (torch.profiler)")
+    p.add_argument("--only", help="regex over the layer names")
     args = p.parse_args(argv)
     dev, rows = torch.device("cuda"), {}
     for name, (k, n, kind) in SHAPES.items():
+        if args.only and not re.search(args.only, name):
+            continue
         x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
         scale, shift = torch.randn(1, k, device=dev) * 0.1, torch.randn(1, k, device=dev) * 0.1
         w, bias = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5, torch.randn(n, device=dev, dtype=torch.bfloat16)
@@ -90,7 +110,11 @@ def main(argv=None) -> int:
               f"  ×{row['speedup']:.2f}  fast-accum ×{row['speedup_fp8_fast_accum']:.2f}  int8 ×{row['speedup_int8']:.2f}"
               f"  err bf16 {row['rel_err_bf16']:.1e} fp8 {row['rel_err_fp8']:.1e} fast {row['rel_err_fp8_fast_accum']:.1e}"
               f" int8 {row['rel_err_int8']:.1e}", flush=True)
-        row["int8_gemm_configs_ms"] = int8_gemm_sweep(args.tokens, k, n)
+        if args.sweep:
+            row["int8_gemm_configs_ms"] = int8_gemm_sweep(args.tokens, k, n)
+        if args.profile:  # GPU time per kernel of one call of each variant: where the ratio goes
+            row["kernels"] = {key: kernels(lambda fn=fn: fn(x)) for key, fn in
+                              (("bf16", bf16), ("fp8", fp8), ("fp8_fast_accum", fast), ("int8", int8))}
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
            "method": "median CUDA-event ms (bench_attention.time_ms); producer + linear compiled together by Inductor"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
