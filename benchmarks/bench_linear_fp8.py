@@ -69,7 +69,9 @@ def int8_gemm_sweep(tokens: int, k: int, n: int) -> dict:
 @torch.no_grad()
 def main(argv=None) -> int:
     from ditbake.plugins.linear_fp8 import linear_fp8, quantize_weight_fp8
+    from ditbake.plugins.linear_fp8 import gemm_fp8
     from ditbake.plugins.linear_int8 import linear_int8, quantize_weight_int8
+    from ditbake.plugins.producer_quant import gelu_quant, norm_quant
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -87,34 +89,49 @@ def main(argv=None) -> int:
         w, bias = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5, torch.randn(n, device=dev, dtype=torch.bfloat16)
         qw, sw = quantize_weight_fp8(w)
         bf16 = torch.compile(lambda x: F.linear(producer(kind, x, scale, shift), w, bias))
-        fp8 = torch.compile(lambda x: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias))
+        fp8 = torch.compile(lambda x: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias, fast_accum=False))
         ref = F.linear(producer(kind, x, scale, shift).double(), w.double(), bias.double())
         row = {"tokens": args.tokens, "k": k, "n": n, "producer": kind,
                "flops": 2 * args.tokens * k * n}
         row["bf16_ms"] = time_ms(lambda: bf16(x), 5, 20)
         row["fp8_ms"] = time_ms(lambda: fp8(x), 5, 20)
-        row["fp8_unfused_ms"] = time_ms(lambda: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias), 5, 20)
+        row["fp8_unfused_ms"] = time_ms(lambda: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias,
+                                                           fast_accum=False), 5, 20)
         qi, si = quantize_weight_int8(w)
         fast = torch.compile(lambda x: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias, fast_accum=True))
         int8 = torch.compile(lambda x: linear_int8(producer(kind, x, scale, shift), qi, si, bias))
+        # the producer kernel writes the 8-bit codes itself (plugins/producer_quant.py), then the GEMM
+        if kind == "norm":
+            make = lambda x, fmt: norm_quant(x[None], 1 + scale, shift, 1e-5, fmt)  # noqa: E731
+        else:
+            make = lambda x, fmt: gelu_quant(x, fmt)  # noqa: E731
+        fp8_kernel = torch.compile(lambda x: gemm_fp8(*make(x, "fp8"), qw, sw, bias, x.dtype, fast_accum=True))
+        int8_kernel = torch.compile(lambda x: torch.ops.ditbake.gemm_w8a8(*make(x, "int8"), qi, si, bias, x.dtype))
+        row["fp8_producer_kernel_ms"] = time_ms(lambda: fp8_kernel(x), 5, 20)
+        row["int8_producer_kernel_ms"] = time_ms(lambda: int8_kernel(x), 5, 20)
+        row["speedup_fp8_producer_kernel"] = row["bf16_ms"] / row["fp8_producer_kernel_ms"]
+        row["speedup_int8_producer_kernel"] = row["bf16_ms"] / row["int8_producer_kernel_ms"]
         row["fp8_fast_accum_ms"] = time_ms(lambda: fast(x), 5, 20)
         row["int8_ms"] = time_ms(lambda: int8(x), 5, 20)
         row["speedup"] = row["bf16_ms"] / row["fp8_ms"]
         row["speedup_fp8_fast_accum"] = row["bf16_ms"] / row["fp8_fast_accum_ms"]
         row["speedup_int8"] = row["bf16_ms"] / row["int8_ms"]
-        for key, fn in (("bf16", bf16), ("fp8", fp8), ("fp8_fast_accum", fast), ("int8", int8)):
+        for key, fn in (("bf16", bf16), ("fp8", fp8), ("fp8_fast_accum", fast), ("int8", int8),
+                        ("fp8_producer_kernel", fp8_kernel), ("int8_producer_kernel", int8_kernel)):
             row[f"rel_err_{key}"] = float((fn(x).double() - ref).norm() / ref.norm())
         row["fp8_tflops"] = row["flops"] / row["fp8_ms"] / 1e9
         rows[name] = row
         print(f"{name:30s} bf16 {row['bf16_ms']:.3f} ms  fp8 {row['fp8_ms']:.3f} ms (unfused {row['fp8_unfused_ms']:.3f})"
               f"  ×{row['speedup']:.2f}  fast-accum ×{row['speedup_fp8_fast_accum']:.2f}  int8 ×{row['speedup_int8']:.2f}"
               f"  err bf16 {row['rel_err_bf16']:.1e} fp8 {row['rel_err_fp8']:.1e} fast {row['rel_err_fp8_fast_accum']:.1e}"
-              f" int8 {row['rel_err_int8']:.1e}", flush=True)
+              f" int8 {row['rel_err_int8']:.1e} | producer kernels: fp8 ×{row['speedup_fp8_producer_kernel']:.2f}"
+              f" int8 ×{row['speedup_int8_producer_kernel']:.2f}", flush=True)
         if args.sweep:
             row["int8_gemm_configs_ms"] = int8_gemm_sweep(args.tokens, k, n)
         if args.profile:  # GPU time per kernel of one call of each variant: where the ratio goes
             row["kernels"] = {key: kernels(lambda fn=fn: fn(x)) for key, fn in
-                              (("bf16", bf16), ("fp8", fp8), ("fp8_fast_accum", fast), ("int8", int8))}
+                              (("bf16", bf16), ("fp8", fp8), ("fp8_fast_accum", fast), ("int8", int8),
+                               ("fp8_producer_kernel", fp8_kernel), ("int8_producer_kernel", int8_kernel))}
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
            "method": "median CUDA-event ms (bench_attention.time_ms); producer + linear compiled together by Inductor"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditbake.runtime.nn import (Weights, dense, gelu_tanh_mlp, layer_norm, quantizable_linear, rms_norm,
-                                rotate_interleaved, timestep_embedding)
+from ditbake.runtime.nn import (Weights, dense, gelu_tanh_mlp, layer_norm, normed_input, quantizable_linear,
+                                rms_norm, rotate_interleaved, timestep_embedding)
 from ditbake.runtime.nn import heads, num_blocks  # noqa: F401 - part of the architecture interface
 
 NAME = "wan"
@@ -79,6 +79,15 @@ def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.unflatten(2, (n, -1))  # [B, S, H, Dh]
 
 
+def _cross_attention_input(w: Weights, p: str, h: torch.Tensor, eps: float):
+    """norm2 (affine layer norm) as the input of attn2.to_q."""
+    weight, bias = w.get(p + "norm2.weight"), w.get(p + "norm2.bias")
+    if weight is None or bias is None:
+        return layer_norm(h, w, p + "norm2", eps).type_as(h)
+    return normed_input(h, weight.float().reshape(1, 1, -1), bias.float().reshape(1, 1, -1), eps,
+                        make_float=lambda: layer_norm(h, w, p + "norm2", eps).type_as(h))
+
+
 def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, variant, attention,
           branch: str) -> torch.Tensor:
     """One WanTransformerBlock: modulated self-attention (rope), cross-attention to text, FFN."""
@@ -90,7 +99,7 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     mod = (w[p + "scale_shift_table"].float() + ctx["timestep_proj"].float()).chunk(6, dim=1)
     shift, scale, gate, c_shift, c_scale, c_gate = mod
 
-    x = (layer_norm(h, None, None, eps) * (1 + scale) + shift).type_as(h)
+    x = normed_input(h, 1 + scale, shift, eps)  # 8-bit q/k/v read codes its kernel writes
     q = rms_norm(lin(x, "attn1.to_q"), w[p + "attn1.norm_q.weight"], eps)
     k = rms_norm(lin(x, "attn1.to_k"), w[p + "attn1.norm_k.weight"], eps)
     v = lin(x, "attn1.to_v")
@@ -103,7 +112,7 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     a = lin(a.transpose(1, 2).flatten(2).type_as(h), "attn1.to_out.0")
     h = (h.float() + a * gate).type_as(h)
 
-    x = layer_norm(h, w, p + "norm2", eps).type_as(h) if config.get("cross_attn_norm", True) else h
+    x = _cross_attention_input(w, p, h, eps) if config.get("cross_attn_norm", True) else h
     text = ctx["text"]
     q = rms_norm(lin(x, "attn2.to_q"), w[p + "attn2.norm_q.weight"], eps)
     k = rms_norm(lin(text, "attn2.to_k"), w[p + "attn2.norm_k.weight"], eps)
@@ -112,7 +121,7 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
                                        _heads(v, n).transpose(1, 2))
     h = h + lin(a.transpose(1, 2).flatten(2).type_as(h), "attn2.to_out.0")
 
-    x = (layer_norm(h, None, None, eps) * (1 + c_scale) + c_shift).type_as(h)
+    x = normed_input(h, 1 + c_scale, c_shift, eps)
     ff = gelu_tanh_mlp(x, w, p + "ffn", {p + k_: v_ for k_, v_ in prec.items()})
     return (h.float() + ff.float() * c_gate).type_as(h)
 

@@ -53,7 +53,73 @@ def dense(x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
     return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
-def quantizable_linear(x: torch.Tensor, w: Weights, name: str, precision: str) -> torch.Tensor:
+class LinearInput:
+    """A linear layer's input, made once per format it is read in: the float tensor (the
+    composition of torch ops, which Inductor compiles) or, for a W8A8 layer on the GPU, the
+    per-token 8-bit codes and scales written directly by a producer kernel
+    (plugins/producer_quant.py) — so the quantization costs no pass of its own. Several linears
+    may read one input in different formats (q/k/v of one plan may differ)."""
+
+    def __init__(self, make_float, make_8bit=None):
+        self._make_float, self._make_8bit, self._made = make_float, make_8bit, {}
+
+    def float(self) -> torch.Tensor:
+        if "float" not in self._made:
+            self._made["float"] = self._make_float()
+        return self._made["float"]
+
+    def quantized(self, fmt: str):
+        """(codes [M, K], scales fp32 [M], lead shape) in `fmt`, or None where no producer kernel
+        applies (CPU runs keep the W8A8 op, one node the ONNX exporter translates)."""
+        if self._make_8bit is None:
+            return None
+        if fmt not in self._made:
+            self._made[fmt] = self._make_8bit(fmt)
+        return self._made[fmt]
+
+
+def _8bit_from_producer(x: LinearInput, w: Weights, name: str, precision: str):
+    """The W8A8 GEMM on a producer kernel's codes, or None when this layer cannot take them."""
+    if precision not in ("fp8", "int8") or name + f".{precision}_weight" not in w:
+        return None
+    made = x.quantized(precision)
+    if made is None:
+        return None
+    q, s, lead = made
+    qw, sw, bias = w[name + f".{precision}_weight"], w[name + f".{precision}_scale"], w.get(name + ".bias")
+    dtype = lead[1]
+    if precision == "fp8":
+        from ditbake.plugins.linear_fp8 import FAST_ACCUM, gemm_fp8  # noqa: PLC0415
+
+        out = gemm_fp8(q, s, qw, sw, bias, dtype, FAST_ACCUM)
+    else:
+        import ditbake.plugins.linear_8bit  # noqa: F401, PLC0415 - registers ditbake::gemm_w8a8
+
+        out = torch.ops.ditbake.gemm_w8a8(q, s, qw, sw, bias, dtype)
+    return out.reshape(*lead[0], qw.shape[0])
+
+
+def normed_input(h: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: float, make_float=None) -> LinearInput:
+    """`(layer_norm(h) * mul + add).type_as(h)` as a linear input; mul / add fp32, broadcast over
+    tokens ([B, 1, D] or [1, 1, D]; Wan's modulation passes 1 + scale / shift, an affine norm its
+    weight / bias together with its own `make_float`, so the float path keeps its exact ops)."""
+    if make_float is None:
+        def make_float():
+            return (layer_norm(h, None, None, eps) * mul + add).type_as(h)
+
+    def make_8bit(fmt):
+        from ditbake.plugins.producer_quant import norm_quant  # noqa: PLC0415
+
+        rows = mul.shape[0]
+        q, s = norm_quant(h, mul.reshape(rows, -1).float(), add.reshape(rows, -1).float(), eps, fmt)
+        return q, s, (h.shape[:-1], h.dtype)
+
+    fits = h.is_cuda and h.dim() == 3 and all(t.dim() == 3 and t.shape[1] == 1 and t.shape[0] in (1, h.shape[0])
+                                              for t in (mul, add)) and mul.shape == add.shape
+    return LinearInput(make_float, make_8bit if fits else None)
+
+
+def quantizable_linear(x: torch.Tensor | LinearInput, w: Weights, name: str, precision: str) -> torch.Tensor:
     """A linear layer the plan may run at reduced precision; the stored weight format decides the kernel.
 
     `bf16` runs the stored 16-bit weight. A layer run in 8 bits stores 8-bit weights (W8A8):
@@ -66,6 +132,11 @@ def quantizable_linear(x: torch.Tensor, w: Weights, name: str, precision: str) -
     8-bit precision on an artifact that stores only NVFP4 for the layer (W4A8, format of
     artifacts built before 8-bit weights were stored).
     """
+    if isinstance(x, LinearInput):
+        out = _8bit_from_producer(x, w, name, precision)
+        if out is not None:
+            return out
+        x = x.float()
     if precision == "bf16":
         return dense(x, w, name)
     if precision == "fp8" and name + ".fp8_weight" in w:
@@ -108,8 +179,14 @@ def gelu_tanh_mlp(x: torch.Tensor, w: Weights, name: str, precisions: dict[str, 
     """diffusers FeedForward with activation 'gelu-approximate': proj → tanh-GELU → out."""
     up, down = name + ".net.0.proj", name + ".net.2"
     h = quantizable_linear(x, w, up, precisions.get(up, "bf16"))
-    h = F.gelu(h, approximate="tanh")
-    return quantizable_linear(h, w, down, precisions.get(down, "bf16"))
+
+    def make_8bit(fmt):  # the GELU kernel writes the 8-bit input of a W8A8 down projection directly
+        from ditbake.plugins.producer_quant import gelu_quant  # noqa: PLC0415
+
+        return (*gelu_quant(h, fmt), (h.shape[:-1], h.dtype))
+
+    g = LinearInput(lambda: F.gelu(h, approximate="tanh"), make_8bit if h.is_cuda else None)
+    return quantizable_linear(g, w, down, precisions.get(down, "bf16"))
 
 
 def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""Producer kernels that write 8-bit activations directly: the layer that makes a linear's input
+(layer norm with modulation / affine, tanh-GELU) also takes each token's amax and emits the
+per-token INT8 or FP8 codes and scales the W8A8 GEMM reads, in one pass over memory.
+
+Why a kernel of our own: written as torch ops, Inductor fuses the quantization into the
+producer, but the kernels it generates were measured far from the memory roofline on the H200
+(benchmarks/results/linear_8bit_profile_h200.json, M = 32,760): layer norm + modulation + amax +
+cast 218 µs for 100 MB in / 50 MB out (≈ 0.7 TB/s), tanh-GELU + amax + cast over the 8,960-wide
+FFN activation 1,227 µs — twice its bf16 GELU alone (624 µs). Those passes cost more than the
+8-bit GEMMs saved (plugins/notes/producer_quant.md).
+
+Ops (``fmt`` is ``int8`` or ``fp8``; outputs are 2-D, one row per token):
+
+* ``ditbake::norm_quant(x, mul, add, eps, fmt) -> (q [M, D], scale fp32 [M])`` with
+  ``y = (layer_norm(x.float(), eps) * mul + add).to(x.dtype)``; x [B, S, D], mul / add fp32
+  [R, D] with R = 1 (shared) or R = B (per sample: Wan's modulation ``1 + scale`` / ``shift``;
+  an affine norm passes its weight / bias).
+* ``ditbake::gelu_quant(h, fmt) -> (q [M, K], scale fp32 [M])`` with
+  ``y = gelu(h, approximate="tanh")`` in h's dtype.
+
+Then y is quantized per token exactly as ``int8.quantize_rows`` (the specification): the
+references below are literally that composition. The kernels compute y in FP32, round it to
+x's dtype as the composition does, and quantize with act_quant's device helpers (IEEE division,
+round half to even, saturating E4M3). Layer norm's FP32 sums and tanh differ from PyTorch's in
+order / last bits, so a code may differ where y sits within rounding of a decision boundary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from ditbake.plugins._triton_util import HAS_TRITON, tl, triton, use_triton
+from ditbake.plugins.int8 import EIGHT_BIT_FORMATS, quantize_rows
+from ditbake.plugins.nvfp4 import QuantFormatError
+
+_MODE = {"int8": 0, "fp8": 1}
+_Q_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+MAX_NORM_WIDTH = 8192  # one pass with whole rows in registers up to this width
+_GELU_CHUNK = 512
+
+
+def check_producer_args(x: torch.Tensor, fmt: str, mul: torch.Tensor | None = None,
+                        add: torch.Tensor | None = None) -> None:
+    if fmt not in EIGHT_BIT_FORMATS:
+        raise QuantFormatError(f"unknown 8-bit format {fmt!r}; use one of {EIGHT_BIT_FORMATS}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() < 2 or x.shape[-1] == 0:
+        raise QuantFormatError(f"producer input must be a float tensor [..., K] with K > 0, got {x.dtype} "
+                               f"{tuple(x.shape)}")
+    if mul is None:
+        return
+    if x.dim() != 3:
+        raise QuantFormatError(f"norm_quant takes x [B, S, D], got {tuple(x.shape)}")
+    b, _, d = x.shape
+    for name, t in (("mul", mul), ("add", add)):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != d or t.shape[0] not in (1, b):
+            raise QuantFormatError(f"norm_quant {name} must be float32 [1 or {b}, {d}], got {t.dtype} "
+                                   f"{tuple(t.shape)}")
+
+
+def norm_quant_ref(x, mul, add, eps: float, fmt: str):
+    """The specification: the runtime's composition, then per-token quantization."""
+    d = x.shape[-1]
+    y = F.layer_norm(x.float(), (d,), None, None, eps) * mul[:, None, :] + add[:, None, :]
+    q, scale = quantize_rows(y.to(x.dtype).reshape(-1, d), fmt)
+    return q, scale.reshape(-1)
+
+
+def gelu_quant_ref(h, fmt: str):
+    k = h.shape[-1]
+    q, scale = quantize_rows(F.gelu(h, approximate="tanh").reshape(-1, k), fmt)
+    return q, scale.reshape(-1)
+
+
+def _buffers(m: int, k: int, fmt: str, device):
+    return (torch.empty(m, k, dtype=_Q_DTYPE[fmt], device=device),
+            torch.empty(m, dtype=torch.float32, device=device))
+
+
+@triton_op("ditbake::norm_quant", mutates_args=())
+def norm_quant(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: float,
+               fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer norm × mul + add, rounded to x.dtype, quantized per token (module docstring)."""
+    b, s, d = x.shape
+    dp = triton.next_power_of_2(d) if HAS_TRITON else d
+    if not use_triton(x) or dp > MAX_NORM_WIDTH:
+        return norm_quant_ref(x, mul, add, eps, fmt)
+    x2 = x.reshape(b * s, d).contiguous()
+    q, scale = _buffers(b * s, d, fmt, x.device)
+    block_m = max(1, min(16, 4096 // dp))
+    wrap_triton(_norm_quant_kernel)[(triton.cdiv(b * s, block_m),)](
+        x2, mul.contiguous(), add.contiguous(), q, scale, b * s, s, d, eps,
+        PER_SAMPLE=mul.shape[0] > 1, MODE=_MODE[fmt], DP=dp, BLOCK_M=block_m, num_warps=4 if dp <= 2048 else 8)
+    return q, scale
+
+
+@triton_op("ditbake::gelu_quant", mutates_args=())
+def gelu_quant(h: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """tanh-GELU in h.dtype, quantized per token (module docstring)."""
+    if not use_triton(h):
+        return gelu_quant_ref(h, fmt)
+    k = h.shape[-1]
+    h2 = h.reshape(-1, k).contiguous()
+    m = h2.shape[0]
+    q, scale = _buffers(m, k, fmt, h.device)
+    block_m = 8  # 8 rows x 8,960 x 2 B = 143 KB per program: the second pass reads them from L2
+    wrap_triton(_gelu_quant_kernel)[(triton.cdiv(m, block_m),)](
+        h2, q, scale, m, k, MODE=_MODE[fmt], CHUNK=_GELU_CHUNK, BLOCK_M=block_m, num_warps=8)
+    return q, scale
+
+
+def quantize_norm_output(x, mul, add, eps: float, fmt: str):
+    """Validated entry point for :func:`norm_quant`."""
+    check_producer_args(x, fmt, mul, add)
+    return norm_quant(x, mul, add, eps, fmt)
+
+
+def quantize_gelu_output(h, fmt: str):
+    """Validated entry point for :func:`gelu_quant`."""
+    check_producer_args(h, fmt)
+    return gelu_quant(h, fmt)
+
+
+if HAS_TRITON:
+    from ditbake.plugins.act_quant import _quantize_store, _row_scale
+
+    @triton.jit
+    def _norm_quant_kernel(x_ptr, mul_ptr, add_ptr, q_ptr, scale_ptr, M, S, D, eps,
+                           PER_SAMPLE: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+        """BLOCK_M whole rows in registers: statistics, normalize, modulate, round, quantize."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        cols = tl.arange(0, DP)
+        mask = row_mask[:, None] & (cols[None, :] < D)
+        v = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(v, axis=1) / D
+        centered = tl.where(mask, v - mean[:, None], 0.0)
+        var = tl.sum(centered * centered, axis=1) / D
+        normed = centered * tl.rsqrt(var + eps)[:, None]
+        if PER_SAMPLE:
+            sample = (rows // S).to(tl.int64)
+        else:
+            sample = rows64 * 0
+        mod_off = sample[:, None] * D + cols[None, :]
+        mul = tl.load(mul_ptr + mod_off, mask=mask, other=0.0)
+        add = tl.load(add_ptr + mod_off, mask=mask, other=0.0)
+        y = (normed * mul + add).to(x_ptr.dtype.element_ty).to(tl.float32)  # the composition's cast
+        y = tl.where(mask, y, 0.0)
+        scale = _row_scale(tl.max(tl.abs(y), axis=1), MODE)
+        tl.store(scale_ptr + rows64, scale, mask=row_mask)
+        _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, D, MODE, DP, BLOCK_M)
+
+    @triton.jit
+    def _gelu_chunk(h_ptr, rows64, row_mask, k0, K, CHUNK: tl.constexpr):
+        cols = k0 + tl.arange(0, CHUNK)
+        mask = row_mask[:, None] & (cols[None, :] < K)
+        v = tl.load(h_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0)
+        x = v.to(tl.float32)
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi) (x + 0.044715 x^3)
+        t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0  # tanh(inner), saturating cleanly at ±1
+        y = (0.5 * x * (1.0 + t)).to(h_ptr.dtype.element_ty).to(tl.float32)
+        return tl.where(mask, y, 0.0)
+
+    @triton.jit
+    def _gelu_quant_kernel(h_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr, CHUNK: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+        """Two passes over BLOCK_M rows: GELU + amax, then GELU again (rows now in L2) + quantize."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):
+            amax = tl.maximum(amax, tl.max(tl.abs(_gelu_chunk(h_ptr, rows64, row_mask, k0, K, CHUNK)), axis=1))
+        scale = _row_scale(amax, MODE)
+        tl.store(scale_ptr + rows64, scale, mask=row_mask)
+        for k0 in range(0, K, CHUNK):
+            y = _gelu_chunk(h_ptr, rows64, row_mask, k0, K, CHUNK)
+            _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, k0, K, MODE, CHUNK, BLOCK_M)

@@ -1,0 +1,91 @@
+"""Producer kernels that emit 8-bit activations (layer norm × mul + add, tanh-GELU): the
+references are the runtime's compositions followed by per-token quantization, the ops trace into
+one graph node, bad input gets a typed error, and on the GPU the kernels reproduce the reference
+codes except at rounding boundaries."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditbake.plugins.int8 import dequantize_rows, quantize_rows
+from ditbake.plugins.nvfp4 import QuantFormatError
+from ditbake.plugins.producer_quant import (gelu_quant, gelu_quant_ref, norm_quant, norm_quant_ref,
+                                            quantize_gelu_output, quantize_norm_output)
+
+
+def _gen():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_norm_reference_is_the_runtime_composition(fmt):
+    g = _gen()
+    x = (torch.randn(2, 33, 96, generator=g) * 3 + 1).to(torch.bfloat16)
+    scale, shift = torch.randn(2, 1, 96, generator=g) * 0.2, torch.randn(2, 1, 96, generator=g) * 0.2
+    composed = (F.layer_norm(x.float(), (96,), eps=1e-6) * (1 + scale) + shift).type_as(x)  # arch_wan
+    q_expected, s_expected = quantize_rows(composed.reshape(-1, 96), fmt)
+    q, s = norm_quant(x, (1 + scale).reshape(2, 96), shift.reshape(2, 96), 1e-6, fmt)
+    assert q.shape == (66, 96) and s.shape == (66,)
+    assert torch.equal(q, q_expected) and torch.equal(s, s_expected.reshape(-1))
+    # a shared (R = 1) affine: what an affine layer norm passes
+    w, b = torch.randn(1, 96, generator=g), torch.randn(1, 96, generator=g)
+    affine = F.layer_norm(x.float(), (96,), w[0], b[0], 1e-6).type_as(x)
+    q1, s1 = norm_quant(x, w, b, 1e-6, fmt)
+    err = (dequantize_rows(q1, s1) - affine.reshape(-1, 96).float()).norm() / affine.float().norm()
+    assert float(err) < (0.012 if fmt == "int8" else 0.04)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_gelu_reference_is_the_runtime_composition(fmt):
+    h = (torch.randn(5, 7, 200, generator=_gen()) * 2).to(torch.bfloat16)
+    q, s = gelu_quant(h, fmt)
+    q_expected, s_expected = quantize_rows(F.gelu(h, approximate="tanh").reshape(-1, 200), fmt)
+    assert torch.equal(q, q_expected) and torch.equal(s, s_expected.reshape(-1))
+    assert torch.equal(gelu_quant_ref(h, fmt)[0], q)
+
+
+def test_bad_input_gets_typed_errors():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(QuantFormatError):
+        quantize_gelu_output(x, "int4")
+    with pytest.raises(QuantFormatError):
+        quantize_gelu_output(torch.zeros(3, 8, dtype=torch.int32), "int8")
+    with pytest.raises(QuantFormatError):  # mul rows neither 1 nor B
+        quantize_norm_output(x, torch.ones(3, 8), torch.zeros(3, 8), 1e-6, "int8")
+    with pytest.raises(QuantFormatError):  # width mismatch
+        quantize_norm_output(x, torch.ones(1, 7), torch.zeros(1, 7), 1e-6, "int8")
+    with pytest.raises(QuantFormatError):  # float64 modulation
+        quantize_norm_output(x, torch.ones(1, 8, dtype=torch.float64), torch.zeros(1, 8), 1e-6, "fp8")
+    assert quantize_norm_output(torch.zeros(1, 3, 8), torch.ones(1, 8), torch.zeros(1, 8), 1e-6, "int8")[1].eq(1).all()
+
+
+def test_ops_export_as_single_nodes():
+    class M(torch.nn.Module):
+        def forward(self, x, mul, add):
+            q, s = norm_quant(x, mul, add, 1e-6, "int8")
+            q2, s2 = gelu_quant(x, "fp8")
+            return q, s, q2, s2
+
+    args = (torch.randn(2, 5, 16), torch.ones(2, 16), torch.zeros(2, 16))
+    ep = torch.export.export(M(), args)
+    targets = {str(n.target) for n in ep.graph.nodes}
+    assert any("norm_quant" in t for t in targets) and any("gelu_quant" in t for t in targets)
+    for got, want in zip(ep.module()(*args), M()(*args)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("width", [1536, 96, 3072])
+def test_gpu_kernels_match_reference(fmt, width):
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    x = (torch.randn(2, 1000, width, device="cuda", generator=g) * 3 + 0.5).to(torch.bfloat16)
+    mul = 1 + 0.2 * torch.randn(2, width, device="cuda", generator=g)
+    add = 0.2 * torch.randn(2, width, device="cuda", generator=g)
+    for got, want in ((norm_quant(x, mul, add, 1e-6, fmt), norm_quant_ref(x, mul, add, 1e-6, fmt)),
+                      (gelu_quant(x * 0.7, fmt), gelu_quant_ref(x * 0.7, fmt))):
+        torch.testing.assert_close(got[1], want[1], rtol=1e-2, atol=0)  # amax of the same values
+        codes_differ = (got[0].float() != want[0].float()).float().mean().item()
+        assert codes_differ < 0.02  # boundary flips only: layer norm sums / tanh in another order
+        deq, ref = dequantize_rows(got[0], got[1]), dequantize_rows(want[0], want[1])
+        assert float((deq - ref).norm() / ref.norm()) < (5e-3 if fmt == "int8" else 2e-2)
