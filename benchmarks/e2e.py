@@ -323,7 +323,9 @@ def run_peers(args, cfg, latent, text_len, dev, dtype) -> tuple[dict, dict]:
         race(fp8_name, warmup_steps=2)
         rows[fp8_name]["fp8"] = numerics
         if fidelity and NO_CACHE in fidelity["rows"]:
-            rows[fp8_name]["testbed_fidelity"] = {"name": NO_CACHE, **fidelity["rows"][NO_CACHE]}
+            point = fidelity["rows"][NO_CACHE]
+            rows[fp8_name]["testbed_fidelity"] = {"name": NO_CACHE, **point, "required_psnr_db": min_db,
+                                                  "reaches_required": point.get("psnr_db", -1.0) >= min_db}
     for name, family, point in cached:
         if not wanted(name):
             continue
