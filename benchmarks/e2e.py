@@ -259,6 +259,8 @@ def run_peers(args, cfg, latent, text_len, dev, dtype) -> tuple[dict, dict]:
     """The diffusers rows and notes on what was not timed."""
     import diffusers
 
+    min_db = required_psnr(args)  # a bad bar or fidelity file stops the run before anything is timed
+    fidelity = fp8_fidelity(args, min_db)
     torch.manual_seed(0)
     model = diffusers.WanTransformer3DModel(**cfg).to(dev, dtype).eval()
     gen = torch.Generator().manual_seed(1)
@@ -297,7 +299,6 @@ def run_peers(args, cfg, latent, text_len, dev, dtype) -> tuple[dict, dict]:
     eager_forwards = compile_blocks(model)
     if wanted("diffusers torch.compile"):
         race("diffusers torch.compile", warmup_steps=2)
-    min_db = required_psnr(args)
     source = json.loads(Path(args.peer_source).read_text()) if args.peer_source else None
     for family, knob, point in pick_peers(source, min_db or 0.0, args.fidelity_method, args.fidelity_skip):
         name = f"diffusers {family}({knob}) + torch.compile"
@@ -305,7 +306,6 @@ def run_peers(args, cfg, latent, text_len, dev, dtype) -> tuple[dict, dict]:
             config = next(c for n, k, c in peer_configs(args.steps, source.get("mag_ratios")) if n == family and k == knob)
             race_cached(name, config, point)
 
-    fidelity = fp8_fidelity(args, min_db)
     families = SCHEDULED_PEERS + (("FirstBlockCache",) if args.weight_dependent_peers else ())
     if fidelity and not args.weight_dependent_peers:
         notes["FirstBlockCache"] = ("not timed: its skips follow the first block's output change, so on random "
