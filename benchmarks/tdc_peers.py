@@ -98,23 +98,31 @@ def mag_ratios(adapter, run):
     return captured[-1]
 
 
-def peer_configs(steps: int, ratios):
+def peer_config(family: str, knob, steps: int, ratios=None):
+    """The diffusers cache config of one peer point: FirstBlockCache(threshold), MagCache(threshold, with
+    calibrated per-step ratios), TaylorSeerCache(interval)."""
     import diffusers
 
-    out = []
-    for t in (0.02, 0.05, 0.1, 0.2, 0.4):
-        out.append(("FirstBlockCache", t, diffusers.FirstBlockCacheConfig(threshold=t)))
+    if family == "FirstBlockCache":
+        return diffusers.FirstBlockCacheConfig(threshold=float(knob))
+    if family == "MagCache":
+        if ratios is None:
+            raise ValueError("MagCache needs calibrated magnitude ratios (mag_ratios)")
+        return diffusers.MagCacheConfig(threshold=float(knob), mag_ratios=ratios, num_inference_steps=steps)
+    if family == "TaylorSeerCache":
+        # whole blocks predicted (the default predicts attention outputs only, no block skip)
+        return diffusers.TaylorSeerCacheConfig(cache_interval=int(knob), disable_cache_before_step=2,
+                                               taylor_factors_dtype=torch.float32,
+                                               cache_identifiers=[r"^(blocks|transformer_blocks)\.\d+$"])
+    raise ValueError(f"unknown cache family {family!r}")
+
+
+def peer_configs(steps: int, ratios):
+    knobs = [("FirstBlockCache", t) for t in (0.02, 0.05, 0.1, 0.2, 0.4)]
     if ratios is not None:
-        for t in (0.02, 0.06, 0.12, 0.25):
-            out.append(("MagCache", t, diffusers.MagCacheConfig(threshold=t, mag_ratios=ratios,
-                                                                 num_inference_steps=steps)))
-    for interval in (2, 3, 4):
-        out.append(("TaylorSeerCache", interval,
-                    # whole blocks predicted (the default predicts attention outputs only, no block skip)
-                    diffusers.TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=2,
-                                                    taylor_factors_dtype=torch.float32,
-                                                    cache_identifiers=[r"^(blocks|transformer_blocks)\.\d+$"])))
-    return out
+        knobs += [("MagCache", t) for t in (0.02, 0.06, 0.12, 0.25)]
+    knobs += [("TaylorSeerCache", interval) for interval in (2, 3, 4)]
+    return [(family, knob, peer_config(family, knob, steps, ratios)) for family, knob in knobs]
 
 
 def main(argv=None) -> int:
