@@ -140,13 +140,9 @@ def cache_configs(args, steps: int) -> list[tuple[str, object]]:
 
 @torch.no_grad()
 def run_peers(args, cfg, latent, text_len, dev, dtype, inputs, report) -> None:
-    import diffusers
-
     from ditbake.exporter.adapters import adapter_for
 
-    torch.manual_seed(0)
-    with torch.device(dev):  # 12 B parameters: initialise on the GPU
-        model = diffusers.FluxTransformer2DModel(**cfg).to(dtype).eval()
+    model = random_flux(cfg, dev, dtype)
     adapter = adapter_for(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     x, text, pooled, guidance = (t.to(dev) for t in inputs)
@@ -197,8 +193,21 @@ def run_peers(args, cfg, latent, text_len, dev, dtype, inputs, report) -> None:
             log.exception("%s failed", full)
             report.add(full, {"error": f"{type(exc).__name__}: {str(exc)[:600]}"})
         model.disable_cache()
-    del model, adapter, blocks, counter
-    release(dev)
+
+
+def random_flux(cfg: dict, dev, dtype):
+    """The model with seeded random weights, initialised on `dev` directly in `dtype` (12 B parameters:
+    an fp32 initialisation would need 48 GB first)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            return diffusers.FluxTransformer2DModel(**cfg).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def release(dev) -> None:
@@ -254,8 +263,6 @@ def all_linears_fp8(session, plan):
 
 @torch.no_grad()
 def run_ditbake(args, cfg, latent, text_len, dev, dtype, inputs, report) -> None:
-    import diffusers
-
     from ditbake.exporter.adapters import adapter_for
     from ditbake.exporter.build import build
     from ditbake.runtime import load
@@ -264,9 +271,7 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype, inputs, report) -> None
     name = f"ditbake {args.backend}"
     if report.over_budget(name):
         return
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = diffusers.FluxTransformer2DModel(**cfg).to(dtype).eval()
+    model = random_flux(cfg, dev, dtype)
     adapter = adapter_for(model)
     bf16_bytes = sum(p.numel() * 2 for p in model.parameters())
     visual = latent[1] * latent[2] // 4
@@ -279,12 +284,14 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype, inputs, report) -> None
     build_s = time.perf_counter() - t0
     del model, adapter
     release(dev)
+    t0 = time.perf_counter()
     session = load(path, device=dev)
+    common_load_s = time.perf_counter() - t0
     artifact_bytes = sum(f["bytes"] for f in session.artifact.manifest["files"].values())
     x, text, pooled, _ = inputs
     common = {"plan": {"skipped_steps": [i for i, s in enumerate(skipped) if s], "skip_fraction": sum(skipped) / len(skipped),
                        "band": args.band, "head_precision": args.head_precision, "stack_extrapolation": "linear"},
-              "bf16_weight_bytes": bf16_bytes, "backend": args.backend}
+              "bf16_weight_bytes": bf16_bytes, "backend": args.backend, "load_s": common_load_s}
 
     def timed(row_name, fp8_layers, build_s):
         # warm-up: one computed forward (kernel JIT); the eager backend has no compile step and no
@@ -416,7 +423,9 @@ def main(argv=None) -> int:
             "image_tokens": latent[1] * latent[2] // 4, "text_len": text_len, "steps": args.steps,
             "forwards_per_step": 1, "guidance": args.guidance, "cfg": "none (guidance-distilled)",
             "timed_steps_constant_contenders": min(args.timed_steps or args.steps, args.steps), "fidelity": FIDELITY,
-            "method": "CUDA-event ms between step boundaries after a warm-up; forwards computed = calls of the last block"}
+            "method": "CUDA-event ms between step boundaries after a warm-up; forwards computed = calls of the last block",
+            "schedule": "diffusers side: FluxPipeline's shifted sigmas (mu from the image tokens); ditbake: its baked "
+                        "flow_euler table (shift 3); per-step cost does not depend on the sigmas, cache-hook decisions may"}
     report = Report(head, Path(args.out), args.budget_s)
     gen = torch.Generator().manual_seed(1)
     inputs = (torch.randn(1, *latent, generator=gen), torch.randn(1, text_len, cfg["joint_attention_dim"], generator=gen),

@@ -4,6 +4,8 @@
 #                                    gives the peers' schedules and fidelity: tdc_50steps.json)
 #   benchmarks/gpu_e2e.sh ditbake  — build + time the ditbake artifact (benchmarks/e2e.py --phase ditbake)
 #   benchmarks/gpu_e2e.sh peers    — diffusers eager / torch.compile / cache hooks + torch.compile
+#   benchmarks/gpu_e2e.sh flux     — the FLUX.1-dev architecture at 2048², every contender in one call
+#                                    (benchmarks/e2e_flux.py; eager/compile timed on 10 of 50 steps)
 # Needs the diffusers wheel in .whl/ and the cached prompt embeddings in out/gpu_in/ (carried).
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -26,5 +28,9 @@ case "${1:-}" in
     timeout 560 python3 benchmarks/e2e.py --phase peers --peer-source "${PEER_SOURCE:-benchmarks/results/tdc_50steps.json}" \
       --out "$OUT/e2e_peers.json" > "$OUT/e2e_peers.log" 2>&1
     tail -12 "$OUT/e2e_peers.log" ;;
-  *) echo "usage: $0 testbed|ditbake|peers" >&2; exit 2 ;;
+  flux)
+    timeout 560 python3 benchmarks/e2e_flux.py --timed-steps 10 --budget-s 470 --artifact /tmp/e2e_flux_artifact \
+      --out "$OUT/e2e_flux.json" > "$OUT/e2e_flux.log" 2>&1
+    tail -12 "$OUT/e2e_flux.log" ;;
+  *) echo "usage: $0 testbed|ditbake|peers|flux" >&2; exit 2 ;;
 esac
