@@ -10,6 +10,8 @@
 #                                    hooks + torch.compile + torchao FP8 at the FP8_FIDELITY points reaching
 #                                    FIDELITY_DB (or the PSNR in FIDELITY_FROM=FILE[:KEY], default the
 #                                    shipped plan of combined16k_h100.json); PEER_SOURCE adds the bf16 caches
+#   benchmarks/gpu_e2e.sh flux     — the FLUX.1-dev architecture at 2048², every contender in one call
+#                                    (benchmarks/e2e_flux.py; eager/compile timed on 10 of 50 steps)
 # Needs the wheels in .whl/ (diffusers, torchao) and, per case, the cached prompt embeddings: out/gpu_in/
 # (testbed) or .carry/fid16k/embeds.safetensors (fidelity), carried.
 set -uo pipefail
@@ -42,5 +44,9 @@ case "${1:-}" in
       ${PEER_SOURCE:+--peer-source "$PEER_SOURCE"} ${ONLY:+--only "$ONLY"} --out "$OUT/e2e_peers.json" \
       > "$OUT/e2e_peers.log" 2>&1
     tail -14 "$OUT/e2e_peers.log" ;;
-  *) echo "usage: $0 testbed|ditbake|fidelity|peers" >&2; exit 2 ;;
+  flux)
+    timeout 560 python3 benchmarks/e2e_flux.py --timed-steps 10 --budget-s 470 --artifact /tmp/e2e_flux_artifact \
+      --out "$OUT/e2e_flux.json" > "$OUT/e2e_flux.log" 2>&1
+    tail -12 "$OUT/e2e_flux.log" ;;
+  *) echo "usage: $0 testbed|ditbake|fidelity|peers|flux" >&2; exit 2 ;;
 esac
