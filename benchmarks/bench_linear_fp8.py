@@ -34,6 +34,40 @@ INT8_CONFIGS = ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8,
                 (128, 256, 64, 8, 4), (128, 128, 128, 8, 4), (256, 128, 64, 8, 4))
 
 
+def static(fn):
+    """torch.compile with static shapes: the shapes of this bench change between layers, and dynamo's
+    automatic dynamic shapes then compiled later layers for symbolic sizes — user Triton kernels lost
+    their size specialization and ran 16-20x slower (benchmarks/diagnose_int8_gemm.py). The
+    engines are exported at fixed shapes, as here."""
+    return torch.compile(fn, dynamic=False)
+
+
+def producer_sweep(kind: str, x, scale, shift) -> dict:
+    """The producer kernel alone (FP8 codes) per launch setting: name → median ms (eager calls,
+    back to back, so launch overhead hides behind the kernels)."""
+    from ditbake.plugins import producer_quant as pq
+
+    if kind == "norm":
+        settings = [dict(NORM_ROWS=r, NORM_WARPS=w) for r in (1, 2, 4) for w in (1, 2, 4, 8)]
+        call = lambda: pq.norm_quant(x[None], 1 + scale, shift, 1e-5, "fp8")  # noqa: E731
+    else:
+        settings = [dict(GELU_ROW_WARPS=w) for w in (4, 8, 16, 32)] + [dict(GELU_TWO_PASS=True)]
+        call = lambda: pq.gelu_quant(x, "fp8")  # noqa: E731
+    times = {}
+    for setting in settings:
+        saved = {k: getattr(pq, k) for k in setting}
+        for k, v in setting.items():
+            setattr(pq, k, v)
+        try:
+            times[" ".join(f"{k}={v}" for k, v in setting.items())] = time_ms(call, 3, 20)
+        except Exception as exc:  # e.g. too many registers: recorded, the others go on
+            times[str(setting)] = f"{type(exc).__name__}: {str(exc)[:100]}"
+        finally:
+            for k, v in saved.items():
+                setattr(pq, k, v)
+    return times
+
+
 def kernels(fn, reps: int = 3) -> list:
     """(kernel name, µs per call) of fn's GPU kernels, largest first."""
     from torch.profiler import ProfilerActivity, profile
@@ -77,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=32760)
     p.add_argument("--sweep", action="store_true", help="also time the INT8 GEMM alone per tile config")
+    p.add_argument("--sweep-producers", action="store_true", help="time the producer kernels per launch setting")
     p.add_argument("--profile", action="store_true", help="also record GPU time per kernel (torch.profiler)")
     p.add_argument("--only", help="regex over the layer names")
     args = p.parse_args(argv)
@@ -88,8 +123,8 @@ def main(argv=None) -> int:
         scale, shift = torch.randn(1, k, device=dev) * 0.1, torch.randn(1, k, device=dev) * 0.1
         w, bias = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5, torch.randn(n, device=dev, dtype=torch.bfloat16)
         qw, sw = quantize_weight_fp8(w)
-        bf16 = torch.compile(lambda x: F.linear(producer(kind, x, scale, shift), w, bias))
-        fp8 = torch.compile(lambda x: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias, fast_accum=False))
+        bf16 = static(lambda x: F.linear(producer(kind, x, scale, shift), w, bias))
+        fp8 = static(lambda x: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias, fast_accum=False))
         ref = F.linear(producer(kind, x, scale, shift).double(), w.double(), bias.double())
         row = {"tokens": args.tokens, "k": k, "n": n, "producer": kind,
                "flops": 2 * args.tokens * k * n}
@@ -98,15 +133,15 @@ def main(argv=None) -> int:
         row["fp8_unfused_ms"] = time_ms(lambda: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias,
                                                            fast_accum=False), 5, 20)
         qi, si = quantize_weight_int8(w)
-        fast = torch.compile(lambda x: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias, fast_accum=True))
-        int8 = torch.compile(lambda x: linear_int8(producer(kind, x, scale, shift), qi, si, bias))
+        fast = static(lambda x: linear_fp8(producer(kind, x, scale, shift), qw, sw, bias, fast_accum=True))
+        int8 = static(lambda x: linear_int8(producer(kind, x, scale, shift), qi, si, bias))
         # the producer kernel writes the 8-bit codes itself (plugins/producer_quant.py), then the GEMM
         if kind == "norm":
             make = lambda x, fmt: norm_quant(x[None], 1 + scale, shift, 1e-5, fmt)  # noqa: E731
         else:
             make = lambda x, fmt: gelu_quant(x, fmt)  # noqa: E731
-        fp8_kernel = torch.compile(lambda x: gemm_fp8(*make(x, "fp8"), qw, sw, bias, x.dtype, fast_accum=True))
-        int8_kernel = torch.compile(lambda x: torch.ops.ditbake.gemm_w8a8(*make(x, "int8"), qi, si, bias, x.dtype))
+        fp8_kernel = static(lambda x: gemm_fp8(*make(x, "fp8"), qw, sw, bias, x.dtype, fast_accum=True))
+        int8_kernel = static(lambda x: torch.ops.ditbake.gemm_w8a8(*make(x, "int8"), qi, si, bias, x.dtype))
         row["fp8_producer_kernel_ms"] = time_ms(lambda: fp8_kernel(x), 5, 20)
         row["int8_producer_kernel_ms"] = time_ms(lambda: int8_kernel(x), 5, 20)
         row["speedup_fp8_producer_kernel"] = row["bf16_ms"] / row["fp8_producer_kernel_ms"]
@@ -126,6 +161,8 @@ def main(argv=None) -> int:
               f"  err bf16 {row['rel_err_bf16']:.1e} fp8 {row['rel_err_fp8']:.1e} fast {row['rel_err_fp8_fast_accum']:.1e}"
               f" int8 {row['rel_err_int8']:.1e} | producer kernels: fp8 ×{row['speedup_fp8_producer_kernel']:.2f}"
               f" int8 ×{row['speedup_int8_producer_kernel']:.2f}", flush=True)
+        if args.sweep_producers:
+            row["producer_launch_ms"] = producer_sweep(kind, x, scale, shift)
         if args.sweep:
             row["int8_gemm_configs_ms"] = int8_gemm_sweep(args.tokens, k, n)
         if args.profile:  # GPU time per kernel of one call of each variant: where the ratio goes

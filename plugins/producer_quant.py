@@ -39,6 +39,11 @@ _MODE = {"int8": 0, "fp8": 1}
 _Q_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 MAX_NORM_WIDTH = 8192  # one pass with whole rows in registers up to this width
 _GELU_CHUNK = 512
+# launch parameters (None: by width); module-level so that benchmarks/bench_linear_fp8.py can sweep them
+NORM_ROWS = None
+NORM_WARPS = None
+GELU_ROW_WARPS = None
+GELU_TWO_PASS = False
 MAX_GELU_ROW = 16384  # Wan's 8,960-wide FFN rows pad to 16,384: 32 fp32 per thread at 16 warps
 
 
@@ -89,12 +94,13 @@ def norm_quant(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: float
         return norm_quant_ref(x, mul, add, eps, fmt)
     x2 = x.reshape(b * s, d).contiguous()
     q, scale = _buffers(b * s, d, fmt, x.device)
-    block_m = max(1, min(16, 8192 // dp))
+    block_m = NORM_ROWS or max(1, min(16, 4096 // dp))
     # grid (row blocks of one sample, samples): a program's rows share one mul / add row, loaded once
     # (first version reloaded them per row: 16 KB of L2 traffic per 6 KB of x, 215 µs at Wan's size)
     wrap_triton(_norm_quant_kernel)[(triton.cdiv(s, block_m), b)](
         x2, mul.contiguous(), add.contiguous(), q, scale, s, d, eps,
-        PER_SAMPLE=mul.shape[0] > 1, MODE=_MODE[fmt], DP=dp, BLOCK_M=block_m, num_warps=4 if dp <= 2048 else 8)
+        PER_SAMPLE=mul.shape[0] > 1, MODE=_MODE[fmt], DP=dp, BLOCK_M=block_m,
+        num_warps=NORM_WARPS or (4 if dp <= 2048 else 8))
     return q, scale
 
 
@@ -108,10 +114,11 @@ def gelu_quant(h: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     m = h2.shape[0]
     q, scale = _buffers(m, k, fmt, h.device)
     kp = triton.next_power_of_2(k)
-    if kp <= MAX_GELU_ROW:  # one pass, whole rows in registers: GELU computed once per element
+    if kp <= MAX_GELU_ROW and not GELU_TWO_PASS:  # one pass, whole rows in registers: GELU computed once per element
         block_m = max(1, 8192 // kp)
         wrap_triton(_gelu_quant_row_kernel)[(triton.cdiv(m, block_m),)](
-            h2, q, scale, m, k, MODE=_MODE[fmt], KP=kp, BLOCK_M=block_m, num_warps=16 if kp >= 8192 else 8)
+            h2, q, scale, m, k, MODE=_MODE[fmt], KP=kp, BLOCK_M=block_m,
+            num_warps=GELU_ROW_WARPS or (16 if kp >= 8192 else 8))
     else:  # two passes over chunks: GELU + amax, then GELU again (rows now in L2) + quantize
         wrap_triton(_gelu_quant_kernel)[(triton.cdiv(m, 8),)](
             h2, q, scale, m, k, MODE=_MODE[fmt], CHUNK=_GELU_CHUNK, BLOCK_M=8, num_warps=8)
