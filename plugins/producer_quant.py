@@ -39,11 +39,14 @@ _MODE = {"int8": 0, "fp8": 1}
 _Q_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 MAX_NORM_WIDTH = 8192  # one pass with whole rows in registers up to this width
 _GELU_CHUNK = 512
-# launch parameters (None: by width); module-level so that benchmarks/bench_linear_fp8.py can sweep them
-NORM_ROWS = None
-NORM_WARPS = None
+# Launch parameters, module-level so that benchmarks/bench_linear_fp8.py can sweep them. Measured on
+# the H200 at Wan's sizes (linear_8bit_profile_h200.json, eager sweep incl. launch overhead): norm
+# 1 row x 2 warps fastest (0.306 ms vs 0.389 for 2 x 4); GELU two passes 0.594 ms vs 1.14 for the
+# best one-pass (whole 16,384-padded rows in registers: one program per SM, latency-bound).
+NORM_ROWS = 1
+NORM_WARPS = 2
 GELU_ROW_WARPS = None
-GELU_TWO_PASS = False
+GELU_TWO_PASS = True
 MAX_GELU_ROW = 16384  # Wan's 8,960-wide FFN rows pad to 16,384: 32 fp32 per thread at 16 warps
 
 
