@@ -40,7 +40,7 @@ def parse_combo(text: str) -> tuple[float, float, float]:
     return budget, bits, delta
 
 
-def plan_for(stats, heads: dict, combo: tuple[float, float, float], granularity: str):
+def plan_for(stats, heads: dict, combo: tuple[float, float, float], granularity: str, extrapolate: str = "none"):
     from ditbake.exporter.plan_cache import CacheConfig
     from ditbake.exporter.plan_heads import heads_pass
     from ditbake.exporter.plan_precision import PrecisionConfig
@@ -49,7 +49,7 @@ def plan_for(stats, heads: dict, combo: tuple[float, float, float], granularity:
 
     budget, bits, delta = combo
     passes = [heads_pass(*heads[delta])] if delta else []
-    cache = CacheConfig(skip_budget=budget, granularity=granularity) if budget else None
+    cache = CacheConfig(skip_budget=budget, granularity=granularity, extrapolate=extrapolate) if budget else None
     if bits >= 16:
         return plan_from_calibration(stats.meta, tensors=stats.tensors, cache=cache, passes=passes)
     # 8 bits on average is the uniform INT8 plan (no NVFP4 layer); fewer bits mix NVFP4 in (DMPQ)
@@ -106,7 +106,10 @@ def run(args) -> dict:
                                   profiles=[profile], samplers=[args.sampler], dtype=torch.float32, progress=False)
         for k, combo in enumerate(combos):
             t = time.perf_counter()
-            plan = plan_for(stats, heads, combo, args.granularity)
+            plan = plan_for(stats, heads, combo, args.granularity, args.extrapolate)
+            if args.save_plans:  # the plan itself, e.g. the source of benchmarks/e2e.py's transplant
+                Path(args.save_plans).mkdir(parents=True, exist_ok=True)
+                plan.save(Path(args.save_plans) / f"plan_{combo[0]:g}_{combo[1]:g}_{combo[2]:g}.json")
             art = builder.build(adapter, plan, Path(tmp) / f"c{k}", profiles=[profile],
                                 samplers=[args.sampler], dtype=torch.float32, progress=False, label="combined")
             r = evaluate(art, reference, prompts=prompts, seeds=seeds, guidance_scale=args.guidance, sampler=args.sampler,
@@ -138,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--combos", default="0.3:6.5:0.1,0.3:8:0.1,0.2:6.5:0.1", help="BUDGET:BITS:DELTA, comma-separated")
     p.add_argument("--granularity", default="step", help="TDC granularity (block or step)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--extrapolate", default="none", choices=("none", "linear"),
+                   help="TDC: a step skipping every block reuses (none) or extrapolates (linear) the residual")
+    p.add_argument("--save-plans", help="write each combination's plan JSON into this directory")
     p.add_argument("--sampler", default="unipc")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--calib-prompts", type=int, default=4)

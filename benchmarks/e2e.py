@@ -395,6 +395,28 @@ def pick_peers(source: dict | None, min_db: float, method: str, skip: float) -> 
     return picks
 
 
+BASELINE_IN_DITBAKE_CALL = "diffusers eager (ditbake's call)"
+
+
+@torch.no_grad()
+def eager_baseline(model, args, latent, text_len, cfg, dev, dtype) -> dict:
+    """diffusers eager timed over `--baseline-steps` steps after one warm-up step: its per-step time
+    is constant (no cache), so the total is the median step time × all steps, stated as such."""
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, *latent, generator=gen).to(dev)
+    cond = torch.randn(1, text_len, cfg["text_dim"], generator=gen).to(dev, dtype)
+    uncond = torch.randn(1, text_len, cfg["text_dim"], generator=gen).to(dev, dtype)
+    diffusers_loop(model, 1, latents, cond, uncond, args.guidance, StepTimer(dev))
+    timer = StepTimer(dev)
+    diffusers_loop(model, args.baseline_steps, latents, cond, uncond, args.guidance, timer)
+    row = summary(timer.step_ms(), dev)
+    row.update(total_s=row["step_ms_median"] * args.steps / 1e3, timed_steps=args.baseline_steps,
+               total_note=f"median of {args.baseline_steps} timed steps × {args.steps} (constant per-step work)",
+               weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()), skip_fraction=0.0)
+    log.info("diffusers eager (baseline of this call): %.1f ms/step", row["step_ms_median"])
+    return row
+
+
 @torch.no_grad()
 def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
     import diffusers
@@ -407,12 +429,18 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
 
     torch.manual_seed(0)
     model = diffusers.WanTransformer3DModel(**cfg).to(dtype).eval()
+    rows = {}
+    if args.baseline_steps and dev.type == "cuda":  # the uncompressed baseline in this call (issue 19 item 3)
+        rows[BASELINE_IN_DITBAKE_CALL] = eager_baseline(model.to(dev), args, latent, text_len, cfg, dev, dtype)
+        model.to("cpu")
+        torch.cuda.empty_cache()
     adapter = adapter_for(model)
     p = cfg["patch_size"]
     visual = (latent[1] // p[0]) * (latent[2] // p[1]) * (latent[3] // p[2])
     source = Plan.load(args.source_plan)
     uncapped = plan_ratios(transplant_plan(source, adapter, visual, args.source_visual_tokens), visual)
-    plan = transplant_plan(source, adapter, visual, args.source_visual_tokens, max_variants=args.max_variants)
+    plan = transplant_plan(source, adapter, visual, args.source_visual_tokens, act_format=args.act_format,
+                           max_variants=args.max_variants)
     if plan.num_steps != args.steps:
         raise ValueError(f"source plan has {plan.num_steps} steps, the race runs {args.steps}")
     ratios = {**plan_ratios(plan, visual), "before_variant_cap": uncapped}
@@ -441,7 +469,7 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
            "attention_flops_fraction": result.report.attention_flops_fraction, "plan": ratios,
            "backend": args.backend, "cuda_graphs": session._graphs is not None,
            "graph_captures": result.report.graph_captures, "graph_replays": result.report.graph_replays}
-    rows = {f"ditbake {args.backend}": row}
+    rows[f"ditbake {args.backend}"] = row
     Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))  # survives a timeout below
     profiled = session
     if session._graphs is not None:  # the same artifact without CUDA graphs, for their share
@@ -496,26 +524,36 @@ def breakdown(session, cond, uncond, latents, guidance: float) -> dict:
 # ---------------------------------------------------------------- report
 
 def merge(parts: list[dict]) -> dict:
+    """Join the phases' JSON. Each phase times diffusers eager in its own call; ditbake's ratios to a
+    peer are taken through those baselines (ours vs its call's eager) / (peer vs its call's eager), so
+    no ratio mixes two calls' absolute times (issue 19 item 3)."""
     out = {"rows": {}}
     for p in parts:  # the first part's value of a shared key wins
         out.update({k: v for k, v in p.items() if k != "rows" and k not in out})
         out["rows"].update(p["rows"])
     rows = out["rows"]
     eager = rows.get("diffusers eager")
-    comp = rows.get("diffusers torch.compile")
-    peers = {k: r for k, r in rows.items() if k.startswith("diffusers") and k != "diffusers eager"}
+    ours_eager = rows.get(BASELINE_IN_DITBAKE_CALL, eager)
+    peers = {k: r for k, r in rows.items() if k.startswith("diffusers") and k not in ("diffusers eager",
+                                                                                     BASELINE_IN_DITBAKE_CALL)}
     ours = next((r for k, r in rows.items() if k.startswith("ditbake")), None)
-    if ours and eager:
-        out["speedup_vs_diffusers_eager"] = eager["total_s"] / ours["total_s"]
-        out["weight_memory_ratio_vs_bf16"] = eager["weight_bytes"] / ours["weight_bytes"]
-        if "peak_memory_bytes" in eager and "peak_memory_bytes" in ours:
-            out["peak_memory_ratio_vs_bf16"] = eager["peak_memory_bytes"] / ours["peak_memory_bytes"]
-    if ours and comp:
-        out["speedup_vs_torch_compile"] = comp["total_s"] / ours["total_s"]
-    if ours and peers:
-        best = min(peers, key=lambda k: peers[k]["total_s"])
-        out["best_peer"] = best
-        out["speedup_vs_best_peer"] = peers[best]["total_s"] / ours["total_s"]
+    if ours and ours_eager:
+        out["speedup_vs_diffusers_eager"] = ours_eager["total_s"] / ours["total_s"]
+        out["weight_memory_ratio_vs_bf16"] = ours_eager["weight_bytes"] / ours["weight_bytes"]
+    if ours and eager and "peak_memory_bytes" in ours:
+        comp = rows.get("diffusers torch.compile")
+        if comp and "peak_memory_bytes" in comp:
+            out["peak_memory_ratio_vs_compile"] = comp["peak_memory_bytes"] / ours["peak_memory_bytes"]
+    if ours and eager and ours_eager:
+        def vs(name):  # ours vs a peer timed in the peers' call, through each call's eager baseline
+            return (ours_eager["total_s"] / ours["total_s"]) / (eager["total_s"] / rows[name]["total_s"])
+
+        if "diffusers torch.compile" in rows:
+            out["speedup_vs_torch_compile"] = vs("diffusers torch.compile")
+        if peers:
+            best = min(peers, key=lambda k: peers[k]["total_s"])
+            out["best_peer"] = best
+            out["speedup_vs_best_peer"] = vs(best)
     return out
 
 
@@ -541,6 +579,10 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="aoti", choices=("aoti", "eager"))
     ap.add_argument("--source-plan", default="benchmarks/results/e2e_source_plan.json",
                     help="test-bed plan whose ratios the Wan2.1-1.3B plan takes")
+    ap.add_argument("--act-format", default="int8", choices=("int8", "fp8"),
+                    help="8-bit W8A8 format of every computed block linear in the transplanted plan")
+    ap.add_argument("--baseline-steps", type=int, default=5,
+                    help="ditbake phase: also time diffusers eager over this many steps (0: not)")
     ap.add_argument("--max-variants", type=int, default=2,
                     help="cap on distinct computed block configurations (compiled engines); 0: no cap")
     ap.add_argument("--source-visual-tokens", type=int, default=8 * 16 * 16,
