@@ -307,6 +307,15 @@ def run_peers(args, cfg, latent, text_len, dev, dtype) -> tuple[dict, dict]:
             race_cached(name, config, point)
 
     families = SCHEDULED_PEERS + (("FirstBlockCache",) if args.weight_dependent_peers else ())
+    # bf16 linears + a cache hook: where FP8's own error keeps every FP8 peer below the bar, the most
+    # aggressive bf16 point that reaches it is the strongest peer at equal fidelity
+    for family in families if fidelity else ():
+        point = pick(fidelity, family, min_db, "bf16")
+        name = point and f"diffusers {family}({point['knob']}) + torch.compile"
+        if point and wanted(name):
+            ratios = fidelity.get("mag_ratios", {}).get("bf16")
+            race_cached(name, peer_config(family, point["knob"], args.steps, ratios if isinstance(ratios, list) else None),
+                        point)
     if fidelity and not args.weight_dependent_peers:
         notes["FirstBlockCache"] = ("not timed: its skips follow the first block's output change, so on random "
                                     "weights they are not the test bed's schedule (--weight-dependent-peers times it)")
