@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_attention import time_ms  # benchmarks/ is the script's directory
+from forward_race import kernel_profile
 from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
 
 SHAPES = {"attn1.to_q (1536→1536)": (1536, 1536, "norm"), "ffn.net.0.proj (1536→8960)": (1536, 8960, "norm"),
@@ -66,20 +67,6 @@ def producer_sweep(kind: str, x, scale, shift) -> dict:
             for k, v in saved.items():
                 setattr(pq, k, v)
     return times
-
-
-def kernels(fn, reps: int = 3) -> list:
-    """(kernel name, µs per call) of fn's GPU kernels, largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key[:100], round(e.device_time_total / reps, 1)) for e in prof.key_averages() if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])
 
 
 def int8_gemm_sweep(tokens: int, k: int, n: int) -> dict:
@@ -166,7 +153,7 @@ def main(argv=None) -> int:
         if args.sweep:
             row["int8_gemm_configs_ms"] = int8_gemm_sweep(args.tokens, k, n)
         if args.profile:  # GPU time per kernel of one call of each variant: where the ratio goes
-            row["kernels"] = {key: kernels(lambda fn=fn: fn(x)) for key, fn in
+            row["kernels"] = {key: kernel_profile(lambda fn=fn: fn(x), reps=3)["top"] for key, fn in
                               (("bf16", bf16), ("fp8", fp8), ("fp8_fast_accum", fast), ("int8", int8),
                                ("fp8_producer_kernel", fp8_kernel), ("int8_producer_kernel", int8_kernel))}
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
