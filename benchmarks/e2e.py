@@ -15,28 +15,31 @@ Contenders, all in one process on the same GPU:
   point, flagged. Their skip schedules do not depend on the weights, so the schedule timed here
   is the one whose fidelity was measured there; FirstBlockCache's does (a threshold on the first
   block's output change), so it is timed only with `--weight-dependent-peers`, flagged;
-* optionally (`--peer-source`, a `benchmarks/tdc_peers.py --steps 50` result) the same cache
-  families with bf16 linears, picked the same way on that sweep;
-* ditbake: `ditbake build --backend aoti` of a plan transplanted from the test-bed plan
-  (`--source-plan`, made by `ditbake plan --tdc-skip-budget 0.4 --tdc-granularity step
-  --tdc-extrapolate linear --heads` on
-  a 50-step calibration of the test bed with δ = 0.01): the same per-step skip schedule (block index
-  scaled to 30 blocks), the same arrow head schemes (head index scaled, widths as fractions of the
-  visual tokens; at most `--max-variants` compiled configurations, attention work kept), all block
-  linears W4A8 (NVFP4 weights, INT8 activations).
+* the same cache families with bf16 linears, picked the same way from the bf16 rows of that sweep
+  (where FP8's own error keeps every FP8 peer below the bar, these are the strongest peers at equal
+  fidelity); optionally (`--peer-source`, a `benchmarks/tdc_peers.py --steps 50` result) the older sweep;
+* ditbake: `ditbake build --backend aoti` of a plan transplanted from a test-bed plan (`--source-plan`;
+  default `e2e_source_plan16k.json`: `benchmarks/combined.py --steps 50 --granularity step --extrapolate
+  linear --combos 0.4:8:0` on the 16k bed, which also scores it there): the same per-step skip schedule
+  (block index scaled to 30 blocks), the same head schemes if any (head index scaled, widths as fractions
+  of the visual tokens; at most `--max-variants` compiled configurations, attention work kept), every
+  computed block linear in `--act-format` W8A8 (default INT8: 8-bit weights, per-token activations).
+  The diffusers eager baseline is re-timed in this call over `--baseline-steps` steps.
   Loaded with `ditbake.runtime.load` and run with `Session.generate` — the product path.
 
 Per-step times are CUDA-event times between step boundaries (median and total over the 50 steps,
 after a warm-up). Random weights: speed does not depend on their values, fidelity does, which is
 why the plan's ratios come from the trained test-bed model. `--phase ditbake|peers` splits the work
-across two device calls (each has a 10-minute limit); `--merge` joins their JSON. `--only REGEX`
+across two device calls (each has a 10-minute limit); `--merge` joins their JSON (and further calls'),
+comparing rows through `speedup_vs_eager_in_call`, each row's speed-up over the eager of its own call.
+`--only REGEX`
 times a subset of the contenders (diffusers eager, the baseline of every call, always runs). Every
 row has its peak memory (torch.cuda.max_memory_allocated over the timed loop).
 
     python benchmarks/e2e.py --phase ditbake --out $OUT/e2e_ditbake.json
     python benchmarks/e2e.py --phase peers --fp8-fidelity $OUT/e2e_fidelity16k.json --fidelity-db 36.5 \
         --out $OUT/e2e_peers.json
-    python benchmarks/e2e.py --merge $OUT/e2e_ditbake.json $OUT/e2e_peers.json --out benchmarks/results/e2e_h100.json
+    python benchmarks/e2e.py --merge $OUT/e2e_ditbake.json $OUT/e2e_peers.json --out benchmarks/results/e2e_v2_h200.json
 """
 from __future__ import annotations
 
@@ -357,6 +360,9 @@ def required_psnr(args) -> float | None:
     path, _, key = args.fidelity_from.partition(":")
     value = json.loads(Path(path).read_text())
     for part in (key or "shipped/psnr_db").split("/"):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]  # e.g. combined.py's rows/0/psnr_db
+            continue
         if not isinstance(value, dict) or part not in value:
             raise SystemExit(f"--fidelity-from {args.fidelity_from}: no {part!r} there; name the PSNR as FILE:KEY/PATH")
         value = value[part]
@@ -605,16 +611,18 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--backend", default="aoti", choices=("aoti", "eager"))
-    ap.add_argument("--source-plan", default="benchmarks/results/e2e_source_plan.json",
-                    help="test-bed plan whose ratios the Wan2.1-1.3B plan takes")
+    ap.add_argument("--source-plan", default="benchmarks/results/e2e_source_plan16k.json",
+                    help="test-bed plan whose ratios the Wan2.1-1.3B plan takes (default: the 16k bed's, "
+                         "combined.py --steps 50 --combos 0.4:8:0 --extrapolate linear)")
     ap.add_argument("--act-format", default="int8", choices=("int8", "fp8"),
                     help="8-bit W8A8 format of every computed block linear in the transplanted plan")
     ap.add_argument("--baseline-steps", type=int, default=5,
                     help="ditbake phase: also time diffusers eager over this many steps (0: not)")
     ap.add_argument("--max-variants", type=int, default=2,
                     help="cap on distinct computed block configurations (compiled engines); 0: no cap")
-    ap.add_argument("--source-visual-tokens", type=int, default=8 * 16 * 16,
-                    help="visual tokens of the source plan's shape (test bed: 8 frames of 32×32, patch 1×2×2)")
+    ap.add_argument("--source-visual-tokens", type=int, default=16 * 32 * 32,
+                    help="visual tokens of the source plan's shape (16k bed: 16 latent frames of 32×32 after "
+                         "its 1×2×2 patches; the first bed's plans: 8 × 16 × 16)")
     ap.add_argument("--peer-source", default="",
                     help="tdc_peers.py result at the race's step count: also time its cache families with bf16 "
                          "linears (e.g. benchmarks/results/tdc_50steps.json)")

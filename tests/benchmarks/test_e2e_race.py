@@ -31,6 +31,11 @@ def test_required_psnr_from_flag_or_ditbake_json(tmp_path):
     assert e2e.required_psnr(_args(fidelity_from=f"{path}:rows/plan a/psnr_db")) == db - 3
     with pytest.raises(SystemExit, match="'psnr'"):
         e2e.required_psnr(_args(fidelity_from=f"{path}:shipped/psnr"))
+    listed = tmp_path / "combined_rows.json"  # combined.py writes its rows as a list
+    listed.write_text(json.dumps({"rows": [{"psnr_db": db - 1}, {"psnr_db": db - 2}]}))
+    assert e2e.required_psnr(_args(fidelity_from=f"{listed}:rows/1/psnr_db")) == db - 2
+    with pytest.raises(SystemExit, match="'2'"):  # past the end
+        e2e.required_psnr(_args(fidelity_from=f"{listed}:rows/2/psnr_db"))
 
 
 def test_fp8_fidelity_must_match_the_race(tmp_path):
