@@ -365,8 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="unipc")
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--frames", type=int, help="latent frames (default: the test bed's own, its testbed.json)")
+    p.add_argument("--size", type=int, help="latent height and width (default: the test bed's own)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--calib-prompts", type=int, default=8)
     p.add_argument("--budgets", default=",".join(f"{b / 100:.2f}" for b in range(10, 61, 5)))
@@ -385,6 +385,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/tdc_monotone_cpu.json")
     p.add_argument("--plot", default="benchmarks/results/tdc_monotone.png")
     args = p.parse_args(argv)
+    if args.frames is None or args.size is None:
+        # the bed's own shape (the fixed defaults 8 × 32 × 32 had measured the 16k bed at 2,048 tokens)
+        from ditbake.exporter.testbed.models import data_spec_of
+
+        spec = data_spec_of(args.model)
+        args.frames = args.frames or spec.frames
+        args.size = args.size or spec.height
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
