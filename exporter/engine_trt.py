@@ -49,9 +49,9 @@ def _check_variants(plan: Plan, used: list[int]) -> None:
         if any(s.kind == "local3d" for _, schemes in plan.variants[vid].heads for s in schemes):
             raise BackendError(f"variant {vid} has local3d heads, which the tensorrt backend does not export yet; "
                                "build with --backend eager or plan arrow heads")
-        if any(s.precision != "bf16" for _, schemes in plan.variants[vid].heads for s in schemes):
-            raise BackendError(f"variant {vid} has 8-bit attention heads, which the tensorrt backend does not export "
-                               "yet (no plugin translation of ditbake::attention_8bit); build with --backend aoti")
+        if any(s.precision == "fp8t" for _, schemes in plan.variants[vid].heads for s in schemes):
+            raise BackendError(f"variant {vid} has fp8t attention heads (cuDNN's FP8 SDPA), which the tensorrt "
+                               "backend does not export yet; build with --backend aoti or plan them int8")
 
 
 
@@ -91,6 +91,7 @@ def build_engine(onnx_path: Path, plan_path: Path) -> dict:
     """Parse an ONNX file into a strongly typed network and serialise an engine (UNTESTED)."""
     import tensorrt as trt  # noqa: PLC0415
 
+    import ditbake.plugins.trt_attention_8bit  # noqa: F401, PLC0415 - the parser resolves attention_8bit nodes here
     import ditbake.plugins.trt_plugins  # noqa: F401, PLC0415 - the parser resolves head_attention nodes here
 
     logger = trt.Logger(trt.Logger.WARNING)

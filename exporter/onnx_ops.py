@@ -26,6 +26,11 @@
   (``ditbake.plugins.trt_plugins`` registers it). The per-head table stays a tensor input (an
   int32 [H, 3] initializer): the AOT kernel reads it from device memory, as the Triton kernel does.
   Cached heads are not exported (no cache input); engine_trt refuses those variants up front.
+* ``ditbake::attention_8bit`` (INT8-QK / FP8 8-bit head-wise attention) → a plugin node
+  ``attention_8bit`` in domain ``ditbake`` with the same attributes plus ``qk_format`` and ``aot=0``:
+  TensorRT runs the plugin's JIT implementation (``ditbake.plugins.trt_attention_8bit``, the Triton
+  kernel through torch on TensorRT's stream); no AOT kernel yet. ``fp8t`` attention (cuDNN's FP8 SDPA)
+  has no translation: engine_trt refuses it up front.
 
 Translations are plain Python functions traced by the exporter (its onnxscript tracer), so they
 can read static shapes and constant inputs. The reference implementations of the custom-domain
@@ -80,6 +85,13 @@ HEAD_ATTENTION = values.Op(values.Opset(PLUGIN_DOMAIN, 1), "head_attention", _sc
     [("T", _FLOAT_TYPES), ("I", ["tensor(int32)"])],
     [("text_start", _A.INT), ("text_end", _A.INT), ("scale", _A.FLOAT), ("plugin_namespace", _A.STRING),
      ("plugin_version", _A.STRING), ("aot", _A.INT)]))
+
+
+ATTENTION_8BIT = values.Op(values.Opset(PLUGIN_DOMAIN, 1), "attention_8bit", _schema(
+    "attention_8bit", PLUGIN_DOMAIN, [("q", "T"), ("k", "T"), ("v", "T"), ("schemes", "I")], [("out", "T")],
+    [("T", _FLOAT_TYPES), ("I", ["tensor(int32)"])],
+    [("text_start", _A.INT), ("text_end", _A.INT), ("scale", _A.FLOAT), ("qk_format", _A.STRING),
+     ("plugin_namespace", _A.STRING), ("plugin_version", _A.STRING), ("aot", _A.INT)]))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -190,15 +202,30 @@ def head_attention(q, k, v, schemes, text_start: int, text_end: int, cached=None
                           plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION, aot=1)
 
 
+def attention_8bit(q, k, v, schemes, text_start: int, text_end: int, cached=None, scale: float | None = None,
+                   qk_format: str = "int8"):
+    """ditbake::attention_8bit → TensorRT plugin node (spec: plugins.attention_8bit.attention_8bit_ref)."""
+    if cached is not None:
+        raise BackendError("cached attention heads have no TensorRT plugin translation yet; "
+                           "build with --backend eager or plan without head caching")
+    head_dim = _static_dim(q, -1, "attention_8bit")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    return ATTENTION_8BIT(q, k, v, schemes, text_start=int(text_start), text_end=int(text_end), scale=scale,
+                          qk_format=str(qk_format), plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+                          aot=0)
+
+
 def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export (registers the ops first)."""
+    import ditbake.plugins.attention_8bit  # noqa: F401, PLC0415 - registers ditbake::attention_8bit
     import ditbake.plugins.head_attention  # noqa: F401, PLC0415 - registers ditbake::head_attention
     import ditbake.plugins.linear_8bit  # noqa: F401, PLC0415 - registers ditbake::linear_w8a8
     import ditbake.plugins.mixed_linear  # noqa: F401, PLC0415 - registers ditbake::mixed_linear
 
     return {torch.ops.ditbake.mixed_linear.default: mixed_linear,
             torch.ops.ditbake.linear_w8a8.default: linear_w8a8,
-            torch.ops.ditbake.head_attention.default: head_attention}
+            torch.ops.ditbake.head_attention.default: head_attention,
+            torch.ops.ditbake.attention_8bit.default: attention_8bit}
 
 
 # ----------------------------------------------------------------------------- post-export

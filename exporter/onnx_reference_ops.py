@@ -5,6 +5,7 @@
   ``e4m3(amax_block / (6 * double_quant_scale))``, codes E2M1 round-to-nearest-even of
   ``x / (scale * double_quant_scale)`` (nvfp4.quantize_nvfp4_unchecked with that global scale).
 * ``ditbake::head_attention`` — the plugin node; plugins.head_attention.head_attention_ref.
+* ``ditbake::attention_8bit`` — the plugin node; plugins.attention_8bit.attention_8bit_ref.
 
 Also converts runtime tensors into evaluator feeds: bf16 / e4m3 as ml_dtypes arrays, and the
 NVFP4 weights (uint8 [N, K/2]) as FLOAT4E2M1 [N, K] (one element per value, as numpy holds it).
@@ -18,6 +19,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from ditbake.plugins.attention_8bit import attention_8bit_ref
 from ditbake.plugins.head_attention import head_attention_ref
 from ditbake.plugins.nvfp4 import e2m1_to_float, quantize_nvfp4_unchecked, unpack_e2m1
 from ditbake.runtime.errors import BackendError
@@ -49,7 +51,19 @@ class head_attention(OpRun):  # noqa: N801 - the class name is the ONNX op type
         return (out.numpy().astype(q.dtype),)
 
 
-NEW_OPS = (TRT_FP4DynamicQuantize, head_attention)
+class attention_8bit(OpRun):  # noqa: N801 - the class name is the ONNX op type
+    op_domain = "ditbake"
+
+    def _run(self, q, k, v, schemes, text_start=0, text_end=0, scale=None, qk_format=b"int8",
+             plugin_namespace=None, plugin_version=None, aot=None):
+        qt, kt, vt = (torch.from_numpy(np.array(a, dtype=np.float32)) for a in (q, k, v))
+        fmt = qk_format.decode() if isinstance(qk_format, bytes) else qk_format
+        out = attention_8bit_ref(qt, kt, vt, torch.from_numpy(np.array(schemes)), (text_start, text_end),
+                                 None, scale, fmt)
+        return (out.numpy().astype(q.dtype),)
+
+
+NEW_OPS = (TRT_FP4DynamicQuantize, head_attention, attention_8bit)
 
 
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:

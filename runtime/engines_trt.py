@@ -81,7 +81,8 @@ class TrtEngines(AotiEngines):
         except ImportError as exc:
             raise BackendError(f"the tensorrt backend needs the `tensorrt` package ({exc}); install it, or load an "
                                "artifact built with --backend aoti or eager") from exc
-        import ditbake.plugins.trt_plugins  # noqa: F401, PLC0415 - registers the plugins the engines use
+        import ditbake.plugins.trt_attention_8bit  # noqa: F401, PLC0415 - registers the plugins the engines use
+        import ditbake.plugins.trt_plugins  # noqa: F401, PLC0415
 
         files = engine_files(artifact_path, entries)  # inside the artifact, indexed, hash-checked
         capability = list(torch.cuda.get_device_capability(self.device))
