@@ -49,9 +49,6 @@ def _check_variants(plan: Plan, used: list[int]) -> None:
         if any(s.kind == "local3d" for _, schemes in plan.variants[vid].heads for s in schemes):
             raise BackendError(f"variant {vid} has local3d heads, which the tensorrt backend does not export yet; "
                                "build with --backend eager or plan arrow heads")
-        if any(s.precision == "fp8t" for _, schemes in plan.variants[vid].heads for s in schemes):
-            raise BackendError(f"variant {vid} has fp8t attention heads (cuDNN's FP8 SDPA), which the tensorrt "
-                               "backend does not export yet; build with --backend aoti or plan them int8")
 
 
 

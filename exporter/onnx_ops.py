@@ -29,8 +29,10 @@
 * ``ditbake::attention_8bit`` (INT8-QK / FP8 8-bit head-wise attention) → a plugin node
   ``attention_8bit`` in domain ``ditbake`` with the same attributes plus ``qk_format`` and ``aot=0``:
   TensorRT runs the plugin's JIT implementation (``ditbake.plugins.trt_attention_8bit``, the Triton
-  kernel through torch on TensorRT's stream); no AOT kernel yet. ``fp8t`` attention (cuDNN's FP8 SDPA)
-  has no translation: engine_trt refuses it up front.
+  kernel through torch on TensorRT's stream); no AOT kernel yet.
+* ``ditbake::fp8t_attention`` (per-tensor FP8 attention through cuDNN's FP8 SDPA, the whole composite:
+  smoothing, rotation, quantization, the fused op, dequantization) → a plugin node ``fp8t_attention``
+  (attributes w_left, w_right, scale; ``aot=0``: the JIT plugin runs the composite with the cuDNN op).
 
 Translations are plain Python functions traced by the exporter (its onnxscript tracer), so they
 can read static shapes and constant inputs. The reference implementations of the custom-domain
@@ -92,6 +94,12 @@ ATTENTION_8BIT = values.Op(values.Opset(PLUGIN_DOMAIN, 1), "attention_8bit", _sc
     [("T", _FLOAT_TYPES), ("I", ["tensor(int32)"])],
     [("text_start", _A.INT), ("text_end", _A.INT), ("scale", _A.FLOAT), ("qk_format", _A.STRING),
      ("plugin_namespace", _A.STRING), ("plugin_version", _A.STRING), ("aot", _A.INT)]))
+
+
+FP8T_ATTENTION = values.Op(values.Opset(PLUGIN_DOMAIN, 1), "fp8t_attention", _schema(
+    "fp8t_attention", PLUGIN_DOMAIN, [("q", "T"), ("k", "T"), ("v", "T")], [("out", "T")], [("T", _FLOAT_TYPES)],
+    [("w_left", _A.INT), ("w_right", _A.INT), ("scale", _A.FLOAT), ("plugin_namespace", _A.STRING),
+     ("plugin_version", _A.STRING), ("aot", _A.INT)]))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -215,9 +223,19 @@ def attention_8bit(q, k, v, schemes, text_start: int, text_end: int, cached=None
                           aot=0)
 
 
+def fp8t_attention(q, k, v, w_left: int, w_right: int, scale: float | None = None):
+    """ditbake::fp8t_attention → TensorRT plugin node (spec: plugins.cudnn_sdpa.fp8t_attention_ref);
+    scale 0 stands for the op's default (1/sqrt(d) in double, as the eager composite computes it)."""
+    _static_dim(q, -1, "fp8t_attention")
+    scale = 0.0 if scale is None else float(scale)
+    return FP8T_ATTENTION(q, k, v, w_left=int(w_left), w_right=int(w_right), scale=scale,
+                          plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION, aot=0)
+
+
 def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export (registers the ops first)."""
     import ditbake.plugins.attention_8bit  # noqa: F401, PLC0415 - registers ditbake::attention_8bit
+    import ditbake.plugins.cudnn_sdpa  # noqa: F401, PLC0415 - registers ditbake::fp8t_attention
     import ditbake.plugins.head_attention  # noqa: F401, PLC0415 - registers ditbake::head_attention
     import ditbake.plugins.linear_8bit  # noqa: F401, PLC0415 - registers ditbake::linear_w8a8
     import ditbake.plugins.mixed_linear  # noqa: F401, PLC0415 - registers ditbake::mixed_linear
@@ -225,7 +243,8 @@ def translation_table() -> dict:
     return {torch.ops.ditbake.mixed_linear.default: mixed_linear,
             torch.ops.ditbake.linear_w8a8.default: linear_w8a8,
             torch.ops.ditbake.head_attention.default: head_attention,
-            torch.ops.ditbake.attention_8bit.default: attention_8bit}
+            torch.ops.ditbake.attention_8bit.default: attention_8bit,
+            torch.ops.ditbake.fp8t_attention.default: fp8t_attention}
 
 
 # ----------------------------------------------------------------------------- post-export

@@ -6,6 +6,7 @@
   ``x / (scale * double_quant_scale)`` (nvfp4.quantize_nvfp4_unchecked with that global scale).
 * ``ditbake::head_attention`` — the plugin node; plugins.head_attention.head_attention_ref.
 * ``ditbake::attention_8bit`` — the plugin node; plugins.attention_8bit.attention_8bit_ref.
+* ``ditbake::fp8t_attention`` — the plugin node; plugins.cudnn_sdpa.fp8t_attention_ref.
 
 Also converts runtime tensors into evaluator feeds: bf16 / e4m3 as ml_dtypes arrays, and the
 NVFP4 weights (uint8 [N, K/2]) as FLOAT4E2M1 [N, K] (one element per value, as numpy holds it).
@@ -20,6 +21,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from ditbake.plugins.attention_8bit import attention_8bit_ref
+from ditbake.plugins.cudnn_sdpa import fp8t_attention_ref
 from ditbake.plugins.head_attention import head_attention_ref
 from ditbake.plugins.nvfp4 import e2m1_to_float, quantize_nvfp4_unchecked, unpack_e2m1
 from ditbake.runtime.errors import BackendError
@@ -63,7 +65,16 @@ class attention_8bit(OpRun):  # noqa: N801 - the class name is the ONNX op type
         return (out.numpy().astype(q.dtype),)
 
 
-NEW_OPS = (TRT_FP4DynamicQuantize, head_attention, attention_8bit)
+class fp8t_attention(OpRun):  # noqa: N801 - the class name is the ONNX op type
+    op_domain = "ditbake"
+
+    def _run(self, q, k, v, w_left=-1, w_right=-1, scale=None, plugin_namespace=None, plugin_version=None, aot=None):
+        qt, kt, vt = (torch.from_numpy(np.array(a, dtype=np.float32)) for a in (q, k, v))
+        scale = float(scale) if scale is not None and scale > 0 else None  # 0: the op's default 1/sqrt(d)
+        return (fp8t_attention_ref(qt, kt, vt, int(w_left), int(w_right), scale).numpy().astype(q.dtype),)
+
+
+NEW_OPS = (TRT_FP4DynamicQuantize, head_attention, attention_8bit, fp8t_attention)
 
 
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:

@@ -225,6 +225,30 @@ def fp8t_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_left
     return (o8.float() * (v_amax / FP8_MAX) + v_mean).to(q.dtype)
 
 
+# The whole composite as one op, for graphs that must keep it as one node: the CPU runtime calls it, so
+# the tensorrt backend's ONNX export (traced on the CPU) sees one `fp8t_attention` node and translates it
+# to a TensorRT plugin (exporter/onnx_ops.py, plugins/trt_attention_8bit.py). On CUDA the runtime calls the
+# traceable composite above instead, so that Inductor fuses its casts into the neighbouring kernels.
+torch.library.define("ditbake::fp8t_attention",
+                     "(Tensor q, Tensor k, Tensor v, int w_left, int w_right, float? scale) -> Tensor")
+
+
+@torch.library.impl("ditbake::fp8t_attention", "CPU")
+def _fp8t_attention_cpu(q, k, v, w_left, w_right, scale):
+    return fp8t_attention_ref(q, k, v, w_left, w_right, scale)
+
+
+@torch.library.impl("ditbake::fp8t_attention", "CUDA")
+def _fp8t_attention_cuda(q, k, v, w_left, w_right, scale):
+    return fp8t_attention(q, k, v, w_left, w_right, scale)
+
+
+@torch.library.register_fake("ditbake::fp8t_attention")
+def _fp8t_attention_fake(q, k, v, w_left, w_right, scale):
+    check_inputs(q, k, v, w_left, w_right, 1.0 if scale is None else scale)
+    return q.new_empty(q.shape)
+
+
 # --------------------------------------------------------------------------------------------
 # Building and loading the CUDA kernels
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""TensorRT Python plugin ("quickly deployable plugin") for ``ditbake::attention_8bit`` (INT8-QK / FP8
-8-bit head-wise attention).
+"""TensorRT Python plugins ("quickly deployable plugins") for the 8-bit attention ops:
+``ditbake::attention_8bit`` (INT8-QK / FP8 head-wise attention, Triton) and ``ditbake::fp8t_attention``
+(per-tensor FP8 through cuDNN's fused FP8 SDPA; inputs q, k, v, attributes w_left, w_right, scale;
+semantics ``cudnn_sdpa.fp8t_attention_ref``).
 
 UNTESTED against TensorRT: TensorRT cannot be installed on the project's machines. Written to the
 TensorRT 10.x documentation of ``tensorrt.plugin`` (register / autotune / impl), as
@@ -26,6 +28,7 @@ from typing import Tuple
 log = logging.getLogger(__name__)
 
 PLUGIN_ID = "ditbake::attention_8bit"
+FP8T_PLUGIN_ID = "ditbake::fp8t_attention"
 
 try:  # TensorRT is optional: only machines that build or run TensorRT engines have it.
     import tensorrt as trt
@@ -45,6 +48,17 @@ def run_plugin(q, k, v, schemes, text_start: int, text_end: int, scale: float, q
 
     out.copy_(torch.ops.ditbake.attention_8bit(q, k, v, schemes, text_start, text_end, None,
                                                scale if scale > 0 else None, qk_format))
+
+
+def run_fp8t_plugin(q, k, v, w_left: int, w_right: int, scale: float, out) -> None:
+    """What the fp8t plugin computes: the composite with cuDNN's FP8 SDPA (the reference on CPU)."""
+    import torch  # noqa: PLC0415
+
+    from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415 - registers ditbake::fp8t_attention
+
+    if q.is_cuda and not cudnn_sdpa.load_native():  # the C++ cuDNN ops the composite calls
+        raise RuntimeError(f"fp8t plugin: cuDNN ops unavailable ({cudnn_sdpa.unavailable_reason()})")
+    out.copy_(torch.ops.ditbake.fp8t_attention(q, k, v, w_left, w_right, scale if scale > 0 else None))
 
 
 if HAS_TENSORRT:
@@ -69,4 +83,20 @@ if HAS_TENSORRT:
             run_plugin(qt, kt, vt, torch.as_tensor(schemes, device="cuda"), text_start, text_end, scale, qk_format,
                        torch.as_tensor(outputs[0], device="cuda"))
 
-    log.debug("registered TensorRT plugin %s (tensorrt %s)", PLUGIN_ID, trt.__version__)
+    @trtp.register(FP8T_PLUGIN_ID)
+    def _fp8t_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, w_left: int, w_right: int,
+                   scale: float) -> trtp.TensorDesc:
+        return q.like()
+
+    @trtp.autotune(FP8T_PLUGIN_ID)
+    def _fp8t_autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]):
+        return [trtp.AutoTuneCombination("FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16", "LINEAR")]
+
+    @trtp.impl(FP8T_PLUGIN_ID)
+    def _fp8t_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, w_left: int, w_right: int, scale: float,
+                   outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            qt, kt, vt = (torch.as_tensor(t, device="cuda") for t in (q, k, v))
+            run_fp8t_plugin(qt, kt, vt, w_left, w_right, scale, torch.as_tensor(outputs[0], device="cuda"))
+
+    log.debug("registered TensorRT plugins %s, %s (tensorrt %s)", PLUGIN_ID, FP8T_PLUGIN_ID, trt.__version__)

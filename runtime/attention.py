@@ -165,6 +165,8 @@ class AttentionRunner:
             w_left, w_right = _uniform_band(schemes)
             if precision == "fp8t":
                 if name == "reference":  # CPU, or a GPU without the cuDNN build: the op's specification
+                    if not q.is_cuda:  # one node for graphs traced on the CPU (the tensorrt export)
+                        return torch.ops.ditbake.fp8t_attention(q, k, v, w_left, w_right, None)
                     return cudnn_sdpa.fp8t_attention_ref(q, k, v, w_left, w_right)
                 return cudnn_sdpa.fp8t_attention(q, k, v, w_left, w_right)
             return torch.ops.ditbake.cudnn_sdpa(q, k, v, w_left, w_right, q.shape[-1] ** -0.5)

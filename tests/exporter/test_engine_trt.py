@@ -157,17 +157,17 @@ def test_cached_heads_refused(exported):
                                    progress=False, onnx_only=True)
 
 
-def test_8bit_attention_exports_as_plugin_node_and_fp8t_is_refused(exported, tmp_path):
-    """INT8-QK / FP8 head-wise attention (ditbake::attention_8bit) becomes an `attention_8bit` plugin node
-    whose reference (attention_8bit_ref, the op's CPU kernel) reproduces the eager block; cuDNN's fp8t
-    has no translation and is refused up front with a typed error."""
+def test_8bit_attention_exports_as_plugin_nodes(exported, tmp_path):
+    """INT8-QK / FP8 head-wise attention (ditbake::attention_8bit) becomes an `attention_8bit` plugin node,
+    cuDNN's fp8t composite an `fp8t_attention` one; their references (the ops' CPU kernels, the
+    specifications) reproduce the eager block."""
     adapter, weights, plan, profile, _, _ = exported
     eight = BlockVariant(heads=(("attn1", (HeadScheme("arrow", 3, 5, "int8"), HeadScheme("full", precision="fp8"))),))
     int8_plan = Plan(architecture=plan.architecture, num_blocks=plan.num_blocks, linear_layers=plan.linear_layers,
                      attention_sites=plan.attention_sites, variants=(BASELINE, eight),
                      steps=({"cond": (0,) * plan.num_blocks}, {"cond": (1,) * plan.num_blocks}))
     (tmp_path / "a8").mkdir()
-    (tmp_path / "bad").mkdir()
+    (tmp_path / "fp8t").mkdir()
     entries = engine_trt.compile_engines(adapter.arch, adapter.config, weights, int8_plan, [profile], tmp_path / "a8",
                                          progress=False, onnx_only=True, verify=True, atol=ATOL)
     entry = next(e for e in entries if e["variant"] == 1)
@@ -178,13 +178,32 @@ def test_8bit_attention_exports_as_plugin_node_and_fp8t_is_refused(exported, tmp
     assert len(nodes) == 2 and all(n.domain == "ditbake" for n in nodes)  # one per (scheme, precision) group
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
     assert sorted(a["qk_format"] for a in attrs) == [b"fp8", b"int8"] and all(a["aot"] == 0 for a in attrs)
+    # fp8t (cuDNN's FP8 SDPA): the whole composite is one `fp8t_attention` plugin node
     fp8t = BlockVariant(heads=(("attn1", (HeadScheme("full", precision="fp8t"), HeadScheme("full"))),))
-    bad = Plan(architecture=plan.architecture, num_blocks=plan.num_blocks, linear_layers=plan.linear_layers,
-               attention_sites=plan.attention_sites, variants=(BASELINE, fp8t),
-               steps=({"cond": (0,) * plan.num_blocks}, {"cond": (1,) * plan.num_blocks}))
-    with pytest.raises(BackendError, match="fp8t"):
-        engine_trt.compile_engines(adapter.arch, adapter.config, weights, bad, [profile], tmp_path / "bad",
-                                   progress=False, onnx_only=True)
+    fp8t_plan = Plan(architecture=plan.architecture, num_blocks=plan.num_blocks, linear_layers=plan.linear_layers,
+                     attention_sites=plan.attention_sites, variants=(BASELINE, fp8t),
+                     steps=({"cond": (0,) * plan.num_blocks}, {"cond": (1,) * plan.num_blocks}))
+    entries = engine_trt.compile_engines(adapter.arch, adapter.config, weights, fp8t_plan, [profile],
+                                         tmp_path / "fp8t", progress=False, onnx_only=True, verify=True, atol=ATOL)
+    entry = next(e for e in entries if e["variant"] == 1)
+    assert entry["onnx_reference_max_abs_err"] <= ATOL
+    model = onnx.load(str(tmp_path / "fp8t" / entry["onnx"]))
+    onnx.checker.check_model(model, full_check=True)
+    nodes = [n for n in model.graph.node if n.op_type == "fp8t_attention"]
+    assert len(nodes) == 1 and nodes[0].domain == "ditbake"
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}["aot"] == 0
+
+
+def test_fp8t_plugin_body_is_the_composite():
+    from ditbake.plugins import trt_attention_8bit
+    from ditbake.plugins.cudnn_sdpa import CudnnSdpaInputError, fp8t_attention_ref
+
+    q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    out = torch.empty_like(q)
+    trt_attention_8bit.run_fp8t_plugin(q, k, v, 2, 3, 0.0, out)
+    torch.testing.assert_close(out, fp8t_attention_ref(q, k, v, 2, 3), rtol=0, atol=0)
+    with pytest.raises(CudnnSdpaInputError):  # q and k of different shapes: the op's typed check
+        trt_attention_8bit.run_fp8t_plugin(q, k[..., :8], v, 2, 3, 0.0, out)
 
 
 def test_8bit_attention_plugin_body_is_the_op():
