@@ -69,8 +69,8 @@ class LinearInput:
         return self._made["float"]
 
     def quantized(self, fmt: str):
-        """(codes [M, K], scales fp32 [M], lead shape) in `fmt`, or None where no producer kernel
-        applies (CPU runs keep the W8A8 op, one node the ONNX exporter translates)."""
+        """(codes [M, K], scales fp32 [M], (lead shape, float dtype)) in `fmt`, or None where no
+        producer kernel applies (CPU runs keep the W8A8 op, one node the ONNX exporter translates)."""
         if self._make_8bit is None:
             return None
         if fmt not in self._made:
@@ -85,9 +85,8 @@ def _8bit_from_producer(x: LinearInput, w: Weights, name: str, precision: str):
     made = x.quantized(precision)
     if made is None:
         return None
-    q, s, lead = made
+    q, s, (lead, dtype) = made
     qw, sw, bias = w[name + f".{precision}_weight"], w[name + f".{precision}_scale"], w.get(name + ".bias")
-    dtype = lead[1]
     if precision == "fp8":
         from ditbake.plugins.linear_fp8 import FAST_ACCUM, gemm_fp8  # noqa: PLC0415
 
@@ -96,7 +95,7 @@ def _8bit_from_producer(x: LinearInput, w: Weights, name: str, precision: str):
         import ditbake.plugins.linear_8bit  # noqa: F401, PLC0415 - registers ditbake::gemm_w8a8
 
         out = torch.ops.ditbake.gemm_w8a8(q, s, qw, sw, bias, dtype)
-    return out.reshape(*lead[0], qw.shape[0])
+    return out.reshape(*lead, qw.shape[0])
 
 
 # The norm producer kernel measured no faster than Inductor's own fusion of layer norm + modulation +
@@ -120,8 +119,8 @@ def normed_input(h: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: flo
         q, s = norm_quant(h, mul.reshape(rows, -1).float(), add.reshape(rows, -1).float(), eps, fmt)
         return q, s, (h.shape[:-1], h.dtype)
 
-    fits = NORM_PRODUCER_KERNEL and h.is_cuda and h.dim() == 3 and all(t.dim() == 3 and t.shape[1] == 1 and t.shape[0] in (1, h.shape[0])
-                                              for t in (mul, add)) and mul.shape == add.shape
+    fits = (NORM_PRODUCER_KERNEL and h.is_cuda and h.dim() == 3 and mul.shape == add.shape
+            and mul.dim() == 3 and mul.shape[1] == 1 and mul.shape[0] in (1, h.shape[0]))
     return LinearInput(make_float, make_8bit if fits else None)
 
 
