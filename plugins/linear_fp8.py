@@ -69,10 +69,7 @@ def linear_fp8(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias=No
         return torch.ops.ditbake.linear_w8a8(x, qw, w_scale, bias, "fp8", False)
     lead, k, n = x.shape[:-1], x.shape[-1], qw.shape[0]
     qx, sx = quantize_rows(x.reshape(-1, k), "fp8")  # torch ops: fused into the producer by Inductor
-    out = torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=w_scale.reshape(1, n),
-                           bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
-                           use_fast_accum=fast_accum)
-    return out.to(x.dtype).reshape(*lead, n)
+    return gemm_fp8(qx, sx, qw, w_scale, bias, x.dtype, fast_accum).reshape(*lead, n)
 
 
 def gemm_fp8(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, bias,
@@ -85,4 +82,3 @@ def gemm_fp8(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, w_scale: torc
                            bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
                            use_fast_accum=fast_accum)
     return out.to(out_dtype)
-

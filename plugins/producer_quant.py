@@ -183,25 +183,22 @@ if HAS_TRITON:
         _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, D, MODE, DP, BLOCK_M)
 
     @triton.jit
-    def _gelu_quant_row_kernel(h_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr, KP: tl.constexpr,
-                               BLOCK_M: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        rows64 = rows.to(tl.int64)
-        cols = tl.arange(0, KP)
-        mask = row_mask[:, None] & (cols[None, :] < K)
-        v = tl.load(h_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0)
-        y = tl.where(mask, _gelu_tanh(v, h_ptr.dtype.element_ty), 0.0)
-        scale = _row_scale(tl.max(tl.abs(y), axis=1), MODE)
-        tl.store(scale_ptr + rows64, scale, mask=row_mask)
-        _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, K, MODE, KP, BLOCK_M)
-
-    @triton.jit
     def _gelu_chunk(h_ptr, rows64, row_mask, k0, K, CHUNK: tl.constexpr):
         cols = k0 + tl.arange(0, CHUNK)
         mask = row_mask[:, None] & (cols[None, :] < K)
         v = tl.load(h_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0)
         return tl.where(mask, _gelu_tanh(v, h_ptr.dtype.element_ty), 0.0)
+
+    @triton.jit
+    def _gelu_quant_row_kernel(h_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr, KP: tl.constexpr,
+                               BLOCK_M: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        y = _gelu_chunk(h_ptr, rows64, row_mask, 0, K, KP)  # the whole (padded) row as one chunk
+        scale = _row_scale(tl.max(tl.abs(y), axis=1), MODE)
+        tl.store(scale_ptr + rows64, scale, mask=row_mask)
+        _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, K, MODE, KP, BLOCK_M)
 
     @triton.jit
     def _gelu_quant_kernel(h_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr, CHUNK: tl.constexpr,

@@ -88,9 +88,9 @@ def _8bit_from_producer(x: LinearInput, w: Weights, name: str, precision: str):
     q, s, (lead, dtype) = made
     qw, sw, bias = w[name + f".{precision}_weight"], w[name + f".{precision}_scale"], w.get(name + ".bias")
     if precision == "fp8":
-        from ditbake.plugins.linear_fp8 import FAST_ACCUM, gemm_fp8  # noqa: PLC0415
+        from ditbake.plugins.linear_fp8 import gemm_fp8  # noqa: PLC0415
 
-        out = gemm_fp8(q, s, qw, sw, bias, dtype, FAST_ACCUM)
+        out = gemm_fp8(q, s, qw, sw, bias, dtype)
     else:
         import ditbake.plugins.linear_8bit  # noqa: F401, PLC0415 - registers ditbake::gemm_w8a8
 
