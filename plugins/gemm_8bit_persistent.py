@@ -53,6 +53,19 @@ def tma_gemm_applies(qx: torch.Tensor, qw: torch.Tensor) -> bool:
             and qx.storage_offset() % 16 == 0 and qw.storage_offset() % 16 == 0)
 
 
+def _ensure_scratch_allocator() -> None:
+    """The kernel builds its TMA descriptors on the device (host-side descriptors do not survive
+    torch.compile / AOTInductor tracing of a triton_op in torch 2.11), which needs Triton's
+    global-scratch allocator for eager launches; compiled wrappers install their own."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+_ALLOCATOR_SET = False
+
+
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -62,19 +75,16 @@ def gemm_8bit_persistent(qx, sx, qw, sw, bias, out_dtype: torch.dtype, gelu: boo
     """out = qx @ qw.T * sx[:, None] * sw[None, :] (+ bias), GELU'd when ``gelu``; returns
     (out [M, N], row amax fp32 [M] of the output when ``gelu`` else None). Callers check
     :func:`tma_gemm_applies` first."""
-    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415 - Triton 3.4+
-
     m, k = qx.shape
     n = qw.shape[0]
     cfg = dict(CONFIG, **(config or {}))
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     amax = torch.zeros(m if gelu else 1, dtype=torch.float32, device=qx.device)
-    a_desc = TensorDescriptor.from_tensor(qx, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
-    b_desc = TensorDescriptor.from_tensor(qw, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    _ensure_scratch_allocator()
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     num_sms = _num_sms(qx.device)
     wrap_triton(_gemm_8bit_persistent_kernel)[(min(num_sms, tiles),)](
-        a_desc, b_desc, sx, sw, bias if bias is not None else sx, out, amax, m, n, k,
+        qx, qw, sx, sw, bias if bias is not None else sx, out, amax, m, n, k,
         HAS_BIAS=bias is not None, IS_INT8=qx.dtype == torch.int8, GELU=gelu, NUM_SMS=num_sms, **cfg)
     return out, (amax if gelu else None)
 
@@ -135,7 +145,7 @@ if HAS_TRITON:
         return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
     @triton.jit
-    def _gemm_8bit_persistent_kernel(a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, c_ptr, amax_ptr, M, N, K,
+    def _gemm_8bit_persistent_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, amax_ptr, M, N, K,
                                      HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr, GELU: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                      GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
@@ -144,6 +154,8 @@ if HAS_TRITON:
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)  # TMA zero-fills the tail of K and of M
         acc_dtype: tl.constexpr = tl.int32 if IS_INT8 else tl.float32
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=FLATTEN,
                              warp_specialize=WARP_SPECIALIZE):
             pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)

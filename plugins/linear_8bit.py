@@ -144,8 +144,8 @@ if HAS_TRITON:
                 b = tl.load(b_ptrs)
             else:
                 kmask = (k0 + rk) < K
-                a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
-                b = tl.load(b_ptrs, mask=kmask[:, None], other=0)
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)  # 0.0: an int 0 cannot cast to fp8
+                b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
             if IS_INT8:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             else:
