@@ -10,7 +10,7 @@ operands come through TMA descriptors (bulk async copies, no address arithmetic 
 
 The GELU epilogue serves the FFN: ``up → tanh-GELU → down``. Writing GELU's output from the up
 projection's epilogue, with the per-row amax the down projection's per-token quantization needs
-(atomic max over the row's N tiles), leaves that quantization a single streaming pass instead of
+(each tile's row max stored, reduced over the row's tiles after; or an atomic max), leaves that quantization a single streaming pass instead of
 the separate GELU + amax + quantize kernel (plugins/producer_quant.py, two passes over 587 MB).
 
 Numerics (the references below): ``acc * sx[m] * sw[n] (+ bias[n])`` in FP32, rounded to the output
@@ -33,15 +33,19 @@ from ditbake.plugins.int8 import matmul_8bit_ref
 from ditbake.plugins.nvfp4 import QuantFormatError
 
 # Tile and pipeline by measurement (benchmarks/bench_gemm_8bit.py, results/gemm_8bit_*.json).
-CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3,
-              WARP_SPECIALIZE=False, FLATTEN=True)
+CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4,
+              WARP_SPECIALIZE=False, FLATTEN=True, SUBTILE=False, ATOMIC_AMAX=False)
 MIN_ROWS = 1024  # below this the tiles do not fill the SMs; linear_8bit's kernel keeps small M
+# At Wan's 1536 x 1536 layers the pointer kernel measured faster (199 vs 216 µs, sweep1); at the FFN's
+# 1536 x 8960 / 8960 x 1536 this one wins (858 vs 1,061 µs / 757 vs 831 µs)
+MIN_WIDTH = 4096
 ENABLED = True  # the switch benchmarks flip to race this kernel against linear_8bit's
 
 
 def tma_gemm_applies(qx: torch.Tensor, qw: torch.Tensor) -> bool:
     """On CUDA with TMA (sm90+), both operands contiguous, 16-byte-aligned rows (K % 16 == 0 for
-    8-bit codes: TMA's stride rule) and M large enough to fill the GPU."""
+    8-bit codes: TMA's stride rule), M large enough to fill the GPU and K or N wide enough for this
+    kernel to win (MIN_WIDTH)."""
     if not (ENABLED and HAS_TRITON and qx.is_cuda and qw.is_cuda):
         return False
     if torch.cuda.get_device_capability(qx.device)[0] < 9:
@@ -49,7 +53,7 @@ def tma_gemm_applies(qx: torch.Tensor, qw: torch.Tensor) -> bool:
     m, k = qx.shape
     # storage offsets, not data_ptr(): this runs while Inductor traces with fake tensors; the
     # caching allocator aligns every base far beyond 16 bytes
-    return (m >= MIN_ROWS and k % 16 == 0 and qx.is_contiguous() and qw.is_contiguous()
+    return (m >= MIN_ROWS and max(k, qw.shape[0]) >= MIN_WIDTH and k % 16 == 0 and qx.is_contiguous() and qw.is_contiguous()
             and qx.storage_offset() % 16 == 0 and qw.storage_offset() % 16 == 0)
 
 
@@ -79,14 +83,17 @@ def gemm_8bit_persistent(qx, sx, qw, sw, bias, out_dtype: torch.dtype, gelu: boo
     n = qw.shape[0]
     cfg = dict(CONFIG, **(config or {}))
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
-    amax = torch.zeros(m if gelu else 1, dtype=torch.float32, device=qx.device)
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    # the row amax: one atomic max per (row, tile), or each tile's partial max stored and reduced after
+    amax = torch.zeros(m if gelu else 1, n_tiles if gelu and not cfg["ATOMIC_AMAX"] else 1,
+                       dtype=torch.float32, device=qx.device)
     _ensure_scratch_allocator()
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * n_tiles
     num_sms = _num_sms(qx.device)
     wrap_triton(_gemm_8bit_persistent_kernel)[(min(num_sms, tiles),)](
         qx, qw, sx, sw, bias if bias is not None else sx, out, amax, m, n, k,
         HAS_BIAS=bias is not None, IS_INT8=qx.dtype == torch.int8, GELU=gelu, NUM_SMS=num_sms, **cfg)
-    return out, (amax if gelu else None)
+    return out, (amax.amax(dim=1) if gelu else None)
 
 
 def _gelu_and_amax(lin: torch.Tensor):
@@ -145,11 +152,30 @@ if HAS_TRITON:
         return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
     @triton.jit
+    def _epilogue(acc, rm, rn, sa, sb_ptr, bias_ptr, c_ptr, M, N,
+                  HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+        """Scale (+ bias) (+ GELU) and store one accumulator (sub)tile; returns its row max |out|
+        (GELU only)."""
+        row_ok = rm < M
+        col_ok = rn < N
+        out = acc.to(tl.float32) * sa[:, None] * tl.load(sb_ptr + rn, mask=col_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        rowmax = tl.zeros_like(sa)
+        if GELU:  # the composition's roundings: linear output, then GELU output, in c's dtype
+            out = _gelu_tanh(out.to(c_ptr.dtype.element_ty), c_ptr.dtype.element_ty)
+            rowmax = tl.max(tl.where(mask, tl.abs(out), 0.0), axis=1)
+        tl.store(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+        return rowmax
+
+    @triton.jit
     def _gemm_8bit_persistent_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, amax_ptr, M, N, K,
                                      HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr, GELU: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                      GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-                                     WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
+                                     WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
+                                     SUBTILE: tl.constexpr, ATOMIC_AMAX: tl.constexpr):
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)  # TMA zero-fills the tail of K and of M
@@ -167,16 +193,20 @@ if HAS_TRITON:
                 b = b_desc.load([off_n, ki * BLOCK_K])
                 acc = tl.dot(a, b.T, acc, out_dtype=acc_dtype)
             rm = off_m + tl.arange(0, BLOCK_M)
-            rn = off_n + tl.arange(0, BLOCK_N)
             row_ok = rm < M
-            col_ok = rn < N
             sa = tl.load(sa_ptr + rm, mask=row_ok, other=0.0)
-            sb = tl.load(sb_ptr + rn, mask=col_ok, other=0.0)
-            out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-            if HAS_BIAS:
-                out += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            mask = row_ok[:, None] & col_ok[None, :]
-            if GELU:  # the composition's roundings: linear output, then GELU output, in c's dtype
-                out = _gelu_tanh(out.to(c_ptr.dtype.element_ty), c_ptr.dtype.element_ty)
-                tl.atomic_max(amax_ptr + rm, tl.max(tl.where(mask, tl.abs(out), 0.0), axis=1), mask=row_ok)
-            tl.store(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+            if SUBTILE:  # two halves of N: half the live registers in the epilogue (no spills)
+                halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+                acc0, acc1 = tl.split(halves)
+                rn0 = off_n + tl.arange(0, BLOCK_N // 2)
+                rowmax = tl.maximum(
+                    _epilogue(acc0, rm, rn0, sa, sb_ptr, bias_ptr, c_ptr, M, N, HAS_BIAS, GELU),
+                    _epilogue(acc1, rm, rn0 + BLOCK_N // 2, sa, sb_ptr, bias_ptr, c_ptr, M, N, HAS_BIAS, GELU))
+            else:
+                rn = off_n + tl.arange(0, BLOCK_N)
+                rowmax = _epilogue(acc, rm, rn, sa, sb_ptr, bias_ptr, c_ptr, M, N, HAS_BIAS, GELU)
+            if GELU:
+                if ATOMIC_AMAX:
+                    tl.atomic_max(amax_ptr + rm, rowmax, mask=row_ok)
+                else:
+                    tl.store(amax_ptr + rm.to(tl.int64) * num_n + pid_n, rowmax, mask=row_ok)
