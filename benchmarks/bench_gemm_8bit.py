@@ -1,8 +1,7 @@
 """The 8-bit GEMMs alone at Wan2.1-1.3B's linear shapes (M = 32,760): bf16 cuBLAS, cuBLASLt FP8
 (fast accumulation), ``torch._int_mm``, linear_8bit's pointer-loading Triton INT8 kernel, and the
-persistent TMA kernel (plugins/gemm_8bit_persistent.py) per tile / pipeline config; then the FFN's
-GELU hand-off both ways (GEMM → GELU-quantize kernel, vs GEMM with the GELU + row-amax epilogue →
-one quantization pass), and an AOTInductor round trip of the new ops.
+persistent kernel (plugins/gemm_8bit_persistent.py) per tile / pipeline config, TMA or pointer loads;
+``--aoti tma|pointer``: an AOTInductor round trip of an INT8 FFN on it instead (own process each).
 
 Each time: median of CUDA-event timings of 10 back-to-back calls (after warm-up) divided by 10, so
 Python launch overhead does not hide in the GPU time. Writes JSON (per-config ms and TOPS).
@@ -26,16 +25,12 @@ from provenance import stamp
 log = logging.getLogger("bench_gemm_8bit")
 
 SHAPES = {"qkvo 1536→1536": (1536, 1536), "ffn up 1536→8960": (1536, 8960), "ffn down 8960→1536": (8960, 1536)}
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, WARP_SPECIALIZE, FLATTEN, SUBTILE); the first
-# sweep (results/gemm_8bit_sweep1_h200.json, 12 configs) left these contenders
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, WARP_SPECIALIZE, USE_TMA); sweeps 1-2
+# (results/gemm_8bit_sweep1_h200.json, gemm_8bit_sweep2_h200.log) left these contenders
 PERSISTENT_CONFIGS = [
-    (128, 256, 128, 8, 4, False, True, False), (128, 256, 128, 8, 3, False, True, False),
-    (128, 256, 128, 8, 3, True, False, False), (128, 256, 128, 8, 4, False, True, True),
-    (128, 256, 128, 8, 3, False, True, True), (128, 256, 128, 8, 3, True, False, True),
-    (128, 128, 128, 4, 4, False, True, False),
+    (128, 256, 128, 8, 4, False, True), (128, 256, 128, 8, 3, False, True), (128, 256, 128, 8, 3, True, True),
+    (128, 256, 128, 8, 3, False, False), (128, 256, 128, 8, 4, False, False), (128, 256, 64, 8, 4, False, False),
 ]
-# GELU epilogue variants: (SUBTILE, ATOMIC_AMAX)
-GELU_VARIANTS = [(False, True), (False, False), (True, False), (True, True)]
 REPEAT = 10
 
 
@@ -75,19 +70,18 @@ def shape_rows(tokens: int, k: int, n: int) -> dict:
     safe(t, "int8 Triton pointer 128x256x128 w8 s3", lambda: gemm_8bit(qi, sx, wi, sw, bias, torch.bfloat16, pointer))
     ref = gemm_8bit(qi, sx, wi, sw, bias, torch.bfloat16, pointer)
     errors = {}
-    for bm, bn, bk, warps, stages, ws, flat, sub in PERSISTENT_CONFIGS:
+    for bm, bn, bk, warps, stages, ws, tma in PERSISTENT_CONFIGS:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
-                   WARP_SPECIALIZE=ws, FLATTEN=flat, SUBTILE=sub)
-        name = (f"int8 persistent {bm}x{bn}x{bk} w{warps} s{stages}{' ws' if ws else ''}{' flat' if flat else ''}"
-                f"{' subtile' if sub else ''}")
+                   WARP_SPECIALIZE=ws, FLATTEN=not ws, USE_TMA=tma)
+        name = f"int8 persistent {'TMA' if tma else 'pointer'} {bm}x{bn}x{bk} w{warps} s{stages}{' ws' if ws else ''}"
         safe(t, name, lambda: gp.gemm_8bit_persistent(qi, sx, wi, sw, bias, torch.bfloat16, config=cfg))
         if isinstance(t[name], float):  # the same int32 sums and FP32 epilogue: bit-identical expected
-            out = gp.gemm_8bit_persistent(qi, sx, wi, sw, bias, torch.bfloat16, config=cfg)[0]
+            out = gp.gemm_8bit_persistent(qi, sx, wi, sw, bias, torch.bfloat16, config=cfg)
             errors[name] = float((out.float() - ref.float()).abs().max())
     best = min((v, kname) for kname, v in t.items() if kname.startswith("int8 persistent") and isinstance(v, float))
-    for sub in (False, True):
-        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, SUBTILE=sub)
-        safe(t, f"fp8 persistent 128x256x128 w8 s3 flat{' subtile' if sub else ''}",
+    for stages in (3, 4):
+        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=stages)
+        safe(t, f"fp8 persistent TMA 128x256x128 w8 s{stages}",
              lambda: gp.gemm_8bit_persistent(qf, sx, wf, sw, bias, torch.bfloat16, config=cfg))
     flops = 2 * tokens * k * n
     return {"k": k, "n": n, "tokens": tokens, "ms": t, "tops": {kk: flops / v / 1e9 for kk, v in t.items()
@@ -95,74 +89,26 @@ def shape_rows(tokens: int, k: int, n: int) -> dict:
             "max_abs_diff_vs_pointer_kernel": errors, "best_persistent": best[1]}
 
 
-def gelu_handoff(tokens: int) -> dict:
-    """The FFN's up projection → down projection input (INT8 codes), both ways, compiled."""
+def aoti_round_trip(use_tma: bool) -> dict:
+    """The FFN's two GEMMs (both on the persistent kernel) inside one AOTInductor package."""
     import ditbake.plugins.gemm_8bit_persistent as gp
-    from ditbake.plugins.gemm_8bit_persistent import gemm_w8a8_gelu
-    from ditbake.plugins.int8 import quantize_with_scales, scales_from_amax
-    from ditbake.plugins.producer_quant import gelu_quant
-
-    dev = torch.device("cuda")
-    k, n = 1536, 8960
-    qx = torch.randint(-127, 128, (tokens, k), device=dev, dtype=torch.int8)
-    qw = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
-    sx, sw = torch.rand(tokens, device=dev) * 1e-4, torch.rand(n, device=dev) * 1e-4
-    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
-
-    def old(qx):
-        h = torch.ops.ditbake.gemm_w8a8(qx, sx, qw, sw, bias, torch.bfloat16)
-        return gelu_quant(h, "int8")
-
-    def new(qx):
-        g, amax = gemm_w8a8_gelu(qx, sx, qw, sw, bias, torch.bfloat16)
-        scale = scales_from_amax(amax[:, None], "int8")
-        return quantize_with_scales(g, scale, "int8"), scale.reshape(-1)
-
-    t: dict = {}
-    old_c = torch.compile(old, dynamic=False)
-    safe(t, "gemm + gelu_quant kernel (compiled)", lambda: old_c(qx))
-    q0, s0 = old_c(qx)
-    checks, saved = {}, dict(gp.CONFIG)
-    try:
-        for sub, atomic in GELU_VARIANTS:
-            gp.CONFIG.update(SUBTILE=sub, ATOMIC_AMAX=atomic)  # read when the op is traced / launched
-            tag = f"{'subtile' if sub else 'whole'} {'atomic' if atomic else 'partial'} amax"
-            torch._dynamo.reset()  # CONFIG is read while lowering, which dynamo's guards do not see
-            new_c = torch.compile(new, dynamic=False)
-            safe(t, f"gemm GELU epilogue ({tag}) + quantize (compiled)", lambda: new_c(qx))
-            safe(t, f"gemm GELU epilogue ({tag}) alone", lambda: gemm_w8a8_gelu(qx, sx, qw, sw, bias, torch.bfloat16))
-            q1, s1 = new_c(qx)
-            diff = (q0.int() - q1.int()).abs()
-            checks[tag] = {"scale_max_rel_diff": float(((s0 - s1).abs() / s0).max()),
-                           "codes_differing_fraction": float((diff > 0).float().mean()),
-                           "codes_max_abs_diff": int(diff.max())}
-    finally:
-        gp.CONFIG.clear()
-        gp.CONFIG.update(saved)
-    return {"ms": t, "checks": checks}
-
-
-def aoti_round_trip() -> dict:
-    """Both ops inside one AOTInductor package (TMA descriptors made at run time by the wrapper)."""
-    from ditbake.plugins.gemm_8bit_persistent import gemm_w8a8_gelu
-    from ditbake.plugins.int8 import quantize_rows, quantize_with_scales, scales_from_amax
+    from ditbake.plugins.int8 import quantize_rows
 
     class FFN(torch.nn.Module):
         def __init__(self, k, n):
             super().__init__()
-            w1, w2 = torch.randn(n, k) / k ** 0.5, torch.randn(k, n) / n ** 0.5
-            for i, w in ((1, w1), (2, w2)):  # buffers, so .cuda() moves them
-                q, s = quantize_rows(w, "int8")
+            for i, w in ((1, torch.randn(n, k) / k ** 0.5), (2, torch.randn(k, n) / n ** 0.5)):
+                q, s = quantize_rows(w, "int8")  # buffers, so .cuda() moves them
                 self.register_buffer(f"q{i}", q)
                 self.register_buffer(f"s{i}", s.reshape(-1))
 
         def forward(self, x):
             qx, sx = quantize_rows(x, "int8")
-            g, amax = gemm_w8a8_gelu(qx, sx.reshape(-1), self.q1, self.s1, None, x.dtype)
-            scale = scales_from_amax(amax[:, None], "int8")
-            return torch.ops.ditbake.gemm_w8a8(quantize_with_scales(g, scale, "int8"), scale.reshape(-1),
-                                               self.q2, self.s2, None, x.dtype)
+            h = torch.ops.ditbake.gemm_w8a8(qx, sx.reshape(-1), self.q1, self.s1, None, x.dtype)
+            qh, sh = quantize_rows(torch.nn.functional.gelu(h, approximate="tanh"), "int8")
+            return torch.ops.ditbake.gemm_w8a8(qh, sh.reshape(-1), self.q2, self.s2, None, x.dtype)
 
+    gp.CONFIG["USE_TMA"] = use_tma
     model = FFN(1536, 8960).cuda()
     x = torch.randn(4096, 1536, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -172,9 +118,11 @@ def aoti_round_trip() -> dict:
             path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(d) / "ffn.pt2"))
             loaded = torch._inductor.aoti_load_package(path)
             out = loaded(x)
-            names = open(path, "rb").read().count(b"_gemm_8bit_persistent_kernel")
-    return {"max_rel_diff_vs_eager": float((out.float() - eager.float()).abs().max() / eager.float().abs().max()),
-            "persistent_kernel_mentions_in_package": names}
+            torch.cuda.synchronize()
+            mentions = open(path, "rb").read().count(b"_gemm_8bit_persistent_kernel")
+            ms = timed(lambda: loaded(x))
+    return {"use_tma": use_tma, "max_abs_diff_vs_eager": float((out.float() - eager.float()).abs().max()),
+            "kernel_mentions_in_package": mentions, "ms": ms}
 
 
 @torch.no_grad()
@@ -183,19 +131,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=32760)
+    p.add_argument("--aoti", choices=["tma", "pointer"], help="only the AOTInductor round trip of one variant")
     args = p.parse_args(argv)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in ({} if args.aoti else SHAPES).items():
         log.info("== %s", name)
         result["shapes"][name] = shape_rows(args.tokens, k, n)
-    log.info("== GELU hand-off")
-    result["gelu_handoff"] = gelu_handoff(args.tokens)
-    log.info("%s", result["gelu_handoff"])
-    try:
-        result["aoti"] = aoti_round_trip()
-    except Exception as exc:  # recorded: the engines need it, the numbers above stand without it
-        result["aoti"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-    log.info("aoti: %s", result["aoti"])
+    if args.aoti is not None:  # its own process per variant: a crash must not lose the sweep
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "aoti": aoti_round_trip(args.aoti == "tma")}
+        log.info("aoti: %s", result["aoti"])
     Path(args.out).write_text(json.dumps(stamp(result), indent=1))
     return 0
 

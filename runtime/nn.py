@@ -180,49 +180,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-# Up-projection formats whose GEMM writes GELU's output with its row amax (plugins/gemm_8bit_persistent.py),
-# so a W8A8 down projection's quantization is one pass; measured in benchmarks/bench_gemm_8bit.py.
-GELU_EPILOGUE_FORMATS = ("int8",)
-
-
-def _gelu_epilogue_up(x: torch.Tensor | LinearInput, w: Weights, name: str, precision: str):
-    """(tanh-GELU of the W8A8 up projection, its row amax fp32 [M]) from one GEMM, or None where
-    that kernel does not apply (other formats, CPU: the ONNX exporter keeps the plain ops)."""
-    if precision not in GELU_EPILOGUE_FORMATS or name + f".{precision}_weight" not in w:
-        return None
-    made = x.quantized(precision) if isinstance(x, LinearInput) else None
-    if made is None:
-        xf = x.float() if isinstance(x, LinearInput) else x
-        if not xf.is_cuda:
-            return None
-        from ditbake.plugins.int8 import quantize_rows  # noqa: PLC0415
-
-        q, s = quantize_rows(xf.reshape(-1, xf.shape[-1]), precision)  # torch ops: fused into the producer
-        made = q, s.reshape(-1), (xf.shape[:-1], xf.dtype)
-    from ditbake.plugins.gemm_8bit_persistent import gemm_w8a8_gelu  # noqa: PLC0415
-
-    q, s, (lead, dtype) = made
-    g, amax = gemm_w8a8_gelu(q, s, w[name + f".{precision}_weight"], w[name + f".{precision}_scale"],
-                             w.get(name + ".bias"), dtype)
-    return g.reshape(*lead, g.shape[-1]), amax
-
-
-def gelu_tanh_mlp(x: torch.Tensor | LinearInput, w: Weights, name: str, precisions: dict[str, str]) -> torch.Tensor:
+def gelu_tanh_mlp(x: torch.Tensor, w: Weights, name: str, precisions: dict[str, str]) -> torch.Tensor:
     """diffusers FeedForward with activation 'gelu-approximate': proj → tanh-GELU → out."""
     up, down = name + ".net.0.proj", name + ".net.2"
-    up_precision, down_precision = precisions.get(up, "bf16"), precisions.get(down, "bf16")
-    fused = _gelu_epilogue_up(x, w, up, up_precision) if down_precision in ("int8", "fp8") else None
-    if fused is not None:  # the up GEMM gave GELU's output and its row amax: quantizing is one pass
-        g, amax = fused
-
-        def make_8bit_from_amax(fmt):
-            from ditbake.plugins.int8 import quantize_with_scales, scales_from_amax  # noqa: PLC0415
-
-            scale = scales_from_amax(amax[:, None], fmt)
-            return quantize_with_scales(g.reshape(-1, g.shape[-1]), scale, fmt), scale.reshape(-1), (g.shape[:-1], g.dtype)
-
-        return quantizable_linear(LinearInput(lambda: g, make_8bit_from_amax), w, down, down_precision)
-    h = quantizable_linear(x, w, up, up_precision)
+    h = quantizable_linear(x, w, up, precisions.get(up, "bf16"))
 
     def make_8bit(fmt):  # the GELU kernel writes the 8-bit input of a W8A8 down projection directly
         from ditbake.plugins.producer_quant import gelu_quant  # noqa: PLC0415
@@ -230,7 +191,7 @@ def gelu_tanh_mlp(x: torch.Tensor | LinearInput, w: Weights, name: str, precisio
         return (*gelu_quant(h, fmt), (h.shape[:-1], h.dtype))
 
     g = LinearInput(lambda: F.gelu(h, approximate="tanh"), make_8bit if h.is_cuda else None)
-    return quantizable_linear(g, w, down, down_precision)
+    return quantizable_linear(g, w, down, precisions.get(down, "bf16"))
 
 
 def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

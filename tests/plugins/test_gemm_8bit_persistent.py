@@ -1,12 +1,12 @@
-"""The persistent TMA 8-bit GEMM and its GELU + row-amax epilogue: the CPU path is the
-specification (GEMM rounded, tanh-GELU, amax of the rounded result), the one-pass quantization
-from a given amax equals per-row quantization, bad operands get typed errors; on the GPU the
-kernel is bit-identical to linear_8bit's and the epilogue matches the reference."""
+"""The persistent 8-bit GEMM behind ditbake::gemm_w8a8 at large shapes: on CPU the op stays the
+exact-accumulation specification, the dispatch rule keeps small shapes and CPU tensors away from
+it, and per-row quantization from a given amax equals quantize_rows; on the GPU both the TMA and
+the pointer variant are bit-identical to linear_8bit's kernel for INT8 and as close as FP8's
+accumulation allows, including ragged tails of M, N and K."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ditbake.plugins.gemm_8bit_persistent import gelu_gemm_8bit, gemm_w8a8_gelu_ref
+import ditbake.plugins.gemm_8bit_persistent as gp
 from ditbake.plugins.int8 import matmul_8bit_ref, quantize_rows, quantize_with_scales, scales_from_amax
 from ditbake.plugins.nvfp4 import QuantFormatError
 
@@ -22,15 +22,21 @@ def _operands(m, k, n, fmt, g, device="cpu"):
     return [t.to(device) for t in (qx, sx.reshape(-1), qw, sw.reshape(-1), bias)]
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_cpu_gelu_gemm_is_the_composition(fmt):
-    qx, sx, qw, sw, bias = _operands(37, 64, 40, fmt, _gen())
-    g, amax = gelu_gemm_8bit(qx, sx, qw, sw, bias, torch.bfloat16)
-    lin = matmul_8bit_ref(qx, sx, qw, sw, bias, torch.float32).to(torch.bfloat16)
-    assert g.dtype == torch.bfloat16 and amax.dtype == torch.float32 and amax.shape == (37,)
-    assert torch.equal(g, F.gelu(lin, approximate="tanh"))
-    assert torch.equal(amax, g.float().abs().amax(-1))
-    assert float(amax.min()) > 0  # GELU of a non-degenerate row
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_dispatch_rule_keeps_cpu_and_small_shapes_on_the_other_paths():
+    qx, _, qw, _, _ = _operands(2048, 4096, 64, "int8", _gen())
+    assert not gp.persistent_gemm_applies(qx, qw)  # CPU tensors: the reference
+    big = torch.ops.ditbake.gemm_w8a8(*_operands(2048, 4096, 64, "int8", _gen())[:4], None, torch.float32)
+    assert big.shape == (2048, 64)  # the op on CPU still answers with the specification
+
+
+def test_cpu_op_is_the_specification_at_persistent_sizes():
+    qx, sx, qw, sw, bias = _operands(1100, 4112, 24, "int8", _gen())  # past MIN_ROWS / MIN_WIDTH
+    out = torch.ops.ditbake.gemm_w8a8(qx, sx, qw, sw, bias, torch.float32)
+    assert torch.equal(out, matmul_8bit_ref(qx, sx, qw, sw, bias, torch.float32))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -41,67 +47,28 @@ def test_quantizing_from_a_given_amax_equals_per_row_quantization(fmt):
     s2 = scales_from_amax(x.abs().amax(-1, keepdim=True), fmt)
     assert torch.equal(s, s2) and float(s2[3]) == 1.0
     assert torch.equal(quantize_with_scales(x, s2, fmt).view(torch.uint8), q.view(torch.uint8))
-
-
-def test_bad_operands_get_typed_errors():
-    qx, sx, qw, sw, bias = _operands(8, 32, 16, "int8", _gen())
-    with pytest.raises(QuantFormatError):
-        gelu_gemm_8bit(qx.float(), sx, qw, sw, bias, torch.float32)
-    with pytest.raises(QuantFormatError):  # mixed 8-bit formats
-        gelu_gemm_8bit(qx, sx, qw.float().to(torch.float8_e4m3fn), sw, bias, torch.float32)
-    with pytest.raises(QuantFormatError):  # K mismatch
-        gelu_gemm_8bit(qx[:, :16], sx, qw, sw, bias, torch.float32)
-    with pytest.raises(QuantFormatError):  # scales of the wrong length
-        gelu_gemm_8bit(qx, sx[:4], qw, sw, bias, torch.float32)
-    with pytest.raises(QuantFormatError):
-        gelu_gemm_8bit(qx, sx, qw, sw, bias[:3], torch.float32)
     with pytest.raises(QuantFormatError):
         scales_from_amax(torch.ones(3), "int4")
 
 
-def test_gelu_gemm_exports_as_one_node():
-    qx, sx, qw, sw, bias = _operands(16, 64, 32, "int8", _gen())
-
-    class M(torch.nn.Module):
-        def forward(self, qx):
-            return torch.ops.ditbake.gemm_w8a8_gelu(qx, sx, qw, sw, bias, torch.float32)
-
-    ep = torch.export.export(M(), (qx,))
-    assert sum("gemm_w8a8_gelu" in str(n.target) for n in ep.graph.nodes) == 1
-    for a, b in zip(ep.module()(qx), gemm_w8a8_gelu_ref(qx, sx, qw, sw, bias, torch.float32)):
-        assert torch.equal(a, b)
-
-
-
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
-@pytest.mark.parametrize("m,k,n", [(4096, 1536, 4608), (2077, 4112, 1000)])  # ragged M, N and K tails
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_persistent_kernel_matches_pointer_kernel(fmt, m, k, n):
-    from ditbake.plugins.gemm_8bit_persistent import gemm_8bit_persistent, tma_gemm_applies
+@pytest.mark.parametrize("use_tma", [True, False])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k,n", [(4096, 1536, 4608), (2077, 4112, 1000)])  # ragged M, N and K tails
+def test_gpu_persistent_kernel_matches_pointer_kernel(fmt, m, k, n, use_tma):
     from ditbake.plugins.linear_8bit import gemm_8bit
 
     qx, sx, qw, sw, bias = _operands(m, k, n, fmt, _gen(), "cuda")
-    if not tma_gemm_applies(qx, qw):
-        pytest.skip("no TMA on this GPU")
+    if not gp.persistent_gemm_applies(qx, qw):
+        pytest.skip("needs sm90+")
     ptr_cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     pointer = gemm_8bit(qx, sx, qw, sw, bias, torch.bfloat16, ptr_cfg)
-    persistent = gemm_8bit_persistent(qx, sx, qw, sw, bias, torch.bfloat16)[0]
+    persistent = gp.gemm_8bit_persistent(qx, sx, qw, sw, bias, torch.bfloat16, dict(USE_TMA=use_tma))
+    exact = matmul_8bit_ref(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), bias.cpu(), torch.float32)
     if fmt == "int8":  # exact int32 sums, the same FP32 epilogue
         assert torch.equal(persistent, pointer)
-    else:  # fp32 accumulation order may differ
-        torch.testing.assert_close(persistent.float(), pointer.float(), rtol=1e-2, atol=1e-2)
-    exact = matmul_8bit_ref(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), bias.cpu(), torch.float32)
-    torch.testing.assert_close(persistent.float().cpu(), exact, rtol=8e-3, atol=8e-3)  # bf16 output
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_gelu_epilogue_matches_reference():
-    qx, sx, qw, sw, bias = _operands(3000, 1536, 4200, "int8", _gen(), "cuda")
-    g, amax = gelu_gemm_8bit(qx, sx, qw, sw, bias, torch.bfloat16)
-    g_ref, amax_ref = gemm_w8a8_gelu_ref(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), bias.cpu(), torch.bfloat16)
-    # MUFU tanh (|err| ~ 2^-11) may move a value by one bf16 ulp (2^-8 relative): nothing more
-    torch.testing.assert_close(g.float().cpu(), g_ref.float(), rtol=2 ** -7, atol=2 ** -10)
-    assert torch.equal(amax, g.float().abs().amax(-1))  # the amax of exactly what was written
-    torch.testing.assert_close(amax.cpu(), amax_ref, rtol=2 ** -7, atol=0)
+        assert torch.equal(torch.ops.ditbake.gemm_w8a8(qx, sx, qw, sw, bias, torch.bfloat16), persistent)
+    # bf16 output rounding (2^-9 relative) dominates; Hopper's FP8 MMA accumulates in reduced
+    # precision, which near-zero outputs show as large relative but tiny absolute differences
+    assert _rel(persistent.float().cpu(), exact) < 3e-3
