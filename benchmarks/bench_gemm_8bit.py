@@ -92,6 +92,7 @@ def shape_rows(tokens: int, k: int, n: int) -> dict:
 def aoti_round_trip(use_tma: bool) -> dict:
     """The FFN's two GEMMs (both on the persistent kernel) inside one AOTInductor package."""
     import ditbake.plugins.gemm_8bit_persistent as gp
+    import ditbake.plugins.linear_8bit  # noqa: F401 - registers ditbake::gemm_w8a8
     from ditbake.plugins.int8 import quantize_rows
 
     class FFN(torch.nn.Module):

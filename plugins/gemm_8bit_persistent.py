@@ -16,6 +16,8 @@ bit-identical to ``linear_8bit``'s kernel (exact int32 sums). ``ditbake::gemm_w8
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.library import wrap_triton
 
@@ -29,7 +31,12 @@ MIN_ROWS = 1024  # below this the tiles do not fill the SMs; linear_8bit's kerne
 # At Wan's 1536 x 1536 layers the pointer kernel measured faster (199 vs 216 µs, sweep1); at the FFN's
 # 1536 x 8960 / 8960 x 1536 this one wins (858 vs 1,061 µs / 757 vs 831 µs)
 MIN_WIDTH = 4096
-ENABLED = True  # the switch benchmarks flip to race this kernel against linear_8bit's
+# Operators' switch: DITBAKE_PERSISTENT_GEMM=tma (default) | pointer | off (linear_8bit's kernel only)
+MODE = os.environ.get("DITBAKE_PERSISTENT_GEMM", "tma")
+if MODE not in ("tma", "pointer", "off"):
+    raise ValueError(f"DITBAKE_PERSISTENT_GEMM must be tma, pointer or off, got {MODE!r}")
+ENABLED = MODE != "off"
+CONFIG["USE_TMA"] = MODE != "pointer"
 
 
 def persistent_gemm_applies(qx: torch.Tensor, qw: torch.Tensor) -> bool:
