@@ -1,7 +1,5 @@
 """Persistent 8-bit GEMM (INT8 with int32 accumulation, FP8 E4M3 with fp32): one program per SM walks
-the output tiles, operands through TMA descriptors built on the device (sm90 Hopper and later) or,
-with ``USE_TMA=False``, through pointer loads (any GPU; the variant AOTInductor runs where its
-wrapper cannot provide TMA's scratch memory).
+the output tiles, operands through TMA descriptors built on the device (sm90 Hopper and later).
 
 Why: the one-program-per-tile pointer kernel of ``linear_8bit`` reaches 840-1,170 INT8 TOPS at Wan's
 shapes where cuBLASLt's FP8 kernel reaches 1,390-1,540 (plugins/notes/linear_int8.md), so INT8 —
@@ -11,7 +9,8 @@ copies with no address arithmetic in the main loop.
 
 Numerics: ``acc * sx[m] * sw[n] (+ bias[n])`` in FP32, rounded to the output dtype — for INT8
 bit-identical to ``linear_8bit``'s kernel (exact int32 sums). ``ditbake::gemm_w8a8``
-(plugins/linear_8bit.py) dispatches here when :func:`persistent_gemm_applies`. A Blackwell path
+(plugins/linear_8bit.py) calls the opaque op ``ditbake::gemm_w8a8_persistent`` when
+:func:`persistent_gemm_applies` (why opaque: that op's docstring). A Blackwell path
 (tcgen05, native block-scaled formats) would be another kernel behind the same op.
 """
 from __future__ import annotations
@@ -19,24 +18,24 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.library import wrap_triton
 
 from ditbake.plugins._triton_util import HAS_TRITON, tl, triton
+from ditbake.plugins.int8 import matmul_8bit_ref
 
 # Tile and pipeline by measurement on the H200 (benchmarks/bench_gemm_8bit.py, results/gemm_8bit_*.json):
 # 128 x 256 x 128, 8 warps, 4 stages was best or within noise of the best at both FFN shapes.
 CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4,
-              WARP_SPECIALIZE=False, FLATTEN=True, USE_TMA=True)
+              WARP_SPECIALIZE=False, FLATTEN=True)
 MIN_ROWS = 1024  # below this the tiles do not fill the SMs; linear_8bit's kernel keeps small M
 # At Wan's 1536 x 1536 layers the pointer kernel measured faster (199 vs 216 µs, sweep1); at the FFN's
 # 1536 x 8960 / 8960 x 1536 this one wins (858 vs 1,061 µs / 757 vs 831 µs)
 MIN_WIDTH = 4096
-# Operators' switch: DITBAKE_PERSISTENT_GEMM=tma (default) | pointer | off (linear_8bit's kernel only)
-MODE = os.environ.get("DITBAKE_PERSISTENT_GEMM", "tma")
-if MODE not in ("tma", "pointer", "off"):
-    raise ValueError(f"DITBAKE_PERSISTENT_GEMM must be tma, pointer or off, got {MODE!r}")
-ENABLED = MODE != "off"
-CONFIG["USE_TMA"] = MODE != "pointer"
+# Operators' switch: DITBAKE_PERSISTENT_GEMM=on (default) | off (linear_8bit's kernel only). A persistent
+# variant with pointer loads instead of TMA measured slower than linear_8bit's kernel (sweep3) and was dropped.
+MODE = os.environ.get("DITBAKE_PERSISTENT_GEMM", "on")
+if MODE not in ("on", "off"):
+    raise ValueError(f"DITBAKE_PERSISTENT_GEMM must be on or off, got {MODE!r}")
+ENABLED = MODE == "on"
 
 
 def persistent_gemm_applies(qx: torch.Tensor, qw: torch.Tensor) -> bool:
@@ -74,14 +73,30 @@ def gemm_8bit_persistent(qx, sx, qw, sw, bias, out_dtype: torch.dtype, config: d
     n = qw.shape[0]
     cfg = dict(CONFIG, **(config or {}))
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
-    if cfg["USE_TMA"]:
-        _ensure_scratch_allocator()
+    _ensure_scratch_allocator()
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     num_sms = torch.cuda.get_device_properties(qx.device).multi_processor_count
-    wrap_triton(_gemm_8bit_persistent_kernel)[(min(num_sms, tiles),)](
+    _gemm_8bit_persistent_kernel[(min(num_sms, tiles),)](
         qx, qw, sx, sw, bias if bias is not None else sx, out, m, n, k,
         HAS_BIAS=bias is not None, IS_INT8=qx.dtype == torch.int8, NUM_SMS=num_sms, **cfg)
     return out
+
+
+@torch.library.custom_op("ditbake::gemm_w8a8_persistent", mutates_args=())
+def gemm_w8a8_persistent(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The persistent GEMM as an opaque op: compiled graphs (AOTInductor included) call it rather
+    than inlining the Triton kernel, because the kernel's device-side TMA descriptors need Triton's
+    global scratch memory, which torch 2.11's C++ wrapper does not provide (the AOTInductor round
+    trip segfaulted, results/gemm_8bit_aoti_h200.md); launched here, Triton's own launcher allocates it."""
+    if not qx.is_cuda:  # the specification (CPU callers never reach this op through gemm_w8a8)
+        return matmul_8bit_ref(qx, sx, qw, w_scale, bias, torch.float32).to(out_dtype)
+    return gemm_8bit_persistent(qx, sx, qw, w_scale, bias, out_dtype)
+
+
+@gemm_w8a8_persistent.register_fake
+def _gemm_w8a8_persistent_fake(qx, sx, qw, w_scale, bias, out_dtype):
+    return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=out_dtype)
 
 
 if HAS_TRITON:
@@ -99,16 +114,14 @@ if HAS_TRITON:
                                      HAS_BIAS: tl.constexpr, IS_INT8: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                      GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-                                     WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
-                                     USE_TMA: tl.constexpr):
+                                     WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         acc_dtype: tl.constexpr = tl.int32 if IS_INT8 else tl.float32
-        if USE_TMA:  # TMA zero-fills the tails of M, N and K
-            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
-        rk = tl.arange(0, BLOCK_K)
+        # TMA zero-fills the tails of M, N and K
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=FLATTEN,
                              warp_specialize=WARP_SPECIALIZE):
             pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
@@ -118,16 +131,9 @@ if HAS_TRITON:
             rn = off_n + tl.arange(0, BLOCK_N)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
             for ki in range(k_tiles):
-                if USE_TMA:
-                    a = a_desc.load([off_m, ki * BLOCK_K])
-                    b = b_desc.load([off_n, ki * BLOCK_K]).T
-                else:  # rows wrapped onto valid ones (the store is masked), K tail masked to zero
-                    kk = ki * BLOCK_K + rk
-                    a = tl.load(a_ptr + (rm % M).to(tl.int64)[:, None] * K + kk[None, :],
-                                mask=kk[None, :] < K, other=0.0)
-                    b = tl.load(b_ptr + (rn % N).to(tl.int64)[None, :] * K + kk[:, None],
-                                mask=kk[:, None] < K, other=0.0)
-                acc = tl.dot(a, b, acc, out_dtype=acc_dtype)
+                a = a_desc.load([off_m, ki * BLOCK_K])
+                b = b_desc.load([off_n, ki * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, out_dtype=acc_dtype)
             row_ok = rm < M
             col_ok = rn < N
             out = (acc.to(tl.float32) * tl.load(sa_ptr + rm, mask=row_ok, other=0.0)[:, None]

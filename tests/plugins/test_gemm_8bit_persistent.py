@@ -1,8 +1,8 @@
-"""The persistent 8-bit GEMM behind ditbake::gemm_w8a8 at large shapes: on CPU the op stays the
+"""The persistent 8-bit GEMM behind ditbake::gemm_w8a8 at large shapes: on CPU the ops stay the
 exact-accumulation specification, the dispatch rule keeps small shapes and CPU tensors away from
-it, and per-row quantization from a given amax equals quantize_rows; on the GPU both the TMA and
-the pointer variant are bit-identical to linear_8bit's kernel for INT8 and as close as FP8's
-accumulation allows, including ragged tails of M, N and K."""
+it, the opaque op survives export as one node, and per-row quantization from a given amax equals
+quantize_rows; on the GPU the kernel is bit-identical to linear_8bit's for INT8 and as close as
+FP8's accumulation allows, including ragged tails of M, N and K, and compiles inside a graph."""
 import pytest
 import torch
 
@@ -39,6 +39,21 @@ def test_cpu_op_is_the_specification_at_persistent_sizes():
     assert torch.equal(out, matmul_8bit_ref(qx, sx, qw, sw, bias, torch.float32))
 
 
+def test_opaque_op_is_the_specification_and_exports_as_one_node():
+    qx, sx, qw, sw, bias = _operands(40, 64, 24, "int8", _gen())
+    out = torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, matmul_8bit_ref(qx, sx, qw, sw, bias, torch.float32).to(torch.bfloat16))
+
+    class M(torch.nn.Module):
+        def forward(self, qx):
+            return torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, None, torch.float32)
+
+    ep = torch.export.export(M(), (qx,))
+    assert sum("gemm_w8a8_persistent" in str(n.target) for n in ep.graph.nodes) == 1
+    assert torch.equal(ep.module()(qx), M()(qx))
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_quantizing_from_a_given_amax_equals_per_row_quantization(fmt):
     x = torch.randn(50, 96, generator=_gen()) * torch.rand(50, 1, generator=_gen()) * 10
@@ -53,10 +68,9 @@ def test_quantizing_from_a_given_amax_equals_per_row_quantization(fmt):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("use_tma", [True, False])
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("m,k,n", [(4096, 1536, 4608), (2077, 4112, 1000)])  # ragged M, N and K tails
-def test_gpu_persistent_kernel_matches_pointer_kernel(fmt, m, k, n, use_tma):
+def test_gpu_persistent_kernel_matches_pointer_kernel(fmt, m, k, n):
     from ditbake.plugins.linear_8bit import gemm_8bit
 
     qx, sx, qw, sw, bias = _operands(m, k, n, fmt, _gen(), "cuda")
@@ -64,7 +78,7 @@ def test_gpu_persistent_kernel_matches_pointer_kernel(fmt, m, k, n, use_tma):
         pytest.skip("needs sm90+")
     ptr_cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     pointer = gemm_8bit(qx, sx, qw, sw, bias, torch.bfloat16, ptr_cfg)
-    persistent = gp.gemm_8bit_persistent(qx, sx, qw, sw, bias, torch.bfloat16, dict(USE_TMA=use_tma))
+    persistent = torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, torch.bfloat16)
     exact = matmul_8bit_ref(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), bias.cpu(), torch.float32)
     if fmt == "int8":  # exact int32 sums, the same FP32 epilogue
         assert torch.equal(persistent, pointer)
@@ -72,3 +86,13 @@ def test_gpu_persistent_kernel_matches_pointer_kernel(fmt, m, k, n, use_tma):
     # bf16 output rounding (2^-9 relative) dominates; Hopper's FP8 MMA accumulates in reduced
     # precision, which near-zero outputs show as large relative but tiny absolute differences
     assert _rel(persistent.float().cpu(), exact) < 3e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_gemm_op_compiles_around_the_persistent_op():
+    qx, sx, qw, sw, bias = _operands(2048, 1536, 4608, "int8", _gen(), "cuda")
+    if not gp.persistent_gemm_applies(qx, qw):
+        pytest.skip("needs sm90+")
+    fn = torch.compile(lambda q: torch.ops.ditbake.gemm_w8a8(q, sx, qw, sw, bias, torch.bfloat16), dynamic=False)
+    assert torch.equal(fn(qx), torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, torch.bfloat16))
