@@ -111,11 +111,15 @@ def aoti_round_trip() -> dict:
     with torch.no_grad():
         eager = model(x)
         ep = torch.export.export(model, (x,))
+        log.info("aoti: exported")
         with tempfile.TemporaryDirectory() as d:
             path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(d) / "ffn.pt2"))
+            log.info("aoti: compiled")
             loaded = torch._inductor.aoti_load_package(path)
+            log.info("aoti: loaded")
             out = loaded(x)
             torch.cuda.synchronize()
+            log.info("aoti: ran")
             mentions = open(path, "rb").read().count(b"gemm_w8a8_persistent")
             ms = timed(lambda: loaded(x))
     return {"max_abs_diff_vs_eager": float((out.float() - eager.float()).abs().max()),
