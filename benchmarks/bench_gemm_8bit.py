@@ -1,7 +1,7 @@
 """The 8-bit GEMMs alone at Wan2.1-1.3B's linear shapes (M = 32,760): bf16 cuBLAS, cuBLASLt FP8
 (fast accumulation), ``torch._int_mm``, linear_8bit's pointer-loading Triton INT8 kernel, and the
-persistent TMA kernel (plugins/gemm_8bit_persistent.py) per tile / pipeline config; ``--aoti``: an
-AOTInductor round trip of an INT8 FFN on it instead (its own process: a crash must not lose the sweep).
+persistent TMA kernel (plugins/gemm_8bit_persistent.py) per tile / pipeline config. (Inside the
+engines it is measured by benchmarks/forward_race.py.)
 
 Each time: median of CUDA-event timings of 10 back-to-back calls (after warm-up) divided by 10, so
 Python launch overhead does not hide in the GPU time. Writes JSON (per-config ms and TOPS).
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
@@ -86,61 +85,17 @@ def shape_rows(tokens: int, k: int, n: int) -> dict:
             "max_abs_diff_vs_pointer_kernel": errors, "best_persistent": best[1]}
 
 
-def aoti_round_trip() -> dict:
-    """The FFN's two GEMMs (both on the persistent kernel) inside one AOTInductor package."""
-    import ditbake.plugins.gemm_8bit_persistent as gp
-    import ditbake.plugins.linear_8bit  # noqa: F401 - registers ditbake::gemm_w8a8
-    from ditbake.plugins.int8 import quantize_rows
-
-    class FFN(torch.nn.Module):
-        def __init__(self, k, n):
-            super().__init__()
-            for i, w in ((1, torch.randn(n, k) / k ** 0.5), (2, torch.randn(k, n) / n ** 0.5)):
-                q, s = quantize_rows(w, "int8")  # buffers, so .cuda() moves them
-                self.register_buffer(f"q{i}", q)
-                self.register_buffer(f"s{i}", s.reshape(-1))
-
-        def forward(self, x):
-            qx, sx = quantize_rows(x, "int8")
-            h = torch.ops.ditbake.gemm_w8a8(qx, sx.reshape(-1), self.q1, self.s1, None, x.dtype)
-            qh, sh = quantize_rows(torch.nn.functional.gelu(h, approximate="tanh"), "int8")
-            return torch.ops.ditbake.gemm_w8a8(qh, sh.reshape(-1), self.q2, self.s2, None, x.dtype)
-
-    model = FFN(1536, 8960).cuda()
-    x = torch.randn(4096, 1536, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        eager = model(x)
-        ep = torch.export.export(model, (x,))
-        log.info("aoti: exported")
-        with tempfile.TemporaryDirectory() as d:
-            path = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(d) / "ffn.pt2"))
-            log.info("aoti: compiled")
-            loaded = torch._inductor.aoti_load_package(path)
-            log.info("aoti: loaded")
-            out = loaded(x)
-            torch.cuda.synchronize()
-            log.info("aoti: ran")
-            mentions = open(path, "rb").read().count(b"gemm_w8a8_persistent")
-            ms = timed(lambda: loaded(x))
-    return {"max_abs_diff_vs_eager": float((out.float() - eager.float()).abs().max()),
-            "persistent_op_mentions_in_package": mentions, "ms": ms}
-
-
 @torch.no_grad()
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=32760)
-    p.add_argument("--aoti", action="store_true", help="only the AOTInductor round trip")
     args = p.parse_args(argv)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
-    for name, (k, n) in ({} if args.aoti else SHAPES).items():
+    for name, (k, n) in SHAPES.items():
         log.info("== %s", name)
         result["shapes"][name] = shape_rows(args.tokens, k, n)
-    if args.aoti:
-        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "aoti": aoti_round_trip()}
-        log.info("aoti: %s", result["aoti"])
     Path(args.out).write_text(json.dumps(stamp(result), indent=1))
     return 0
 

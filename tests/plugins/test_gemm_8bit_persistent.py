@@ -41,17 +41,19 @@ def test_cpu_op_is_the_specification_at_persistent_sizes():
 
 def test_opaque_op_is_the_specification_and_exports_as_one_node():
     qx, sx, qw, sw, bias = _operands(40, 64, 24, "int8", _gen())
-    out = torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, torch.bfloat16)
+    out = torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, "bfloat16")
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, matmul_8bit_ref(qx, sx, qw, sw, bias, torch.float32).to(torch.bfloat16))
 
     class M(torch.nn.Module):
         def forward(self, qx):
-            return torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, None, torch.float32)
+            return torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, None, "float32")
 
     ep = torch.export.export(M(), (qx,))
     assert sum("gemm_w8a8_persistent" in str(n.target) for n in ep.graph.nodes) == 1
     assert torch.equal(ep.module()(qx), M()(qx))
+    with pytest.raises(ValueError):  # an output dtype the op does not produce
+        torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, None, "int8")
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -78,7 +80,7 @@ def test_gpu_persistent_kernel_matches_pointer_kernel(fmt, m, k, n):
         pytest.skip("needs sm90+")
     ptr_cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     pointer = gemm_8bit(qx, sx, qw, sw, bias, torch.bfloat16, ptr_cfg)
-    persistent = torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, torch.bfloat16)
+    persistent = torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, "bfloat16")
     exact = matmul_8bit_ref(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), bias.cpu(), torch.float32)
     if fmt == "int8":  # exact int32 sums, the same FP32 epilogue
         assert torch.equal(persistent, pointer)
@@ -95,4 +97,4 @@ def test_gpu_gemm_op_compiles_around_the_persistent_op():
     if not gp.persistent_gemm_applies(qx, qw):
         pytest.skip("needs sm90+")
     fn = torch.compile(lambda q: torch.ops.ditbake.gemm_w8a8(q, sx, qw, sw, bias, torch.bfloat16), dynamic=False)
-    assert torch.equal(fn(qx), torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, torch.bfloat16))
+    assert torch.equal(fn(qx), torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, "bfloat16"))
