@@ -6,7 +6,8 @@ Op ``ditbake::linear_w8a8(x, qw, w_scale, bias, fmt, hadamard) -> Tensor`` (x.dt
 
 Reference: ``act_quant_ref`` then ``int8.matmul_8bit_ref`` (exact accumulation in float64).
 GPU: ``act_quant`` kernel, then a Triton GEMM on the 8-bit tensor cores (int32 accumulation for
-INT8, fp32 for FP8) whose epilogue applies ``acc * sx[m] * sw[n] + bias`` in FP32. For FP8 the
+INT8, fp32 for FP8) whose epilogue applies ``acc * sx[m] * sw[n] + bias`` in FP32 — this module's
+kernel, or at large shapes on sm90+ the persistent TMA kernel (plugins/gemm_8bit_persistent.py). For FP8 the
 GEMM can instead go to cuBLAS through ``torch._scaled_mm`` with row-wise scales
 (``FP8_GEMM_BACKEND``), chosen by measurement (see plugins/notes/linear_kernels.md).
 """
