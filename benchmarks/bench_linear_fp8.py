@@ -52,7 +52,8 @@ def producer_sweep(kind: str, x, scale, shift) -> dict:
         settings = [dict(NORM_ROWS=r, NORM_WARPS=w) for r in (1, 2, 4) for w in (1, 2, 4, 8)]
         call = lambda: pq.norm_quant(x[None], 1 + scale, shift, 1e-5, "fp8")  # noqa: E731
     else:
-        settings = [dict(GELU_ROW_WARPS=w) for w in (4, 8, 16, 32)] + [dict(GELU_TWO_PASS=True)]
+        settings = [dict(GELU_TWO_PASS=True, GELU_ROWS=r, GELU_WARPS=w, _GELU_CHUNK=c)
+                    for r in (1, 2, 4, 8) for w in (4, 8) for c in (512, 1024, 2048) if r * c <= 8192]
         call = lambda: pq.gelu_quant(x, "fp8")  # noqa: E731
     times = {}
     for setting in settings:

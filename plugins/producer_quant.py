@@ -47,6 +47,8 @@ NORM_ROWS = 1
 NORM_WARPS = 2
 GELU_ROW_WARPS = None
 GELU_TWO_PASS = True
+GELU_ROWS = 8  # two-pass kernel: rows per program (their second pass should hit L2), warps
+GELU_WARPS = 8
 MAX_GELU_ROW = 16384  # Wan's 8,960-wide FFN rows pad to 16,384: 32 fp32 per thread at 16 warps
 
 
@@ -123,8 +125,8 @@ def gelu_quant(h: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
             h2, q, scale, m, k, MODE=_MODE[fmt], KP=kp, BLOCK_M=block_m,
             num_warps=GELU_ROW_WARPS or (16 if kp >= 8192 else 8))
     else:  # two passes over chunks: GELU + amax, then GELU again (rows now in L2) + quantize
-        wrap_triton(_gelu_quant_kernel)[(triton.cdiv(m, 8),)](
-            h2, q, scale, m, k, MODE=_MODE[fmt], CHUNK=_GELU_CHUNK, BLOCK_M=8, num_warps=8)
+        wrap_triton(_gelu_quant_kernel)[(triton.cdiv(m, GELU_ROWS),)](
+            h2, q, scale, m, k, MODE=_MODE[fmt], CHUNK=_GELU_CHUNK, BLOCK_M=GELU_ROWS, num_warps=GELU_WARPS)
     return q, scale
 
 
