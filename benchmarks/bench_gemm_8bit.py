@@ -1,5 +1,5 @@
 """The 8-bit GEMMs alone at Wan2.1-1.3B's linear shapes (M = 32,760): bf16 cuBLAS, cuBLASLt FP8
-(fast accumulation), ``torch._int_mm``, linear_8bit's pointer-loading Triton INT8 kernel, and the
+(fast accumulation), linear_8bit's pointer-loading Triton INT8 kernel, and the
 persistent TMA kernel (plugins/gemm_8bit_persistent.py) per tile / pipeline config. (Inside the
 engines it is measured by benchmarks/forward_race.py.)
 

@@ -82,7 +82,7 @@ def gemm_8bit_persistent(qx, sx, qw, sw, bias, out_dtype: torch.dtype, config: d
     return out
 
 
-_OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @torch.library.custom_op("ditbake::gemm_w8a8_persistent", mutates_args=())
@@ -94,16 +94,16 @@ def gemm_w8a8_persistent(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, w
     own launcher allocates it. ``out_dtype`` is a name ("bfloat16", "float16", "float32"): a
     torch.dtype argument reaches an AOTInductor-called Python op renumbered (bfloat16 arrived as
     quint8 through torch 2.11's proxy executor)."""
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"gemm_w8a8_persistent out_dtype must be one of {sorted(_OUT_DTYPES)}, got {out_dtype!r}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"gemm_w8a8_persistent out_dtype must be one of {sorted(OUT_DTYPES)}, got {out_dtype!r}")
     if not qx.is_cuda:  # the specification (CPU callers never reach this op through gemm_w8a8)
-        return matmul_8bit_ref(qx, sx, qw, w_scale, bias, torch.float32).to(_OUT_DTYPES[out_dtype])
-    return gemm_8bit_persistent(qx, sx, qw, w_scale, bias, _OUT_DTYPES[out_dtype])
+        return matmul_8bit_ref(qx, sx, qw, w_scale, bias, torch.float32).to(OUT_DTYPES[out_dtype])
+    return gemm_8bit_persistent(qx, sx, qw, w_scale, bias, OUT_DTYPES[out_dtype])
 
 
 @gemm_w8a8_persistent.register_fake
 def _gemm_w8a8_persistent_fake(qx, sx, qw, w_scale, bias, out_dtype):
-    return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=_OUT_DTYPES[out_dtype])
+    return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=OUT_DTYPES[out_dtype])
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -39,26 +39,12 @@ def _format_max(fmt: str) -> float:
     raise QuantFormatError(f"unknown 8-bit format {fmt!r}; use one of {EIGHT_BIT_FORMATS}")
 
 
-def scales_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
-    """FP32 scale for each row amax (any shape): amax / format max, 1.0 for an all-zero row."""
-    amax = amax.to(torch.float32)
+def row_scales(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """FP32 scale per row (last axis reduced), shape [..., 1]."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).to(torch.float32)
     # Divide by a tensor, not a Python scalar: CUDA turns division by a scalar into a multiply
     # by its reciprocal, which rounds differently; tensor / tensor is IEEE division everywhere.
     return torch.where(amax > 0, amax / torch.full_like(amax, _format_max(fmt)), torch.ones_like(amax))
-
-
-def row_scales(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """FP32 scale per row (last axis reduced), shape [..., 1]."""
-    return scales_from_amax(x.detach().abs().amax(dim=-1, keepdim=True), fmt)
-
-
-def quantize_with_scales(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Codes of x [..., K] under the row scales [..., 1] (int8: round half to even, clamp ±127;
-    fp8: saturate at ±448, round to nearest even)."""
-    y = x.detach().to(torch.float32) / scale
-    if fmt == "int8":
-        return torch.round(y).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +54,12 @@ def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     """
     _check_float(x, "8-bit quantization input")
     scale = row_scales(x, fmt)
-    return quantize_with_scales(x, scale, fmt), scale
+    y = x.detach().to(torch.float32) / scale
+    if fmt == "int8":
+        q = torch.round(y).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    else:
+        q = y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
 
 
 def quantize_weight_per_channel(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:

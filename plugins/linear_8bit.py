@@ -18,7 +18,7 @@ from torch.library import triton_op, wrap_triton
 
 from ditbake.plugins._triton_util import HAS_TRITON, tl, triton, use_triton
 from ditbake.plugins.act_quant import act_quant, act_quant_ref, check_act_quant_args
-from ditbake.plugins.gemm_8bit_persistent import dtype_name, persistent_gemm_applies
+from ditbake.plugins.gemm_8bit_persistent import OUT_DTYPES, dtype_name, persistent_gemm_applies
 from ditbake.plugins.int8 import EIGHT_BIT_FORMATS, matmul_8bit_ref
 from ditbake.plugins.linear_fp8 import gemm_fp8
 from ditbake.plugins.nvfp4 import QuantFormatError
@@ -66,7 +66,7 @@ def gemm_8bit(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     if qx.dtype == torch.float8_e4m3fn and FP8_GEMM_BACKEND == "scaled_mm" and config is None:
         # cuBLASLt with promoted accumulation: the setting bench_linear.py measured this switch with
         return gemm_fp8(qx, sx, qw, sw, bias, out_dtype, fast_accum=False)
-    if config is None and persistent_gemm_applies(qx, qw) and out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+    if config is None and persistent_gemm_applies(qx, qw) and out_dtype in OUT_DTYPES.values():
         # sm90+, large M and K or N: the persistent kernel, through its opaque op
         return torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, dtype_name(out_dtype))
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
