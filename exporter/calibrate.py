@@ -27,6 +27,7 @@ from ditbake.exporter.models import compute_dtype
 from ditbake.exporter.sampler import scheduler_for
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime import atomic
+from ditbake.runtime.devices import resolve_device
 from ditbake.runtime.errors import DitbakeError, InputError
 from ditbake.runtime.outputs import CALIBRATION_FORMAT, check_output
 from ditbake.runtime.safe_io import read_json, regular_file_size
@@ -234,14 +235,7 @@ def cfg_inputs(embeds: torch.Tensor, negative: torch.Tensor | None,
 
 def calibration_device(name: str) -> torch.device:
     """The device a calibration runs on, checked before any model is moved there."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device {name!r}; use cpu or cuda (cuda:N)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"calibration runs on cpu or cuda, got {name!r}")
+    device = resolve_device(name)
     if device.type == "cuda" and not torch.cuda.is_initialized():
         # Batched prompts at real size allocate GB-sized activations of varying shapes; without
         # expandable segments the caching allocator fragmented 21 GB of an 80 GB H100 and a batch

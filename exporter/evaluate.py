@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ditbake.runtime.errors import BackendError, DitbakeError, InputError
+from ditbake.runtime.devices import resolve_device
+from ditbake.runtime.errors import DitbakeError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -291,17 +292,7 @@ def prompt_embeddings(session, prompts: list[str], seed: int,
 
 def eval_device(name: str | torch.device) -> torch.device:
     """The device both sessions run on, checked before anything loads (typed errors, not tracebacks)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"eval runs on cpu or cuda, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise BackendError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return device
+    return resolve_device(name)
 
 
 def dequantize_missing_weights(session, plan) -> int:

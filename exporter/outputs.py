@@ -11,9 +11,8 @@ import errno
 import math
 import os
 
-import torch
-
-from ditbake.runtime.errors import BackendError, DitbakeError, InputError, OutputError, ResourceError
+from ditbake.runtime.devices import resolve_device
+from ditbake.runtime.errors import DitbakeError, InputError, OutputError, ResourceError
 from ditbake.runtime.outputs import check_output
 
 # command → what its --out holds
@@ -24,17 +23,6 @@ SEED_ARGS = ("seed", "weights_seed")
 COUNT_ARGS = ("steps", "num_prompts", "num_seeds", "frames", "height", "width", "text_len",
               "precision_max_tokens", "tdc_max_run")
 MAX_GUIDANCE = 100.0  # far above any model's useful scale (1-15); beyond it the latents overflow
-
-
-def check_device(name: str) -> None:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise BackendError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
-    if device.type not in ("cpu", "cuda"):
-        raise BackendError(f"device {name!r} is not supported; use cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {name!r} requested but no CUDA GPU is visible; use --device cpu")
 
 
 def check_args(args) -> None:
@@ -50,7 +38,7 @@ def check_args(args) -> None:
     if guidance is not None and not (math.isfinite(guidance) and abs(guidance) <= MAX_GUIDANCE):
         raise InputError(f"--guidance {guidance} must be a finite number within ±{MAX_GUIDANCE:g} (typical: 1-15)")
     if isinstance(getattr(args, "device", None), str):
-        check_device(args.device)
+        resolve_device(args.device)
     for name in INPUT_ARGS:  # a FIFO or device given as an input would hang or flood its reader
         value = getattr(args, name, None)
         if isinstance(value, str) and os.path.exists(value) and not (os.path.isfile(value) or os.path.isdir(value)):

@@ -21,6 +21,7 @@ from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.artifact import Artifact, Profile, load_artifact
 from ditbake.runtime.attention import AttentionRunner
 from ditbake.runtime.conditioning import prologue_extras
+from ditbake.runtime.devices import resolve_device
 from ditbake.runtime.engines import AotiEngines, EagerEngines
 from ditbake.runtime.errors import BackendError, InputError
 from ditbake.runtime.graphs import ForwardGraphs, graph_blockers
@@ -493,9 +494,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     this process is one rank of a torchrun job (runtime/distributed.py)."""
     if backend is not None and backend not in BACKENDS:
         raise BackendError(f"backend {backend!r} is not available in this runtime; choose one of {BACKENDS}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError("device 'cuda' requested but no CUDA GPU is visible; use device='cpu'")
+    device = resolve_device(device)
     if parallel is not None:
         from ditbake.runtime import distributed  # noqa: PLC0415 - imports this module
 

@@ -117,7 +117,7 @@ def test_eval_device_checks(tmp_path):
         assert cli(["eval", str(art), "--out", str(tmp_path / "o"), "--device", "cuda",
                     "--random-embeddings"]) == BackendError.exit_code
     for bad in ("tpu", "nonsense"):
-        with pytest.raises(InputError, match="cpu"):
+        with pytest.raises(BackendError, match="cpu"):
             ev.eval_device(bad)
 
 
