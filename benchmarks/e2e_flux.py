@@ -17,12 +17,8 @@ Contenders, all in one process on one GPU:
        `--steps`; step 0 always computed;
   (ii) every head of every block an arrow band of `--band` of the image keys (forward_race's (c)
        rows): the report's attention_flops_fraction says what is left;
-  (iii) FP8 linears: the plan's linear layers are Flux's BLOCK_LINEARS, the q/k/v projections
-       both block kinds share (runtime/arch_flux.py) — all a buildable Flux plan can name today.
-  A second ditbake row runs the same session with EVERY block linear FP8: FP8 weights for the
-  other layers are quantized in-process and the session is given a plan over the union of both
-  block kinds' linears (the runtime's Flux block runs it as is; `ditbake build` / the plan
-  validator cannot express it yet). It is labelled as such.
+  (iii) FP8 linears: every block linear of both block kinds (the plan lists Flux's BLOCK_LINEARS,
+       the union of the double and single blocks' layers; each block stores and runs its own).
 
 Per-step times are CUDA-event times between step boundaries. Contenders whose per-step time is
 constant (eager, compile) may be timed over the first `--timed-steps` steps; their total is then
@@ -225,7 +221,7 @@ def release(dev) -> None:
 
 def ditbake_plan(adapter, skipped: list[bool], band: float, head_precision: str, visual_tokens: int):
     """(i) the per-step skip schedule, (ii) every head an arrow band of `band` of the image keys,
-    (iii) the plan's linear layers (Flux: q/k/v of every block) in FP8."""
+    (iii) every block linear (each block kind's own) in FP8."""
     from ditbake.exporter.planner import SKIP
     from ditbake.runtime.plan import BlockVariant, HeadScheme, Plan
 
@@ -237,32 +233,7 @@ def ditbake_plan(adapter, skipped: list[bool], band: float, head_precision: str,
     steps = tuple({"cond": (1 if skip else 0,) * nb} for skip in skipped)
     return Plan(architecture=adapter.architecture, num_blocks=nb, linear_layers=tuple(adapter.linear_layers),
                 attention_sites=tuple(sites), variants=(computed, SKIP), steps=steps, stack_extrapolation="linear",
-                predicted={"e2e_flux": f"fixed plan: Wan test-bed TDC step schedule, arrow band {band}, FP8 q/k/v"})
-
-
-def all_linears_fp8(session, plan):
-    """The session on `plan` with every block linear of both kinds FP8: FP8 weights quantized here for
-    the layers the artifact kept in bf16 (their bf16 weights dropped), and a plan over the union."""
-    import dataclasses
-
-    from ditbake.plugins.linear_fp8 import quantize_weight_fp8
-    from ditbake.runtime.plan import BlockVariant
-
-    arch, config, w = session.arch, session.config, session.weights
-    nd = int(config["num_layers"])
-    for b in range(arch.num_blocks(config)):
-        for n in arch.DOUBLE_BLOCK_LINEARS if b < nd else arch.SINGLE_BLOCK_LINEARS:
-            name = f"{arch.BLOCK_PREFIX}{b}.{n}"
-            if name + ".fp8_weight" not in w:
-                w[name + ".fp8_weight"], w[name + ".fp8_scale"] = quantize_weight_fp8(w.pop(name + ".weight"))
-    computed, skip = plan.variants
-    double = BlockVariant(precisions=tuple((n, "fp8") for n in sorted(arch.DOUBLE_BLOCK_LINEARS)), heads=computed.heads)
-    single = BlockVariant(precisions=tuple((n, "fp8") for n in sorted(arch.SINGLE_BLOCK_LINEARS)), heads=computed.heads)
-    nb = plan.num_blocks
-    steps = tuple({"cond": (2,) * nb if all(v == 1 for v in s["cond"]) else
-                   tuple(0 if b < nd else 1 for b in range(nb))} for s in plan.steps)
-    union = tuple(sorted(set(arch.DOUBLE_BLOCK_LINEARS) | set(arch.SINGLE_BLOCK_LINEARS)))
-    session.plan = dataclasses.replace(plan, linear_layers=union, variants=(double, single, skip), steps=steps)
+                predicted={"e2e_flux": f"fixed plan: Wan test-bed TDC step schedule, arrow band {band}, every block linear FP8"})
 
 
 @torch.no_grad()
@@ -319,14 +290,8 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype, inputs, report) -> None
                "fp8_linears": fp8_layers, "build_s": build_s, **common}
         report.add(row_name, row)
 
-    timed(name, "q/k/v of every block (Flux BLOCK_LINEARS: all a buildable Flux plan names)", build_s)
+    timed(name, "every block linear of both block kinds", build_s)
     report.rows[name]["artifact_bytes"] = artifact_bytes
-    all_name = f"ditbake {args.backend}, every block linear FP8 (runtime-side, not buildable yet)"
-    if args.backend == "eager" and not report.over_budget(all_name):
-        t0 = time.perf_counter()
-        all_linears_fp8(session, plan)
-        timed(all_name, "every linear of both block kinds (FP8 weights quantized in-process)",
-              build_s + time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------- report

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from ditbake.runtime import arch as runtime_arch
+
 from bench_attention import time_ms  # benchmarks/ is the script's directory
 from block_race import LATENT, TEXT_LEN, WAN_1_3B as ONE_BLOCK
 from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
@@ -60,20 +62,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def all_block_linears(arch, config: dict, block: int) -> tuple[str, ...]:
-    """Every linear layer of one block (Flux: its kind's), not only the plan's common list."""
-    if arch.NAME == "flux":
-        return arch.DOUBLE_BLOCK_LINEARS if block < int(config["num_layers"]) else arch.SINGLE_BLOCK_LINEARS
-    return tuple(arch.BLOCK_LINEARS)
-
-
 def contenders(arch, config: dict, band: float, visual_tokens: int):
     """name → BlockVariant for the ditbake rows (the precision map covers every block kind's linears)."""
     from ditbake.runtime.plan import BlockVariant, HeadScheme
 
     site = arch.COMPRESSIBLE_ATTENTION[0]
     heads = int(config["num_attention_heads"])
-    names = sorted({n for b in range(arch.num_blocks(config)) for n in all_block_linears(arch, config, b)})
+    names = sorted(arch.BLOCK_LINEARS)  # every block linear; a block runs those it has
     fp8 = tuple((n, "fp8") for n in names)
     int8 = tuple((n, "int8") for n in names)  # W8A8 INT8: slower GEMM than FP8, far more accurate
     half = max(1, round(band * visual_tokens / 2))
@@ -110,7 +105,7 @@ def add_8bit_weights(weights: dict, arch, config: dict) -> None:
     from ditbake.plugins.linear_int8 import quantize_weight_int8
 
     for b in range(arch.num_blocks(config)):
-        for n in all_block_linears(arch, config, b):
+        for n in runtime_arch.block_linears(arch, config, b):
             name = f"{arch.BLOCK_PREFIX}{b}.{n}"
             q, s = quantize_weight_fp8(weights[name + ".weight"])
             weights[name + ".fp8_weight"], weights[name + ".fp8_scale"] = q, s
@@ -243,7 +238,6 @@ def race_flux(args, dev, dtype) -> dict:
     weights.update({k: v.to(dev) for k, v in adapter.profile_tensors(profile).items()})
     # Flux's further prologue inputs (CLIP pooled vector, distilled guidance), the same for both sides
     from ditbake.exporter.engine_aoti import example_extras
-    from ditbake.runtime import arch as runtime_arch
 
     extras = example_extras(arch, config, dtype, dev)
     named = dict(zip(runtime_arch.extra_inputs(arch, config), extras))

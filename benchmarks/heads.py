@@ -100,7 +100,8 @@ def bench_model(name: str, deltas: list[float], ablation_deltas: list[float], st
     if len(seeds) < len(eval_caps):
         seeds = [seeds[k % len(seeds)] for k in range(len(eval_caps))]  # prompt k runs seed k mod len
     meta = {"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
-            "linear_layers": list(adapter.linear_layers), "attention_sites": adapter.attention_sites,
+            "linear_layers": list(adapter.linear_layers), "absent_linears": [list(p) for p in adapter.absent_linears],
+            "attention_sites": adapter.attention_sites,
             "num_steps": steps, "branches": ["cond", "uncond"]}
     baseline = plan_from_calibration(meta)
     art = builder.build(adapter, baseline, out_dir / f"heads-{name}", profiles=[Profile("p", latent, TEXT_LEN)],

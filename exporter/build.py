@@ -68,7 +68,7 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
         # layers some variant runs below bf16: NVFP4 (quantized from the original weights); the
         # 16-bit weight stays only where a variant still runs it in bf16
         weights = quantize_weights({k: v.cpu() for k, v in adapter.weights().items()}, weights, plan,
-                                   adapter.arch.BLOCK_PREFIX)
+                                   adapter.arch.BLOCK_PREFIX, set(adapter.absent_linears))
         for p in profiles:
             weights.update({k: v.contiguous() for k, v in adapter.profile_tensors(p.to_json()).items()})
         save_file(weights, str(tmp / WEIGHTS))

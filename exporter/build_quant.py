@@ -22,6 +22,7 @@ The Hadamard choice (NVFP4 layers) is the precision planner's measured one
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import torch
 
@@ -32,9 +33,11 @@ from ditbake.runtime.plan import Plan
 log = logging.getLogger(__name__)
 
 
-def layer_precisions(plan: Plan, block_prefix: str = "blocks.") -> dict[str, set[str]]:
+def layer_precisions(plan: Plan, block_prefix: str = "blocks.",
+                     absent: Collection[tuple[int, str]] = frozenset()) -> dict[str, set[str]]:
     """Full layer name → the precisions it may run at. Baked: what the step table uses; adaptive:
-    any compute variant may run on any block."""
+    any compute variant may run on any block. `absent`: (block, layer) pairs the block does not
+    have (their precision-map entries are ignored by the block, so nothing is stored for them)."""
     used: dict[str, set[str]] = {}
     if plan.mode == "adaptive":
         pairs = [(b, v) for b in range(plan.num_blocks) for v in plan.variants]
@@ -44,19 +47,22 @@ def layer_precisions(plan: Plan, block_prefix: str = "blocks.") -> dict[str, set
         if v.compute:
             prec = v.precision_map
             for name in plan.linear_layers:
+                if (b, name) in absent:
+                    continue
                 used.setdefault(f"{block_prefix}{b}.{name}", set()).add(prec.get(name, "bf16"))
     return used
 
 
 def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], plan: Plan,
-                     block_prefix: str = "blocks.") -> dict[str, torch.Tensor]:
+                     block_prefix: str = "blocks.",
+                     absent: Collection[tuple[int, str]] = frozenset()) -> dict[str, torch.Tensor]:
     """`weights` (already cast to the artifact dtype) with NVFP4 layers added and unused 16-bit
     weights dropped; quantized from `source` (the model's original-precision weights)."""
     hadamard = {f"{block_prefix}{b}.{name}" for b, name in (plan.predicted.get("precision") or {}).get("hadamard", ())}
     out = dict(weights)
     stored = {"nvfp4": 0, "fp8": 0, "int8": 0}
     dropped = 0
-    for layer, precisions in sorted(layer_precisions(plan, block_prefix).items()):
+    for layer, precisions in sorted(layer_precisions(plan, block_prefix, absent).items()):
         if precisions == {"bf16"}:
             continue
         source_weight = source[layer + ".weight"].float()

@@ -348,6 +348,7 @@ def calibrate(adapter: Adapter, embeds: torch.Tensor, negative: torch.Tensor | N
             bar.close()
     meta = {"source": source, "architecture": adapter.architecture, "diffusers_class": adapter.diffusers_class,
             "num_blocks": adapter.num_blocks, "linear_layers": list(adapter.linear_layers),
+            "absent_linears": [list(pair) for pair in adapter.absent_linears],
             "attention_sites": adapter.attention_sites, "sampler": sampler, "num_steps": num_steps,
             "guidance_scale": guidance_scale, "seed": seed, "num_prompts": n, "branches": list(branches),
             "latent_shape": list(latent), "text_len": text_len, "device": device.type,

@@ -19,7 +19,8 @@ META_FIELDS = {
     "sampler": _STR, "num_steps": _INT, "guidance_scale": _NUM, "seed": _INT, "num_prompts": _INT,
     "branches": _LIST, "latent_shape": _LIST, "text_len": _INT,
 }
-OPTIONAL_FIELDS = {"weights_seed": _INT, "dtype": _STR, "heads": _DICT, "diffusers_class": _STR, "layout": _DICT}
+OPTIONAL_FIELDS = {"weights_seed": _INT, "dtype": _STR, "heads": _DICT, "diffusers_class": _STR, "layout": _DICT,
+                   "absent_linears": _LIST}
 # tensors every calibration holds, laid out [prompt, branch, step, block]
 CORE_TENSORS = ("gamma", "delta_l1", "delta_change")
 MAX = 1 << 20
@@ -74,6 +75,18 @@ def check_meta(meta, where) -> None:
         raise CalibrationError(f"{where}: linear_layers must be strings")
     for site, heads in meta["attention_sites"].items():
         strict_int(heads, f"{where}: attention_sites[{site[:40]!r}]", 1, 1 << 16, CalibrationError)
+    for pair in meta.get("absent_linears", ()):
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], str)
+                and pair[1] in meta["linear_layers"]):
+            raise CalibrationError(f"{where}: absent_linears entry {str(pair)[:60]} is not [block, listed layer]; "
+                                   "re-run `ditbake calibrate`")
+        strict_int(pair[0], f"{where}: absent_linears block", 0, meta["num_blocks"] - 1, CalibrationError)
+
+
+def absent_linears(meta: dict) -> set[tuple[int, str]]:
+    """(block, layer) pairs of the listed linears a block does not have (none in older calibrations:
+    they listed only layers every block has)."""
+    return {(int(b), name) for b, name in meta.get("absent_linears", ())}
 
 
 def check_tensors(meta: dict, tensors: dict[str, torch.Tensor], where) -> None:
@@ -93,6 +106,7 @@ def check_fits_model(meta: dict, adapter) -> None:
     facts = [("architecture", meta["architecture"], adapter.architecture),
              ("num_blocks", meta["num_blocks"], adapter.num_blocks),
              ("linear_layers", sorted(meta["linear_layers"]), sorted(adapter.linear_layers)),
+             ("absent linears", sorted(absent_linears(meta)), sorted(adapter.absent_linears)),
              ("attention_sites", meta["attention_sites"], dict(adapter.attention_sites))]
     small, large = adapter.latent_shape(1, 1, 1), adapter.latent_shape(2, 3, 5)
     facts.append(("latent rank", len(meta["latent_shape"]), len(small)))

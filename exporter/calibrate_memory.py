@@ -17,6 +17,11 @@ head search (`calibrate_heads`, all prompts in one batch: its MILP needs every p
     output and the chosen one (C candidates):                                (C + 1) · T · W · s
   - error temporaries (two fp32 casts and the squared difference):           3 · T · W · 4
 
+Not per prompt: the precision observer's quantized weight copies (≈ 6 bytes per weight element;
+calibrate_precision.PrecisionObserverConfig.weight_cache_bytes) are made when it starts, before the
+batch size is read from the free memory, and on CUDA take at most a quarter of it by default; layers
+beyond that re-quantize their weight at each call (a transient of one layer's copies).
+
 Attention adds nothing per token pair (flash kernels; the head search's block-sparse op or its
 [chunk, S] tiles). On CUDA the base pass batch is the largest that fits 90 % of the free memory
 after the model is loaded; on the CPU every prompt goes in one batch. For Wan2.1-1.3B at

@@ -15,6 +15,10 @@ fit of its predictor E_rel = α·Γ(t−1) + β.
 
 Γ(t−1) is not measured again: `BlockResidualObserver` already stores ``gamma`` [p, br, s, b].
 
+A layer a block does not have (Flux's single blocks lack the double blocks' text stream, SD3's
+last block its text MLP; the calibration's ``absent_linears``) stays NaN in every table: `absent`
+reads it back, and the fit, the report and the planners leave those cells out.
+
 Fit pooling: one (α, β) per layer of each block, i.e. per (block, layer name), pooled over
 prompts, CFG branches and steps 1…S−1 (step 0 has no Γ(t−1)). Per layer because α and β depend
 on the layer's weight and its input distribution (a down projection after a GELU does not
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("nvfp4", "int8", "fp8")
 HADAMARD_AXIS = ("plain", "hadamard")
+AUTO_CACHE_FRACTION = 0.25  # of the free CUDA memory: the base pass batches prompts in what is left
 
 
 class PrecisionStatsError(DitbakeError):
@@ -62,10 +67,17 @@ class PrecisionObserverConfig:
     max_tokens: rows (tokens) of each layer input used for E_rel, taken with a fixed stride; the
         formats quantize per token, so a strided subset estimates the same error at a fraction of
         the cost (None: all rows). The outlier ratio always uses the whole input.
+    weight_cache_bytes: memory for the layers' quantized weights, made once and kept (≈ 6 bytes per
+        weight element with nvfp4 + int8: the dequantized NVFP4 weight in bf16 and the 8-bit one,
+        plain and Hadamard-folded; 8 with fp8 too). Layers beyond it, in block order, re-quantize
+        their weight at each call (the same tensors, recomputed). None: everything on the CPU, on
+        CUDA `AUTO_CACHE_FRACTION` of the memory free when the observer starts — a 12 B Flux would
+        otherwise need ≈ 70 GB for these copies on top of the model.
     """
 
     formats: tuple[str, ...] = ("nvfp4", "int8")
     max_tokens: int | None = 1024
+    weight_cache_bytes: int | None = None
 
     def __post_init__(self):
         if not self.formats or any(f not in FORMATS for f in self.formats):
@@ -75,6 +87,11 @@ class PrecisionObserverConfig:
             raise PrecisionStatsError("the DMPQ predictor is fitted on nvfp4 errors; include 'nvfp4' in formats")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise PrecisionStatsError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if self.weight_cache_bytes is not None and (isinstance(self.weight_cache_bytes, bool)
+                                                    or not isinstance(self.weight_cache_bytes, int)
+                                                    or self.weight_cache_bytes < 0):
+            raise PrecisionStatsError(f"weight_cache_bytes must be a byte count >= 0 or None, "
+                                      f"got {self.weight_cache_bytes!r}")
 
 
 def observer_factory(config: PrecisionObserverConfig | None = None):
@@ -100,27 +117,48 @@ class PrecisionObserver(Observer):
         self.outlier = torch.full((*shape, n_layers), float("nan"), device=device)
         self.where = (slice(0, 1), 0, 0)
         self.handles = []
+        budget = _cache_budget(config.weight_cache_bytes, device)
+        per_element = 2 * (2 + len(set(config.formats) - {"nvfp4"}))  # bf16 NVFP4 + 1-byte codes, ×2 Hadamard
+        cached = total = 0
         for b, block in enumerate(adapter.block_modules()):
+            have = set(adapter.block_linears(b))
             for li, name in enumerate(self.layers):
+                if name not in have:
+                    continue
                 module = block.get_submodule(name)
-                # NVFP4 weights once per layer and Hadamard setting (plain, folded): the same tensors
-                # the build will store, so the measured error is the shipped one.
-                weights = {}
-                w = module.weight.detach().float()
-                for had in (False, True):
-                    t = prepare_nvfp4_weight(w, hadamard=had)
-                    # the dequantized NVFP4 weight over its global scale (e2m1 × e4m3 block scale: ≤ 6
-                    # significant bits, exact in bf16 at half the memory), made once instead of at every
-                    # layer call; the hook multiplies the global scale into the output
-                    unit = NVFP4Tensor(t.packed, t.block_scales, torch.ones((), device=w.device), t.shape)
-                    weights["nvfp4", had] = (dequantize_nvfp4(unit, torch.bfloat16), t.global_scale.float())
-                    for fmt in set(config.formats) - {"nvfp4"}:
-                        weights[fmt, had] = quantize_weight_per_channel(fold_hadamard_into_weight(w) if had else w, fmt)
+                total += 1
+                need = per_element * module.weight.numel()
+                weights = None
+                if need <= budget:
+                    weights = self._quantized_weights(module)
+                    budget -= need
+                    cached += 1
                 bias = None if module.bias is None else module.bias.detach().float()
                 self.handles.append(module.register_forward_hook(self._hook(b, li, weights, bias)))
+        self.cached_layers, self.total_layers = cached, total
+        if cached < total:
+            log.info("precision statistics: quantized weights of %d of %d layers kept, the other %d re-quantized at "
+                     "each call (weight_cache_bytes)", cached, total, total - cached)
 
-    def _hook(self, block: int, layer: int, weights, bias):
+    def _quantized_weights(self, module) -> dict:
+        """NVFP4 and 8-bit weights per Hadamard setting (plain, folded): the same tensors the build
+        stores, so the measured error is the shipped one."""
+        weights = {}
+        w = module.weight.detach().float()
+        for had in (False, True):
+            t = prepare_nvfp4_weight(w, hadamard=had)
+            # the dequantized NVFP4 weight over its global scale (e2m1 × e4m3 block scale: ≤ 6
+            # significant bits, exact in bf16 at half the memory), made once instead of at every
+            # layer call; the hook multiplies the global scale into the output
+            unit = NVFP4Tensor(t.packed, t.block_scales, torch.ones((), device=w.device), t.shape)
+            weights["nvfp4", had] = (dequantize_nvfp4(unit, torch.bfloat16), t.global_scale.float())
+            for fmt in set(self.config.formats) - {"nvfp4"}:
+                weights[fmt, had] = quantize_weight_per_channel(fold_hadamard_into_weight(w) if had else w, fmt)
+        return weights
+
+    def _hook(self, block: int, layer: int, cached: dict | None, bias):
         def hook(module, args, output):
+            weights = cached if cached is not None else self._quantized_weights(module)
             rows, br, s = self.where
             x = args[0].detach()
             x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
@@ -152,6 +190,16 @@ class PrecisionObserver(Observer):
             h.remove()
 
 
+def _cache_budget(configured: int | None, device: torch.device) -> int:
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return 1 << 62  # host memory: the calibrations run on the CPU are small models
+    from ditbake.exporter.calibrate_memory import free_bytes  # noqa: PLC0415
+
+    return int(AUTO_CACHE_FRACTION * free_bytes(device))
+
+
 def _fake_quant_linear(x2: torch.Tensor, weight, bias, fmt: str, hadamard: bool) -> torch.Tensor:
     """The shipped numerics of `mixed_linear_ref` (nvfp4) / `linear_w8a8_ref` (int8, fp8) as one FP32
     matmul of fake-quantized operands. The references accumulate 8-bit products exactly in float64
@@ -176,6 +224,14 @@ def require(tensors: dict[str, torch.Tensor], *names: str) -> None:
     if missing:
         raise PrecisionStatsError(f"the calibration has no {', '.join(missing)}; re-run `ditbake calibrate` "
                                   "with precision statistics on (--precision-stats)")
+
+
+def absent(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """bool [block, layer]: layers a block does not have (never measured: NaN in every cell)."""
+    require(tensors, "erel_nvfp4")
+    e = tensors["erel_nvfp4"]
+    return torch.isnan(e).all(dim=0).all(dim=0).all(dim=0).all(dim=-1) if e.numel() else \
+        torch.zeros(e.shape[3:5], dtype=torch.bool)
 
 
 def choose_hadamard(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -204,6 +260,7 @@ class PredictorFit:
     r2_within: float
     r2_global: float
     n: int
+    missing: torch.Tensor | None = None  # [block, layer] bool: absent layers (no fit)
 
     def predict(self, gamma_prev: torch.Tensor) -> torch.Tensor:
         """gamma_prev [..., block] → predicted E_rel [..., block, layer]."""
@@ -215,7 +272,8 @@ class PredictorFit:
 
         per_layer = {f"{b}.{name}": {"alpha": num(self.alpha[b, li]), "beta": num(self.beta[b, li]),
                                             "r2": num(self.r2[b, li])}
-                     for b in range(self.alpha.shape[0]) for li, name in enumerate(layers)}
+                     for b in range(self.alpha.shape[0]) for li, name in enumerate(layers)
+                     if self.missing is None or not self.missing[b, li]}
         finite = self.r2[torch.isfinite(self.r2)]
         return {"r2_within": num(self.r2_within), "r2_global": num(self.r2_global),
                 "r2_median_layer": num(finite.median()) if finite.numel() else None,
@@ -234,7 +292,13 @@ def predictor_samples(gamma: torch.Tensor, erel: torch.Tensor) -> tuple[torch.Te
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor) -> PredictorFit:
-    """Least squares y = αx + β independently per trailing index ([n, ...] inputs), closed form."""
+    """Least squares y = αx + β independently per trailing index ([n, ...] inputs), closed form.
+    A trailing index whose y is NaN throughout (an absent layer) gets α = β = 0, R² NaN, and is
+    left out of the pooled R²s."""
+    missing = torch.isnan(y).all(0)
+    if missing.any():
+        y = torch.where(missing, torch.zeros_like(y), y)
+        x = torch.where(missing, torch.zeros_like(x), x)
     mx, my = x.mean(0), y.mean(0)
     dx, dy = x - mx, y - my
     sxx, sxy = (dx * dx).sum(0), (dx * dy).sum(0)
@@ -243,13 +307,14 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor) -> PredictorFit:
     res = y - (alpha * x + beta)
     ss_res, ss_tot = (res * res).sum(0), (dy * dy).sum(0)
     # E_rel that does not vary (beyond float rounding of its mean) has no R²: NaN, not 0 or 1
-    varies = ss_tot > x.shape[0] * (1e-9 * my.abs()) ** 2
+    varies = (ss_tot > x.shape[0] * (1e-9 * my.abs()) ** 2) & ~missing
     r2 = torch.where(varies, 1 - ss_res / ss_tot.clamp_min(1e-300), torch.full_like(ss_tot, float("nan")))
-    tot_within = float(ss_tot.sum())
-    tot_global = float(((y - y.mean()) ** 2).sum())
+    tot_within = float(ss_tot.sum())  # absent cells are 0 in every sum
+    present = ~missing.expand_as(y)
+    tot_global = float(((y[present] - y[present].mean()) ** 2).sum()) if present.any() else 0.0
     r2_within = 1 - float(ss_res.sum()) / tot_within if tot_within > 0 else float("nan")
     r2_global = 1 - float(ss_res.sum()) / tot_global if tot_global > 0 else float("nan")
-    return PredictorFit(alpha, beta, r2, r2_within, r2_global, int(x.shape[0]))
+    return PredictorFit(alpha, beta, r2, r2_within, r2_global, int(x.shape[0]), missing)
 
 
 def fit_predictor(tensors: dict[str, torch.Tensor], fmt: str = "nvfp4",
@@ -258,7 +323,9 @@ def fit_predictor(tensors: dict[str, torch.Tensor], fmt: str = "nvfp4",
     require(tensors, "gamma", f"erel_{fmt}")
     had = choose_hadamard(tensors) if hadamard is None else hadamard
     x, y = predictor_samples(tensors["gamma"], chosen_erel(tensors, fmt, had))
-    if not torch.isfinite(y).all() or not torch.isfinite(x).all():
+    # NaN throughout a (block, layer) cell is a layer the block lacks (the planner checks that against
+    # the calibration's absent_linears); NaN anywhere else is a layer that missed some calls
+    if not torch.isfinite(y[:, ~absent(tensors)]).all() or not torch.isfinite(x).all():
         raise PrecisionStatsError("precision statistics contain NaN (a layer never ran during calibration); "
                                   "re-run `ditbake calibrate`")
     return fit_linear(x, y)
@@ -272,9 +339,10 @@ def precision_report(tensors: dict[str, torch.Tensor], layers: tuple[str, ...]) 
         if key.startswith("erel_"):
             fmt = key.removeprefix("erel_")
             fit = fit_predictor(tensors, fmt, had)
-            mean = chosen_erel(tensors, fmt, had).double().mean()
+            mean = chosen_erel(tensors, fmt, had).double().nanmean()
             out["formats"][fmt] = {"mean_erel": float(mean), **fit.summary(layers)}
     ratio = tensors["outlier_ratio"].double()
+    ratio = ratio[~torch.isnan(ratio)]
     out["outlier_ratio"] = {"median": float(ratio.median()), "max": float(ratio.max())}
     return out
 
@@ -297,7 +365,10 @@ def scatter_plot(tensors: dict[str, torch.Tensor], layers: tuple[str, ...], path
         xs, ys = x[..., li].flatten(), y[..., li].flatten()
         ax.scatter(xs.numpy(), ys.numpy(), s=5, alpha=0.45, color=cmap(li % 10), label=name)
         # fit lines per block would clutter: draw this layer type's mean line over its Γ range
-        a, b_ = float(fit.alpha[:, li].mean()), float(fit.beta[:, li].mean())
+        has = ~torch.isnan(y[..., li]).all(0)  # the blocks that have this layer
+        if not has.any():
+            continue
+        a, b_ = float(fit.alpha[has, li].mean()), float(fit.beta[has, li].mean())
         grid = torch.linspace(float(xs.min()), float(xs.max()), 2)
         ax.plot(grid.numpy(), (a * grid + b_).numpy(), color=cmap(li % 10), lw=1)
     ax.set_xlabel("Γ(t−1): relative L1 change of the block at the previous step")

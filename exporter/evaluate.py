@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.devices import resolve_device
 from ditbake.runtime.errors import DitbakeError, InputError
 
@@ -103,16 +105,19 @@ def temporal_error(compressed: torch.Tensor, reference: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- plan measures
 
-def average_activation_bits(plan) -> float:
-    """Mean activation bits over the linear layers of every computed block of every step and branch."""
+def average_activation_bits(plan, absent: Collection[tuple[int, str]] = frozenset()) -> float:
+    """Mean activation bits over the linear layers of every computed block of every step and branch
+    (`absent`: (block, layer) pairs the block does not have, left out)."""
     bits, count = 0.0, 0
     for step in plan.steps:
         for ids in step.values():
-            for vid in ids:
+            for b, vid in enumerate(ids):
                 variant = plan.variants[vid]
                 if not variant.compute:
                     continue
-                for _, precision in variant.precisions:
+                for name, precision in variant.precisions:
+                    if (b, name) in absent:
+                        continue
                     bits += PRECISION_BITS[precision]
                     count += 1
     return bits / count if count else 16.0
@@ -393,7 +398,10 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
         embeds, negative = prompt_embeddings(compressed, prompt_list, cfg.seeds[0], random_embeddings)
     arch = compressed.artifact.architecture
     result = EvalResult(artifact=str(artifact_path), reference=reference_name,
-                        avg_activation_bits=average_activation_bits(compressed.plan), device=str(device))
+                        avg_activation_bits=average_activation_bits(
+                            compressed.plan, set(runtime_arch.absent_linears(compressed.arch, compressed.config,
+                                                                            compressed.plan.num_blocks))),
+                        device=str(device))
     skips, attn_done, attn_dense, first_pair = [], 0.0, 0.0, None
     jobs = [(i, s) for i in range(len(prompt_list)) for s in cfg.seeds]
     for i, seed in tqdm(jobs, desc="evaluate", disable=not progress):

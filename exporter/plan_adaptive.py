@@ -87,7 +87,9 @@ def adaptive_section(meta: dict, tensors: dict[str, torch.Tensor], *, precision=
         section["precision"] = {
             "threshold": precision.threshold, "high_format": precision.config.high_format,
             "alpha": tables.fit.alpha.tolist(), "beta": tables.fit.beta.tolist(),
-            "excluded": tables.excluded.tolist(), "gamma": gamma.tolist()}  # alpha/beta/excluded [block][layer]
+            # a layer the block lacks is "excluded" (bf16, as the baked plan keeps it; its block ignores it)
+            "excluded": (tables.excluded | ~tables.planned).tolist(),
+            "gamma": gamma.tolist()}  # alpha/beta/excluded [block][layer]
     if cache is not None:
         change = mean_change(tensors["delta_change"])  # [branch, step, block], inf at step 0
         section["skip"] = {"tau": tau, "max_run": cache.max_run, "unsafe_steps": list(unsafe_steps),

@@ -11,6 +11,10 @@ Step 0 has no Γ(t−1): there both predictors use the calibrated mean E_rel of 
 activation bits (bf16 16, int8 8, nvfp4 4, over every planned layer call) meet a target, or so
 that a target fraction of the quantized layer calls runs NVFP4.
 
+Layers a block does not have (the calibration's ``absent_linears``: Flux's single blocks, SD3's
+last block) are no planned call: they keep bf16 in the precision map, which their block ignores,
+and count in neither the budget nor the exclusions.
+
 Exclusions (kept bf16 at every step; embeddings and the projections in and out are not block
 linears, so they are never planned): a layer whose calibrated W4A8 error — the best a quantized
 layer can do here, since its weight is NVFP4 either way — exceeds `extreme_factor` × the median
@@ -25,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ditbake.exporter.calibrate_precision import (chosen_erel, choose_hadamard, fit_predictor, require)
+from ditbake.exporter.calibrate_check import absent_linears
+from ditbake.exporter.calibrate_precision import absent, chosen_erel, choose_hadamard, fit_predictor, require
 from ditbake.runtime.errors import PlanError
 
 log = logging.getLogger(__name__)
@@ -89,22 +94,29 @@ class PrecisionConfig:
 
 @dataclass(frozen=True)
 class PrecisionTables:
-    """What the pass decides from: predicted W4A4 error [branch, step, block, layer] (float64),
-    excluded and hadamard [block, layer] (bool)."""
+    """What the pass decides from: predicted W4A4 error [branch, step, block, layer] (float64,
+    NaN where absent), excluded, hadamard and absent [block, layer] (bool)."""
 
     predicted: torch.Tensor
     excluded: torch.Tensor
     hadamard: torch.Tensor
     fit: object | None = None
+    absent: torch.Tensor | None = None
+
+    @property
+    def planned(self) -> torch.Tensor:
+        """bool [block, layer]: the layer exists in the block (a planned call)."""
+        return torch.ones_like(self.excluded) if self.absent is None else ~self.absent
 
 
 def excluded_layers(tensors: dict[str, torch.Tensor], hadamard: torch.Tensor, config: PrecisionConfig) -> torch.Tensor:
     """bool [block, layer] by the measured rule in the module docstring."""
     high = config.high_format if f"erel_{config.high_format}" in tensors else "int8"
     best = chosen_erel(tensors, high, hadamard).double().mean(dim=(0, 1, 2))  # [block, layer]
-    excluded = best > config.extreme_factor * best.median()
+    present = ~absent(tensors)
+    excluded = (best > config.extreme_factor * best[present].median()) & present
     if config.extreme_outlier_ratio is not None:
-        excluded |= tensors["outlier_ratio"].double().mean(dim=(0, 1, 2)) > config.extreme_outlier_ratio
+        excluded |= (tensors["outlier_ratio"].double().mean(dim=(0, 1, 2)) > config.extreme_outlier_ratio) & present
     return excluded
 
 
@@ -120,25 +132,31 @@ def precision_tables(tensors: dict[str, torch.Tensor], config: PrecisionConfig) 
         predicted = torch.cat([measured[:, :1], fit.predict(gamma_prev)], dim=1)
     else:
         predicted = measured
-    return PrecisionTables(predicted, excluded_layers(tensors, had, config), had, fit)
+    missing = absent(tensors)
+    predicted = predicted.masked_fill(missing, float("nan"))
+    return PrecisionTables(predicted, excluded_layers(tensors, had, config), had & ~missing, fit, missing)
 
 
-def assign(predicted: torch.Tensor, excluded: torch.Tensor, threshold: float, high: str = "int8") -> list:
-    """Format names [branch][step][block][layer] for threshold θ."""
+def assign(predicted: torch.Tensor, excluded: torch.Tensor, threshold: float, high: str = "int8",
+           absent: torch.Tensor | None = None) -> list:
+    """Format names [branch][step][block][layer] for threshold θ (bf16 for absent layers)."""
     low = predicted <= threshold
+    keep = excluded if absent is None else excluded | absent
     out = []
     for br in range(predicted.shape[0]):
-        out.append([[[("bf16" if excluded[b, li] else "nvfp4" if low[br, i, b, li] else high)
+        out.append([[[("bf16" if keep[b, li] else "nvfp4" if low[br, i, b, li] else high)
                       for li in range(predicted.shape[3])] for b in range(predicted.shape[2])]
                     for i in range(predicted.shape[1])])
     return out
 
 
-def stats_for(predicted: torch.Tensor, excluded: torch.Tensor, threshold: float, high: str = "int8") -> dict:
+def stats_for(predicted: torch.Tensor, excluded: torch.Tensor, threshold: float, high: str = "int8",
+              absent: torch.Tensor | None = None) -> dict:
     """Predicted average activation bits and NVFP4 fraction of threshold θ (over every planned call)."""
-    quant = ~excluded.expand_as(predicted)
+    planned = torch.ones_like(excluded) if absent is None else ~absent
+    quant = (~excluded & planned).expand_as(predicted)
     nv = (predicted <= threshold) & quant
-    n_all, n_q, n_nv = predicted.numel(), int(quant.sum()), int(nv.sum())
+    n_all, n_q, n_nv = int(planned.expand_as(predicted).sum()), int(quant.sum()), int(nv.sum())
     bits = (BITS["bf16"] * (n_all - n_q) + BITS[high] * (n_q - n_nv) + BITS["nvfp4"] * n_nv) / max(n_all, 1)
     return {"avg_activation_bits": bits, "nvfp4_fraction": n_nv / n_q if n_q else 0.0}
 
@@ -147,13 +165,13 @@ def search_threshold(tables: PrecisionTables, config: PrecisionConfig) -> float:
     """Bisection over the sorted predictions of the quantized layers: the smallest θ that meets the
     budget (most INT8 under the budget: the budget is a cap on bits, not a goal to undercut).
     Both measures are monotone in θ. An unreachable budget logs a warning and takes the extreme."""
-    values = tables.predicted[~tables.excluded.expand_as(tables.predicted)].flatten().sort().values
+    values = tables.predicted[(~tables.excluded & tables.planned).expand_as(tables.predicted)].flatten().sort().values
     if values.numel() == 0:
         return 0.0
     high = config.high_format
 
     def meets(theta: float) -> bool:
-        s = stats_for(tables.predicted, tables.excluded, theta, high)
+        s = stats_for(tables.predicted, tables.excluded, theta, high, tables.absent)
         if config.avg_bits is not None:
             return s["avg_activation_bits"] <= config.avg_bits + 1e-12
         return s["nvfp4_fraction"] >= config.nvfp4_fraction - 1e-12
@@ -161,7 +179,7 @@ def search_threshold(tables: PrecisionTables, config: PrecisionConfig) -> float:
     # candidates: -1 (nothing NVFP4) then each sorted prediction (θ = that value admits it)
     candidates = [float(values[0]) - 1.0] + values.tolist()
     if not meets(candidates[-1]):
-        s = stats_for(tables.predicted, tables.excluded, candidates[-1], high)
+        s = stats_for(tables.predicted, tables.excluded, candidates[-1], high, tables.absent)
         log.warning("precision budget unreachable (all quantized layers NVFP4 gives %.2f bits, NVFP4 fraction %.2f); "
                     "using all NVFP4", s["avg_activation_bits"], s["nvfp4_fraction"])
         return candidates[-1]
@@ -193,7 +211,11 @@ def precision_pass(tensors: dict[str, torch.Tensor] | None, config: PrecisionCon
             raise PlanError(f"precision statistics have shape {list(tables.predicted.shape)} but the plan is "
                             f"[{len(configs[0])} branches, {len(configs)} steps, {meta['num_blocks']} blocks, "
                             f"{len(layers)} layers]; re-run `ditbake calibrate`")
-        formats = assign(tables.predicted, tables.excluded, theta, config.high_format)
+        measured_absent = {(b, layers[li]) for b, li in tables.planned.logical_not().nonzero().tolist()}
+        if measured_absent != absent_linears(meta):
+            raise PlanError(f"the calibration's statistics leave out {len(measured_absent)} (block, layer) pairs but "
+                            f"its metadata lists {len(absent_linears(meta))} absent linears; re-run `ditbake calibrate`")
+        formats = assign(tables.predicted, tables.excluded, theta, config.high_format, tables.absent)
         for i, step in enumerate(configs):
             for br, blocks in enumerate(step):
                 for b, v in enumerate(blocks):
@@ -202,7 +224,7 @@ def precision_pass(tensors: dict[str, torch.Tensor] | None, config: PrecisionCon
                     prec = dict(v.precisions)
                     prec.update(zip(layers, formats[br][i][b]))
                     blocks[b] = dataclasses.replace(v, precisions=tuple(sorted(prec.items())))
-        s = stats_for(tables.predicted, tables.excluded, theta, config.high_format)
+        s = stats_for(tables.predicted, tables.excluded, theta, config.high_format, tables.absent)
         fit_summary = None
         if tables.fit is not None:
             fit_summary = {"r2_within": tables.fit.r2_within, "r2_global": tables.fit.r2_global}
@@ -224,20 +246,22 @@ def precision_pass(tensors: dict[str, torch.Tensor] | None, config: PrecisionCon
     return apply
 
 
-def activation_bits(configs) -> float:
-    """Average activation bits over the linear layers of every computed (step, branch, block)."""
+def activation_bits(configs, absent: set[tuple[int, str]] = frozenset()) -> float:
+    """Average activation bits over the linear layers of every computed (step, branch, block),
+    leaving out (block, layer) pairs the block does not have."""
     bits = count = 0
     for step in configs:
         for blocks in step:
-            for v in blocks:
+            for b, v in enumerate(blocks):
                 if v.compute:
-                    for _, p in v.precisions:
-                        bits += BITS[p]
-                        count += 1
+                    for name, p in v.precisions:
+                        if (b, name) not in absent:
+                            bits += BITS[p]
+                            count += 1
     return bits / count if count else 16.0
 
 
 def bits_pass(configs, meta: dict, predicted: dict) -> None:
     """Last pass: re-count the predicted average activation bits over what really computes (after
     skips and purified refreshes)."""
-    predicted["avg_activation_bits"] = activation_bits(configs)
+    predicted["avg_activation_bits"] = activation_bits(configs, absent_linears(meta))

@@ -35,6 +35,22 @@ def block_kind(module: ModuleType, config: dict, index: int) -> str:
     return str(fn(config, index)) if fn else DEFAULT_BLOCK_KIND
 
 
+def block_linears(module: ModuleType, config: dict, index: int) -> tuple[str, ...]:
+    """The linear layers block `index` has: its kind's (KIND_LINEARS: Flux's double and single
+    blocks, SD3's last block), else every one of BLOCK_LINEARS, the plan's list."""
+    kinds = getattr(module, "KIND_LINEARS", None)
+    return tuple(kinds[block_kind(module, config, index)]) if kinds else tuple(module.BLOCK_LINEARS)
+
+
+def absent_linears(module: ModuleType, config: dict, num_blocks: int) -> list[tuple[int, str]]:
+    """(block, layer) pairs of BLOCK_LINEARS that a block does not have, in block order."""
+    out = []
+    for b in range(num_blocks):
+        have = set(block_linears(module, config, b))
+        out.extend((b, name) for name in module.BLOCK_LINEARS if name not in have)
+    return out
+
+
 def block_kinds(module: ModuleType, config: dict, num_blocks: int) -> dict[str, int]:
     """Each block kind with its first block index (the block the exporter traces for it), in block order."""
     kinds: dict[str, int] = {}

@@ -15,12 +15,11 @@ the runtime's weight dict renumbers the single blocks into that namespace
 (`single_transformer_blocks.{j}.x` → `transformer_blocks.{num_layers + j}.x`, see `uniform_weights`);
 every other name is the diffusers state-dict name.
 
-Linear layers: the two block kinds have different linear sets (DOUBLE_BLOCK_LINEARS,
-SINGLE_BLOCK_LINEARS). The plan has one `linear_layers` list for all blocks, and the exporter's
-precision calibration and quantizer look every listed layer up in every block, so BLOCK_LINEARS
-lists the layers present in BOTH kinds (the attention q/k/v projections), as SD3 lists only the
-layers present in every block; the rest stay 16-bit. `block` itself reads a precision for every
-linear it runs from the precision map (absent → bf16), so a plan over the union would run as is.
+Linear layers: the two block kinds have different linear sets (KIND_LINEARS: DOUBLE_BLOCK_LINEARS,
+SINGLE_BLOCK_LINEARS). The plan's one `linear_layers` list is their union (BLOCK_LINEARS); each
+block has the layers of its kind (`runtime.arch.block_linears`), and calibration, planning and the
+quantizer skip the others. `block` reads a precision for every linear it runs from the precision
+map (absent → bf16) and ignores entries for layers its kind lacks.
 
 Latents: the runtime takes the VAE latents [B, C, H, W] and packs 2×2 patches into tokens
 (diffusers FluxPipeline._pack_latents; the model's own patch_size must be 1), so in_channels is
@@ -50,8 +49,9 @@ DOUBLE_BLOCK_LINEARS = ("norm1.linear", "norm1_context.linear", "attn.to_q", "at
                         "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                         "ff_context.net.2")
 SINGLE_BLOCK_LINEARS = ("norm.linear", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
-# The layers present in every block (both kinds): the plan's one list for all blocks.
-BLOCK_LINEARS = tuple(n for n in DOUBLE_BLOCK_LINEARS if n in SINGLE_BLOCK_LINEARS)
+KIND_LINEARS = {"double": DOUBLE_BLOCK_LINEARS, "single": SINGLE_BLOCK_LINEARS}
+# Every linear some block has (the plan's one list); a block has those of its kind.
+BLOCK_LINEARS = DOUBLE_BLOCK_LINEARS + tuple(n for n in SINGLE_BLOCK_LINEARS if n not in DOUBLE_BLOCK_LINEARS)
 COMPRESSIBLE_ATTENTION = ("attn",)
 BLOCK_PREFIX = "transformer_blocks."
 SINGLE_PREFIX = "single_transformer_blocks."

@@ -22,11 +22,13 @@ from ditbake.runtime.nn import Weights, dense, gelu_tanh_mlp, quantizable_linear
 from ditbake.runtime.nn import heads, num_blocks  # noqa: F401 - part of the architecture interface
 
 NAME = "sd3"
-# Linear layers present in EVERY block (the last block is context_pre_only: it has no
-# attn.to_add_out and no ff_context, so those stay 16-bit and are not listed).
-BLOCK_LINEARS = ("norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v",
-                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0",
-                 "ff.net.0.proj", "ff.net.2")
+# Every block linear; the last block is context_pre_only and lacks the text stream's output
+# projection and MLP (KIND_LINEARS, `runtime.arch.block_linears`).
+PRE_ONLY_LINEARS = ("norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0",
+                    "ff.net.0.proj", "ff.net.2")
+BLOCK_LINEARS = PRE_ONLY_LINEARS + ("attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2")
+KIND_LINEARS = {"joint": BLOCK_LINEARS, "joint_pre_only": PRE_ONLY_LINEARS}
 COMPRESSIBLE_ATTENTION = ("attn",)
 BLOCK_PREFIX = "transformer_blocks."
 NORM_EPS = 1e-6
@@ -143,7 +145,7 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     n = heads(config)
     t = ctx["text_len"]
     img, txt = h[:, :-t], h[:, -t:]
-    pre_only = (p + "attn.to_add_out.weight") not in w
+    pre_only = block_kind(config, index) == "joint_pre_only"
     cond = F.silu(ctx["temb"])
 
     shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = lin(cond, "norm1.linear").chunk(6, dim=1)
@@ -169,11 +171,12 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     a = a.transpose(1, 2).flatten(2).type_as(h)
     img = img + gate[:, None] * lin(a[:, :-t], "attn.to_out.0")
     x = _layer_norm(img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    img = img + gate_mlp[:, None] * gelu_tanh_mlp(x, w, p + "ff", {p + k_: v_ for k_, v_ in prec.items()})
+    sub = {p + k_: v_ for k_, v_ in prec.items()}
+    img = img + gate_mlp[:, None] * gelu_tanh_mlp(x, w, p + "ff", sub)
     if not pre_only:
-        txt = txt + c_gate[:, None] * dense(a[:, -t:], w, p + "attn.to_add_out")
+        txt = txt + c_gate[:, None] * lin(a[:, -t:], "attn.to_add_out")
         x = _layer_norm(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        txt = txt + c_gate_mlp[:, None] * gelu_tanh_mlp(x, w, p + "ff_context", {})
+        txt = txt + c_gate_mlp[:, None] * gelu_tanh_mlp(x, w, p + "ff_context", sub)
     return torch.cat([img, txt], dim=1)
 
 

@@ -4,7 +4,7 @@ Layout (format "ditbake-plan", version 1)::
 
     {"format": "ditbake-plan", "version": 1, "mode": "baked" | "adaptive",
      "architecture": "wan", "num_blocks": 30, "num_steps": 50,
-     "linear_layers": ["attn1.to_q", ...],          # per-block linear layers (relative names)
+     "linear_layers": ["attn1.to_q", ...],          # block linears (relative names; each block has its kind's)
      "attention_sites": {"attn1": 12},              # compressible attention sites → head count
      "variants": [BlockVariant, ...],               # distinct block configurations
      "steps": [{"cond": [vid per block], "uncond": [vid per block]}, ...],

@@ -241,7 +241,9 @@ def _check_plan_fits(arch, config: dict, plan) -> None:
     if dict(plan.attention_sites) != expected:
         raise PlanError(f"the plan's attention sites {dict(plan.attention_sites)} differ from the model's "
                         f"compressible sites {expected} (heads from the config); rebuild the artifact")
-    if set(plan.linear_layers) != set(arch.BLOCK_LINEARS):
+    # every layer the architecture lists; a subset is an artifact built when Flux and SD3 planned
+    # only the layers every block has (the others run 16-bit, as they did then)
+    if not plan.linear_layers or not set(plan.linear_layers) <= set(arch.BLOCK_LINEARS):
         raise PlanError(f"the plan's linear layers differ from {arch.NAME}'s; rebuild the artifact")
     for vid, v in enumerate(plan.variants):
         for site, schemes in v.heads:
@@ -275,13 +277,19 @@ def _per_block(arch, config: dict, weights: dict) -> dict[int, dict[str, tuple]]
     return per_block
 
 
+def _planned_linears(arch, config: dict, plan, block: int) -> list[str]:
+    """The plan's linear layers that block `block` has (Flux's two kinds, SD3's last block)."""
+    have = set(runtime_arch.block_linears(arch, config, block))
+    return [layer for layer in plan.linear_layers if layer in have]
+
+
 def _check_weights(arch, config: dict, plan, weights: dict, manifest: dict) -> dict[int, dict[str, tuple]]:
     """Names every architecture needs (each linear layer in every block, 16-bit or NVFP4), nothing
     beyond the last block, the attention width, the manifest's tensor record."""
     _, heads, head_dim = _config_facts(arch, config)
     per_block = _per_block(arch, config, weights)
     for b, names in per_block.items():
-        for layer in plan.linear_layers:
+        for layer in _planned_linears(arch, config, plan, b):
             if not {layer + ".weight", layer + ".nvfp4_packed", layer + ".fp8_weight", layer + ".int8_weight"} & set(names):
                 raise ArtifactError(f"block {b} has no weight for linear layer {layer}; rebuild the artifact")
         for site in arch.COMPRESSIBLE_ATTENTION:
@@ -313,7 +321,7 @@ def _representatives(arch, config: dict, plan, per_block: dict) -> list[int]:
     kind = getattr(arch, "is_single", lambda config, b: False)
     seen, chosen = set(), []
     for b, names in per_block.items():
-        if not all(layer + ".weight" in names for layer in plan.linear_layers):
+        if not all(layer + ".weight" in names for layer in _planned_linears(arch, config, plan, b)):
             continue
         signature = (kind(config, b), tuple(sorted((n, v) for n, v in names.items() if ".nvfp4_" not in n)))
         if signature not in seen:

@@ -50,8 +50,17 @@ class Adapter:
 
     @property
     def linear_layers(self) -> tuple[str, ...]:
-        """Per-block linear layers the precision planner may quantize (names relative to a block)."""
+        """Per-block linear layers the precision planner may quantize (names relative to a block):
+        every layer some block has; `block_linears` says which a given block has."""
         return self.arch.BLOCK_LINEARS
+
+    def block_linears(self, index: int) -> tuple[str, ...]:
+        return runtime_arch.block_linears(self.arch, self.config, index)
+
+    @property
+    def absent_linears(self) -> list[tuple[int, str]]:
+        """(block, layer) pairs of `linear_layers` a block does not have (Flux's two kinds, SD3's last block)."""
+        return runtime_arch.absent_linears(self.arch, self.config, self.num_blocks)
 
     @property
     def attention_sites(self) -> dict[str, int]:

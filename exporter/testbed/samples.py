@@ -57,7 +57,8 @@ def build_baseline_artifact(model_dir: Path, out: Path, dtype: torch.dtype = tor
     if clip is not None:
         spec = spec.at_size(*clip)
     meta = {"architecture": adapter.architecture, "num_blocks": adapter.num_blocks,
-            "linear_layers": list(adapter.linear_layers), "attention_sites": adapter.attention_sites,
+            "linear_layers": list(adapter.linear_layers), "absent_linears": [list(p) for p in adapter.absent_linears],
+            "attention_sites": adapter.attention_sites,
             "num_steps": 20, "branches": ["cond", "uncond"]}
     latent = adapter.latent_shape(spec.frames, spec.height, spec.width)
     profile = Profile(f"f{spec.frames}_h{spec.height}_w{spec.width}_t{TEXT_LEN}", tuple(latent), TEXT_LEN)

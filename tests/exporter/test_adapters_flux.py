@@ -98,13 +98,16 @@ def test_flux_metadata_layout_and_weights():
     assert runtime_arch.get("flux") is arch_flux
     blocks = adapter.block_modules()
     assert len(blocks) == adapter.num_blocks == 4
-    for layer in adapter.linear_layers:  # listed linears exist in every block, double and single
-        for block in blocks:
-            assert isinstance(block.get_submodule(layer), torch.nn.Linear)
-    assert set(adapter.linear_layers) == {"attn.to_q", "attn.to_k", "attn.to_v"}
-    for kind, names in ((blocks[0], arch_flux.DOUBLE_BLOCK_LINEARS), (blocks[-1], arch_flux.SINGLE_BLOCK_LINEARS)):
-        for name in names:
-            assert isinstance(kind.get_submodule(name), torch.nn.Linear)
+    # each block lists exactly its own linears (every nn.Linear of the diffusers block), the plan the union
+    for b, block in enumerate(blocks):
+        linears = {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert set(adapter.block_linears(b)) == linears
+        assert linears == set(arch_flux.DOUBLE_BLOCK_LINEARS if b < 2 else arch_flux.SINGLE_BLOCK_LINEARS)
+    assert set(adapter.linear_layers) == set(arch_flux.DOUBLE_BLOCK_LINEARS) | set(arch_flux.SINGLE_BLOCK_LINEARS)
+    assert len(adapter.linear_layers) == len(set(adapter.linear_layers)) == 17
+    absent = set(adapter.absent_linears)
+    assert absent == {(b, n) for b in range(4) for n in adapter.linear_layers if n not in adapter.block_linears(b)}
+    assert (3, "proj_mlp") not in absent and (0, "proj_mlp") in absent and (3, "ff.net.2") in absent
     assert adapter.attention_sites == {"attn": 2}
     latent = adapter.latent_shape(1, 8, 6)
     assert latent == (4, 8, 6)

@@ -46,9 +46,10 @@ def test_sd3_metadata_and_layout():
     assert "SD3Transformer2DModel" in ADAPTERS and adapter.architecture == "sd3"
     blocks = adapter.block_modules()
     assert len(blocks) == adapter.num_blocks == 3
-    for layer in adapter.linear_layers:  # listed linears exist in every block (the last is context_pre_only)
-        for block in blocks:
-            assert isinstance(block.get_submodule(layer), torch.nn.Linear)
+    for b, block in enumerate(blocks):  # each block lists exactly its linears (the last is context_pre_only)
+        linears = {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert set(adapter.block_linears(b)) == linears and linears <= set(adapter.linear_layers)
+    assert adapter.absent_linears == [(2, "attn.to_add_out"), (2, "ff_context.net.0.proj"), (2, "ff_context.net.2")]
     assert adapter.attention_sites == {"attn": 2}
     latent = adapter.latent_shape(1, 8, 6)
     assert latent == (4, 8, 6)

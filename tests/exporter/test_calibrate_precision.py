@@ -109,6 +109,35 @@ def test_errors_are_typed():
         cp.PrecisionObserverConfig(max_tokens=0)
     with pytest.raises(cp.PrecisionStatsError, match="at least 2"):
         cp.predictor_samples(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2, 3))
+    for bad in (-1, 1.5, True, "1GB"):
+        with pytest.raises(cp.PrecisionStatsError, match="weight_cache_bytes"):
+            cp.PrecisionObserverConfig(weight_cache_bytes=bad)
+
+
+def test_weights_beyond_the_cache_budget_are_requantized_per_call_with_equal_results(rng_seed):
+    """A model whose quantized weight copies do not fit (Flux 12 B: ≈ 70 GB) keeps some and re-makes
+    the rest at each call: the statistics are the same, bit for bit."""
+    adapter = adapter_for(models.load("tiny-flux"))
+    embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(rng_seed))
+    one_layer = 2 * (2 + 1) * adapter.block_modules()[0].get_submodule("attn.to_q").weight.numel()
+    runs = {}
+    for budget in (None, 0, 5 * one_layer):
+        observers = []
+
+        def factory(a, shape, budget=budget):
+            observers.append(cp.PrecisionObserver(a, shape, cp.PrecisionObserverConfig(weight_cache_bytes=budget)))
+            return observers[-1]
+
+        stats = cal.calibrate(adapter, embeds, None, latent=adapter.latent_shape(1, 8, 8), sampler="flow_euler",
+                              num_steps=2, guidance_scale=1.0, seed=0, source="tiny-flux", progress=False,
+                              observers=[factory])
+        runs[budget] = stats.tensors, observers[0].cached_layers, observers[0].total_layers
+    total = runs[None][2]
+    assert total == sum(len(adapter.block_linears(b)) for b in range(adapter.num_blocks))
+    assert runs[None][1] == total and runs[0][1] == 0 and 0 < runs[5 * one_layer][1] < total
+    for budget in (0, 5 * one_layer):
+        for key, value in runs[None][0].items():
+            assert torch.equal(value.nan_to_num(-1.0), runs[budget][0][key].nan_to_num(-1.0)), (budget, key)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "int8", "fp8"])

@@ -299,6 +299,26 @@ def test_plan_on_calibration_field_wrong_type(world, field, value):
     assert rc == 10  # CalibrationError
 
 
+ABSENT_CASES = {"not-a-list": "x", "object": {}, "short-pair": [[0]], "long-pair": [[0, "attn1.to_q", 1]],
+                "block-string": [["0", "attn1.to_q"]], "block-bool": [[True, "attn1.to_q"]],
+                "block-negative": [[-1, "attn1.to_q"]], "block-beyond": [[3, "attn1.to_q"]],
+                "block-float": [[0.0, "attn1.to_q"]], "layer-unlisted": [[0, "attn9.to_q"]],
+                "layer-number": [[0, 7]], "pair-not-list": ["attn1.to_q"]}
+
+
+@pytest.mark.parametrize("case", sorted(ABSENT_CASES))
+def test_plan_on_calibration_with_hostile_absent_linears(world, case):
+    """`absent_linears` (optional: Flux/SD3 blocks lacking some listed layer): a typed refusal, nothing written."""
+    meta = _calibration_meta() | {"absent_linears": ABSENT_CASES[case]}
+    rc = _hostile(world, ["plan", "--calibration", _cal(world, meta=meta), "--out", "p.json"], "p.json")
+    assert rc == 10  # CalibrationError
+
+
+def test_plan_on_calibration_with_well_formed_absent_linears(world):
+    meta = _calibration_meta() | {"absent_linears": [[2, "attn1.to_q"], [0, "ffn.net.2"]]}
+    assert _run(["plan", "--calibration", str(_cal(world, meta=meta)), "--out", "p.json"]) == 0
+
+
 def _may_plan(field, value) -> bool:
     if value == "DROP":
         return False

@@ -35,6 +35,11 @@ def test_equal_measurements_choose_the_baked_plan(calibrated, precision, budget)
     baked = quantized_plan(stats.meta, stats.tensors, PrecisionConfig(**precision), **kwargs)
     plan = quantized_plan(stats.meta, stats.tensors, PrecisionConfig(**precision), mode="adaptive", **kwargs)
     assert baked.skip_fraction() > 0 and any(v.purified for v in baked.variants)
+    _replay_calibrated_measurements(plan, baked)
+
+
+def _replay_calibrated_measurements(plan, baked):
+    """Feed the controller the calibrated means as measurements: it must pick the baked plan's variants."""
     ctl = AdaptiveController(plan, ["cond", "uncond"])
     gamma = plan.adaptive["precision"]["gamma"]
     change = plan.adaptive["skip"]["change"]
@@ -104,6 +109,32 @@ def test_quantized_adaptive_runs_and_reports(calibrated, tmp_path):
     assert torch.isfinite(r.latents).all()
     assert r.report.host_syncs == STEPS - 1 and r.report.adaptive_fallbacks == 0
     assert r.report.to_json()["host_syncs"] == STEPS - 1
+
+
+def test_block_kinds_with_different_linears_adapt_without_fallbacks(tmp_path):
+    """Flux: double and single blocks have different linears; the layers a block lacks are bf16 in
+    both the baked and the adaptive choices, so every adaptive pick was precompiled."""
+    adapter = adapter_for(models.load("tiny-flux"))
+    stats = cal.calibrate(adapter, torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(4)), None,
+                          latent=adapter.latent_shape(1, 8, 8), sampler="flow_euler", num_steps=STEPS,
+                          guidance_scale=4.0, seed=0, source="tiny-flux", progress=False,
+                          observers=[cp.observer_factory()])
+    kwargs = dict(cache=CacheConfig(skip_budget=0.3, search="tau"))
+    baked = quantized_plan(stats.meta, stats.tensors, PrecisionConfig(avg_bits=6.0), **kwargs)
+    plan = quantized_plan(stats.meta, stats.tensors, PrecisionConfig(avg_bits=6.0), mode="adaptive", **kwargs)
+    absent = set(adapter.absent_linears)
+    for i in range(STEPS):
+        for branch in ("cond", "uncond"):
+            for b in range(adapter.num_blocks):
+                prec = baked.variant_for(i, branch, b).precision_map
+                assert all(prec.get(n, "bf16") == "bf16" for m, n in absent if m == b), (i, branch, b)
+                assert any(prec.get(n, "bf16") != "bf16" for n in adapter.block_linears(b)) or \
+                    not baked.variant_for(i, branch, b).compute
+    _replay_calibrated_measurements(plan, baked)
+    session = load(builder.build(adapter, plan, tmp_path / "f", profiles=[Profile("p", adapter.latent_shape(1, 8, 8), 8)],
+                                 samplers=["flow_euler"], dtype=torch.float32, progress=False))
+    r = session.generate(torch.randn(1, 8, 32), seed=1, guidance_scale=4.0)
+    assert torch.isfinite(r.latents).all() and r.report.adaptive_fallbacks == 0
 
 
 def test_bad_adaptive_sections_are_typed_errors(calibrated):
