@@ -360,17 +360,17 @@ def scatter_plot(tensors: dict[str, torch.Tensor], layers: tuple[str, ...], path
     x, y = predictor_samples(tensors["gamma"], chosen_erel(tensors, fmt, had))
     fit = fit_linear(x, y)
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab10" if len(layers) <= 10 else "tab20")  # Flux lists 17 layers: one colour each
     for li, name in enumerate(layers):
         xs, ys = x[..., li].flatten(), y[..., li].flatten()
-        ax.scatter(xs.numpy(), ys.numpy(), s=5, alpha=0.45, color=cmap(li % 10), label=name)
+        ax.scatter(xs.numpy(), ys.numpy(), s=5, alpha=0.45, color=cmap(li % cmap.N), label=name)
         # fit lines per block would clutter: draw this layer type's mean line over its Γ range
         has = ~torch.isnan(y[..., li]).all(0)  # the blocks that have this layer
         if not has.any():
             continue
         a, b_ = float(fit.alpha[has, li].mean()), float(fit.beta[has, li].mean())
         grid = torch.linspace(float(xs.min()), float(xs.max()), 2)
-        ax.plot(grid.numpy(), (a * grid + b_).numpy(), color=cmap(li % 10), lw=1)
+        ax.plot(grid.numpy(), (a * grid + b_).numpy(), color=cmap(li % cmap.N), lw=1)
     ax.set_xlabel("Γ(t−1): relative L1 change of the block at the previous step")
     ax.set_ylabel(f"E_rel ({fmt} activations, NVFP4 weights)")
     ax.set_title(f"{title}  R² within-layer {fit.r2_within:.2f}, median per layer "
