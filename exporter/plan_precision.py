@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ditbake.exporter.calibrate_check import absent_linears
-from ditbake.exporter.calibrate_precision import absent, chosen_erel, choose_hadamard, fit_predictor, require
+from ditbake.exporter.calibrate_precision import (PrecisionStatsError, absent, chosen_erel, choose_hadamard,
+                                                  fit_predictor, require)
 from ditbake.runtime.errors import PlanError
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,10 @@ def precision_tables(tensors: dict[str, torch.Tensor], config: PrecisionConfig) 
     require(tensors, "gamma", "erel_nvfp4", "outlier_ratio")
     had = choose_hadamard(tensors)
     erel = chosen_erel(tensors, "nvfp4", had).double()  # [p, br, s, block, layer]
+    missing = absent(tensors)
+    if not torch.isfinite(erel[..., ~missing]).all():  # NaN outside an absent layer: calls were missed
+        raise PrecisionStatsError("precision statistics contain NaN or Inf (a layer missed calls during "
+                                  "calibration); re-run `ditbake calibrate`")
     measured = erel.mean(dim=0)  # [br, s, block, layer]
     fit = None
     if config.predictor == "gamma" and erel.shape[2] > 1:
@@ -132,7 +137,6 @@ def precision_tables(tensors: dict[str, torch.Tensor], config: PrecisionConfig) 
         predicted = torch.cat([measured[:, :1], fit.predict(gamma_prev)], dim=1)
     else:
         predicted = measured
-    missing = absent(tensors)
     predicted = predicted.masked_fill(missing, float("nan"))
     return PrecisionTables(predicted, excluded_layers(tensors, had, config), had & ~missing, fit, missing)
 

@@ -56,6 +56,48 @@ def test_config_validation_is_typed():
         quantized_plan(meta, {"gamma": tensors["gamma"]}, PrecisionConfig())
 
 
+def _blank(tensors, block, layer):
+    """The statistics of a layer the block does not have: NaN in every cell."""
+    out = dict(tensors)
+    for key in ("erel_nvfp4", "erel_int8", "outlier_ratio"):
+        out[key] = tensors[key].clone()
+        out[key][:, :, :, block, layer] = float("nan")
+    return out
+
+
+def test_absent_layers_are_left_out_of_the_plan_and_the_budget(rng_seed):
+    meta, tensors = _synthetic(rng_seed)
+    meta = meta | {"absent_linears": [[1, "c"], [2, "a"]]}
+    blank = _blank(_blank(tensors, 1, 2), 2, 0)
+    plan = quantized_plan(meta, blank, PrecisionConfig(avg_bits=6.0))
+    for i in range(plan.num_steps):
+        for br in ("cond", "uncond"):
+            assert plan.variant_for(i, br, 1).precision_map["c"] == "bf16"
+            assert plan.variant_for(i, br, 2).precision_map["a"] == "bf16"
+    # the budget is met over the 10 layers the blocks have, not diluted by the 2 absent ones at 16 bits
+    assert plan.predicted["avg_activation_bits"] <= 6.0 + 1e-9
+    counted = [BITS[p] for i in range(plan.num_steps) for br in ("cond", "uncond") for b in range(3)
+               for n, p in plan.variant_for(i, br, b).precisions if (b, n) not in {(1, "c"), (2, "a")}]
+    assert len(counted) == plan.num_steps * 2 * 10
+    assert plan.predicted["avg_activation_bits"] == pytest.approx(sum(counted) / len(counted))
+
+
+def test_statistics_and_metadata_must_agree_on_absent_layers(rng_seed):
+    meta, tensors = _synthetic(rng_seed)
+    # a layer that never ran (NaN throughout) but the metadata says it exists ...
+    with pytest.raises(PlanError, match="absent linears"):
+        quantized_plan(meta, _blank(tensors, 0, 1), PrecisionConfig(avg_bits=6.0))
+    # ... or the metadata says absent while it was measured
+    with pytest.raises(PlanError, match="absent linears"):
+        quantized_plan(meta | {"absent_linears": [[0, "b"]]}, tensors, PrecisionConfig(avg_bits=6.0))
+    # a layer that missed only some calls is an incomplete calibration
+    partial = dict(tensors, erel_nvfp4=tensors["erel_nvfp4"].clone())
+    partial["erel_nvfp4"][0, 0, 3, 1, 1] = float("nan")
+    for predictor in ("gamma", "measured"):
+        with pytest.raises(cp.PrecisionStatsError, match="NaN"):
+            quantized_plan(meta, partial, PrecisionConfig(avg_bits=6.0, predictor=predictor))
+
+
 @pytest.mark.parametrize("target", [4.5, 5.0, 6.0, 7.5])
 def test_budget_bisection_hits_target(target, rng_seed):
     meta, tensors = _synthetic(rng_seed)
