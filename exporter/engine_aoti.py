@@ -1,8 +1,11 @@
 """The `aoti` backend: torch.export + AOTInductor packages per distinct block configuration.
 
 A configuration is (block kind, variant, profile): Flux's double- and single-stream blocks and SD3's
-last (context_pre_only) block have their own code and weights, so each kind is traced at its first
-block and keyed by runtime.arch.block_kind.
+last (context_pre_only) block have their own code and weights, so each kind is keyed by
+runtime.arch.block_kind. A block engine takes the weights its variant reads
+(runtime.engines.variant_weight_names); the blocks running a variant whose read weights differ (a
+per-block precision plan folds the Hadamard into one block's NVFP4 layer and not another's) get an
+engine group each, traced at the group's first block.
 
 Engines take weights as inputs (never constants), so one compiled block serves every block that
 shares its configuration, and the weights exist once in memory. Prologue and epilogue are
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +25,7 @@ from tqdm.auto import tqdm
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.artifact import Profile, sha256_file
 from ditbake.runtime.attention import AttentionRunner
-from ditbake.runtime.engines import block_weight_names, engine_key, global_weight_names
+from ditbake.runtime.engines import engine_key, global_weight_names, variant_weight_names
 from ditbake.runtime.errors import BackendError
 from ditbake.runtime.plan import BlockVariant, Plan
 
@@ -114,8 +118,8 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
     used = sorted({vid for step in plan.steps for ids in step.values() for vid in ids if plan.variants[vid].compute})
     if plan.mode == "adaptive":  # the runtime may pick any precompiled variant
         used = [vid for vid, v in enumerate(plan.variants) if v.compute]
-    jobs = len(profiles) * (2 + len(used) * len(runtime_arch.block_kinds(arch, config, arch.num_blocks(config))))
-    bar = tqdm(total=jobs, desc="compile aoti", unit="engine", disable=not progress)
+    bar = tqdm(total=len(profiles) * (2 + len(used) * len(runtime_arch.block_kinds(arch, config, arch.num_blocks(config)))),
+               desc="compile aoti", unit="engine", disable=not progress)  # grows where variants need engine groups
     entries = []
     (out_dir / "engines").mkdir(exist_ok=True)
     dtype = next(v.dtype for v in weights.values() if v.is_floating_point())
@@ -125,9 +129,11 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
         t = torch.full((1,), 500.0, device=device)
         text = torch.randn(1, prof.text_len, text_dim, device=device, dtype=dtype)
         extras = example_extras(arch, config, dtype, device)
-        jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, device_weights, plan, used, prof, x, t, text, extras)
-        for part, kind, vid, module, args in jobs:
-            key = engine_key(part, vid, prof.name, kind)
+        jobs, gnames, n_ctx = engine_jobs(arch, config, device_weights, plan, used, prof, x, t, text, extras)
+        bar.total += len(jobs) - (2 + len(used) * len(runtime_arch.block_kinds(arch, config, arch.num_blocks(config))))
+        for job in jobs:
+            part, kind, vid, module, args = job.part, job.kind, job.vid, job.module, job.args
+            key = engine_key(part, vid, prof.name, kind, job.group)
             config_json = plan.variants[vid].to_json() if vid is not None else None
             bar.set_postfix_str(key)
             kernels = {}
@@ -136,13 +142,14 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
                 kernels = {sig: {"kernel": name, "ms": module.timings.get(sig)} for sig, name in module.kernels.items()}
             choice = {sig: k["kernel"] for sig, k in kernels.items()}  # the engine's code depends on it
             content = _content_key(part, kind, config_json, prof.to_json(), arch.NAME, config, str(dtype), built_for,
-                                   choice)
+                                   choice, job.block_names)
             rel = f"engines/{part}-{content}.pt2"
             _compile(module, args, out_dir / rel)
             entries.append({"key": key, "part": part, **({"block_kind": kind} if kind else {}), "variant": vid,
+                            **({"blocks": job.blocks} if part == "block" else {}),
                             "profile": prof.name, "backend": "aoti",
                             "file": rel, "sha256": sha256_file(out_dir / rel), "built_for": built_for,
-                            "inputs": _input_names(part, gnames, bnames.get(kind, []), n_ctx,
+                            "inputs": _input_names(part, gnames, job.block_names, n_ctx,
                                                    runtime_arch.extra_inputs(arch, config)),
                             "outputs": ["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
                             else ["hidden" if part == "block" else "model_output"],
@@ -166,45 +173,75 @@ def example_extras(arch, config: dict, dtype, device="cpu", batch: int = 1) -> t
     return tuple(out)
 
 
+@dataclass
+class EngineJob:
+    """One engine to compile: its part, block kind / variant / group (blocks only), the wrapper module,
+    example arguments, the block weight names it takes and the blocks it serves."""
+
+    part: str
+    kind: str | None
+    vid: int | None
+    group: int | None
+    module: torch.nn.Module
+    args: tuple
+    block_names: list[str] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+
+
+def blocks_running(plan: Plan, vid: int) -> list[int]:
+    """The blocks that may run variant `vid`: those its step table names (adaptive: every block,
+    as the build stores every variant's formats in every block)."""
+    if plan.mode == "adaptive":
+        return list(range(plan.num_blocks))
+    return sorted({b for step in plan.steps for ids in step.values() for b, v in enumerate(ids) if v == vid})
+
+
+def _first_computed(plan: Plan, index: int, used: list[int]) -> BlockVariant:
+    """A variant block `index` computes (its weights are stored for it): the example input of a later kind."""
+    for vid in ([v for step in plan.steps for ids in step.values() for v in (ids[index],)] if plan.mode != "adaptive"
+                else used):
+        if plan.variants[vid].compute:
+            return plan.variants[vid]
+    return BlockVariant()
+
+
 def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], prof: Profile, x, t, text,
                 extras: tuple = ()):
     """One shape profile's engines in the shared calling convention, traced at the example inputs
-    x, t, text, *extras: ([(part, block kind or None, variant id, wrapper module, example args)], global
-    weight names, {block kind: block weight names}, number of context tensors). Each block kind is
-    traced at its first block, with the hidden state the blocks before it give. Shared by the
-    AOTInductor and TensorRT exporters."""
+    x, t, text, *extras: ([EngineJob], global weight names, number of context tensors). Each block
+    kind's engines take the hidden state the blocks before the kind give. Shared by the AOTInductor
+    and TensorRT exporters."""
     gnames = global_weight_names(weights, arch, prof.name)
     gw = [weights[k] for k in gnames]
     h, ctx = arch.prologue(weights, config, x, t, text, prof.to_json(), *extras)
     ctx_tensors = arch.pack_ctx(ctx)
     n_ctx = len(ctx_tensors)
-    kinds = runtime_arch.block_kinds(arch, config, arch.num_blocks(config))
-    bnames = {kind: _kind_weight_names(weights, arch, config, kind) for kind in kinds}
-    jobs = [("prologue", None, None, _Prologue(arch, config, gnames, prof, len(extras)), (x, t, text, *extras, *gw))]
+    num_blocks = arch.num_blocks(config)
+    kinds = runtime_arch.block_kinds(arch, config, num_blocks)
+    jobs = [EngineJob("prologue", None, None, None, _Prologue(arch, config, gnames, prof, len(extras)),
+                      (x, t, text, *extras, *gw))]
     hidden, index = h, 0
     for kind, first in kinds.items():
         while index < first:  # a realistic input for this kind: the eager blocks before it
-            hidden = arch.block(weights, config, index, hidden, ctx, BlockVariant(), AttentionRunner(), "cond")
+            hidden = arch.block(weights, config, index, hidden, ctx, _first_computed(plan, index, used),
+                                AttentionRunner(), "cond")
             index += 1
-        bw = [weights[f"{arch.BLOCK_PREFIX}{first}.{n}"] for n in bnames[kind]]
         for vid in used:
-            module = _Block(arch, config, bnames[kind], plan.variants[vid], tuple(x.shape), prof.text_len, n_ctx,
-                            plan.tiles, index=first)
-            jobs.append(("block", kind, vid, module, (hidden, *ctx_tensors, *bw)))
-    jobs.append(("epilogue", None, None, _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, n_ctx),
-                 (h, *ctx_tensors, *gw)))
-    return jobs, gnames, bnames, n_ctx
-
-
-def _kind_weight_names(weights: dict, arch, config: dict, kind: str) -> list[str]:
-    """The block weight names every block of `kind` shares (one engine serves them all)."""
-    blocks = [i for i in range(arch.num_blocks(config)) if runtime_arch.block_kind(arch, config, i) == kind]
-    names = block_weight_names(weights, arch, blocks[0])
-    for i in blocks[1:]:
-        if block_weight_names(weights, arch, i) != names:
-            raise BackendError(f"blocks {blocks[0]} and {i} (both {kind!r}) store different weights, so one compiled "
-                               "engine cannot serve both; build with --backend eager and report it with the plan")
-    return names
+            groups: dict[tuple[str, ...], list[int]] = {}
+            for b in blocks_running(plan, vid):
+                if runtime_arch.block_kind(arch, config, b) == kind:
+                    names = tuple(variant_weight_names(weights, arch, config, b, plan.variants[vid]))
+                    groups.setdefault(names, []).append(b)
+            for g, (names, blocks) in enumerate(groups.items()):
+                rep = blocks[0]
+                module = _Block(arch, config, list(names), plan.variants[vid], tuple(x.shape), prof.text_len, n_ctx,
+                                plan.tiles, index=rep)
+                bw = [weights[f"{arch.BLOCK_PREFIX}{rep}.{n}"] for n in names]
+                jobs.append(EngineJob("block", kind, vid, g if len(groups) > 1 else None, module,
+                                      (hidden, *ctx_tensors, *bw), list(names), blocks))
+    jobs.append(EngineJob("epilogue", None, None, None,
+                          _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, n_ctx), (h, *ctx_tensors, *gw)))
+    return jobs, gnames, n_ctx
 
 
 def _input_names(part: str, gnames, bnames, n_ctx: int, extras: tuple[str, ...] = ()) -> list[str]:

@@ -146,18 +146,22 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
         t = torch.full((1,), 500.0)
         text = torch.randn(1, prof.text_len, text_dim, generator=gen).to(dtype)
         extras = example_extras(arch, config, dtype)
-        jobs, gnames, bnames, n_ctx = engine_jobs(arch, config, weights, plan, used, prof, x, t, text, extras)
-        for part, kind, vid, module, args in jobs:
-            key = engine_key(part, vid, prof.name, kind)
+        jobs, gnames, n_ctx = engine_jobs(arch, config, weights, plan, used, prof, x, t, text, extras)
+        bar.total += len(jobs) - (2 + len(used) * len(kinds))  # variants whose blocks need engine groups
+        for job in jobs:
+            part, kind, vid, module, args = job.part, job.kind, job.vid, job.module, job.args
+            key = engine_key(part, vid, prof.name, kind, job.group)
             config_json = plan.variants[vid].to_json() if vid is not None else None
-            content = _content_key(part, kind, config_json, prof.to_json(), arch.NAME, config, str(dtype), "tensorrt")
-            inputs = _input_names(part, gnames, bnames.get(kind, []), n_ctx, runtime_arch.extra_inputs(arch, config))
+            content = _content_key(part, kind, config_json, prof.to_json(), arch.NAME, config, str(dtype), "tensorrt",
+                                   job.block_names)
+            inputs = _input_names(part, gnames, job.block_names, n_ctx, runtime_arch.extra_inputs(arch, config))
             outputs = (["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
                        else ["hidden_out" if part == "block" else "model_output"])
             onnx_rel = f"engines/{part}-{content}.onnx"
             bar.set_postfix_str(key)
             model = export_onnx(module, args, inputs, outputs, out_dir / onnx_rel)
             entry = {"key": key, "part": part, **({"block_kind": kind} if kind else {}), "variant": vid,
+                     **({"blocks": job.blocks} if part == "block" else {}),
                      "profile": prof.name, "backend": "tensorrt",
                      "onnx": onnx_rel, "onnx_sha256": sha256_file(out_dir / onnx_rel), "onnx_opset": 23,
                      "onnx_checked": True, "inputs": inputs, "outputs": outputs, "file": None, "built_for": None}

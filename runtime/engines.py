@@ -4,8 +4,13 @@
 `AotiEngines` calls AOTInductor packages compiled per (part, block kind, variant, profile) by the
 exporter (runtime.arch.block_kind: Flux and SD3 have two kinds of blocks).
 Compiled engines take weights as inputs, never as constants, so all blocks that share a
-configuration share one engine and the weights exist once in memory. The positional calling
-convention below is shared by the exporter (which compiles against it) and the runtime:
+configuration share one engine and the weights exist once in memory. A block engine takes the
+weights its variant reads (`variant_weight_names`: for each linear only the stored format the
+variant runs it in), so blocks that store other formats besides — a per-block precision plan stores
+per block what its steps use — still share it; blocks whose read weights differ (an NVFP4 layer
+with the Hadamard folded in one block and not in another) get an engine group each, and the
+manifest entry lists the blocks it serves. The positional calling convention below is shared by
+the exporter (which compiles against it) and the runtime:
 
     prologue(latents, timestep, text, *extras, *global weights) -> (hidden, *ctx)
     block(hidden, *ctx, *block weights) -> hidden
@@ -25,6 +30,7 @@ import torch
 from ditbake.plugins.native_loading import promote_libstdcxx  # noqa: F401 - re-exported for callers
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.errors import ArtifactError, BackendError
+from ditbake.runtime.nn import LINEAR_FORMAT_TENSORS, linear_format
 from ditbake.runtime.plan import BlockVariant
 
 log = logging.getLogger(__name__)
@@ -47,11 +53,27 @@ def profile_weights(weights: dict, arch, profile: str) -> dict:
     return {k: weights[k] for k in global_weight_names(weights, arch, profile)}
 
 
-def engine_key(part: str, variant: int | None, profile: str, kind: str | None = None) -> str:
-    """`block-v3-p0` for the one block kind of Wan/CogVideoX (the key older artifacts hold), and
-    `block-single-v3-p0` for a named kind (Flux double/single, SD3 joint/joint_pre_only)."""
+def variant_weight_names(weights: dict, arch, config: dict, index: int, variant: BlockVariant) -> list[str]:
+    """Block `index`'s stored weights that `variant` reads, by name relative to the block, sorted:
+    every tensor that is not a linear's, each linear's bias, and of each of its linears only the
+    tensors of the format `quantizable_linear` runs it in at the variant's precision."""
+    names = block_weight_names(weights, arch, index)
+    stored = set(names)
+    precisions = variant.precision_map
+    unread = set()
+    for layer in runtime_arch.block_linears(arch, config, index):
+        fmt = linear_format(stored, layer, precisions.get(layer, "bf16"))
+        unread.update(f"{layer}.{s}" for f, suffixes in LINEAR_FORMAT_TENSORS.items() if f != fmt for s in suffixes)
+    return [n for n in names if n not in unread]
+
+
+def engine_key(part: str, variant: int | None, profile: str, kind: str | None = None, group: int | None = None) -> str:
+    """`block-v3-p0` for the one block kind of Wan/CogVideoX (the key older artifacts hold),
+    `block-single-v3-p0` for a named kind (Flux double/single, SD3 joint/joint_pre_only), and
+    `block-v3-g1-p0` where the blocks running variant 3 need several engines (their read weights differ)."""
     named = kind is not None and kind != runtime_arch.DEFAULT_BLOCK_KIND
-    return f"{part}" + (f"-{kind}" if named else "") + (f"-v{variant}" if variant is not None else "") + f"-{profile}"
+    return (f"{part}" + (f"-{kind}" if named else "") + (f"-v{variant}" if variant is not None else "")
+            + (f"-g{group}" if group is not None else "") + f"-{profile}")
 
 
 def engine_files(artifact_path: Path, entries: list[dict]) -> dict[str, Path]:
@@ -131,9 +153,30 @@ class AotiEngines:
             if e.get("part") == "prologue" and tuple(e.get("inputs", [])[3:3 + len(self.extras)]) != self.extras:
                 raise ArtifactError(f"engine {e.get('file')} predates the {'/'.join(self.extras)} prologue "
                                     "input(s); rebuild the artifact with this ditbake")
-        self._block_args: dict[int, list[torch.Tensor]] = {}
+        self._block_args: dict[tuple[int, tuple[str, ...]], list[torch.Tensor]] = {}
         self._global_args: dict[str, list[torch.Tensor]] = {}
-        self._load(Path(artifact_path), entries)
+        self._load(Path(artifact_path), entries)  # files checked (contained, hashed) before anything else
+        self._routes = self._block_routes(entries)
+
+    def _block_routes(self, entries: list[dict]) -> dict[tuple[str, int, int], tuple[str, tuple[str, ...]]]:
+        """(profile, variant, block) → (engine key, the block weights it takes). Entries without
+        `blocks` serve every block of their kind and take all its weights (artifacts built before
+        engines took only what their variant reads)."""
+        n = self.arch.num_blocks(self.config)
+        routes = {}
+        for e in entries:
+            if e.get("part") != "block":
+                continue
+            kind = e.get("block_kind", runtime_arch.DEFAULT_BLOCK_KIND)
+            blocks = e.get("blocks")
+            if blocks is None:
+                blocks = [b for b in range(n) if runtime_arch.block_kind(self.arch, self.config, b) == kind]
+            names = None
+            if "inputs" in e and e.get("blocks") is not None:
+                names = tuple(name[len("block."):] for name in e["inputs"] if name.startswith("block."))
+            for b in blocks:
+                routes[(e["profile"], e["variant"], b)] = (e["key"], names)
+        return routes
 
     def _load(self, artifact_path: Path, entries: list[dict]) -> None:
         """Load every engine the manifest lists into self.packages (backends override this)."""
@@ -152,12 +195,16 @@ class AotiEngines:
             self._global_args[profile] = [self.weights[k] for k in global_weight_names(self.weights, self.arch, profile)]
         return self._global_args[profile]
 
-    def _block_weights(self, index: int) -> list[torch.Tensor]:
-        if index not in self._block_args:
+    def _block_weights(self, index: int, names: tuple[str, ...] | None) -> list[torch.Tensor]:
+        if (index, names) not in self._block_args:
             prefix = f"{self.arch.BLOCK_PREFIX}{index}."
-            self._block_args[index] = [self.weights[prefix + n]
-                                       for n in block_weight_names(self.weights, self.arch, index)]
-        return self._block_args[index]
+            chosen = block_weight_names(self.weights, self.arch, index) if names is None else names
+            try:
+                self._block_args[index, names] = [self.weights[prefix + n] for n in chosen]
+            except KeyError as exc:
+                raise ArtifactError(f"block {index} does not store {exc.args[0]}, which its engine takes; "
+                                    "rebuild the artifact") from None
+        return self._block_args[index, names]
 
     def prologue(self, x, t, text, profile, extras=()):
         outs = self._engine(engine_key("prologue", None, profile.name))(x, t, text, *extras,
@@ -168,9 +215,12 @@ class AotiEngines:
         return h, ctx
 
     def block(self, vid: int, variant: BlockVariant, index: int, h, ctx, attention, branch: str):
-        kind = runtime_arch.block_kind(self.arch, self.config, index)
-        engine = self._engine(engine_key("block", vid, ctx["_profile"], kind))
-        out = engine(h, *self.arch.pack_ctx(ctx), *self._block_weights(index))
+        route = self._routes.get((ctx["_profile"], vid, index))
+        if route is None:
+            raise ArtifactError(f"artifact has no compiled engine for variant {vid} at block {index} (profile "
+                                f"{ctx['_profile']!r}); rebuild it for this plan and profile")
+        key, names = route
+        out = self._engine(key)(h, *self.arch.pack_ctx(ctx), *self._block_weights(index, names))
         text_range = self.arch.text_range(self.config, ctx)
         for site, schemes in variant.heads or (("attn1", None),):
             attention.account(schemes, h.shape[0], self.arch.heads(self.config), h.shape[1],

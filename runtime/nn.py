@@ -124,6 +124,22 @@ def normed_input(h: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: flo
     return LinearInput(make_float, make_8bit if fits else None)
 
 
+# The tensors of each stored format of a linear layer `L` (`L.<suffix>`); `L.bias` serves them all.
+LINEAR_FORMAT_TENSORS = {"bf16": ("weight",), "fp8": ("fp8_weight", "fp8_scale"), "int8": ("int8_weight", "int8_scale"),
+                         "nvfp4": ("nvfp4_packed", "nvfp4_block_scales", "nvfp4_global_scale", "nvfp4_hadamard")}
+
+
+def linear_format(stored, name: str, precision: str) -> str:
+    """The stored format `quantizable_linear` runs layer `name` in at `precision` (`stored`: the weight
+    names, any container): bf16 its 16-bit weight, fp8 / int8 their 8-bit weights where stored, else
+    (and for nvfp4) the NVFP4 weight."""
+    if precision == "bf16":
+        return "bf16"
+    if precision in ("fp8", "int8") and f"{name}.{precision}_weight" in stored:
+        return precision
+    return "nvfp4"
+
+
 def quantizable_linear(x: torch.Tensor | LinearInput, w: Weights, name: str, precision: str) -> torch.Tensor:
     """A linear layer the plan may run at reduced precision; the stored weight format decides the kernel.
 
@@ -142,13 +158,14 @@ def quantizable_linear(x: torch.Tensor | LinearInput, w: Weights, name: str, pre
         if out is not None:
             return out
         x = x.float()
-    if precision == "bf16":
+    fmt = linear_format(w, name, precision)
+    if fmt == "bf16":
         return dense(x, w, name)
-    if precision == "fp8" and name + ".fp8_weight" in w:
+    if fmt == "fp8":
         from ditbake.plugins.linear_fp8 import linear_fp8  # noqa: PLC0415
 
         return linear_fp8(x, w[name + ".fp8_weight"], w[name + ".fp8_scale"], w.get(name + ".bias"))
-    if precision == "int8" and name + ".int8_weight" in w:
+    if fmt == "int8":
         from ditbake.plugins.linear_int8 import linear_int8  # noqa: PLC0415
 
         return linear_int8(x, w[name + ".int8_weight"], w[name + ".int8_scale"], w.get(name + ".bias"))

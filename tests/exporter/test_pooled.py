@@ -173,9 +173,9 @@ def test_compiled_engine_convention_carries_pooled_and_guidance(tmp_path):
     x, t, text = torch.randn(1, 4, 8, 8), torch.full((1,), 500.0), torch.randn(1, 6, 32)
     extras = example_extras(adapter.arch, adapter.config, torch.float32)
     assert [e.shape for e in extras] == [(1, POOLED), (1,)]
-    jobs, gnames, bnames, n_ctx = engine_jobs(adapter.arch, adapter.config, weights, plan, [0], prof, x, t, text, extras)
-    part, _, _, module, args = jobs[0]
-    assert part == "prologue" and _input_names(part, gnames, bnames, n_ctx, ("pooled", "guidance"))[:5] == \
+    jobs, gnames, n_ctx = engine_jobs(adapter.arch, adapter.config, weights, plan, [0], prof, x, t, text, extras)
+    part, module, args = jobs[0].part, jobs[0].module, jobs[0].args
+    assert part == "prologue" and _input_names(part, gnames, [], n_ctx, ("pooled", "guidance"))[:5] == \
         ["latents", "timestep", "text", "pooled", "guidance"]
     h, *ctx = module(*args)
     h_ref, ctx_ref = adapter.arch.prologue(weights, adapter.config, x, t, text, prof.to_json(), *extras)

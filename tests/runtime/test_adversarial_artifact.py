@@ -225,6 +225,19 @@ def test_engine_files_contained_and_hashed(tmp_path, monkeypatch, case):
     assert loaded == []
 
 
+@pytest.mark.parametrize("blocks", ["0", [0.0], [True], [-1], [1 << 20], [None], {"0": 1}])
+def test_engine_block_lists_typed(tmp_path, monkeypatch, blocks):
+    """An engine group's `blocks` (the blocks it serves) must be a list of block indices: refused at load."""
+    art = copy_artifact(tmp_path)
+    _aoti_manifest(art, {"key": "block-v0-g0-p0", "part": "block", "variant": 0, "profile": "p0", "blocks": blocks,
+                         "file": "engines/x.pt2", "built_for": {"device": "cpu"}}, add_file="engines/x.pt2")
+    loaded = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ArtifactError, match="blocks"):
+        load(art)
+    assert loaded == []
+
+
 def _edit_weights(art, edit):
     w = load_file(str(art / WEIGHTS))
     edit(w)

@@ -43,6 +43,47 @@ def test_engines_per_variant_and_match_eager(artifacts):
     assert ra.report.attention_flops_fraction == re_.report.attention_flops_fraction == 1.0
 
 
+def _per_block_precision_plan(meta):
+    """A per-block precision plan (what DMPQ writes): blocks store different weight formats, and the
+    NVFP4 variant folds the Hadamard into block 1's attn1.to_q only, so its blocks need two engines."""
+    plan = plan_from_calibration(meta).to_json()
+    base = plan["variants"][0]
+
+    def with_precisions(**formats):
+        return base | {"precisions": base["precisions"] | {k.replace("__", "."): v for k, v in formats.items()}}
+
+    plan["variants"] += [with_precisions(attn1__to_q="nvfp4", ffn__net__2="nvfp4"), with_precisions(attn1__to_q="int8")]
+    schedule = [[1, 1, 0], [2, 1, 2], [0, 2, 0]]  # variant per block at steps 0, 1, 2
+    for step, ids in zip(plan["steps"], schedule):
+        for branch in step:
+            step[branch] = ids
+    plan["predicted"]["precision"] = {"hadamard": [[1, "attn1.to_q"]]}
+    return Plan.from_json(plan)
+
+
+@pytest.mark.slow
+def test_per_block_precision_plans_compile_into_engine_groups(tmp_path):
+    """Blocks of one kind that store different formats share each variant's engine where the weights
+    it reads agree and get an engine group each where they do not; results equal eager."""
+    aoti, _ = build_tiny_artifact(tmp_path / "a", "tiny-wan", steps=3, plan_fn=_per_block_precision_plan,
+                                  backend="aoti")
+    eager, _ = build_tiny_artifact(tmp_path / "e", "tiny-wan", steps=3, plan_fn=_per_block_precision_plan)
+    blocks = {e["key"]: e for e in json.loads((aoti / "manifest.json").read_text())["engines"] if e["part"] == "block"}
+    served = {(e["variant"], tuple(e["blocks"])) for e in blocks.values()}
+    assert served == {(0, (0, 2)), (1, (0,)), (1, (1,)), (2, (0, 1, 2))}
+    nvfp4 = [e for e in blocks.values() if e["variant"] == 1]
+    assert sorted(e["key"].split("-")[2] for e in nvfp4) == ["g0", "g1"]
+    marker = "block.attn1.to_q.nvfp4_hadamard"
+    assert [marker in e["inputs"] for e in sorted(nvfp4, key=lambda e: e["blocks"])] == [False, True]
+    int8 = next(e for e in blocks.values() if e["variant"] == 2)  # reads the 8-bit weight, not NVFP4 / 16-bit
+    assert "block.attn1.to_q.int8_weight" in int8["inputs"] and "block.attn1.to_q.weight" not in int8["inputs"]
+    assert not any(".nvfp4_" in n for n in int8["inputs"])
+    a, e = load(aoti, backend="aoti"), load(eager)
+    text = torch.randn(1, a.profile().text_len, 32)
+    torch.testing.assert_close(a.generate(text, seed=5).latents, e.generate(text, seed=5).latents,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_tampered_engine_refused(artifacts, tmp_path):
     import shutil
     aoti, _ = artifacts

@@ -22,7 +22,7 @@ from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.artifact import Profile
 from ditbake.runtime.attention import AttentionRunner
 from ditbake.runtime.engines import engine_key
-from ditbake.runtime.plan import BlockVariant
+from ditbake.runtime.plan import BlockVariant, Plan
 
 from tests.conftest import build_tiny_artifact
 
@@ -67,7 +67,7 @@ def test_artifact_without_kind_engines_is_refused(flux, tmp_path):
     session = load(old, backend="aoti")
     text = torch.randn(1, session.profile().text_len, 32)
     pooled = torch.randn(1, models.TINY_CONFIGS["tiny-flux-pooled"]["pooled_projection_dim"])
-    with pytest.raises(ArtifactError, match="no compiled engine 'block-double-v0-p0'.*rebuild"):
+    with pytest.raises(ArtifactError, match="no compiled engine for variant 0 at block 2 .*rebuild"):
         session.generate(text, seed=0, pooled_embeds=pooled)
 
 
@@ -88,10 +88,13 @@ def test_traced_block_of_each_kind_equals_eager(name, kinds):
     x, t = torch.randn(1, *prof.latent_shape), torch.full((1,), 700.0)
     text = torch.randn(1, prof.text_len, arch.text_dim(config))
     extras = example_extras(arch, config, torch.float32)
-    jobs, _, bnames, _ = engine_jobs(arch, config, weights, plan, [0], prof, x, t, text, extras)
-    blocks = [(kind, module, args) for part, kind, _, module, args in jobs if part == "block"]
-    assert [k for k, _, _ in blocks] == list(kinds) and set(bnames) == set(kinds)
-    assert bnames[list(kinds)[0]] != bnames[list(kinds)[1]]  # the kinds store different weights
+    jobs, _, _ = engine_jobs(arch, config, weights, plan, [0], prof, x, t, text, extras)
+    blocks = [(j.kind, j.module, j.args) for j in jobs if j.part == "block"]
+    assert [k for k, _, _ in blocks] == list(kinds)
+    names = [j.block_names for j in jobs if j.part == "block"]
+    assert names[0] != names[1]  # the kinds store different weights
+    served = [j.blocks for j in jobs if j.part == "block"]  # one engine per kind serves all its blocks
+    assert sorted(b for s in served for b in s) == list(range(adapter.num_blocks))
     for kind, module, (h, *ctx_tensors_and_weights) in blocks:
         h = torch.randn_like(h)
         _, ctx = arch.prologue(weights, config, x, t, text, prof.to_json(), *extras)
@@ -104,3 +107,39 @@ def test_block_keys_of_one_kind_models_are_unchanged():
     wan = runtime_arch.get("wan")
     assert engine_key("block", 2, "p0", runtime_arch.block_kind(wan, {}, 5)) == "block-v2-p0"
     assert engine_key("block", 2, "p0", "single") == "block-single-v2-p0"
+    assert engine_key("block", 2, "p0", "single", group=1) == "block-single-v2-g1-p0"
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_engines_of_a_plan_that_quantizes_every_linear(name, rng_seed):
+    """Every linear of every block kind int8 (16-bit weights not stored): each kind's engine takes its
+    blocks' int8 weights, the example input of a later kind comes from the blocks before it run as
+    planned, and each traced module equals the eager block under the same variant."""
+    from ditbake.exporter.build_quant import quantize_weights
+
+    adapter = adapter_for(models.load(name))
+    arch, config = adapter.arch, adapter.config
+    prof = Profile("p", tuple(adapter.latent_shape(1, 8, 8)), 6)
+    base = plan_from_calibration({"architecture": arch.NAME, "num_blocks": adapter.num_blocks,
+                                  "linear_layers": list(adapter.linear_layers),
+                                  "attention_sites": adapter.attention_sites, "num_steps": 1, "branches": ["cond"]})
+    int8 = BlockVariant(precisions=tuple((n, "int8") for n in sorted(adapter.linear_layers)), heads=base.variants[0].heads)
+    plan = Plan.from_json(base.to_json() | {"variants": [int8.to_json()]})
+    source = adapter.weights()
+    weights = quantize_weights(source, dict(source), plan, arch.BLOCK_PREFIX, set(adapter.absent_linears))
+    assert not any(k.endswith(".to_q.weight") for k in weights)  # the 16-bit copies are gone
+    weights.update(adapter.profile_tensors(prof.to_json()))
+    gen = torch.Generator().manual_seed(rng_seed)
+    x, t = torch.randn(1, *prof.latent_shape, generator=gen), torch.full((1,), 700.0)
+    text = torch.randn(1, prof.text_len, arch.text_dim(config), generator=gen)
+    extras = example_extras(arch, config, torch.float32)
+    jobs, _, _ = engine_jobs(arch, config, weights, plan, [0], prof, x, t, text, extras)
+    blocks = [j for j in jobs if j.part == "block"]
+    assert len(blocks) == 2 and sorted(b for j in blocks for b in j.blocks) == list(range(adapter.num_blocks))
+    _, ctx = arch.prologue(weights, config, x, t, text, prof.to_json(), *extras)
+    for job in blocks:
+        linear = [n for n in job.block_names if n.rsplit(".", 1)[0] in adapter.linear_layers and not n.endswith(".bias")]
+        assert linear and all(".int8_" in n for n in linear), linear
+        h, *ctx_tensors_and_weights = job.args
+        expected = arch.block(weights, config, job.blocks[0], h, ctx, int8, AttentionRunner(), "cond")
+        torch.testing.assert_close(job.module(h, *ctx_tensors_and_weights), expected)
