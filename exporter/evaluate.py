@@ -379,6 +379,11 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
     else:
         reference = dr.load(artifact_path, device=device)
         reference.plan = baseline_plan(compressed.plan)
+        if reference.engines.name != "eager":  # compiled engines exist for the artifact's own plan only
+            from ditbake.runtime.engines import EagerEngines  # noqa: PLC0415
+
+            reference.engines = EagerEngines(reference.arch, reference.config, reference.weights)
+            reference._graphs = None  # captured graphs would replay the compiled engines
         reference_name = f"{artifact_path} (baseline plan)"
         dequantized = dequantize_missing_weights(reference, reference.plan)
         if dequantized:
