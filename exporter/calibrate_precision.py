@@ -138,7 +138,7 @@ class PrecisionObserver(Observer):
         self.cached_layers, self.total_layers = cached, total
         if cached < total:
             log.info("precision statistics: quantized weights of %d of %d layers kept, the other %d re-quantized at "
-                     "each call (weight_cache_bytes)", cached, total, total - cached)
+                     "each call (raise --precision-weight-cache-gb to keep more)", cached, total, total - cached)
 
     def _quantized_weights(self, module) -> dict:
         """NVFP4 and 8-bit weights per Hadamard setting (plain, folded): the same tensors the build

@@ -92,7 +92,10 @@ def cmd_calibrate(args) -> int:
     if args.precision_stats:  # DMPQ statistics in the same pass (E_rel per format, outlier ratios)
         from ditbake.exporter.calibrate_precision import PrecisionObserverConfig, observer_factory  # noqa: PLC0415
 
-        observers.append(observer_factory(PrecisionObserverConfig(max_tokens=args.precision_max_tokens)))
+        cache_gb = args.precision_weight_cache_gb  # range-checked with the other arguments (outputs.check_args)
+        observers.append(observer_factory(PrecisionObserverConfig(
+            max_tokens=args.precision_max_tokens,
+            weight_cache_bytes=None if cache_gb is None else int(cache_gb * 1e9))))
     sched = _scheduler_config(args.model)
     stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter, sched)[0],
                           num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model),
@@ -362,6 +365,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "quantized matmuls per linear call")
     p.add_argument("--precision-max-tokens", type=int, default=1024,
                    help="tokens per layer input used for E_rel (strided subset; formats quantize per token)")
+    p.add_argument("--precision-weight-cache-gb", type=float,
+                   help="memory for the layers' quantized weight copies (≈ 6 bytes per weight; default: a "
+                        "quarter of the free GPU memory, all on cpu); layers beyond it re-quantize per call")
     g = p.add_argument_group("head-wise attention search (progressive, DiTFastAttnV2)")
     g.add_argument("--heads-delta", type=float, help="run the head search with this per-layer error budget δ")
     g.add_argument("--heads-c", type=float, help="per-head bound factor c: each head's error ≤ c·δ/H (default 1.5)")

@@ -34,6 +34,9 @@ def check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not 1 <= value <= 1 << 20:
             raise InputError(f"--{name.replace('_', '-')} {value} must be a positive count (at most 2^20)")
+    cache_gb = getattr(args, "precision_weight_cache_gb", None)
+    if cache_gb is not None and not (math.isfinite(cache_gb) and 0 <= cache_gb <= 1 << 20):
+        raise InputError(f"--precision-weight-cache-gb {cache_gb} must be a number of GB in [0, 2^20]")
     guidance = getattr(args, "guidance", None)
     if guidance is not None and not (math.isfinite(guidance) and abs(guidance) <= MAX_GUIDANCE):
         raise InputError(f"--guidance {guidance} must be a finite number within ±{MAX_GUIDANCE:g} (typical: 1-15)")
