@@ -112,6 +112,9 @@ def _engine(e, i: int, files: dict) -> None:
         if field in e:
             for n in _is(e[field], (list,), f"{what}.{field}"):
                 _is(n, (str,), f"{what}.{field} entry")
+    if e.get("part") == "block":  # the runtime routes (profile, variant, block) to it
+        strict_int(e.get("variant"), f"{what}.variant", 0, 1 << 20, ArtifactError)
+        _is(e.get("profile"), (str,), f"{what}.profile")
     if "blocks" in e:  # the blocks a block engine serves (engine groups)
         for b in _is(e["blocks"], (list,), f"{what}.blocks"):
             strict_int(b, f"{what}.blocks entry", 0, 1 << 16, ArtifactError)

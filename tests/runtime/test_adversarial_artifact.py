@@ -225,15 +225,24 @@ def test_engine_files_contained_and_hashed(tmp_path, monkeypatch, case):
     assert loaded == []
 
 
-@pytest.mark.parametrize("blocks", ["0", [0.0], [True], [-1], [1 << 20], [None], {"0": 1}])
-def test_engine_block_lists_typed(tmp_path, monkeypatch, blocks):
-    """An engine group's `blocks` (the blocks it serves) must be a list of block indices: refused at load."""
+@pytest.mark.parametrize("field,value", [("blocks", "0"), ("blocks", [0.0]), ("blocks", [True]), ("blocks", [-1]),
+                                         ("blocks", [1 << 20]), ("blocks", [None]), ("blocks", {"0": 1}),
+                                         ("variant", None), ("variant", "0"), ("variant", -1), ("variant", 1.0),
+                                         ("profile", None), ("profile", 0)])
+def test_block_engine_routes_typed(tmp_path, monkeypatch, field, value):
+    """What the runtime routes a block by (the engine's variant, profile and the blocks it serves) is
+    type-checked at load: a typed refusal, no native code loaded."""
     art = copy_artifact(tmp_path)
-    _aoti_manifest(art, {"key": "block-v0-g0-p0", "part": "block", "variant": 0, "profile": "p0", "blocks": blocks,
-                         "file": "engines/x.pt2", "built_for": {"device": "cpu"}}, add_file="engines/x.pt2")
+    entry = {"key": "block-v0-g0-p0", "part": "block", "variant": 0, "profile": "p0", "blocks": [0],
+             "file": "engines/x.pt2", "built_for": {"device": "cpu"}}
+    if value is None:
+        del entry[field]
+    else:
+        entry[field] = value
+    _aoti_manifest(art, entry, add_file="engines/x.pt2")
     loaded = []
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: loaded.append(a))
-    with pytest.raises(ArtifactError, match="blocks"):
+    with pytest.raises(ArtifactError, match=field):
         load(art)
     assert loaded == []
 
