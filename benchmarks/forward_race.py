@@ -9,10 +9,11 @@ Rows (every block linear and every self-attention head of the model):
 * (a8), (b8): (a) and (b) with INT8 W8A8 linears (plugins/linear_int8.py: slower GEMM than FP8,
   far more accurate on the test bed);
 * (c) (b) + every head an arrow band of `--band` of the keys (0.5: half the attention FLOPs);
-each on the `eager` backend (the runtime composing torch ops and the plugins' kernels) and, for
-Wan, on `aoti` (the artifact's AOTInductor engines, built with `ditbake.exporter.build` and run
-through the runtime session's forward — the shipped path). Flux runs eager only: its aoti artifact
-(12 B parameters plus FP8 copies, ~36 GB) does not build within one device call.
+each on the `eager` backend (the runtime composing torch ops and the plugins' kernels) and on
+`aoti` (the artifact's AOTInductor engines, built with `ditbake.exporter.build` and run through
+the runtime session's forward — the shipped path). Flux's eager rows run in memory; its aoti rows
+go through an artifact of every linear of both block kinds in 8 bits (12 B parameters plus the
+8-bit copies, ~36 GB at real size: narrow the rows with `--only` to fit one device call).
 
 Each row: median of CUDA-event times of whole forwards after warm-up, the output's relative L2
 error vs diffusers eager bf16, and the build (compile) time of its engines. Random weights:
@@ -147,10 +148,7 @@ def race_wan(args, dev, dtype) -> dict:
     import diffusers
 
     from ditbake.exporter.adapters import adapter_for
-    from ditbake.exporter.build import build
-    from ditbake.runtime import load
     from ditbake.runtime.artifact import Profile
-    from ditbake.runtime.plan import Plan
 
     cfg, latent, text_len = (WAN, LATENT, TEXT_LEN) if not args.smoke else SMOKE["wan"]
     torch.manual_seed(0)
@@ -167,23 +165,37 @@ def race_wan(args, dev, dtype) -> dict:
         rows.setdefault("_profile", {})["diffusers torch.compile (regional)"] = kernel_profile(
             lambda: adapter.diffusers_forward(x, t, text))
 
-    arch, config = adapter.arch, adapter.config
     p = cfg["patch_size"]
     visual = (latent[1] // p[0]) * (latent[2] // p[1]) * (latent[3] // p[2])
-    variants = contenders(arch, config, args.band, visual)
-    variants = {n: v for n, v in variants.items() if selected(n, args.only)}
+    backends = [b for b in args.backends.split(",") if b and not (b == "aoti" and args.no_aoti)]
+    race_artifacts(args, adapter, Profile("race", latent, text_len), visual, backends, (x, t, text), (), ref, rows,
+                   record, dev, dtype)
+    return {"model": "Wan2.1-1.3B architecture (random weights)", "tokens": visual, "rows": rows}
+
+
+def race_artifacts(args, adapter, profile, visual: int, backends: list[str], inputs: tuple, extras: tuple, ref,
+                   rows: dict, record, dev, dtype) -> None:
+    """The ditbake rows through built artifacts, one per backend: the artifact's step i runs contender i in
+    every block (the build stores each format once) and each row times one `Session` forward."""
+    from ditbake.exporter.build import build
+    from ditbake.runtime import load
+    from ditbake.runtime.attention import AttentionRunner
+    from ditbake.runtime.plan import Plan
+    from ditbake.runtime.session import GenerationReport
+
+    arch, config = adapter.arch, adapter.config
+    x, t, text = inputs
+    variants = {n: v for n, v in contenders(arch, config, args.band, visual).items() if selected(n, args.only)}
     names = list(variants)
-    # one artifact whose step i runs contender i in every block: the build stores each format once
     plan = Plan(architecture=arch.NAME, num_blocks=adapter.num_blocks, linear_layers=tuple(adapter.linear_layers),
                 attention_sites=tuple(sorted(adapter.attention_sites.items())), variants=tuple(variants.values()),
                 steps=tuple({"cond": (i,) * adapter.num_blocks} for i in range(len(names))))
-    profile = Profile("race", latent, text_len)
-    backends = [b for b in args.backends.split(",") if b and not (b == "aoti" and args.no_aoti)]
+    sampler = "unipc" if arch.NAME == "wan" else "flow_euler"
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
             t0 = time.perf_counter()
             try:
-                path = build(adapter, plan, Path(tmp) / backend, profiles=[profile], samplers=["unipc"], dtype=dtype,
+                path = build(adapter, plan, Path(tmp) / backend, profiles=[profile], samplers=[sampler], dtype=dtype,
                              backend=backend, device=dev.type, progress=False)
             except Exception as exc:  # one backend failing must not hide the other
                 rows[f"ditbake {backend}"] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
@@ -192,20 +204,17 @@ def race_wan(args, dev, dtype) -> dict:
             rows[f"ditbake {backend} build"] = {"build_s": time.perf_counter() - t0,
                                                 "engines": len(load(path, device=dev).artifact.manifest["engines"])}
             session = load(path, device=dev)
-            from ditbake.runtime.attention import AttentionRunner
-            from ditbake.runtime.session import GenerationReport
-
             for i, name in enumerate(names):
                 kernels = {}  # eager: measure each attention group's kernels once, as the aoti build does
                 if backend == "eager" and dev.type == "cuda":
                     probe = AttentionRunner(dict(plan.tiles), measure=True)
-                    session._forward(i, "cond", x, t, text, profile, probe, {}, GenerationReport())
+                    session._forward(i, "cond", x, t, text, profile, probe, {}, GenerationReport(), extras=extras)
                     kernels = probe.kernels
                     rows.setdefault("_kernels", {})[f"{name} [eager]"] = probe.timings
 
                 def forward(i=i, kernels=kernels):
                     return session._forward(i, "cond", x, t, text, profile, AttentionRunner(dict(plan.tiles), kernels), {},
-                                            GenerationReport())
+                                            GenerationReport(), extras=extras)
                 record(f"{name} [{backend}]", forward, ref)
                 if args.profile and dev.type == "cuda":
                     rows.setdefault("_profile", {})[f"{name} [{backend}]"] = kernel_profile(forward)
@@ -214,7 +223,6 @@ def race_wan(args, dev, dtype) -> dict:
                                          for e in load(path, device=dev).artifact.manifest["engines"]
                                          if e.get("attention_kernels")}
             del session
-    return {"model": "Wan2.1-1.3B architecture (random weights)", "tokens": visual, "rows": rows}
 
 
 @torch.no_grad()
@@ -253,9 +261,13 @@ def race_flux(args, dev, dtype) -> dict:
             continue
         record(f"{name} [eager]", lambda v=variant: eager_forward(arch, config, weights, v, x, t, text, profile,
                                                                   extras=extras), ref)
-    rows["ditbake aoti"] = {"skipped": "not raced: the aoti artifact of this 12 B-parameter model with FP8 copies "
-                                       "is ~36 GB, written and loaded once more beside the diffusers model; its "
-                                       "build did not fit one device call (engines per block kind do exist)"}
+    backends = [b for b in args.backends.split(",") if b == "aoti" and not args.no_aoti]
+    if backends:  # the eager rows above run in memory; aoti needs an artifact (every linear's 8-bit copies:
+        # 12 B parameters write ~36 GB at real size — narrow it with --only)
+        from ditbake.runtime.artifact import Profile
+
+        race_artifacts(args, adapter, Profile("race", tuple(latent), text_len), visual, backends, (x, t, text), extras,
+                       ref, rows, record, dev, dtype)
     return {"model": "FLUX.1 transformer architecture (random weights), 2048²", "tokens": h0.shape[1], "rows": rows}
 
 
@@ -311,7 +323,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--band", type=float, default=0.5, help="arrow band of (c) as a fraction of the visual keys")
     p.add_argument("--no-aoti", action="store_true")
-    p.add_argument("--backends", default="eager,aoti", help="comma-separated: eager, aoti (Wan)")
+    p.add_argument("--backends", default="eager,aoti", help="comma-separated: eager, aoti (Flux: eager rows run "
+                   "in memory, aoti through an artifact)")
     p.add_argument("--profile", action="store_true", help="also profile each ditbake row's GPU kernels by class")
     p.add_argument("--only", default="", help="regex: race only the ditbake rows it matches (bf16 always)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (checks the script, times nothing)")
