@@ -2,7 +2,7 @@
 # Issue 15's GPU work in phases, each within one device call (10-minute limit); results → $OUT.
 #   kernels  — GPU tests of the 8-bit kernels, attention_8bit sweep, FP8 linear with fused quantization
 #   wan      — forward race, Wan2.1-1.3B at 32,760 tokens (eager + aoti rows)
-#   flux     — forward race, Flux at 2048² (eager rows)
+#   flux     — forward race, Flux at 2048² (eager rows; BACKENDS=aoti ONLY=... for aoti rows, one call each)
 #   linears  — FP8 / FP8 fast-accum / INT8 linears fused with their producer, INT8 tile sweep
 #   fidelity — the race's configurations on the 16k video test bed (PSNR / SSIM vs its bf16 output,
 #              3 held-out v2 captions × 2 seeds, 20 steps, CFG 5, eager), ≤ 240 s; needs the caption
@@ -24,7 +24,8 @@ case "${1:-}" in
       ${ONLY:+--only "$ONLY"} --out "$OUT/forward_race_wan${TAG:-}_h100.json" \
       > "$OUT/race_wan.log" 2>&1; grep -v "^INFO\|^W1\|already exists" "$OUT/race_wan.log" | tail -24 ;;
   flux)
-    timeout ${LIMIT:-570} python3 benchmarks/forward_race.py --model flux ${ONLY:+--only "$ONLY"} --out "$OUT/forward_race_flux_h100.json" \
+    timeout ${LIMIT:-570} python3 benchmarks/forward_race.py --model flux --backends "${BACKENDS:-eager}" \
+      ${ONLY:+--only "$ONLY"} --out "$OUT/forward_race_flux${TAG:-}_h100.json" \
       > "$OUT/race_flux.log" 2>&1; tail -14 "$OUT/race_flux.log" ;;
   fidelity)
     EMB=${EMBEDS:-.carry/fid16k/embeds.safetensors}
