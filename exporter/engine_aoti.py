@@ -13,6 +13,7 @@ engines too. The positional conventions come from ditbake.runtime.engines.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -47,26 +48,37 @@ class _Prologue(torch.nn.Module):
 
 
 class _Block(torch.nn.Module):
-    """A block of one configuration; its weights arrive under block `index`'s names (the first of its kind)."""
+    """A block of one configuration; its weights arrive under block `index`'s names (the first of its kind).
 
-    def __init__(self, arch, config, names, variant, latent, text_len, n_ctx, tiles=(), index: int = 0):
+    Plans with cached heads: the engine also returns each `cache_sites` site's attention output (the
+    head cache the runtime keeps per branch and block), and an engine whose variant reuses cached heads
+    takes those outputs of the block's previous compute after its weights (`takes_cached`)."""
+
+    def __init__(self, arch, config, names, variant, latent, text_len, n_ctx, tiles=(), index: int = 0,
+                 cache_sites: tuple[str, ...] = (), takes_cached: bool = False):
         super().__init__()
         self.arch, self.config, self.variant, self.tiles, self.index = arch, config, variant, dict(tiles), index
         self.names = [f"{arch.BLOCK_PREFIX}{index}.{n}" for n in names]
         self.latent, self.text_len, self.n_ctx = latent, text_len, n_ctx
+        self.cache_sites, self.takes_cached = tuple(cache_sites), takes_cached
         self.kernels: dict[str, str] = {}  # attention group → kernel, measured by measure_kernels()
         self.timings: dict[str, dict[str, float]] = {}
         self._measure = False
 
     def forward(self, h, *rest):
         ctx = self.arch.unpack_ctx(rest[: self.n_ctx], self.latent, self.text_len)
-        w = dict(zip(self.names, rest[self.n_ctx:]))
+        w = dict(zip(self.names, rest[self.n_ctx:self.n_ctx + len(self.names)]))
         # the plan's tiles: local3d heads compile their token permutation into the engine
         attention = AttentionRunner(self.tiles, self.kernels, measure=self._measure)
+        if self.takes_cached:
+            cached = rest[self.n_ctx + len(self.names):]
+            attention.cache.update({("cond", self.index, site): c for site, c in zip(self.cache_sites, cached)})
         out = self.arch.block(w, self.config, self.index, h, ctx, self.variant, attention, "cond")
         if self._measure:
             self.kernels.update(attention.kernels)
             self.timings.update(attention.timings)
+        if self.cache_sites:  # contiguous: an AOTInductor input is read with the strides it was traced at
+            return (out, *[attention.cache[("cond", self.index, site)].contiguous() for site in self.cache_sites])
         return out
 
     def measure_kernels(self, args: tuple) -> None:
@@ -104,10 +116,7 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
                     out_dir: Path, device: str = "cpu", progress: bool = True) -> list[dict]:
     """Compile prologue, every computed block variant and epilogue for each profile into out_dir/engines."""
     for vid, v in enumerate(plan.variants):
-        if v.compute and v.uses_cached_heads:
-            raise BackendError(f"variant {vid} reuses cached heads, which the aoti backend does not compile yet; "
-                               "build with --backend eager or plan without head caching")
-        sparse = any(s.kind != "full" for _, schemes in v.heads for s in schemes)
+        sparse = any(s.kind not in ("full", "cached") for _, schemes in v.heads for s in schemes)
         if v.compute and sparse and torch.device(device).type != "cuda":
             # Inductor inlines the Triton op's CUDA body; on CPU that body has no kernel to run.
             raise BackendError(f"variant {vid} uses arrow heads, which aoti compiles only for CUDA engines; "
@@ -150,9 +159,11 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
                             "profile": prof.name, "backend": "aoti",
                             "file": rel, "sha256": sha256_file(out_dir / rel), "built_for": built_for,
                             "inputs": _input_names(part, gnames, job.block_names, n_ctx,
-                                                   runtime_arch.extra_inputs(arch, config)),
+                                                   runtime_arch.extra_inputs(arch, config))
+                            + [f"cached.{site}" for site in job.cache_inputs],
                             "outputs": ["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
-                            else ["hidden" if part == "block" else "model_output"],
+                            else ["hidden", *[f"attention.{site}" for site in job.cache_outputs]] if part == "block"
+                            else ["model_output"],
                             **({"attention_kernels": kernels} if kernels else {})})
             bar.update(1)
     bar.close()
@@ -186,6 +197,8 @@ class EngineJob:
     args: tuple
     block_names: list[str] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
+    cache_outputs: tuple[str, ...] = ()  # sites whose attention output the engine returns (head cache)
+    cache_inputs: tuple[str, ...] = ()  # sites whose cached output it takes (its variant reuses heads)
 
 
 def blocks_running(plan: Plan, vid: int) -> list[int]:
@@ -205,6 +218,16 @@ def _first_computed(plan: Plan, index: int, used: list[int]) -> BlockVariant:
     return BlockVariant()
 
 
+def _example_cache(arch, config: dict, weights: dict, index: int, hidden, ctx, variant: BlockVariant,
+                   sites: tuple[str, ...]) -> list[torch.Tensor]:
+    """Example head-cache inputs: the attention outputs of block `index` run with every head full."""
+    if not sites:
+        return []
+    runner = AttentionRunner()
+    arch.block(weights, config, index, hidden, ctx, dataclasses.replace(variant, heads=()), runner, "cond")
+    return [runner.cache[("cond", index, site)].contiguous() for site in sites]
+
+
 def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], prof: Profile, x, t, text,
                 extras: tuple = ()):
     """One shape profile's engines in the shared calling convention, traced at the example inputs
@@ -218,6 +241,8 @@ def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], 
     n_ctx = len(ctx_tensors)
     num_blocks = arch.num_blocks(config)
     kinds = runtime_arch.block_kinds(arch, config, num_blocks)
+    # a plan that reuses cached heads anywhere: every block engine returns its attention outputs
+    cache_sites = tuple(arch.COMPRESSIBLE_ATTENTION) if any(plan.variants[v].uses_cached_heads for v in used) else ()
     jobs = [EngineJob("prologue", None, None, None, _Prologue(arch, config, gnames, prof, len(extras)),
                       (x, t, text, *extras, *gw))]
     hidden, index = h, 0
@@ -234,11 +259,14 @@ def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], 
                     groups.setdefault(names, []).append(b)
             for g, (names, blocks) in enumerate(groups.items()):
                 rep = blocks[0]
-                module = _Block(arch, config, list(names), plan.variants[vid], tuple(x.shape), prof.text_len, n_ctx,
-                                plan.tiles, index=rep)
+                variant = plan.variants[vid]
+                takes = cache_sites if variant.uses_cached_heads else ()
+                module = _Block(arch, config, list(names), variant, tuple(x.shape), prof.text_len, n_ctx,
+                                plan.tiles, index=rep, cache_sites=cache_sites, takes_cached=bool(takes))
                 bw = [weights[f"{arch.BLOCK_PREFIX}{rep}.{n}"] for n in names]
+                cached = _example_cache(arch, config, weights, rep, hidden, ctx, variant, takes)
                 jobs.append(EngineJob("block", kind, vid, g if len(groups) > 1 else None, module,
-                                      (hidden, *ctx_tensors, *bw), list(names), blocks))
+                                      (hidden, *ctx_tensors, *bw, *cached), list(names), blocks, cache_sites, takes))
     jobs.append(EngineJob("epilogue", None, None, None,
                           _Epilogue(arch, config, gnames, tuple(x.shape), prof.text_len, n_ctx), (h, *ctx_tensors, *gw)))
     return jobs, gnames, n_ctx

@@ -13,8 +13,12 @@ manifest entry lists the blocks it serves. The positional calling convention bel
 the exporter (which compiles against it) and the runtime:
 
     prologue(latents, timestep, text, *extras, *global weights) -> (hidden, *ctx)
-    block(hidden, *ctx, *block weights) -> hidden
+    block(hidden, *ctx, *block weights[, *cached attention]) -> hidden[, *attention outputs]
     epilogue(hidden, *ctx, *global weights) -> model output
+
+A plan that reuses cached heads has its block engines return each compressible site's attention
+output (entry outputs `attention.<site>`), which the runtime keeps per (branch, block, site) as the
+eager runner does; an engine whose variant reuses heads takes them back (inputs `cached.<site>`).
 
 `extras` are the architecture's further prologue inputs (runtime.arch.extra_inputs): the pooled
 text vector [B, P] for SD3 and Flux, then the distilled guidance [B] for guidance-embedding Flux;
@@ -158,10 +162,10 @@ class AotiEngines:
         self._load(Path(artifact_path), entries)  # files checked (contained, hashed) before anything else
         self._routes = self._block_routes(entries)
 
-    def _block_routes(self, entries: list[dict]) -> dict[tuple[str, int, int], tuple[str, tuple[str, ...]]]:
-        """(profile, variant, block) → (engine key, the block weights it takes). Entries without
-        `blocks` serve every block of their kind and take all its weights (artifacts built before
-        engines took only what their variant reads)."""
+    def _block_routes(self, entries: list[dict]) -> dict[tuple[str, int, int], tuple]:
+        """(profile, variant, block) → (engine key, the block weights it takes, head-cache sites it
+        takes, head-cache sites it returns). Entries without `blocks` serve every block of their kind
+        and take all its weights (artifacts built before engines took only what their variant reads)."""
         n = self.arch.num_blocks(self.config)
         routes = {}
         for e in entries:
@@ -174,8 +178,10 @@ class AotiEngines:
             names = None
             if "inputs" in e and e.get("blocks") is not None:
                 names = tuple(name[len("block."):] for name in e["inputs"] if name.startswith("block."))
+            cache_in = tuple(n[len("cached."):] for n in e.get("inputs", ()) if n.startswith("cached."))
+            cache_out = tuple(n[len("attention."):] for n in e.get("outputs", ()) if n.startswith("attention."))
             for b in blocks:
-                routes[(e["profile"], e["variant"], b)] = (e["key"], names)
+                routes[(e["profile"], e["variant"], b)] = (e["key"], names, cache_in, cache_out)
         return routes
 
     def _load(self, artifact_path: Path, entries: list[dict]) -> None:
@@ -219,8 +225,18 @@ class AotiEngines:
         if route is None:
             raise ArtifactError(f"artifact has no compiled engine for variant {vid} at block {index} (profile "
                                 f"{ctx['_profile']!r}); rebuild it for this plan and profile")
-        key, names = route
-        out = self._engine(key)(h, *self.arch.pack_ctx(ctx), *self._block_weights(index, names))
+        key, names, cache_in, cache_out = route
+        cached = []
+        for site in cache_in:
+            c = attention.cache.get((branch, index, site))
+            if c is None:
+                raise BackendError(f"attention site {(branch, index, site)} reuses cached heads before any output "
+                                   "was cached; the plan must compute every head at the first step")
+            cached.append(c.contiguous())  # the engine reads it with the strides it was traced at
+        out = self._engine(key)(h, *self.arch.pack_ctx(ctx), *self._block_weights(index, names), *cached)
+        if cache_out:
+            out, *attention_outputs = out
+            attention.cache.update({(branch, index, site): a for site, a in zip(cache_out, attention_outputs)})
         text_range = self.arch.text_range(self.config, ctx)
         for site, schemes in variant.heads or (("attn1", None),):
             attention.account(schemes, h.shape[0], self.arch.heads(self.config), h.shape[1],
