@@ -39,11 +39,8 @@ def layer_precisions(plan: Plan, block_prefix: str = "blocks.",
     any compute variant may run on any block. `absent`: (block, layer) pairs the block does not
     have (their precision-map entries are ignored by the block, so nothing is stored for them)."""
     used: dict[str, set[str]] = {}
-    if plan.mode == "adaptive":
-        pairs = [(b, v) for b in range(plan.num_blocks) for v in plan.variants]
-    else:
-        pairs = [(b, plan.variants[vid]) for step in plan.steps for ids in step.values() for b, vid in enumerate(ids)]
-    for b, v in pairs:
+    for b, vid in plan.block_variant_ids():
+        v = plan.variants[vid]
         if v.compute:
             prec = v.precision_map
             for name in plan.linear_layers:

@@ -124,11 +124,8 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
     device_weights = {k: v.to(device) for k, v in weights.items()}
     built_for = {"device": torch.device(device).type, "torch": torch.__version__,
                  "capability": list(torch.cuda.get_device_capability()) if torch.device(device).type == "cuda" else None}
-    used = sorted({vid for step in plan.steps for ids in step.values() for vid in ids if plan.variants[vid].compute})
-    if plan.mode == "adaptive":  # the runtime may pick any precompiled variant
-        used = [vid for vid, v in enumerate(plan.variants) if v.compute]
-    bar = tqdm(total=len(profiles) * (2 + len(used) * len(runtime_arch.block_kinds(arch, config, arch.num_blocks(config)))),
-               desc="compile aoti", unit="engine", disable=not progress)  # grows where variants need engine groups
+    used = sorted({vid for _, vid in plan.block_variant_ids() if plan.variants[vid].compute})
+    bar = tqdm(total=0, desc="compile aoti", unit="engine", disable=not progress)  # each profile adds its jobs
     entries = []
     (out_dir / "engines").mkdir(exist_ok=True)
     dtype = next(v.dtype for v in weights.values() if v.is_floating_point())
@@ -139,7 +136,7 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
         text = torch.randn(1, prof.text_len, text_dim, device=device, dtype=dtype)
         extras = example_extras(arch, config, dtype, device)
         jobs, gnames, n_ctx = engine_jobs(arch, config, device_weights, plan, used, prof, x, t, text, extras)
-        bar.total += len(jobs) - (2 + len(used) * len(runtime_arch.block_kinds(arch, config, arch.num_blocks(config))))
+        bar.total += len(jobs)
         for job in jobs:
             part, kind, vid, module, args = job.part, job.kind, job.vid, job.module, job.args
             key = engine_key(part, vid, prof.name, kind, job.group)
@@ -201,23 +198,6 @@ class EngineJob:
     cache_inputs: tuple[str, ...] = ()  # sites whose cached output it takes (its variant reuses heads)
 
 
-def blocks_running(plan: Plan, vid: int) -> list[int]:
-    """The blocks that may run variant `vid`: those its step table names (adaptive: every block,
-    as the build stores every variant's formats in every block)."""
-    if plan.mode == "adaptive":
-        return list(range(plan.num_blocks))
-    return sorted({b for step in plan.steps for ids in step.values() for b, v in enumerate(ids) if v == vid})
-
-
-def _first_computed(plan: Plan, index: int, used: list[int]) -> BlockVariant:
-    """A variant block `index` computes (its weights are stored for it): the example input of a later kind."""
-    for vid in ([v for step in plan.steps for ids in step.values() for v in (ids[index],)] if plan.mode != "adaptive"
-                else used):
-        if plan.variants[vid].compute:
-            return plan.variants[vid]
-    return BlockVariant()
-
-
 def _example_cache(arch, config: dict, weights: dict, index: int, hidden, ctx, variant: BlockVariant,
                    sites: tuple[str, ...]) -> list[torch.Tensor]:
     """Example head-cache inputs: the attention outputs of block `index` run with every head full."""
@@ -245,15 +225,20 @@ def engine_jobs(arch, config: dict, weights: dict, plan: Plan, used: list[int], 
     cache_sites = tuple(arch.COMPRESSIBLE_ATTENTION) if any(plan.variants[v].uses_cached_heads for v in used) else ()
     jobs = [EngineJob("prologue", None, None, None, _Prologue(arch, config, gnames, prof, len(extras)),
                       (x, t, text, *extras, *gw))]
+    # the blocks each variant runs on (the pairs the build stored weights for), in plan order
+    runs: dict[int, list[int]] = {}
+    for b, vid in plan.block_variant_ids():
+        if plan.variants[vid].compute:
+            runs.setdefault(vid, []).append(b)
     hidden, index = h, 0
     for kind, first in kinds.items():
-        while index < first:  # a realistic input for this kind: the eager blocks before it
-            hidden = arch.block(weights, config, index, hidden, ctx, _first_computed(plan, index, used),
-                                AttentionRunner(), "cond")
+        while index < first:  # a realistic input for this kind: the blocks before it, at a variant they compute
+            computed = next((plan.variants[vid] for vid in used if index in runs[vid]), BlockVariant())
+            hidden = arch.block(weights, config, index, hidden, ctx, computed, AttentionRunner(), "cond")
             index += 1
         for vid in used:
             groups: dict[tuple[str, ...], list[int]] = {}
-            for b in blocks_running(plan, vid):
+            for b in sorted(runs.get(vid, ())):
                 if runtime_arch.block_kind(arch, config, b) == kind:
                     names = tuple(variant_weight_names(weights, arch, config, b, plan.variants[vid]))
                     groups.setdefault(names, []).append(b)

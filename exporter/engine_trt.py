@@ -137,8 +137,7 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
     (out_dir / "engines").mkdir(exist_ok=True)
     dtype = next(v.dtype for v in weights.values() if v.is_floating_point() and v.element_size() > 1)
     text_dim = int(config.get("text_dim", config.get("text_embed_dim")))
-    kinds = runtime_arch.block_kinds(arch, config, arch.num_blocks(config))
-    bar = tqdm(total=len(profiles) * (2 + len(used) * len(kinds)), desc="export onnx", unit="engine", disable=not progress)
+    bar = tqdm(total=0, desc="export onnx", unit="engine", disable=not progress)  # each profile adds its jobs
     entries = []
     for prof in profiles:
         gen = torch.Generator().manual_seed(0)
@@ -147,7 +146,7 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
         text = torch.randn(1, prof.text_len, text_dim, generator=gen).to(dtype)
         extras = example_extras(arch, config, dtype)
         jobs, gnames, n_ctx = engine_jobs(arch, config, weights, plan, used, prof, x, t, text, extras)
-        bar.total += len(jobs) - (2 + len(used) * len(kinds))  # variants whose blocks need engine groups
+        bar.total += len(jobs)
         for job in jobs:
             part, kind, vid, module, args = job.part, job.kind, job.vid, job.module, job.args
             key = engine_key(part, vid, prof.name, kind, job.group)

@@ -295,11 +295,6 @@ def prompt_embeddings(session, prompts: list[str], seed: int,
     return embeds, torch.zeros_like(embeds)
 
 
-def eval_device(name: str | torch.device) -> torch.device:
-    """The device both sessions run on, checked before anything loads (typed errors, not tracebacks)."""
-    return resolve_device(name)
-
-
 def dequantize_missing_weights(session, plan) -> int:
     """Give layers stored only in NVFP4 (or only in 8 bits) a 16-bit weight dequantized from it (Hadamard unfolded), so the
     baseline plan can run on a quantized artifact. Returns how many layers needed it: for those the
@@ -371,7 +366,7 @@ def evaluate(artifact_path: str | Path, reference_artifact_path: str | Path | No
 
     cfg = EvalConfig(num_prompts=num_prompts, seeds=tuple(seeds), guidance_scale=guidance_scale, sampler=sampler,
                      prompts=tuple(prompts or ()))
-    device = eval_device(device)
+    device = resolve_device(device)  # both sessions' device, checked before anything loads
     compressed = dr.load(artifact_path, device=device)
     if reference_artifact_path is not None:
         reference = dr.load(reference_artifact_path, device=device)

@@ -200,6 +200,15 @@ class Plan:
     def variant_for(self, step: int, branch: str, block: int) -> BlockVariant:
         return self.variants[self.step_ids(step, branch)[block]]
 
+    def block_variant_ids(self) -> list[tuple[int, int]]:
+        """Every (block, variant id) the runtime may run, without repeats: baked, those the step table
+        names, in step order; adaptive, every variant on every block (the controller may pick any).
+        The build stores each pair's weight formats and compiles each pair's engine."""
+        if self.mode == "adaptive":
+            return [(b, vid) for vid in range(len(self.variants)) for b in range(self.num_blocks)]
+        pairs = {(b, vid): None for step in self.steps for ids in step.values() for b, vid in enumerate(ids)}
+        return list(pairs)
+
     def skip_fraction(self) -> float:
         total = skipped = 0
         for step in self.steps:

@@ -118,7 +118,7 @@ def test_eval_device_checks(tmp_path):
                     "--random-embeddings"]) == BackendError.exit_code
     for bad in ("tpu", "nonsense"):
         with pytest.raises(BackendError, match="cpu"):
-            ev.eval_device(bad)
+            ev.evaluate(art, None, prompts=["x"], progress=False, random_embeddings=True, device=bad)
 
 
 @pytest.mark.gpu

@@ -21,7 +21,8 @@ def test_hostile_names_are_backend_errors(name):
 
 def test_no_gpu_visible(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for check in (resolve_device, calibrate.calibration_device, evaluate.eval_device):
+    for check in (resolve_device, calibrate.calibration_device,
+                  lambda name: evaluate.evaluate("/nonexistent", None, device=name, progress=False)):
         with pytest.raises(BackendError, match="no CUDA GPU"):
             check("cuda:0")
 
@@ -43,7 +44,8 @@ def test_every_entry_point_agrees_on_the_error():
         command, device = "run", "tpu"
 
     checks = (lambda: check_args(Args()), lambda: calibrate.calibration_device("tpu"),
-              lambda: evaluate.eval_device("tpu"), lambda: load("/nonexistent", device="tpu"))
+              lambda: evaluate.evaluate("/nonexistent", None, device="tpu", progress=False),
+              lambda: load("/nonexistent", device="tpu"))
     for check in checks:
         with pytest.raises(BackendError):
             check()
