@@ -1,6 +1,7 @@
 """The 8-bit GEMMs alone at Wan2.1-1.3B's linear shapes (M = 32,760): bf16 cuBLAS, cuBLASLt FP8
-(fast accumulation), linear_8bit's pointer-loading Triton INT8 kernel, and the
-persistent TMA kernel (plugins/gemm_8bit_persistent.py) per tile / pipeline config. (Inside the
+(fast accumulation), linear_8bit's pointer-loading Triton INT8 kernel, the persistent TMA kernel
+(plugins/gemm_8bit_persistent.py) per tile / pipeline config, and CUTLASS's warp-specialized INT8
+kernels (plugins/gemm_w8a8_cutlass.py, when the cutlass extra is installed) per configuration. (Inside the
 engines it is measured by benchmarks/forward_race.py.)
 
 Each time: median of CUDA-event timings of 10 back-to-back calls (after warm-up) divided by 10, so
@@ -75,6 +76,17 @@ def shape_rows(tokens: int, k: int, n: int) -> dict:
             out = gp.gemm_8bit_persistent(qi, sx, wi, sw, bias, torch.bfloat16, config=cfg)
             errors[name] = float((out.float() - ref.float()).abs().max())
     best = min((v, kname) for kname, v in t.items() if kname.startswith("int8 persistent") and isinstance(v, float))
+    import ditbake.plugins.gemm_w8a8_cutlass as gc
+
+    if gc.load_native():
+        for config, cname in [(0, "auto"), *enumerate(gc.CONFIGS, 1)]:
+            name = f"int8 CUTLASS {cname}"
+            call = (lambda c=config: torch.ops.ditbake.gemm_w8a8_cutlass(qi, sx, wi, sw, bias, c))
+            safe(t, name, call)
+            if isinstance(t[name], float):
+                errors[name] = float((call().float() - ref.float()).abs().max())
+    else:
+        t["int8 CUTLASS"] = f"unavailable: {gc.unavailable_reason()}"
     for stages in (3, 4):
         cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=stages)
         safe(t, f"fp8 persistent TMA 128x256x128 w8 s{stages}",

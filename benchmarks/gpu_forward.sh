@@ -4,6 +4,8 @@
 #   wan      — forward race, Wan2.1-1.3B at 32,760 tokens (eager + aoti rows)
 #   flux     — forward race, Flux at 2048² (eager rows; BACKENDS=aoti ONLY=... for aoti rows, one call each)
 #   linears  — FP8 / FP8 fast-accum / INT8 linears fused with their producer, INT8 tile sweep
+#   cutlass  — build the CUTLASS INT8 GEMM (nvidia-cutlass wheel in .whl/), its GPU tests, the GEMM bench;
+#              the library lands in $OUT/ext: carry it as DITBAKE_EXT_DIR to skip the build next call
 #   fidelity — the race's configurations on the 16k video test bed (PSNR / SSIM vs its bf16 output,
 #              3 held-out v2 captions × 2 seeds, 20 steps, CFG 5, eager), ≤ 240 s; needs the caption
 #              cache carried: .carry/fid16k/embeds.safetensors (benchmarks/prompt_cache.py makes it)
@@ -38,5 +40,15 @@ case "${1:-}" in
       tests/plugins/test_linear_8bit.py > "$OUT/test_gpu_linears.log" 2>&1; tail -6 "$OUT/test_gpu_linears.log"
     timeout 200 python3 benchmarks/bench_linear_fp8.py --out "$OUT/linear_8bit_fused.json" > "$OUT/lin8.log" 2>&1
     grep -v "^W1\|^INFO" "$OUT/lin8.log" | tail -8 ;;
-  *) echo "usage: $0 kernels|wan|flux|fidelity|linears" >&2; exit 2 ;;
+  cutlass)
+    mkdir -p "$OUT/ext"
+    ( time timeout 300 python3 -c "import logging; logging.basicConfig(level=logging.INFO)
+import ditbake.plugins.gemm_w8a8_cutlass as g; ok = g.load_native(); print('cutlass loaded', ok, g.unavailable_reason())" ) \
+      > "$OUT/cutlass_build.log" 2>&1; tail -5 "$OUT/cutlass_build.log"
+    cp "$DITBAKE_EXT_DIR"/ditbake_gemm_w8a8_cutlass-*.so "$OUT/ext/" 2>/dev/null
+    timeout 200 python3 -m pytest -q -ra -m gpu tests/plugins/test_gemm_w8a8_cutlass.py tests/plugins/test_gemm_8bit_persistent.py \
+      > "$OUT/test_gpu_cutlass.log" 2>&1; tail -6 "$OUT/test_gpu_cutlass.log"
+    timeout 200 python3 benchmarks/bench_gemm_8bit.py --out "$OUT/gemm_8bit_cutlass.json" > "$OUT/gemm_cutlass.log" 2>&1
+    grep -v "^W1" "$OUT/gemm_cutlass.log" | tail -40 ;;
+  *) echo "usage: $0 kernels|wan|flux|fidelity|linears|cutlass" >&2; exit 2 ;;
 esac

@@ -17,12 +17,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ditbake.plugins.native_loading import NATIVE_OPS
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.artifact import Profile, sha256_file
 from ditbake.runtime.attention import AttentionRunner
@@ -102,9 +104,30 @@ class _Epilogue(torch.nn.Module):
         return self.arch.epilogue(dict(zip(self.names, rest[self.n_ctx:])), self.config, h, ctx)
 
 
-def _compile(module: torch.nn.Module, args: tuple, path: Path) -> None:
+def _compile(module: torch.nn.Module, args: tuple, path: Path) -> list[str]:
+    """Export and package one engine; returns the ditbake C++ ops (NATIVE_OPS) its package calls."""
     exported = torch.export.export(module, args)
     torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+    return native_ops_named(path)
+
+
+def native_ops_named(package: Path) -> list[str]:
+    """Which of ditbake's C++ ops an AOTInductor package calls, read from the package itself: the
+    ops are chosen while Inductor lowers ditbake's Triton ops (plugins/linear_8bit.py picks the
+    CUTLASS GEMM there), so the exported graph does not show them, and a cached compile would not
+    re-run the choice; the package names every dispatcher op it calls."""
+    # the C++ wrapper names the op "ditbake::op", the proxy executor's node table "ditbake.op"
+    names = {op: (f"ditbake::{op}".encode(), f"ditbake.{op}".encode()) for op in NATIVE_OPS}
+    found = set()
+    with zipfile.ZipFile(package) as pkg:
+        for info in pkg.infolist():
+            tail = b""
+            with pkg.open(info) as member:
+                while chunk := member.read(1 << 24):
+                    data = tail + chunk
+                    found.update(op for op, forms in names.items() if any(f in data for f in forms))
+                    tail = data[-64:]
+    return sorted(found)
 
 
 def _content_key(*parts) -> str:
@@ -150,7 +173,7 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
             content = _content_key(part, kind, config_json, prof.to_json(), arch.NAME, config, str(dtype), built_for,
                                    choice, job.block_names)
             rel = f"engines/{part}-{content}.pt2"
-            _compile(module, args, out_dir / rel)
+            native_ops = _compile(module, args, out_dir / rel)
             entries.append({"key": key, "part": part, **({"block_kind": kind} if kind else {}), "variant": vid,
                             **({"blocks": job.blocks} if part == "block" else {}),
                             "profile": prof.name, "backend": "aoti",
@@ -161,7 +184,8 @@ def compile_engines(arch, config: dict, weights: dict[str, torch.Tensor], plan: 
                             "outputs": ["hidden", *[f"ctx{i}" for i in range(n_ctx)]] if part == "prologue"
                             else ["hidden", *[f"attention.{site}" for site in job.cache_outputs]] if part == "block"
                             else ["model_output"],
-                            **({"attention_kernels": kernels} if kernels else {})})
+                            **({"attention_kernels": kernels} if kernels else {}),
+                            **({"native_ops": native_ops} if native_ops else {})})
             bar.update(1)
     bar.close()
     return entries

@@ -7,7 +7,8 @@ Op ``ditbake::linear_w8a8(x, qw, w_scale, bias, fmt, hadamard) -> Tensor`` (x.dt
 Reference: ``act_quant_ref`` then ``int8.matmul_8bit_ref`` (exact accumulation in float64).
 GPU: ``act_quant`` kernel, then a Triton GEMM on the 8-bit tensor cores (int32 accumulation for
 INT8, fp32 for FP8) whose epilogue applies ``acc * sx[m] * sw[n] + bias`` in FP32 — this module's
-kernel, or at large shapes on sm90+ the persistent TMA kernel (plugins/gemm_8bit_persistent.py). For FP8 the
+kernel, or at large shapes on sm90+ the persistent TMA kernel (plugins/gemm_8bit_persistent.py), or for
+INT8 on sm90 with the ``cutlass`` extra CUTLASS's kernels (plugins/gemm_w8a8_cutlass.py). For FP8 the
 GEMM can instead go to cuBLAS through ``torch._scaled_mm`` with row-wise scales
 (``FP8_GEMM_BACKEND``), chosen by measurement (see plugins/notes/linear_kernels.md).
 """
@@ -19,6 +20,7 @@ from torch.library import triton_op, wrap_triton
 from ditbake.plugins._triton_util import HAS_TRITON, tl, triton, use_triton
 from ditbake.plugins.act_quant import act_quant, act_quant_ref, check_act_quant_args
 from ditbake.plugins.gemm_8bit_persistent import OUT_DTYPES, dtype_name, persistent_gemm_applies
+from ditbake.plugins.gemm_w8a8_cutlass import cutlass_gemm_applies
 from ditbake.plugins.int8 import EIGHT_BIT_FORMATS, matmul_8bit_ref
 from ditbake.plugins.linear_fp8 import gemm_fp8
 from ditbake.plugins.nvfp4 import QuantFormatError
@@ -66,6 +68,10 @@ def gemm_8bit(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     if qx.dtype == torch.float8_e4m3fn and FP8_GEMM_BACKEND == "scaled_mm" and config is None:
         # cuBLASLt with promoted accumulation: the setting bench_linear.py measured this switch with
         return gemm_fp8(qx, sx, qw, sw, bias, out_dtype, fast_accum=False)
+    if (config is None and cutlass_gemm_applies(qx, qw, out_dtype)
+            and (bias is None or bias.dtype == torch.bfloat16)):
+        # INT8 on sm90 with the cutlass extra built: CUTLASS's warp-specialized kernels (C++ op)
+        return torch.ops.ditbake.gemm_w8a8_cutlass(qx, sx, qw, sw, bias, 0)
     if config is None and persistent_gemm_applies(qx, qw) and out_dtype in OUT_DTYPES.values():
         # sm90+, large M and K or N: the persistent kernel, through its opaque op
         return torch.ops.ditbake.gemm_w8a8_persistent(qx, sx, qw, sw, bias, dtype_name(out_dtype))

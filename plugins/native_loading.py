@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import logging
 import os
 import sys
@@ -35,3 +36,16 @@ def promote_libstdcxx() -> bool:
             continue
     log.warning("could not promote libstdc++ to the global symbol scope; AOTInductor packages and C++ ops may crash on load")
     return False
+
+
+# ditbake's C++ ops that compiled engines may call through the dispatcher, and the module whose
+# load_native() / unavailable_reason() build and load each (exporter.engine_aoti records which ops an
+# engine's package names; runtime.engines loads them before the package)
+NATIVE_OPS = {"gemm_w8a8_cutlass": "ditbake.plugins.gemm_w8a8_cutlass"}
+
+
+def load_native_op(name: str) -> tuple[bool, str | None]:
+    """Build/load the library of one of NATIVE_OPS: (loaded, why not)."""
+    module = importlib.import_module(NATIVE_OPS[name])
+    ok = module.load_native()
+    return ok, None if ok else module.unavailable_reason()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ditbake.plugins.native_loading import NATIVE_OPS, load_native_op
 from ditbake.plugins.native_loading import promote_libstdcxx  # noqa: F401 - re-exported for callers
 from ditbake.runtime import arch as runtime_arch
 from ditbake.runtime.errors import ArtifactError, BackendError
@@ -111,8 +112,18 @@ def load_aoti_package(path: Path, entry: dict, device: torch.device, what: str =
 
 
 def _load_native_ops(entry: dict, what: str) -> None:
-    """Engines whose attention the build gave to cuDNN (bf16 band or fp8t) call ditbake's C++ ops
-    through the dispatcher: compile/load them before the package (plugins/cudnn_sdpa.py)."""
+    """Engines whose attention the build gave to cuDNN (bf16 band or fp8t), or whose package names
+    another of ditbake's C++ ops (``native_ops``: the CUTLASS INT8 GEMM), call them through the
+    dispatcher: compile/load them before the package (plugins/cudnn_sdpa.py, plugins/native_loading.py)."""
+    ops = entry.get("native_ops", [])
+    if not isinstance(ops, list) or not all(isinstance(op, str) and op in NATIVE_OPS for op in ops):
+        raise ArtifactError(f"{what} {entry.get('file')}: native_ops must list names of {sorted(NATIVE_OPS)}, "
+                            f"got {ops!r}; rebuild the artifact")
+    for op in ops:
+        ok, why = load_native_op(op)
+        if not ok:
+            raise BackendError(f"{what} {entry['file']} calls ditbake's {op}, which cannot be loaded here: {why}; "
+                               "install ditbake[cutlass] on an sm90 GPU or rebuild the artifact here")
     kernels = entry.get("attention_kernels") or {}
     if not isinstance(kernels, dict) or not all(isinstance(sig, str) and isinstance(k, dict) and
                                                 isinstance(k.get("kernel"), str) for sig, k in kernels.items()):

@@ -1,0 +1,140 @@
+"""The CUTLASS INT8 GEMM op: on CPU the specification (exact sums, fp32 epilogue, bf16 out) with
+typed errors for every malformed operand, a dispatch rule that keeps CPU tensors and other formats
+on the other paths, a content-named build, and export as one node; on an sm90 GPU every tile
+configuration bit-identical to the Triton kernels (the same int32 sums and fp32 epilogue), ragged
+tails of M and N included, with and without bias, under compile and inside a CUDA graph."""
+import pytest
+import torch
+
+import ditbake.plugins.gemm_w8a8_cutlass as gc
+import ditbake.plugins.linear_8bit  # noqa: F401 - registers ditbake::gemm_w8a8
+from ditbake.plugins.int8 import matmul_8bit_ref, quantize_rows
+from ditbake.plugins.nvfp4 import QuantFormatError
+
+
+def _gen():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def _operands(m, k, n, g, device="cpu"):
+    qx, sx = quantize_rows(torch.randn(m, k, generator=g), "int8")
+    qw, sw = quantize_rows(torch.randn(n, k, generator=g) / k ** 0.5, "int8")
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    return [t.to(device) for t in (qx, sx.reshape(-1), qw, sw.reshape(-1), bias)]
+
+
+def test_cpu_op_is_the_specification():
+    qx, sx, qw, sw, bias = _operands(37, 64, 24, _gen())
+    for b in (bias, None):
+        out = torch.ops.ditbake.gemm_w8a8_cutlass(qx, sx, qw, sw, b)
+        assert out.dtype == torch.bfloat16 and out.shape == (37, 24)
+        assert torch.equal(out, matmul_8bit_ref(qx, sx, qw, sw, b, torch.float32).to(torch.bfloat16))
+    # the empty sum is the bias alone
+    empty = torch.ops.ditbake.gemm_w8a8_cutlass(qx[:, :0], sx, qw[:, :0], sw, bias)
+    assert torch.equal(empty, bias.expand(37, 24))
+
+
+@pytest.mark.parametrize("case", ["fp8 operand", "k mismatch", "k not 16-aligned", "n not 8-aligned", "sx dtype",
+                                  "sx size", "w_scale size", "bias fp32", "bias size", "config", "config bool"])
+def test_malformed_operands_get_a_typed_error(case):
+    qx, sx, qw, sw, bias = _operands(8, 32, 16, _gen())
+    args = dict(qx=qx, sx=sx, qw=qw, w_scale=sw, bias=bias, config=0)
+    bad = {"fp8 operand": dict(qx=qx.float().to(torch.float8_e4m3fn)),
+           "k mismatch": dict(qw=qw[:, :16].contiguous()),
+           "k not 16-aligned": dict(qx=qx[:, :24].contiguous(), qw=qw[:, :24].contiguous()),
+           "n not 8-aligned": dict(qw=qw[:12], w_scale=sw[:12], bias=bias[:12]),
+           "sx dtype": dict(sx=sx.double()), "sx size": dict(sx=sx[:4]), "w_scale size": dict(w_scale=sw[:8]),
+           "bias fp32": dict(bias=bias.float()), "bias size": dict(bias=bias[:8]),
+           "config": dict(config=len(gc.CONFIGS) + 1), "config bool": dict(config=True)}[case]
+    args.update(bad)
+    with pytest.raises(QuantFormatError):
+        gc.check_args(*args.values())
+    if case != "config bool":  # the schema turns a bool into an int before the kernel sees it
+        with pytest.raises(QuantFormatError):
+            torch.ops.ditbake.gemm_w8a8_cutlass(*args.values())
+
+
+def test_dispatch_rule_keeps_cpu_and_other_formats_away():
+    qx, sx, qw, sw, _ = _operands(2048, 64, 32, _gen())
+    assert not gc.cutlass_gemm_applies(qx, qw, torch.bfloat16)  # CPU: the Triton op's reference
+    # the op's CPU answer through gemm_w8a8 is unchanged
+    out = torch.ops.ditbake.gemm_w8a8(qx, sx, qw, sw, None, torch.bfloat16)
+    assert torch.equal(out, matmul_8bit_ref(qx, sx, qw, sw, None, torch.float32).to(torch.bfloat16))
+
+
+def test_build_key_follows_the_sources(tmp_path, monkeypatch):
+    """The library's file name is a hash of what built it: a changed source is a new library, not a
+    stale one loaded from the cache directory."""
+    key = gc.build_key([])
+    assert key == gc.build_key([]) and len(key) == 16
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    for name in gc.SOURCES + gc.HEADERS:
+        (csrc / name).write_bytes((gc.CSRC / name).read_bytes())
+    monkeypatch.setattr(gc, "CSRC", csrc)
+    assert gc.build_key([]) == key
+    (csrc / gc.SOURCES[1]).write_text((csrc / gc.SOURCES[1]).read_text() + "\n// changed\n")
+    assert gc.build_key([]) != key
+
+
+def test_no_cuda_means_unavailable_with_a_reason(monkeypatch):
+    monkeypatch.setattr(gc, "_LOADED", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gc.load_native() is False
+    assert "CUDA" in gc.unavailable_reason()
+
+
+def test_exports_as_one_node():
+    qx, sx, qw, sw, bias = _operands(40, 64, 24, _gen())
+
+    class M(torch.nn.Module):
+        def forward(self, qx):
+            return torch.ops.ditbake.gemm_w8a8_cutlass(qx, sx, qw, sw, bias, 0)
+
+    ep = torch.export.export(M(), (qx,))
+    assert sum("gemm_w8a8_cutlass" in str(n.target) for n in ep.graph.nodes) == 1
+    assert torch.equal(ep.module()(qx), M()(qx))
+
+
+def _cuda_ready():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm90 GPU")
+    if not gc.load_native():
+        pytest.skip(f"CUTLASS GEMM unavailable: {gc.unavailable_reason()}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(gc.CONFIGS) + 1))
+@pytest.mark.parametrize("m,k,n", [(4096, 1536, 8960), (2077, 4112, 1000), (1100, 8960, 1536)])
+def test_gpu_configs_match_the_triton_kernel_bit_for_bit(config, m, k, n):
+    _cuda_ready()
+    from ditbake.plugins.linear_8bit import gemm_8bit
+
+    qx, sx, qw, sw, bias = _operands(m, k, n, _gen(), "cuda")
+    ptr_cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    for b in (bias, None):
+        triton_out = gemm_8bit(qx, sx, qw, sw, b, torch.bfloat16, ptr_cfg)
+        out = torch.ops.ditbake.gemm_w8a8_cutlass(qx, sx, qw, sw, b, config)
+        assert torch.equal(out, triton_out), f"config {config}: max diff {(out.float() - triton_out.float()).abs().max()}"
+    exact = matmul_8bit_ref(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), bias.cpu(), torch.float32)
+    rel = float((out.double().cpu() - exact.double()).norm() / exact.double().norm())
+    assert rel < 3e-3  # bf16 output rounding only
+
+
+@pytest.mark.gpu
+def test_gpu_gemm_w8a8_dispatches_to_cutlass_under_compile_and_in_a_cuda_graph():
+    _cuda_ready()
+    qx, sx, qw, sw, bias = _operands(2048, 1536, 4608, _gen(), "cuda")
+    assert gc.cutlass_gemm_applies(qx, qw, torch.bfloat16)
+    want = torch.ops.ditbake.gemm_w8a8_cutlass(qx, sx, qw, sw, bias, 0)
+    fn = torch.compile(lambda q: torch.ops.ditbake.gemm_w8a8(q, sx, qw, sw, bias, torch.bfloat16), dynamic=False)
+    assert torch.equal(fn(qx), want)
+    static = qx.clone()
+    torch.ops.ditbake.gemm_w8a8_cutlass(static, sx, qw, sw, bias, 0)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.ditbake.gemm_w8a8_cutlass(static, sx, qw, sw, bias, 0)
+    fresh = _operands(2048, 1536, 4608, _gen(), "cuda")[0]
+    static.copy_(fresh)
+    graph.replay()
+    assert torch.equal(captured, torch.ops.ditbake.gemm_w8a8_cutlass(fresh, sx, qw, sw, bias, 0))
