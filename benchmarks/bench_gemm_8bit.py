@@ -47,6 +47,9 @@ def safe(times: dict, name: str, fn) -> None:
         log.info("%-44s %s", name, times[name])
 
 
+gelu_bf16 = torch.compile(lambda h: F.gelu(h, approximate="tanh"), dynamic=False)
+
+
 def shape_rows(tokens: int, k: int, n: int) -> dict:
     import ditbake.plugins.gemm_8bit_persistent as gp
     from ditbake.plugins.linear_8bit import gemm_8bit
@@ -85,6 +88,21 @@ def shape_rows(tokens: int, k: int, n: int) -> dict:
             safe(t, name, call)
             if isinstance(t[name], float):
                 errors[name] = float((call().float() - ref.float()).abs().max())
+        if n > k:  # an MLP's up projection: the GELU epilogue against GEMM + the GELU-quantize kernel
+            from ditbake.plugins.int8 import quantize_rows
+            from ditbake.plugins.producer_quant import gelu_quant
+
+            for config, cname in [(0, "auto"), *enumerate(gc.GELU_CONFIGS, 1)]:
+                safe(t, f"int8 CUTLASS GELU+amax {cname}",
+                     lambda c=config: torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qi, sx, wi, sw, bias, c))
+            quantize = torch.compile(lambda h, amax: quantize_rows(h, "int8", amax), dynamic=False)
+            h, amax = torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qi, sx, wi, sw, bias, 0)
+            safe(t, "  then one quantization pass (compiled)", lambda: quantize(h, amax))
+            safe(t, "chain now: CUTLASS GELU+amax + quantization",
+                 lambda: quantize(*torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qi, sx, wi, sw, bias, 0)))
+            safe(t, "chain before: CUTLASS GEMM + GELU-quantize kernel",
+                 lambda: gelu_quant(torch.ops.ditbake.gemm_w8a8_cutlass(qi, sx, wi, sw, bias, 0), "int8"))
+            safe(t, "bf16 chain: cuBLAS + compiled GELU", lambda: gelu_bf16(F.linear(x, w, bias)))
     else:
         t["int8 CUTLASS"] = f"unavailable: {gc.unavailable_reason()}"
     for stages in (3, 4):

@@ -42,10 +42,12 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ["gemm_w8a8_cutlass.cpp", "gemm_w8a8_cutlass_coop_128x256.cu", "gemm_w8a8_cutlass_pingpong_128x128.cu",
-           "gemm_w8a8_cutlass_coop_256x128.cu"]
+           "gemm_w8a8_cutlass_coop_256x128.cu", "gemm_w8a8_cutlass_gelu_coop_128x256.cu",
+           "gemm_w8a8_cutlass_gelu_pingpong_128x128.cu"]
 HEADERS = ["gemm_w8a8_cutlass.cuh", "gemm_w8a8_cutlass_api.h"]
-# the op's `config` argument: 0 = by shape (csrc/gemm_w8a8_cutlass.cpp's auto_config), then these
+# the ops' `config` argument: 0 = by shape (csrc/gemm_w8a8_cutlass.cpp's auto_config), then these
 CONFIGS = ("coop_128x256", "pingpong_128x128", "coop_256x128")
+GELU_CONFIGS = ("coop_128x256", "pingpong_128x128")
 CUDA_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG"]
 ARCH = "9.0a"  # wgmma and TMA multicast need the arch-specific target, not plain sm_90
 MIN_ROWS = 1024  # smaller M leaves most SMs idle on 128-row tiles: the Triton kernels keep it
@@ -57,9 +59,11 @@ ENABLED = MODE == "on"
 
 torch.library.define("ditbake::gemm_w8a8_cutlass",
                      "(Tensor qx, Tensor sx, Tensor qw, Tensor w_scale, Tensor? bias, int config=0) -> Tensor")
+torch.library.define("ditbake::gemm_w8a8_gelu_cutlass",
+                     "(Tensor qx, Tensor sx, Tensor qw, Tensor w_scale, Tensor? bias, int config=0) -> (Tensor, Tensor)")
 
 
-def check_args(qx, sx, qw, w_scale, bias, config: int) -> None:
+def check_args(qx, sx, qw, w_scale, bias, config: int, configs: tuple = CONFIGS) -> None:
     """The op's contract, checked on every device (the C++ kernel checks it again)."""
     if qx.dim() != 2 or qw.dim() != 2 or qx.dtype != torch.int8 or qw.dtype != torch.int8:
         raise QuantFormatError(f"gemm_w8a8_cutlass takes int8 qx [M, K] and qw [N, K], got {qx.dtype} "
@@ -75,8 +79,8 @@ def check_args(qx, sx, qw, w_scale, bias, config: int) -> None:
             raise QuantFormatError(f"{name} must be float32 with {size} elements, got {t.dtype} {tuple(t.shape)}")
     if bias is not None and (bias.dtype != torch.bfloat16 or bias.numel() != n):
         raise QuantFormatError(f"bias must be bfloat16 [{n}], got {bias.dtype} {tuple(bias.shape)}")
-    if isinstance(config, bool) or not isinstance(config, int) or not 0 <= config <= len(CONFIGS):
-        raise QuantFormatError(f"config must be 0 (by shape) .. {len(CONFIGS)}, got {config!r}")
+    if isinstance(config, bool) or not isinstance(config, int) or not 0 <= config <= len(configs):
+        raise QuantFormatError(f"config must be 0 (by shape) .. {len(configs)}, got {config!r}")
 
 
 @torch.library.impl("ditbake::gemm_w8a8_cutlass", "CPU")
@@ -89,6 +93,27 @@ def _gemm_w8a8_cutlass_cpu(qx, sx, qw, w_scale, bias, config=0):
 @torch.library.register_fake("ditbake::gemm_w8a8_cutlass")
 def _gemm_w8a8_cutlass_fake(qx, sx, qw, w_scale, bias, config=0):
     return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=torch.bfloat16)
+
+
+def gemm_gelu_ref(qx, sx, qw, w_scale, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GELU op's specification: p = exact sums · sx · sw + bias in fp32, g = tanh-GELU(p) in fp32;
+    returns (bf16(g), max |g| per row in fp32). (The kernel's tanh is tanh.approx.f32, |error| ≲ 2⁻¹¹,
+    far below the bf16 rounding of g.)"""
+    pre = matmul_8bit_ref(qx, sx.reshape(-1), qw, w_scale, bias, torch.float32)
+    g = torch.nn.functional.gelu(pre, approximate="tanh")
+    return g.to(torch.bfloat16), g.abs().amax(dim=-1) if g.shape[-1] else g.new_zeros(g.shape[0])
+
+
+@torch.library.impl("ditbake::gemm_w8a8_gelu_cutlass", "CPU")
+def _gemm_w8a8_gelu_cutlass_cpu(qx, sx, qw, w_scale, bias, config=0):
+    check_args(qx, sx, qw, w_scale, bias, config, GELU_CONFIGS)
+    return gemm_gelu_ref(qx, sx, qw, w_scale, bias)
+
+
+@torch.library.register_fake("ditbake::gemm_w8a8_gelu_cutlass")
+def _gemm_w8a8_gelu_cutlass_fake(qx, sx, qw, w_scale, bias, config=0):
+    return (qx.new_empty((qx.shape[0], qw.shape[0]), dtype=torch.bfloat16),
+            qx.new_empty((qx.shape[0],), dtype=torch.float32))
 
 
 def cutlass_gemm_applies(qx: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype) -> bool:

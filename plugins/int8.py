@@ -41,19 +41,31 @@ def _format_max(fmt: str) -> float:
 
 def row_scales(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """FP32 scale per row (last axis reduced), shape [..., 1]."""
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).to(torch.float32)
+    return scales_from_amax(x.detach().abs().amax(dim=-1, keepdim=True).to(torch.float32), fmt)
+
+
+def scales_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
+    """FP32 scale per row from its max |x| (any shape): amax / format max, 1 where amax is 0."""
     # Divide by a tensor, not a Python scalar: CUDA turns division by a scalar into a multiply
     # by its reciprocal, which rounds differently; tensor / tensor is IEEE division everywhere.
     return torch.where(amax > 0, amax / torch.full_like(amax, _format_max(fmt)), torch.ones_like(amax))
 
 
-def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, fmt: str, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization of ``x`` [..., K] -> (q [..., K], scale fp32 [..., 1]).
 
-    q is int8 for ``fmt='int8'`` and float8_e4m3fn for ``fmt='fp8'``.
+    q is int8 for ``fmt='int8'`` and float8_e4m3fn for ``fmt='fp8'``. ``amax`` [...] (fp32), when
+    given, is each row's max |x| as a producer measured it (e.g. a GEMM epilogue, before rounding x
+    to its dtype): the quantization is then one pass with no reduction; codes still clamp to the
+    format's range, so an amax slightly below the rounded row's max only saturates.
     """
     _check_float(x, "8-bit quantization input")
-    scale = row_scales(x, fmt)
+    if amax is None:
+        scale = row_scales(x, fmt)
+    else:
+        if amax.shape != x.shape[:-1]:
+            raise QuantFormatError(f"amax must have one value per row {tuple(x.shape[:-1])}, got {tuple(amax.shape)}")
+        scale = scales_from_amax(amax.to(torch.float32).unsqueeze(-1), fmt)
     y = x.detach().to(torch.float32) / scale
     if fmt == "int8":
         q = torch.round(y).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)

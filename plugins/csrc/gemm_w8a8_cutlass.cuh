@@ -11,6 +11,13 @@
 // cuBLASLt's own INT8 path (torch._int_mm) is slower still on Hopper. CUTLASS's sm90 kernels have
 // that machinery for INT8.
 //
+// The GELU variant (the up projection of a tanh-GELU MLP whose down projection is INT8 too) ends its
+// epilogue with tanh-GELU (CUTLASS's GELU_taylor: the tanh form, tanh.approx.f32) before the bf16
+// rounding, and reduces each row's max |GELU| into amax[m] (fp32, atomic max over the row's tiles;
+// the caller zeroes it): the down projection's per-token quantization is then one streaming pass
+// with no reduction. The warp-specialized epilogue runs under the next tile's main loop, which
+// Triton's persistent kernel could not do (plugins/notes/gemm_8bit_persistent.md: +0.35 ms there).
+//
 // This header is torch-free: each gemm_w8a8_cutlass_<config>.cu instantiates one tile
 // configuration (separate translation units compile in parallel), and gemm_w8a8_cutlass.cpp
 // registers the torch op that picks one.
@@ -23,6 +30,7 @@
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/epilogue/thread/activation.h"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
@@ -34,7 +42,7 @@ namespace ditbake_cutlass {
 
 using namespace cute;
 
-template <class TileShape, class ClusterShape, class MainloopSchedule, class EpilogueSchedule>
+template <class TileShape, class ClusterShape, class MainloopSchedule, class EpilogueSchedule, bool Gelu>
 struct W8A8Gemm {
     using ElementAcc = int32_t;
     using ElementD = cutlass::bfloat16_t;
@@ -54,8 +62,20 @@ struct W8A8Gemm {
         cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float, Round>, Acc, RowScale>;
     using TimesCol = cutlass::epilogue::fusion::Sm90EVT<
         cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float, Round>, TimesRow, ColScale>;
-    using Epilogue = cutlass::epilogue::fusion::Sm90EVT<
+    using PlusBias = cutlass::epilogue::fusion::Sm90EVT<
         cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, ElementD, float, Round>, TimesCol, Bias>;
+    // GELU variant: (acc * sx * sw + bias) -> GELU -> row abs-max into amax[m] -> bf16
+    using PlusBiasF32 = cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float, Round>, TimesCol, Bias>;
+    using GeluNode = cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90Compute<cutlass::epilogue::thread::GELU_taylor, float, float, Round>, PlusBiasF32>;
+    using RowAbsMax = cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90ColReduction<cutlass::maximum_absolute_value_reduction, cutlass::maximum,
+                                                    cutlass::atomic_maximum, 0, TileShape, float, float, Round>,
+        GeluNode>;
+    using GeluOut = cutlass::epilogue::fusion::Sm90EVT<
+        cutlass::epilogue::fusion::Sm90Compute<cutlass::epilogue::thread::Identity, ElementD, float, Round>, RowAbsMax>;
+    using Epilogue = cute::conditional_t<Gelu, GeluOut, PlusBias>;
 
     using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -90,16 +110,25 @@ struct W8A8Gemm {
         args.hw_info.device_id = p.device;
         args.hw_info.sm_count = p.sm_count;
         // EVT arguments nest as the tree does: {children..., op}
-        args.epilogue.thread = {
-            {                                                       // TimesCol
-                {                                                   // TimesRow
-                    {},                                             //   acc
-                    {static_cast<const float*>(p.sx)},              //   sx
-                    {}},                                            //   multiplies
-                {static_cast<const float*>(p.sw)},                  // sw
-                {}},                                                // multiplies
-            {static_cast<const ElementD*>(p.bias), ElementD(0)},    // bias (null: 0)
-            {}};                                                    // plus
+        typename TimesCol::Arguments times_col{
+            {                                               // TimesRow
+                {},                                         //   acc
+                {static_cast<const float*>(p.sx)},          //   sx
+                {}},                                        //   multiplies
+            {static_cast<const float*>(p.sw)},              // sw
+            {}};                                            // multiplies
+        typename Bias::Arguments bias{static_cast<const ElementD*>(p.bias), ElementD(0)};  // null: 0
+        if constexpr (Gelu) {
+            args.epilogue.thread = {
+                {                                           // RowAbsMax
+                    {                                       //   GeluNode
+                        {times_col, bias, {}},              //     PlusBiasF32
+                        {}},                                //     GELU
+                    {p.amax, 0.f}},                         //   reduction into amax (zeroed by the caller)
+                {}};                                        // to bf16
+        } else {
+            args.epilogue.thread = {times_col, bias, {}};
+        }
         return args;
     }
 
@@ -123,8 +152,8 @@ struct W8A8Gemm {
 }  // namespace ditbake_cutlass
 
 // One exported pair per configuration, defined in its own translation unit.
-#define DITBAKE_W8A8_CONFIG(NAME, TILE, CLUSTER, MAINLOOP, EPILOGUE)                                       \
-    using NAME##_gemm = ditbake_cutlass::W8A8Gemm<TILE, CLUSTER, MAINLOOP, EPILOGUE>;                        \
+#define DITBAKE_W8A8_CONFIG(NAME, TILE, CLUSTER, MAINLOOP, EPILOGUE, GELU)                                 \
+    using NAME##_gemm = ditbake_cutlass::W8A8Gemm<TILE, CLUSTER, MAINLOOP, EPILOGUE, GELU>;                  \
     W8A8Status ditbake_w8a8_##NAME##_workspace(const W8A8Problem& p, size_t* bytes) {                       \
         return NAME##_gemm::workspace_size(p, bytes);                                                         \
     }                                                                                                         \

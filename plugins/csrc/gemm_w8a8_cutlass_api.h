@@ -12,6 +12,7 @@ struct W8A8Problem {
     const void* sw;    // fp32 [N]
     const void* bias;  // bf16 [N] or nullptr
     void* out;         // bf16 [M, N], row-major
+    float* amax;       // GELU variants: fp32 [M], zeroed; receives max |GELU| per row (else unused)
     int m, n, k;
     int device, sm_count;
 };
@@ -25,4 +26,7 @@ enum class W8A8Status : int { kOk = 0, kUnsupported = 1, kInitFailed = 2, kLaunc
 DITBAKE_W8A8_DECLARE(coop_128x256)
 DITBAKE_W8A8_DECLARE(pingpong_128x128)
 DITBAKE_W8A8_DECLARE(coop_256x128)
+// GELU variants (same numbering from 1, for ditbake::gemm_w8a8_gelu_cutlass)
+DITBAKE_W8A8_DECLARE(gelu_coop_128x256)
+DITBAKE_W8A8_DECLARE(gelu_pingpong_128x128)
 #undef DITBAKE_W8A8_DECLARE

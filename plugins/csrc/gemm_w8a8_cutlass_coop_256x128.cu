@@ -6,4 +6,4 @@ using Tile = cute::Shape<cute::_256, cute::_128, cute::_128>;
 using Cluster = cute::Shape<cute::_1, cute::_2, cute::_1>;
 }  // namespace
 
-DITBAKE_W8A8_CONFIG(coop_256x128, Tile, Cluster, cutlass::gemm::KernelTmaWarpSpecializedCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative)
+DITBAKE_W8A8_CONFIG(coop_256x128, Tile, Cluster, cutlass::gemm::KernelTmaWarpSpecializedCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative, false)

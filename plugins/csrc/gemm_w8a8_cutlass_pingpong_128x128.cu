@@ -6,4 +6,4 @@ using Tile = cute::Shape<cute::_128, cute::_128, cute::_128>;
 using Cluster = cute::Shape<cute::_1, cute::_2, cute::_1>;
 }  // namespace
 
-DITBAKE_W8A8_CONFIG(pingpong_128x128, Tile, Cluster, cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized)
+DITBAKE_W8A8_CONFIG(pingpong_128x128, Tile, Cluster, cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized, false)

@@ -2,9 +2,13 @@
 typed errors for every malformed operand, a dispatch rule that keeps CPU tensors and other formats
 on the other paths, a content-named build, and export as one node; on an sm90 GPU every tile
 configuration bit-identical to the Triton kernels (the same int32 sums and fp32 epilogue), ragged
-tails of M and N included, with and without bias, under compile and inside a CUDA graph."""
+tails of M and N included, with and without bias, under compile and inside a CUDA graph. The GELU
+variant (tanh-GELU and each row's max |GELU| in the epilogue) against its fp32 specification, and the
+runtime's fused INT8 MLP against the unfused one."""
 import pytest
 import torch
+
+import torch.nn.functional as F
 
 import ditbake.plugins.gemm_w8a8_cutlass as gc
 import ditbake.plugins.linear_8bit  # noqa: F401 - registers ditbake::gemm_w8a8
@@ -116,9 +120,9 @@ def test_gpu_configs_match_the_triton_kernel_bit_for_bit(config, m, k, n):
         triton_out = gemm_8bit(qx, sx, qw, sw, b, torch.bfloat16, ptr_cfg)
         out = torch.ops.ditbake.gemm_w8a8_cutlass(qx, sx, qw, sw, b, config)
         assert torch.equal(out, triton_out), f"config {config}: max diff {(out.float() - triton_out.float()).abs().max()}"
-    exact = matmul_8bit_ref(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), bias.cpu(), torch.float32)
-    rel = float((out.double().cpu() - exact.double()).norm() / exact.double().norm())
-    assert rel < 3e-3  # bf16 output rounding only
+        exact = matmul_8bit_ref(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), None if b is None else b.cpu(), torch.float32)
+        rel = float((out.double().cpu() - exact.double()).norm() / exact.double().norm())
+        assert rel < 3e-3  # bf16 output rounding only
 
 
 @pytest.mark.gpu
@@ -138,3 +142,77 @@ def test_gpu_gemm_w8a8_dispatches_to_cutlass_under_compile_and_in_a_cuda_graph()
     static.copy_(fresh)
     graph.replay()
     assert torch.equal(captured, torch.ops.ditbake.gemm_w8a8_cutlass(fresh, sx, qw, sw, bias, 0))
+
+
+def test_cpu_gelu_op_is_the_specification():
+    qx, sx, qw, sw, bias = _operands(33, 64, 40, _gen())
+    h, amax = torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qx, sx, qw, sw, bias)
+    pre = matmul_8bit_ref(qx, sx, qw, sw, bias, torch.float32)
+    g = F.gelu(pre, approximate="tanh")
+    assert h.dtype == torch.bfloat16 and torch.equal(h, g.to(torch.bfloat16))
+    assert amax.dtype == torch.float32 and torch.equal(amax, g.abs().amax(-1))
+    with pytest.raises(QuantFormatError):  # the GELU op has fewer configurations
+        torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qx, sx, qw, sw, bias, len(gc.GELU_CONFIGS) + 1)
+    with pytest.raises(QuantFormatError):
+        torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qx, sx, qw[:, :48].contiguous(), sw, bias)
+
+
+def test_quantize_rows_with_a_given_amax_is_one_pass_of_the_same_rule():
+    g = _gen()
+    x = torch.randn(7, 5, 96, generator=g)
+    q, s = quantize_rows(x, "int8")
+    q2, s2 = quantize_rows(x, "int8", x.abs().amax(-1))
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    # an amax measured before rounding x (a little low): codes saturate at ±127, never wrap
+    q3, _ = quantize_rows(x, "int8", x.abs().amax(-1) * (1 - 2 ** -9))
+    assert int(q3.abs().max()) == 127 and ((q3.int() - q.int()).abs() <= 1).all()
+    zero = quantize_rows(torch.zeros(2, 16), "int8", torch.zeros(2))
+    assert torch.equal(zero[0], torch.zeros(2, 16, dtype=torch.int8)) and torch.equal(zero[1], torch.ones(2, 1))
+    with pytest.raises(QuantFormatError):
+        quantize_rows(x, "int8", x.abs().amax(-1)[:, :2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(gc.GELU_CONFIGS) + 1))
+@pytest.mark.parametrize("m,k,n", [(4096, 1536, 8960), (2077, 4112, 1000)])
+def test_gpu_gelu_variant_matches_its_specification(config, m, k, n):
+    _cuda_ready()
+    qx, sx, qw, sw, bias = _operands(m, k, n, _gen(), "cuda")
+    h, amax = torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qx, sx, qw, sw, bias, config)
+    want_h, want_amax = gc.gemm_gelu_ref(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), bias.cpu())
+    # tanh.approx.f32 (|error| <= 2^-10.99 relative) before one bf16 rounding (2^-9): a value may land on
+    # the neighbouring bf16 number, never further
+    diff = (h.float().cpu() - want_h.float()).abs()
+    ulp = want_h.float().abs().clamp_min(2 ** -60) * 2 ** -7
+    assert bool((diff <= ulp).all()), f"max {float((diff / ulp).max()):.2f} bf16 steps"
+    assert float((h.double().cpu() - want_h.double()).norm() / want_h.double().norm()) < 3e-3
+    assert torch.allclose(amax.cpu(), want_amax, rtol=2e-3, atol=1e-6)
+    assert bool((amax.cpu() > 0).all())
+
+
+@pytest.mark.gpu
+def test_gpu_fused_int8_mlp_matches_the_unfused_path():
+    """runtime.nn's INT8 GELU MLP with the GELU in the up projection's epilogue against the path with the
+    GELU producer kernel: the same formats, differing only in where GELU and the bf16 rounding fall."""
+    _cuda_ready()
+    from ditbake.runtime import nn
+
+    g = _gen()
+    dim, hidden = 1536, 8960
+    w = {}
+    for name, (n, k) in {"ff.net.0.proj": (hidden, dim), "ff.net.2": (dim, hidden)}.items():
+        q, s = quantize_rows(torch.randn(n, k, generator=g) / k ** 0.5, "int8")
+        w[name + ".int8_weight"], w[name + ".int8_scale"] = q.cuda(), s.reshape(-1).cuda()
+        w[name + ".bias"] = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16).cuda()
+    x = torch.randn(1, 2048, dim, generator=g).to(torch.bfloat16).cuda()
+    precisions = {"ff.net.0.proj": "int8", "ff.net.2": "int8"}
+    fused = nn._int8_gelu_mlp(x, w, "ff.net.0.proj", "ff.net.2", precisions)
+    assert fused is not None
+    gc_enabled, gc.ENABLED = gc.ENABLED, False
+    try:
+        unfused = nn.gelu_tanh_mlp(x, w, "ff", precisions)
+    finally:
+        gc.ENABLED = gc_enabled
+    assert torch.equal(nn.gelu_tanh_mlp(x, w, "ff", precisions), fused)
+    rel = float((fused.double() - unfused.double()).norm() / unfused.double().norm())
+    assert rel < 1e-2, rel  # INT8 step of the GELU output (~1/254 of the row max) dominates both
