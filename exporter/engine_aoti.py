@@ -13,10 +13,12 @@ engines too. The positional conventions come from ditbake.runtime.engines.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,11 +106,41 @@ class _Epilogue(torch.nn.Module):
         return self.arch.epilogue(dict(zip(self.names, rest[self.n_ctx:])), self.config, h, ctx)
 
 
+# Widest row Inductor keeps whole in registers for a row reduction (its default: 1,024). Wan's rows are
+# 1,536 wide, so its layer norms, RMS norms + RoPE and per-token quantizations compile as looped
+# reductions that read each row twice or three times; DITBAKE_PERSISTENT_ROWS=2048 makes them one pass
+# (measured in plugins/notes/gemm_w8a8_cutlass.md).
+PERSISTENT_ROWS = int(os.environ.get("DITBAKE_PERSISTENT_ROWS", "0") or 0)
+
+
 def _compile(module: torch.nn.Module, args: tuple, path: Path) -> list[str]:
     """Export and package one engine; returns the ditbake C++ ops (NATIVE_OPS) its package calls."""
     exported = torch.export.export(module, args)
-    torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+    with _persistent_rows(PERSISTENT_ROWS):
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
     return native_ops_named(path)
+
+
+@contextlib.contextmanager
+def _persistent_rows(width: int):
+    """Inductor's choices with one-pass (persistent) row reductions up to `width` elements."""
+    if width <= 1024:
+        yield
+        return
+    from torch._inductor.choices import InductorChoices  # noqa: PLC0415
+    from torch._inductor.runtime.hints import ReductionHint  # noqa: PLC0415
+    from torch._inductor.virtualized import V  # noqa: PLC0415
+
+    class WideRows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction) -> bool:
+            if (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
+                    and features.get_reduction_hint() == ReductionHint.INNER):
+                return V.graph.sizevars.statically_known_leq(features.reduction_numel, width)
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    with V.set_choices_handler(WideRows()):
+        yield
 
 
 def native_ops_named(package: Path) -> list[str]:

@@ -18,6 +18,12 @@ Ops (``fmt`` is ``int8`` or ``fp8``; outputs are 2-D, one row per token):
 * ``ditbake::gelu_quant(h, fmt) -> (q [M, K], scale fp32 [M])`` with
   ``y = gelu(h, approximate="tanh")`` in h's dtype.
 
+* ``ditbake::amax_quant(h, amax, fmt) -> (q [M, K], scale fp32 [M])``: ``y = h`` with each row's
+  max |y| already measured by its producer (the CUTLASS GELU GEMM's epilogue,
+  plugins/gemm_w8a8_cutlass.py): a streaming pass with no reduction, tiled in 2-D so no element
+  pays an index division (Inductor's flattened kernel for the same torch ops did — a 64-bit
+  division per element for the row's scale — and ran at 2.3 TB/s on the H200).
+
 Then y is quantized per token exactly as ``int8.quantize_rows`` (the specification): the
 references below are literally that composition. The kernels compute y in FP32, round it to
 x's dtype as the composition does, and quantize with act_quant's device helpers (IEEE division,
@@ -49,6 +55,7 @@ GELU_ROW_WARPS = None
 GELU_TWO_PASS = True
 GELU_ROWS = 8  # two-pass kernel: rows per program (their second pass should hit L2), warps
 GELU_WARPS = 8
+AMAX_ROWS, AMAX_COLS, AMAX_WARPS = 16, 512, 8  # amax_quant's tile: 16 KB of bf16 in, 8 KB out per program
 MAX_GELU_ROW = 16384  # Wan's 8,960-wide FFN rows pad to 16,384: 32 fp32 per thread at 16 warps
 
 
@@ -128,6 +135,30 @@ def gelu_quant(h: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
         wrap_triton(_gelu_quant_kernel)[(triton.cdiv(m, GELU_ROWS),)](
             h2, q, scale, m, k, MODE=_MODE[fmt], CHUNK=_GELU_CHUNK, BLOCK_M=GELU_ROWS, num_warps=GELU_WARPS)
     return q, scale
+
+
+@triton_op("ditbake::amax_quant", mutates_args=())
+def amax_quant(h: torch.Tensor, amax: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [M, K] quantized per row with the given fp32 amax [M] (``quantize_rows(h, fmt, amax)``)."""
+    if not use_triton(h):
+        q, scale = quantize_rows(h, fmt, amax)
+        return q, scale.reshape(-1)
+    m, k = h.shape
+    h2 = h.contiguous()
+    q, scale = _buffers(m, k, fmt, h.device)
+    wrap_triton(_amax_quant_kernel)[(triton.cdiv(m, AMAX_ROWS), triton.cdiv(k, AMAX_COLS))](
+        h2, amax.contiguous(), q, scale, m, k, MODE=_MODE[fmt], BLOCK_M=AMAX_ROWS, BLOCK_K=AMAX_COLS,
+        num_warps=AMAX_WARPS)
+    return q, scale
+
+
+def quantize_with_amax(h, amax, fmt: str):
+    """Validated entry point for :func:`amax_quant`."""
+    check_producer_args(h, fmt)
+    if h.dim() != 2 or amax.dtype != torch.float32 or tuple(amax.shape) != (h.shape[0],):
+        raise QuantFormatError(f"amax_quant takes h [M, K] and fp32 amax [M], got {tuple(h.shape)} and "
+                               f"{amax.dtype} {tuple(amax.shape)}")
+    return amax_quant(h, amax, fmt)
 
 
 def quantize_norm_output(x, mul, add, eps: float, fmt: str):
@@ -217,3 +248,19 @@ if HAS_TRITON:
         for k0 in range(0, K, CHUNK):
             y = _gelu_chunk(h_ptr, rows64, row_mask, k0, K, CHUNK)
             _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, k0, K, MODE, CHUNK, BLOCK_M)
+
+    @triton.jit
+    def _amax_quant_kernel(h_ptr, amax_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One [BLOCK_M, BLOCK_K] tile: the rows' scales from their given amax, then codes."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        k0 = tl.program_id(1) * BLOCK_K
+        scale = _row_scale(tl.load(amax_ptr + rows64, mask=row_mask, other=0.0), MODE)
+        if tl.program_id(1) == 0:
+            tl.store(scale_ptr + rows64, scale, mask=row_mask)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols[None, :] < K)
+        v = tl.load(h_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        _quantize_store(v, scale, q_ptr, q_ptr, rows64, row_mask, k0, K, MODE, BLOCK_K, BLOCK_M)

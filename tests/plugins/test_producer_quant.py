@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from ditbake.plugins.int8 import dequantize_rows, quantize_rows
 from ditbake.plugins.nvfp4 import QuantFormatError
-from ditbake.plugins.producer_quant import (gelu_quant, gelu_quant_ref, norm_quant, norm_quant_ref,
-                                            quantize_gelu_output, quantize_norm_output)
+from ditbake.plugins import producer_quant
+from ditbake.plugins.producer_quant import (amax_quant, gelu_quant, gelu_quant_ref, norm_quant, norm_quant_ref,
+                                            quantize_gelu_output, quantize_norm_output, quantize_with_amax)
 
 
 def _gen():
@@ -43,6 +44,31 @@ def test_gelu_reference_is_the_runtime_composition(fmt):
     assert torch.equal(gelu_quant_ref(h, fmt)[0], q)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_amax_quant_is_quantize_rows_with_the_given_amax(fmt):
+    h = (torch.randn(37, 1000, generator=_gen()) * 2).to(torch.bfloat16)
+    amax = h.float().abs().amax(-1)
+    q, s = quantize_with_amax(h, amax, fmt)
+    q_expected, s_expected = quantize_rows(h, fmt)
+    assert torch.equal(q, q_expected) and torch.equal(s, s_expected.reshape(-1))
+
+
+def test_amax_quant_kernel_tiles_cover_ragged_edges(monkeypatch):
+    """The 2-D tiled kernel under Triton's interpreter (kernel logic only), with tiles that do not divide
+    M or K: every code and scale where the reference puts it (int8: the interpreter rounds exactly)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(producer_quant, "AMAX_ROWS", 4)
+    monkeypatch.setattr(producer_quant, "AMAX_COLS", 64)
+    h = torch.randn(9, 150, generator=_gen()) * 3
+    amax = h.abs().amax(-1)
+    amax[3] = 0.0  # a row whose producer saw only zeros: scale 1, codes of h / 1 clamped
+    q, s = amax_quant(h, amax, "int8")
+    q_expected, s_expected = quantize_rows(h, "int8", amax)
+    assert torch.equal(s, s_expected.reshape(-1))
+    assert torch.equal(q, q_expected)
+
+
 def test_bad_input_gets_typed_errors():
     x = torch.randn(2, 4, 8)
     with pytest.raises(QuantFormatError):
@@ -56,6 +82,12 @@ def test_bad_input_gets_typed_errors():
     with pytest.raises(QuantFormatError):  # float64 modulation
         quantize_norm_output(x, torch.ones(1, 8, dtype=torch.float64), torch.zeros(1, 8), 1e-6, "fp8")
     assert quantize_norm_output(torch.zeros(1, 3, 8), torch.ones(1, 8), torch.zeros(1, 8), 1e-6, "int8")[1].eq(1).all()
+    h = torch.randn(4, 8)
+    for amax in (torch.ones(3), torch.ones(4, dtype=torch.float64), torch.ones(4, 1)):
+        with pytest.raises(QuantFormatError):
+            quantize_with_amax(h, amax, "int8")
+    with pytest.raises(QuantFormatError):  # rows must be 2-D
+        quantize_with_amax(torch.randn(2, 4, 8), torch.ones(2, 4), "int8")
 
 
 def test_ops_export_as_single_nodes():
@@ -89,3 +121,9 @@ def test_gpu_kernels_match_reference(fmt, width):
         assert codes_differ < 0.02  # boundary flips only: layer norm sums / tanh in another order
         deq, ref = dequantize_rows(got[0], got[1]), dequantize_rows(want[0], want[1])
         assert float((deq - ref).norm() / ref.norm()) < (5e-3 if fmt == "int8" else 2e-2)
+    h = x.reshape(-1, width)
+    amax = h.float().abs().amax(-1)
+    q, s = amax_quant(h, amax, fmt)
+    q_expected, s_expected = quantize_rows(h, fmt, amax)
+    assert torch.equal(s, s_expected.reshape(-1))  # IEEE division in both
+    assert torch.equal(q.float(), q_expected.float())  # no reduction, no reordering: the same codes
