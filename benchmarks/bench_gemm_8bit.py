@@ -97,9 +97,17 @@ def shape_rows(tokens: int, k: int, n: int) -> dict:
                      lambda c=config: torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qi, sx, wi, sw, bias, c))
             quantize = torch.compile(lambda h, amax: quantize_rows(h, "int8", amax), dynamic=False)
             h, amax = torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qi, sx, wi, sw, bias, 0)
-            safe(t, "  then one quantization pass (compiled)", lambda: quantize(h, amax))
-            safe(t, "chain now: CUTLASS GELU+amax + quantization",
-                 lambda: quantize(*torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qi, sx, wi, sw, bias, 0)))
+            safe(t, "  then one quantization pass (compiled torch ops)", lambda: quantize(h, amax))
+            import ditbake.plugins.producer_quant as pq
+
+            safe(t, "  then amax_quant (IEEE division)", lambda: pq.amax_quant(h, amax, "int8"))
+            pq.AMAX_RECIPROCAL = True
+            safe(t, "  then amax_quant (reciprocal)", lambda: pq.amax_quant(h, amax, "int8"))
+            codes_differ = int((pq.amax_quant(h, amax, "int8")[0] != quantize_rows(h, "int8", amax)[0]).sum())
+            pq.AMAX_RECIPROCAL = False
+            t["  reciprocal: codes differing from the specification"] = codes_differ
+            safe(t, "chain now: CUTLASS GELU+amax + amax_quant",
+                 lambda: pq.amax_quant(*torch.ops.ditbake.gemm_w8a8_gelu_cutlass(qi, sx, wi, sw, bias, 0), "int8"))
             safe(t, "chain before: CUTLASS GEMM + GELU-quantize kernel",
                  lambda: gelu_quant(torch.ops.ditbake.gemm_w8a8_cutlass(qi, sx, wi, sw, bias, 0), "int8"))
             safe(t, "bf16 chain: cuBLAS + compiled GELU", lambda: gelu_bf16(F.linear(x, w, bias)))

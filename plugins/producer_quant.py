@@ -56,6 +56,10 @@ GELU_TWO_PASS = True
 GELU_ROWS = 8  # two-pass kernel: rows per program (their second pass should hit L2), warps
 GELU_WARPS = 8
 AMAX_ROWS, AMAX_COLS, AMAX_WARPS = 16, 512, 8  # amax_quant's tile: 16 KB of bf16 in, 8 KB out per program
+# amax_quant divides each value by its row's scale (IEEE, the specification's codes); with this on it
+# multiplies by the row's reciprocal instead (a code may then differ where x / scale sits within one
+# fp32 rounding of a .5 boundary) — benchmarks/bench_gemm_8bit.py measures both
+AMAX_RECIPROCAL = False
 MAX_GELU_ROW = 16384  # Wan's 8,960-wide FFN rows pad to 16,384: 32 fp32 per thread at 16 warps
 
 
@@ -148,7 +152,7 @@ def amax_quant(h: torch.Tensor, amax: torch.Tensor, fmt: str) -> tuple[torch.Ten
     q, scale = _buffers(m, k, fmt, h.device)
     wrap_triton(_amax_quant_kernel)[(triton.cdiv(m, AMAX_ROWS), triton.cdiv(k, AMAX_COLS))](
         h2, amax.contiguous(), q, scale, m, k, MODE=_MODE[fmt], BLOCK_M=AMAX_ROWS, BLOCK_K=AMAX_COLS,
-        num_warps=AMAX_WARPS)
+        RECIPROCAL=AMAX_RECIPROCAL, num_warps=AMAX_WARPS)
     return q, scale
 
 
@@ -174,6 +178,7 @@ def quantize_gelu_output(h, fmt: str):
 
 
 if HAS_TRITON:
+    from ditbake.plugins._triton_util import round_half_even
     from ditbake.plugins.act_quant import _quantize_store, _row_scale
 
     @triton.jit
@@ -251,7 +256,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _amax_quant_kernel(h_ptr, amax_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RECIPROCAL: tl.constexpr):
         """One [BLOCK_M, BLOCK_K] tile: the rows' scales from their given amax, then codes."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
@@ -263,4 +268,9 @@ if HAS_TRITON:
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols[None, :] < K)
         v = tl.load(h_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        _quantize_store(v, scale, q_ptr, q_ptr, rows64, row_mask, k0, K, MODE, BLOCK_K, BLOCK_M)
+        if RECIPROCAL and MODE == 0:
+            qv = round_half_even(v * tl.div_rn(1.0, scale)[:, None])
+            qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
+            tl.store(q_ptr + rows64[:, None] * K + cols[None, :], qv.to(tl.int8), mask=mask)
+        else:
+            _quantize_store(v, scale, q_ptr, q_ptr, rows64, row_mask, k0, K, MODE, BLOCK_K, BLOCK_M)
