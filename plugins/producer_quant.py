@@ -56,10 +56,12 @@ GELU_TWO_PASS = True
 GELU_ROWS = 8  # two-pass kernel: rows per program (their second pass should hit L2), warps
 GELU_WARPS = 8
 AMAX_ROWS, AMAX_COLS, AMAX_WARPS = 16, 512, 8  # amax_quant's tile: 16 KB of bf16 in, 8 KB out per program
-# amax_quant multiplies each value by its row's reciprocal scale instead of dividing (IEEE division is
-# the specification's): a code then differs by one where x / scale sits within an fp32 rounding of a
-# .5 boundary. Measured on the H200 at Wan's FFN (32,760 x 8,960, gemm_8bit_cutlass_h200.json): 230 µs
-# vs 316 µs, 93 of 293.5 M codes differ (3e-7) — the kernel is compute-bound on the division.
+# amax_quant multiplies each value by its row's reciprocal scale and corrects the quotient with one FMA
+# Newton step instead of IEEE division (div.rn's range checks and slow path made the kernel
+# compute-bound). Measured on the H200 at Wan's FFN (32,760 x 8,960, gemm_8bit_cutlass_h200.json):
+# the plain reciprocal 230 µs vs 316 µs for division, 93 of 293.5 M codes differing; the plain
+# reciprocal also broke exact .5 ties (6e-4 of codes when amax is one of h's own bf16 values), which
+# the Newton step restores.
 AMAX_RECIPROCAL = True
 MAX_GELU_ROW = 16384  # Wan's 8,960-wide FFN rows pad to 16,384: 32 fp32 per thread at 16 warps
 
@@ -270,7 +272,13 @@ if HAS_TRITON:
         mask = row_mask[:, None] & (cols[None, :] < K)
         v = tl.load(h_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if RECIPROCAL and MODE == 0:
-            qv = round_half_even(v * tl.div_rn(1.0, scale)[:, None])
+            inv = tl.div_rn(1.0, scale)[:, None]
+            y = v * inv
+            # one Newton step on the exact remainder (FMA): the quotient rounded as IEEE division does
+            # in the normal range, so exact .5 ties (common when amax is one of h's own bf16 values)
+            # round to even like the specification instead of falling either side
+            y = tl.fma(tl.fma(-y, scale[:, None], v), inv, y)
+            qv = round_half_even(y)
             qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
             tl.store(q_ptr + rows64[:, None] * K + cols[None, :], qv.to(tl.int8), mask=mask)
         else:
