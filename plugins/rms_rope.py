@@ -20,6 +20,7 @@ Measured on the H200 (Wan2.1-1.3B, 32,760 tokens): 162 µs per layer for q and k
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
 from ditbake.plugins._triton_util import HAS_TRITON, tl, triton, use_triton
@@ -46,11 +47,14 @@ def check_rms_rope_args(x, weight, cos, sin, eps, heads: int) -> None:
 
 
 def rms_rope_ref(x, weight, cos, sin, eps: float, heads: int) -> torch.Tensor:
-    """The composition runtime.arch_wan runs on CPU (the specification)."""
-    from ditbake.runtime.nn import rms_norm, rotate_interleaved  # noqa: PLC0415 - runtime imports plugins lazily too
-
-    y = rms_norm(x, weight, eps).unflatten(2, (heads, -1))
-    return rotate_interleaved(y, cos, sin).transpose(1, 2).contiguous()
+    """The specification: the ops runtime.arch_wan composes on the CPU (runtime.nn.rms_norm and
+    rotate_interleaved, written out here so that plugins do not import the runtime; the tests hold
+    the two equal)."""
+    y = F.rms_norm(x, (x.shape[-1],), weight, eps).unflatten(2, (heads, -1))
+    y1, y2 = y.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack([y1 * c - y2 * s, y1 * s + y2 * c], dim=-1).flatten(-2).type_as(y)
+    return out.transpose(1, 2).contiguous()
 
 
 @triton_op("ditbake::rms_rope", mutates_args=())
