@@ -89,6 +89,36 @@ def int8_gemm_sweep(tokens: int, k: int, n: int) -> dict:
 
 
 @torch.no_grad()
+def mlp_row(tokens: int, dev, dim: int = 1536, hidden: int = 8960) -> dict:
+    """Wan's whole FFN as the runtime runs it with both projections INT8 (runtime.nn.gelu_tanh_mlp:
+    on an sm90 GPU with the cutlass extra, the CUTLASS GEMM with the GELU + amax epilogue, amax_quant,
+    the CUTLASS down projection; else the GELU-quantize kernel and the Triton GEMMs) against the bf16
+    FFN, each compiled with its modulated layer norm: the per-layer ratio including every quantization."""
+    from ditbake.plugins import gemm_w8a8_cutlass
+    from ditbake.plugins.linear_int8 import quantize_weight_int8
+    from ditbake.runtime.nn import gelu_tanh_mlp, normed_input
+
+    x = torch.randn(1, tokens, dim, device=dev, dtype=torch.bfloat16)
+    scale, shift = torch.randn(1, 1, dim, device=dev) * 0.1, torch.randn(1, 1, dim, device=dev) * 0.1
+    w = {}
+    for name, (n, k) in {"ffn.net.0.proj": (hidden, dim), "ffn.net.2": (dim, hidden)}.items():
+        w[name + ".weight"] = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
+        w[name + ".bias"] = torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.1
+        w[name + ".int8_weight"], w[name + ".int8_scale"] = quantize_weight_int8(w[name + ".weight"])
+    int8_prec = {"ffn.net.0.proj": "int8", "ffn.net.2": "int8"}
+    bf16 = static(lambda x: gelu_tanh_mlp(normed_input(x, 1 + scale, shift, 1e-6).float(), w, "ffn", {}))
+    int8 = static(lambda x: gelu_tanh_mlp(normed_input(x, 1 + scale, shift, 1e-6), w, "ffn", int8_prec))
+    ref = bf16(x).double()
+    row = {"tokens": tokens, "dim": dim, "hidden": hidden, "cutlass": gemm_w8a8_cutlass.load_native(),
+           "bf16_ms": time_ms(lambda: bf16(x), 5, 20), "int8_ms": time_ms(lambda: int8(x), 5, 20)}
+    row["speedup_int8"] = row["bf16_ms"] / row["int8_ms"]
+    row["rel_err_int8_vs_bf16"] = float((int8(x).double() - ref).norm() / ref.norm())
+    row["kernels"] = {key: kernel_profile(lambda fn=fn: fn(x), reps=3)["top"] for key, fn in (("bf16", bf16), ("int8", int8))}
+    print(f"ffn pair: bf16 {row['bf16_ms']:.3f} ms  int8 {row['int8_ms']:.3f} ms  ×{row['speedup_int8']:.2f}"
+          f"  rel err {row['rel_err_int8_vs_bf16']:.1e}", flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     from ditbake.plugins.linear_fp8 import linear_fp8, quantize_weight_fp8
     from ditbake.plugins.linear_fp8 import gemm_fp8
@@ -157,6 +187,8 @@ def main(argv=None) -> int:
             row["kernels"] = {key: kernel_profile(lambda fn=fn: fn(x), reps=3)["top"] for key, fn in
                               (("bf16", bf16), ("fp8", fp8), ("fp8_fast_accum", fast), ("int8", int8),
                                ("fp8_producer_kernel", fp8_kernel), ("int8_producer_kernel", int8_kernel))}
+    if not args.only or re.search(args.only, "mlp"):
+        rows["ffn (norm → up → GELU → down), both INT8"] = mlp_row(args.tokens, dev)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
            "method": "median CUDA-event ms (bench_attention.time_ms); producer + linear compiled together by Inductor"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
