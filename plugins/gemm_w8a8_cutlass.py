@@ -116,13 +116,14 @@ def _gemm_w8a8_gelu_cutlass_fake(qx, sx, qw, w_scale, bias, config=0):
             qx.new_empty((qx.shape[0],), dtype=torch.float32))
 
 
-def cutlass_gemm_applies(qx: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype) -> bool:
+def cutlass_gemm_applies(qx: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype,
+                         bias: torch.Tensor | None = None) -> bool:
     """Whether ``ditbake::gemm_w8a8`` should run this product here: INT8 on an sm90 GPU (the kernels
-    are sm90a-only), bf16 out, contiguous 16-byte-aligned operands, M large enough to fill the SMs,
-    and the extension built. Called while Inductor traces (fake tensors): storage offsets, not
-    pointers."""
+    are sm90a-only), bf16 out and bias (if any), contiguous 16-byte-aligned operands, M large enough
+    to fill the SMs, and the extension built. Called while Inductor traces (fake tensors): storage
+    offsets, not pointers."""
     if not (ENABLED and qx.is_cuda and qx.dtype == torch.int8 and qw.dtype == torch.int8
-            and out_dtype == torch.bfloat16):
+            and out_dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)):
         return False
     if torch.cuda.get_device_capability(qx.device) != (9, 0):
         return False

@@ -68,8 +68,7 @@ def gemm_8bit(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     if qx.dtype == torch.float8_e4m3fn and FP8_GEMM_BACKEND == "scaled_mm" and config is None:
         # cuBLASLt with promoted accumulation: the setting bench_linear.py measured this switch with
         return gemm_fp8(qx, sx, qw, sw, bias, out_dtype, fast_accum=False)
-    if (config is None and cutlass_gemm_applies(qx, qw, out_dtype)
-            and (bias is None or bias.dtype == torch.bfloat16)):
+    if config is None and cutlass_gemm_applies(qx, qw, out_dtype, bias):
         # INT8 on sm90 with the cutlass extra built: CUTLASS's warp-specialized kernels (C++ op)
         return torch.ops.ditbake.gemm_w8a8_cutlass(qx, sx, qw, sw, bias, 0)
     if config is None and persistent_gemm_applies(qx, qw) and out_dtype in OUT_DTYPES.values():

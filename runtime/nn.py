@@ -200,32 +200,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 def gelu_tanh_mlp(x: torch.Tensor, w: Weights, name: str, precisions: dict[str, str]) -> torch.Tensor:
     """diffusers FeedForward with activation 'gelu-approximate': proj → tanh-GELU → out."""
     up, down = name + ".net.0.proj", name + ".net.2"
-    fused = _int8_gelu_mlp(x, w, up, down, precisions)
-    if fused is not None:
-        return fused
-    h = quantizable_linear(x, w, up, precisions.get(up, "bf16"))
+    g = _int8_gelu_up(x, w, up, down, precisions)
+    if g is None:
+        h = quantizable_linear(x, w, up, precisions.get(up, "bf16"))
 
-    def make_8bit(fmt):  # the GELU kernel writes the 8-bit input of a W8A8 down projection directly
-        from ditbake.plugins.producer_quant import gelu_quant  # noqa: PLC0415
+        def make_8bit(fmt):  # the GELU kernel writes the 8-bit input of a W8A8 down projection directly
+            from ditbake.plugins.producer_quant import gelu_quant  # noqa: PLC0415
 
-        return (*gelu_quant(h, fmt), (h.shape[:-1], h.dtype))
+            return (*gelu_quant(h, fmt), (h.shape[:-1], h.dtype))
 
-    g = LinearInput(lambda: F.gelu(h, approximate="tanh"), make_8bit if h.is_cuda else None)
+        g = LinearInput(lambda: F.gelu(h, approximate="tanh"), make_8bit if h.is_cuda else None)
     return quantizable_linear(g, w, down, precisions.get(down, "bf16"))
 
 
-def _int8_gelu_mlp(x, w: Weights, up: str, down: str, precisions: dict[str, str]) -> torch.Tensor | None:
+def _int8_gelu_up(x, w: Weights, up: str, down: str, precisions: dict[str, str]) -> LinearInput | None:
     """Both projections INT8 on an sm90 GPU with the CUTLASS GEMM: the up projection's epilogue applies
     tanh-GELU and measures each row's max |GELU| (plugins/gemm_w8a8_cutlass.py), so the down
-    projection's quantization is one pass with no reduction (Inductor fuses it) instead of the GELU
-    producer kernel's two passes over the 8,960-wide rows. None where that path does not apply."""
+    projection's input — returned as its LinearInput — gets its codes in one pass with no reduction
+    (producer_quant.amax_quant) instead of the GELU producer kernel's two passes over the 8,960-wide
+    rows. None where that path does not apply."""
     if not all(precisions.get(n, "bf16") == "int8" and linear_format(w, n, "int8") == "int8" for n in (up, down)):
         return None
     qw, bias = w[up + ".int8_weight"], w.get(up + ".bias")
-    if not qw.is_cuda or (bias is not None and bias.dtype != torch.bfloat16):
+    if not qw.is_cuda:
         return None
     from ditbake.plugins import gemm_w8a8_cutlass  # noqa: PLC0415
     from ditbake.plugins.int8 import quantize_rows  # noqa: PLC0415
+    from ditbake.plugins.producer_quant import amax_quant  # noqa: PLC0415
 
     made = x.quantized("int8") if isinstance(x, LinearInput) else None
     if made is not None:  # a producer kernel wrote the codes
@@ -234,17 +235,11 @@ def _int8_gelu_mlp(x, w: Weights, up: str, down: str, precisions: dict[str, str]
         raw = x.float() if isinstance(x, LinearInput) else x
         lead, dtype = raw.shape[:-1], raw.dtype
         q, s = quantize_rows(raw.reshape(-1, raw.shape[-1]), "int8")
-    if dtype != torch.bfloat16 or not gemm_w8a8_cutlass.cutlass_gemm_applies(q, qw, torch.bfloat16):
+    if dtype != torch.bfloat16 or not gemm_w8a8_cutlass.cutlass_gemm_applies(q, qw, torch.bfloat16, bias):
         return None
     h, amax = torch.ops.ditbake.gemm_w8a8_gelu_cutlass(q, s.reshape(-1), qw, w[up + ".int8_scale"], bias, 0)
-    from ditbake.plugins.producer_quant import amax_quant  # noqa: PLC0415
-
-    qh, sh = amax_quant(h, amax, "int8")  # one streaming pass: the epilogue measured the rows' amax
-    import ditbake.plugins.linear_8bit  # noqa: F401, PLC0415 - registers ditbake::gemm_w8a8
-
-    out = torch.ops.ditbake.gemm_w8a8(qh, sh.reshape(-1), w[down + ".int8_weight"], w[down + ".int8_scale"],
-                                      w.get(down + ".bias"), dtype)
-    return out.reshape(*lead, out.shape[-1])
+    return LinearInput(lambda: h.reshape(*lead, h.shape[-1]),
+                       lambda fmt: (*amax_quant(h, amax, fmt), (lead, dtype)))
 
 
 def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -210,8 +210,8 @@ def test_gpu_fused_int8_mlp_matches_the_unfused_path():
         w[name + ".bias"] = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16).cuda()
     x = torch.randn(1, 2048, dim, generator=g).to(torch.bfloat16).cuda()
     precisions = {"ff.net.0.proj": "int8", "ff.net.2": "int8"}
-    fused = nn._int8_gelu_mlp(x, w, "ff.net.0.proj", "ff.net.2", precisions)
-    assert fused is not None
+    assert nn._int8_gelu_up(x, w, "ff.net.0.proj", "ff.net.2", precisions) is not None
+    fused = nn.gelu_tanh_mlp(x, w, "ff", precisions)
     gc_enabled, gc.ENABLED = gc.ENABLED, False
     try:
         unfused = nn.gelu_tanh_mlp(x, w, "ff", precisions)
