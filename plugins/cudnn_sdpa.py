@@ -42,10 +42,7 @@ far less where the output has a coherent part.
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -53,8 +50,7 @@ import torch
 
 from ditbake.plugins.hadamard import hadamard_sign_matrix
 from ditbake.plugins.head_attention import HeadAttentionError, HeadKind, check_qkv_tensors, head_attention_ref
-
-logger = logging.getLogger(__name__)
+from ditbake.plugins.native_loading import NativeLibrary, extension_dir
 
 FP8_MAX = 448.0
 CSRC = Path(__file__).resolve().parent / "csrc" / "cudnn_sdpa.cpp"
@@ -253,11 +249,6 @@ def _fp8t_attention_fake(q, k, v, w_left, w_right, scale):
 # Building and loading the CUDA kernels
 # --------------------------------------------------------------------------------------------
 
-_LOAD_LOCK = threading.Lock()
-_LOADED: Optional[bool] = None
-_REASON: Optional[str] = None
-
-
 def _nvidia_cudnn_dir() -> Optional[Path]:
     """The pip cuDNN torch uses (nvidia/cudnn: include/, lib/), or None for a system cuDNN."""
     try:
@@ -293,45 +284,32 @@ def _cudnn_lib_flags() -> list[str]:
     return ["-lcudnn"]
 
 
+def _build(verbose: bool) -> Optional[str]:
+    includes = _include_dirs()
+    if not any(Path(d, "cudnn_frontend.h").is_file() for d in includes):
+        return "nvidia-cudnn-frontend headers not found; install ditbake[cuda]"
+    from torch.utils.cpp_extension import load  # noqa: PLC0415
+
+    build_dir = extension_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    load(name="ditbake_cudnn_sdpa", sources=[str(CSRC)], extra_include_paths=includes,
+         extra_cflags=["-O2", "-std=c++17"], extra_ldflags=_cudnn_lib_flags(), with_cuda=True,
+         build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+    return None
+
+
+_NATIVE = NativeLibrary(_build, "building the cuDNN extension failed", "ditbake cuDNN attention unavailable")
+
+
 def load_native(verbose: bool = False) -> bool:
     """Compile (once per machine) and load the CUDA kernels; False with `unavailable_reason()` set
     when this machine cannot (no GPU, no frontend headers, compiler error)."""
-    global _LOADED, _REASON
-    with _LOAD_LOCK:
-        if _LOADED is not None:
-            return _LOADED
-        _LOADED, _REASON = False, None
-        if not torch.cuda.is_available():
-            _REASON = "no CUDA device"
-            return False
-        includes = _include_dirs()
-        if not any(Path(d, "cudnn_frontend.h").is_file() for d in includes):
-            _REASON = "nvidia-cudnn-frontend headers not found; install ditbake[cuda]"
-            return False
-        try:
-            from torch.utils.cpp_extension import load  # noqa: PLC0415
-
-            from ditbake.plugins.native_loading import promote_libstdcxx  # noqa: PLC0415
-
-            promote_libstdcxx()  # else the extension's first std::ostream use crashes (native_loading.py)
-
-            build_dir = Path(os.environ.get("DITBAKE_EXT_DIR", Path.home() / ".cache" / "ditbake" / "ext"))
-            build_dir.mkdir(parents=True, exist_ok=True)
-            load(name="ditbake_cudnn_sdpa", sources=[str(CSRC)], extra_include_paths=includes,
-                 extra_cflags=["-O2", "-std=c++17"], extra_ldflags=_cudnn_lib_flags(), with_cuda=True,
-                 build_directory=str(build_dir), is_python_module=False, verbose=verbose)
-        except Exception as exc:  # noqa: BLE001 - a compiler or linker error is "unavailable", reported
-            cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # load_library hides the dlopen error
-            _REASON = f"building the cuDNN extension failed: {str(exc).splitlines()[-1] if str(exc) else exc!r}{cause}"
-            logger.warning("ditbake cuDNN attention unavailable: %s", _REASON)
-            return False
-        _LOADED = True
-        return True
+    return _NATIVE.load(verbose)
 
 
 def unavailable_reason() -> Optional[str]:
     """Why `load_native()` returned False (None when it has not been tried or succeeded)."""
-    return _REASON
+    return _NATIVE.reason
 
 
 def supports(q: torch.Tensor, precision: str) -> bool:

@@ -29,13 +29,13 @@ import importlib.util
 import logging
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ditbake.plugins.int8 import matmul_8bit_ref
+from ditbake.plugins.native_loading import NativeLibrary, extension_dir
 from ditbake.plugins.nvfp4 import QuantFormatError
 
 logger = logging.getLogger(__name__)
@@ -139,9 +139,6 @@ def cutlass_gemm_applies(qx: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dt
 # Building and loading the CUDA kernels
 # --------------------------------------------------------------------------------------------
 
-_LOAD_LOCK = threading.Lock()
-_LOADED: Optional[bool] = None
-_REASON: Optional[str] = None
 LIBRARY = "ditbake_gemm_w8a8_cutlass"
 
 
@@ -165,38 +162,27 @@ def build_key(includes: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _build(verbose: bool) -> Optional[str]:
+    """Load the library of this content from the extension folder, building it first where absent."""
+    includes = cutlass_include_dirs()
+    if not includes:
+        return "CUTLASS headers not found; install ditbake[cutlass] (the nvidia-cutlass package)"
+    ext_dir = extension_dir()
+    library = ext_dir / f"{LIBRARY}-{build_key(includes)}.so"
+    if library.is_file():
+        torch.ops.load_library(str(library))
+    else:
+        _build_and_load(includes, ext_dir, library, verbose)
+    return None
+
+
+_NATIVE = NativeLibrary(_build, "building or loading the CUTLASS GEMM failed", "ditbake CUTLASS INT8 GEMM unavailable")
+
+
 def load_native(verbose: bool = False) -> bool:
     """Load (building once per machine when no library of this content exists) the CUDA kernels;
     False with :func:`unavailable_reason` set where this machine cannot."""
-    global _LOADED, _REASON
-    with _LOAD_LOCK:
-        if _LOADED is not None:
-            return _LOADED
-        _LOADED, _REASON = False, None
-        if not torch.cuda.is_available():
-            _REASON = "no CUDA device"
-            return False
-        includes = cutlass_include_dirs()
-        if not includes:
-            _REASON = "CUTLASS headers not found; install ditbake[cutlass] (the nvidia-cutlass package)"
-            return False
-        from ditbake.plugins.native_loading import promote_libstdcxx  # noqa: PLC0415
-
-        promote_libstdcxx()  # as for every ditbake C++ op (native_loading.py)
-        ext_dir = Path(os.environ.get("DITBAKE_EXT_DIR", Path.home() / ".cache" / "ditbake" / "ext"))
-        library = ext_dir / f"{LIBRARY}-{build_key(includes)}.so"
-        try:
-            if library.is_file():
-                torch.ops.load_library(str(library))
-            else:
-                _build_and_load(includes, ext_dir, library, verbose)
-        except Exception as exc:  # noqa: BLE001 - a compiler, linker or loader error is "unavailable", reported
-            cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
-            _REASON = f"building or loading the CUTLASS GEMM failed: {str(exc).splitlines()[-1] if str(exc) else exc!r}{cause}"
-            logger.warning("ditbake CUTLASS INT8 GEMM unavailable: %s", _REASON)
-            return False
-        _LOADED = True
-        return True
+    return _NATIVE.load(verbose)
 
 
 def _build_and_load(includes: list[str], ext_dir: Path, library: Path, verbose: bool) -> None:
@@ -226,4 +212,4 @@ def _build_and_load(includes: list[str], ext_dir: Path, library: Path, verbose: 
 
 def unavailable_reason() -> Optional[str]:
     """Why :func:`load_native` returned False (None when it has not been tried or succeeded)."""
-    return _REASON
+    return _NATIVE.reason

@@ -7,6 +7,11 @@ import importlib
 import logging
 import os
 import sys
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +54,42 @@ def load_native_op(name: str) -> tuple[bool, str | None]:
     module = importlib.import_module(NATIVE_OPS[name])
     ok = module.load_native()
     return ok, None if ok else module.unavailable_reason()
+
+
+def extension_dir() -> Path:
+    """Where ditbake's C++ extensions are built and kept (``$DITBAKE_EXT_DIR``, else the user cache)."""
+    return Path(os.environ.get("DITBAKE_EXT_DIR", Path.home() / ".cache" / "ditbake" / "ext"))
+
+
+class NativeLibrary:
+    """One of ditbake's C++ extensions, built and loaded at most once per process (thread-safe).
+
+    ``build(verbose)`` returns why this machine cannot have it (missing headers: a sentence naming the
+    extra to install) or None after building and loading it; it raises on a compiler, linker or loader
+    error, which is reported as ``failed``: the last line of the error. ``reason`` says why ``load()``
+    returned False (None when it has not been tried or succeeded)."""
+
+    def __init__(self, build: Callable[[bool], Optional[str]], failed: str, unavailable: str):
+        self._build, self._failed, self._unavailable = build, failed, unavailable
+        self._lock = threading.Lock()
+        self.loaded: Optional[bool] = None
+        self.reason: Optional[str] = None
+
+    def load(self, verbose: bool = False) -> bool:
+        with self._lock:
+            if self.loaded is not None:
+                return self.loaded
+            self.loaded, self.reason = False, None
+            if not torch.cuda.is_available():
+                self.reason = "no CUDA device"
+                return False
+            promote_libstdcxx()  # else an extension's first std::ostream use crashes (see above)
+            try:
+                self.reason = self._build(verbose)
+            except Exception as exc:  # noqa: BLE001 - a compiler, linker or loader error is "unavailable", reported
+                cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # load_library hides the dlopen error
+                self.reason = f"{self._failed}: {str(exc).splitlines()[-1] if str(exc) else exc!r}{cause}"
+                log.warning("%s: %s", self._unavailable, self.reason)
+                return False
+            self.loaded = self.reason is None
+            return self.loaded

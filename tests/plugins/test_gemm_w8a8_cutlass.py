@@ -82,7 +82,7 @@ def test_build_key_follows_the_sources(tmp_path, monkeypatch):
 
 
 def test_no_cuda_means_unavailable_with_a_reason(monkeypatch):
-    monkeypatch.setattr(gc, "_LOADED", None)
+    monkeypatch.setattr(gc._NATIVE, "loaded", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gc.load_native() is False
     assert "CUDA" in gc.unavailable_reason()

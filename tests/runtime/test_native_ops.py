@@ -35,8 +35,8 @@ def test_malformed_native_ops_are_refused(ops):
 
 
 def test_an_op_that_cannot_load_is_a_backend_error(monkeypatch):
-    monkeypatch.setattr(gemm_w8a8_cutlass, "_LOADED", False)
-    monkeypatch.setattr(gemm_w8a8_cutlass, "_REASON", "no CUDA device")
+    monkeypatch.setattr(gemm_w8a8_cutlass._NATIVE, "loaded", False)
+    monkeypatch.setattr(gemm_w8a8_cutlass._NATIVE, "reason", "no CUDA device")
     with pytest.raises(BackendError, match="no CUDA device"):
         engines._load_native_ops({"file": "engines/block-x.pt2", "native_ops": ["gemm_w8a8_cutlass"]}, "engine")
     engines._load_native_ops({"file": "engines/block-x.pt2"}, "engine")  # none named: nothing to load
