@@ -43,15 +43,17 @@ def promote_libstdcxx() -> bool:
     return False
 
 
-# ditbake's C++ ops that compiled engines may call through the dispatcher, and the module whose
-# load_native() / unavailable_reason() build and load each (exporter.engine_aoti records which ops an
-# engine's package names; runtime.engines loads them before the package)
-NATIVE_OPS = {"gemm_w8a8_cutlass": "ditbake.plugins.gemm_w8a8_cutlass"}
+# ditbake's C++ ops that compiled engines may call through the dispatcher: the module whose
+# load_native() / unavailable_reason() build and load each, and the extra that brings its headers
+# (exporter.engine_aoti records which ops an engine's package names; runtime.engines loads them
+# before the package; "cudnn_sdpa" covers both cuDNN ops of one library)
+NATIVE_OPS = {"gemm_w8a8_cutlass": ("ditbake.plugins.gemm_w8a8_cutlass", "cutlass"),
+              "cudnn_sdpa": ("ditbake.plugins.cudnn_sdpa", "cuda")}
 
 
 def load_native_op(name: str) -> tuple[bool, str | None]:
     """Build/load the library of one of NATIVE_OPS: (loaded, why not)."""
-    module = importlib.import_module(NATIVE_OPS[name])
+    module = importlib.import_module(NATIVE_OPS[name][0])
     ok = module.load_native()
     return ok, None if ok else module.unavailable_reason()
 

@@ -112,30 +112,26 @@ def load_aoti_package(path: Path, entry: dict, device: torch.device, what: str =
 
 
 def _load_native_ops(entry: dict, what: str) -> None:
-    """Engines whose attention the build gave to cuDNN (bf16 band or fp8t), or whose package names
-    another of ditbake's C++ ops (``native_ops``: the CUTLASS INT8 GEMM), call them through the
-    dispatcher: compile/load them before the package (plugins/cudnn_sdpa.py, plugins/native_loading.py)."""
+    """Engines whose package names ditbake's C++ ops (``native_ops``: the CUTLASS INT8 GEMM, cuDNN
+    SDPA), or whose attention the build gave to cuDNN (``attention_kernels``, also in artifacts built
+    before ``native_ops``), call them through the dispatcher: load each before the package
+    (plugins/native_loading.py), a typed error where this machine cannot."""
     ops = entry.get("native_ops", [])
     if not isinstance(ops, list) or not all(isinstance(op, str) and op in NATIVE_OPS for op in ops):
         raise ArtifactError(f"{what} {entry.get('file')}: native_ops must list names of {sorted(NATIVE_OPS)}, "
                             f"got {ops!r}; rebuild the artifact")
-    for op in ops:
-        ok, why = load_native_op(op)
-        if not ok:
-            raise BackendError(f"{what} {entry['file']} calls ditbake's {op}, which cannot be loaded here: {why}; "
-                               "install ditbake[cutlass] on an sm90 GPU or rebuild the artifact here")
     kernels = entry.get("attention_kernels") or {}
     if not isinstance(kernels, dict) or not all(isinstance(sig, str) and isinstance(k, dict) and
                                                 isinstance(k.get("kernel"), str) for sig, k in kernels.items()):
         raise ArtifactError(f"{what} {entry.get('file')}: attention_kernels must map group signatures to "
                             "{\"kernel\": name, \"ms\": ...}; rebuild the artifact")
-    if not any(k["kernel"] == "cudnn" for k in kernels.values()):
-        return
-    from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415
-
-    if not cudnn_sdpa.load_native():
-        raise BackendError(f"{what} {entry['file']} runs attention through cuDNN, which cannot be loaded here: "
-                           f"{cudnn_sdpa.unavailable_reason()}; install ditbake[cuda] or rebuild without it")
+    if any(k["kernel"] == "cudnn" for k in kernels.values()):
+        ops = [*ops, "cudnn_sdpa"]
+    for op in dict.fromkeys(ops):
+        ok, why = load_native_op(op)
+        if not ok:
+            raise BackendError(f"{what} {entry['file']} calls ditbake's {op}, which cannot be loaded here: {why}; "
+                               f"install ditbake[{NATIVE_OPS[op][1]}] on a GPU it supports or rebuild the artifact here")
 
 
 class EagerEngines:
