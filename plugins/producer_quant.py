@@ -22,7 +22,7 @@ Ops (``fmt`` is ``int8`` or ``fp8``; outputs are 2-D, one row per token):
   max |y| already measured by its producer (the CUTLASS GELU GEMM's epilogue,
   plugins/gemm_w8a8_cutlass.py): a streaming pass with no reduction, 2-D tiles, INT8 codes by a
   multiply with each row's reciprocal scale (AMAX_RECIPROCAL). Inductor's kernel for the same torch
-  ops ran at 2.3 TB/s on the H200 (383 µs), this one 230 µs.
+  ops ran at 2.3 TB/s on the H200 (383 µs), this one 225 µs (gemm_8bit_cutlass_newton_h200.json).
 
 Then y is quantized per token exactly as ``int8.quantize_rows`` (the specification): the
 references below are literally that composition. The kernels compute y in FP32, round it to
@@ -58,10 +58,10 @@ GELU_WARPS = 8
 AMAX_ROWS, AMAX_COLS, AMAX_WARPS = 16, 512, 8  # amax_quant's tile: 16 KB of bf16 in, 8 KB out per program
 # amax_quant multiplies each value by its row's reciprocal scale and corrects the quotient with one FMA
 # Newton step instead of IEEE division (div.rn's range checks and slow path made the kernel
-# compute-bound). Measured on the H200 at Wan's FFN (32,760 x 8,960, gemm_8bit_cutlass_h200.json):
-# the plain reciprocal 230 µs vs 316 µs for division, 93 of 293.5 M codes differing; the plain
-# reciprocal also broke exact .5 ties (6e-4 of codes when amax is one of h's own bf16 values), which
-# the Newton step restores.
+# compute-bound). Measured on the H200 at Wan's FFN (32,760 x 8,960): with the Newton step 225 µs vs
+# 315 µs for division and 0 of 293.5 M codes differing (gemm_8bit_cutlass_newton_h200.json); the plain
+# reciprocal took 230 µs with 93 codes differing (gemm_8bit_cutlass_h200.json) and broke exact .5 ties
+# (6e-4 of codes when amax is one of h's own bf16 values).
 AMAX_RECIPROCAL = True
 MAX_GELU_ROW = 16384  # Wan's 8,960-wide FFN rows pad to 16,384: 32 fp32 per thread at 16 warps
 
