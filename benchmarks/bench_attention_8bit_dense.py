@@ -1,0 +1,120 @@
+"""Dense INT8 attention on the GPU: the warp-specialized TMA kernel (plugins/attention_8bit_dense.py)
+against the plain 8-bit kernel (plugins/attention_8bit.py) and torch SDPA bf16 (cuDNN), at Wan2.1-1.3B's
+1 x 12 x 32,760 x 128 and Flux's 1 x 24 x 16,896 x 128; launch-config sweep, each row with its
+relative L2 error against fp32 attention (2 heads) and its difference from the plain kernel.
+
+    python3 benchmarks/bench_attention_8bit_dense.py            # GPU, writes $OUT/attention_8bit_dense.json
+
+Timing: triton.testing.do_bench (CUDA events, median). Configs that fail to compile are recorded with
+their error, so one call tells which Triton features lower on this GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench_attention_8bit import peaky_inputs, rel_err
+from ditbake.plugins import attention_8bit as a8
+from ditbake.plugins import attention_8bit_dense as dense
+from provenance import stamp
+
+logger = logging.getLogger("bench_attention_8bit_dense")
+
+SHAPES = {"wan2.1-1.3b": (1, 12, 32760, 128), "flux-2048": (1, 24, 16896, 128)}
+
+
+def time_ms(fn) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def configs() -> list[dict]:
+    grid = []
+    for ws in (True, False):
+        for n in (128, 64):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    grid.append(dict(BLOCK_M=128, BLOCK_N=n, num_warps=warps, num_stages=stages, WARP_SPECIALIZE=ws))
+    return grid
+
+
+def label(cfg: dict) -> str:
+    return (f"M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            f"{' ws' if cfg['WARP_SPECIALIZE'] else ''}")
+
+
+def bench_shape(name: str, shape: tuple, deadline: float) -> dict:
+    batch, heads, seq, dim = shape
+    flops = 4.0 * batch * heads * seq * seq * dim
+    q, k, v = peaky_inputs(batch, heads, seq, dim, "cuda", torch.bfloat16)
+    row = {"shape": list(shape), "gflop": flops / 1e9}
+    ref = F.scaled_dot_product_attention(q[:, :2].float(), k[:, :2].float(), v[:, :2].float())
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    row["sdpa_bf16_ms"] = time_ms(sdpa)
+    row["sdpa_bf16_err"] = rel_err(sdpa()[:, :2], ref)
+    schemes = torch.zeros(heads, 3, dtype=torch.int32, device="cuda")
+    qz = a8.prepare_8bit(q, k, v, None, "int8")
+    row["prepare_ms"] = time_ms(lambda: a8.prepare_8bit(q, k, v, None, "int8"))
+    plain = torch.empty_like(q)
+    run_plain = lambda: a8.launch_attention_8bit(qz, schemes, seq, 0, 0, None, plain)  # noqa: E731
+    row["plain_int8_ms"] = time_ms(run_plain)
+    run_plain()
+    row["plain_int8_err"] = rel_err(plain[:, :2], ref)
+    row["configs"] = {}
+    for cfg in configs():
+        if time.monotonic() > deadline:
+            row["configs"]["(out of time)"] = {}
+            break
+        out = torch.full_like(q, float("nan"))
+        entry = {}
+        try:
+            run = lambda: dense.launch_attention_8bit_dense(qz, seq, out, config=cfg)  # noqa: E731
+            run()
+            torch.cuda.synchronize()
+            entry["err"] = rel_err(out[:, :2], ref)
+            entry["vs_plain"] = rel_err(out, plain.float())
+            entry["ms"] = time_ms(run)
+            entry["tflops"] = flops / entry["ms"] / 1e9
+            entry["x_sdpa"] = row["sdpa_bf16_ms"] / (entry["ms"] + row["prepare_ms"])
+        except Exception as err:  # record which features do not lower here
+            entry["error"] = f"{type(err).__name__}: {str(err)[:400]}"
+        row["configs"][label(cfg)] = entry
+        logger.info("%s %s %s", name, label(cfg), entry)
+    return row  # the tensors go with this frame (empty_cache in main)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "attention_8bit_dense.json")
+    parser.add_argument("--budget-s", type=float, default=300.0)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dense.install_allocator()
+    deadline = time.monotonic() + args.budget_s
+    results = {"what": __doc__.splitlines()[0], "device": torch.cuda.get_device_name(), "shapes": {}}
+    for name in args.shapes.split(","):
+        results["shapes"][name] = bench_shape(name, SHAPES[name], deadline)
+        torch.cuda.empty_cache()
+        args.out.write_text(json.dumps(stamp(results), indent=1))
+    for name, row in results["shapes"].items():
+        print(f"\n{name}: SDPA bf16 {row['sdpa_bf16_ms']:.2f} ms (err {row['sdpa_bf16_err']:.2e}), prepare "
+              f"{row['prepare_ms']:.2f}, plain int8 {row['plain_int8_ms']:.2f} (err {row['plain_int8_err']:.2e})")
+        print(f"{'config':28} {'ms':>7} {'TF/s':>6} {'x SDPA':>7} {'err':>9} {'vs plain':>9}")
+        for key, e in row["configs"].items():
+            if "ms" in e:
+                print(f"{key:28} {e['ms']:7.2f} {e['tflops']:6.0f} {e['x_sdpa']:7.2f} {e['err']:9.2e} {e['vs_plain']:9.2e}")
+            else:
+                print(f"{key:28} {e.get('error', '')[:150]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

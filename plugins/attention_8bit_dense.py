@@ -1,0 +1,117 @@
+"""Dense 8-bit attention on TMA loads with Triton's warp-specialized loop (sm_90+): the fast path of
+``attention_8bit`` for a group of full heads (no band, no text rule, no cache).
+
+Same numerics as ``plugins/attention_8bit.py`` (its module docstring is the specification, its
+``attention_8bit_ref`` the reference) and the same prepared buffers (``prepare_8bit``); only the
+attention launch differs:
+  * K, Q and V (stored [D, S_pad], K-major for the FP8 P.V wgmma) come through tensor descriptors
+    (TMA), so the loop can be split by Triton's warp specialization into a load partition and
+    compute partitions: the softmax of one tile then overlaps the MMAs of another, which the plain
+    kernel cannot do (its time is the sum of MMA, exp and FP32 work, plugins/notes/attention_8bit.md);
+  * the last, partial key block needs no separate masked loop: the key mask rides in the per-column
+    addend of the score FMA (-inf past the sequence), one vector op per key block.
+"""
+from __future__ import annotations
+
+import torch
+
+from ditbake.plugins.attention_8bit import HAS_TRITON, QUANT_BLOCK_K, QUANT_BLOCK_Q, SEQ_PAD, Quantized, _v8_storage
+from ditbake.plugins.head_attention import HeadAttentionError
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+# Launch parameters per head dim (BLOCK_M divides QUANT_BLOCK_Q: one q scale per program;
+# BLOCK_N divides SEQ_PAD).
+DENSE_CONFIGS = {
+    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, WARP_SPECIALIZE=True),
+}
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for device-side tensor descriptors (Triton asks its allocator per launch)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def install_allocator() -> None:
+    """Device-side TMA descriptors need Triton's global-scratch allocator set once per process."""
+    triton.set_allocator(_scratch)
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _attention_8bit_dense_kernel(Q8, K8, V8T, QS, KS, VA, VM, O,
+                                     stride_ob, stride_oh, stride_os,
+                                     num_bh, num_heads, seq_len, seq_pad, keys_hi,
+                                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                                     WARP_SPECIALIZE: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        desc_q = tl.make_tensor_descriptor(Q8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        desc_k = tl.make_tensor_descriptor(K8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        desc_v = tl.make_tensor_descriptor(V8T, shape=[num_bh * HEAD_DIM, seq_pad], strides=[seq_pad, 1],
+                                           block_shape=[HEAD_DIM, BLOCK_N])
+        row0 = pid_bh * seq_pad
+        q = desc_q.load([row0 + pid_m * BLOCK_M, 0])
+        q_scale = tl.load(QS + pid_bh * (seq_pad // BLOCK_Q) + (pid_m * BLOCK_M) // BLOCK_Q)
+        ks_base = KS + pid_bh * (seq_pad // BLOCK_K)
+        offs_n = tl.arange(0, BLOCK_N)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for start_n in tl.range(0, keys_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            cols = start_n + offs_n
+            col_scale = tl.load(ks_base + cols // BLOCK_K) * q_scale
+            # the 1.5 * 2**23 bit trick of attention_8bit (int32 -> fp32 without I2F); keys past the
+            # sequence get -inf through the same FMA's addend
+            addend = tl.where(cols < seq_len, -12582912.0 * col_scale, float("-inf"))
+            k = desc_k.load([row0 + start_n, 0])
+            qk_i = tl.dot(q, k.T, out_dtype=tl.int32)
+            qk = tl.fma((qk_i + 0x4B400000).to(tl.float32, bitcast=True), col_scale[None, :], addend[None, :])
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - (m_new - 8.807354922057604)[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = desc_v.load([pid_bh * HEAD_DIM, start_n])
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), vt.T)
+            m_i = m_new
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only
+        v_scale = tl.load(VA + pid_bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
+        out = acc * v_scale[None, :] / l_i[:, None] + tl.load(VM + pid_bh * HEAD_DIM + offs_d)[None, :]
+        batch = (pid_bh // num_heads).to(tl.int64)
+        head = (pid_bh % num_heads).to(tl.int64)
+        o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < seq_len)[:, None])
+
+
+def dense_supported(qz: Quantized) -> bool:
+    """INT8 QK, V stored [D, S_pad], a head dim with a launch config, on sm_90+."""
+    return (HAS_TRITON and qz.q8.is_cuda and qz.q8.dtype == torch.int8 and not qz.v8.is_contiguous()
+            and qz.q8.shape[-1] in DENSE_CONFIGS and torch.cuda.get_device_capability(qz.q8.device)[0] >= 9)
+
+
+def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, config: dict | None = None,
+                                runner=None) -> torch.Tensor:
+    """Dense attention of every head on prepared buffers (``prepare_8bit``) into ``out`` [B, H, S, D]."""
+    batch, heads, seq_pad, head_dim = qz.q8.shape
+    if not dense_supported(qz):
+        raise HeadAttentionError("the dense 8-bit kernel needs INT8 q/k, V stored [D, S_pad], head dim in "
+                                 f"{tuple(DENSE_CONFIGS)} and an sm_90+ GPU")
+    cfg = dict(config or DENSE_CONFIGS[head_dim])
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg["BLOCK_N"]
+    if QUANT_BLOCK_Q % block_m or SEQ_PAD % block_n:
+        raise HeadAttentionError(f"BLOCK_M must divide {QUANT_BLOCK_Q} and BLOCK_N {SEQ_PAD}, got {block_m}, {block_n}")
+    keys_hi = -(-seq_len // block_n) * block_n
+    kernel = runner(_attention_8bit_dense_kernel) if runner is not None else _attention_8bit_dense_kernel
+    grid = (triton.cdiv(seq_len, block_m), batch * heads)
+    kernel[grid](qz.q8, qz.k8, _v8_storage(qz.v8), qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out,
+                 out.stride(0), out.stride(1), out.stride(2),
+                 batch * heads, heads, seq_len, seq_pad, keys_hi,
+                 HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K, **cfg)
+    return out
