@@ -25,7 +25,7 @@ if HAS_TRITON:
 # Launch parameters per head dim (BLOCK_M divides QUANT_BLOCK_Q: one q scale per program;
 # BLOCK_N divides SEQ_PAD).
 DENSE_CONFIGS = {
-    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, WARP_SPECIALIZE=True),
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, WARP_SPECIALIZE=True),
 }
 
 
@@ -41,12 +41,43 @@ def install_allocator() -> None:
 
 if HAS_TRITON:
     @triton.jit
+    def _dense_block(acc, m_i, l_i, q, q_scale, desc_k, desc_v, ks_base, k_row, v_row, start_n, offs_n, seq_len,
+                     BLOCK_K: tl.constexpr, MASK: tl.constexpr, FOLD: tl.constexpr):
+        k = desc_k.load([k_row + start_n, 0])
+        qk_i = tl.dot(q, k.T, out_dtype=tl.int32)
+        # int32 -> fp32 without I2F (attention_8bit's bit trick): the fp32 1.5 * 2**23 + qk, exactly
+        bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
+        cols = start_n + offs_n
+        if FOLD:
+            # BLOCK_N == BLOCK_K: one key scale per tile, so the row max is taken on the bits and the
+            # scaling, the offset and the max come off in the exp's one FMA (one op fewer per score)
+            col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
+            if MASK:
+                bits = tl.where((cols < seq_len)[None, :], bits, float("-inf"))
+            m_new = tl.maximum(m_i, (tl.max(bits, 1) - 12582912.0) * col_scale)
+            p = tl.math.exp2(tl.fma(bits, col_scale, ((8.807354922057604 - 12582912.0 * col_scale) - m_new)[:, None]))
+        else:
+            col_scale = tl.load(ks_base + cols // BLOCK_K) * q_scale
+            addend = -12582912.0 * col_scale
+            if MASK:
+                addend = tl.where(cols < seq_len, addend, float("-inf"))
+            qk = tl.fma(bits, col_scale[None, :], addend[None, :])
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # p = 448 * exp2(s - m): log2(448) folded into the row offset (P's fixed FP8 scale)
+            p = tl.math.exp2(qk - (m_new - 8.807354922057604)[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = desc_v.load([v_row, start_n])
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), vt.T)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _attention_8bit_dense_kernel(Q8, K8, V8T, QS, KS, VA, VM, O,
                                      stride_ob, stride_oh, stride_os,
-                                     num_bh, num_heads, seq_len, seq_pad, keys_hi,
+                                     num_bh, num_heads, seq_len, seq_pad,
                                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                                     WARP_SPECIALIZE: tl.constexpr):
+                                     WARP_SPECIALIZE: tl.constexpr, FOLD: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         desc_q = tl.make_tensor_descriptor(Q8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
@@ -55,30 +86,22 @@ if HAS_TRITON:
                                            block_shape=[BLOCK_N, HEAD_DIM])
         desc_v = tl.make_tensor_descriptor(V8T, shape=[num_bh * HEAD_DIM, seq_pad], strides=[seq_pad, 1],
                                            block_shape=[HEAD_DIM, BLOCK_N])
-        row0 = pid_bh * seq_pad
-        q = desc_q.load([row0 + pid_m * BLOCK_M, 0])
+        k_row = pid_bh * seq_pad
+        v_row = pid_bh * HEAD_DIM
+        q = desc_q.load([k_row + pid_m * BLOCK_M, 0])
         q_scale = tl.load(QS + pid_bh * (seq_pad // BLOCK_Q) + (pid_m * BLOCK_M) // BLOCK_Q)
         ks_base = KS + pid_bh * (seq_pad // BLOCK_K)
         offs_n = tl.arange(0, BLOCK_N)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for start_n in tl.range(0, keys_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            cols = start_n + offs_n
-            col_scale = tl.load(ks_base + cols // BLOCK_K) * q_scale
-            # the 1.5 * 2**23 bit trick of attention_8bit (int32 -> fp32 without I2F); keys past the
-            # sequence get -inf through the same FMA's addend
-            addend = tl.where(cols < seq_len, -12582912.0 * col_scale, float("-inf"))
-            k = desc_k.load([row0 + start_n, 0])
-            qk_i = tl.dot(q, k.T, out_dtype=tl.int32)
-            qk = tl.fma((qk_i + 0x4B400000).to(tl.float32, bitcast=True), col_scale[None, :], addend[None, :])
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - (m_new - 8.807354922057604)[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt = desc_v.load([pid_bh * HEAD_DIM, start_n])
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), vt.T)
-            m_i = m_new
+        full_hi = (seq_len // BLOCK_N) * BLOCK_N
+        for start_n in tl.range(0, full_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            acc, m_i, l_i = _dense_block(acc, m_i, l_i, q, q_scale, desc_k, desc_v, ks_base, k_row, v_row, start_n,
+                                         offs_n, seq_len, BLOCK_K, False, FOLD)
+        if full_hi < seq_len:  # the partial last key block, masked
+            acc, m_i, l_i = _dense_block(acc, m_i, l_i, q, q_scale, desc_k, desc_v, ks_base, k_row, v_row, full_hi,
+                                         offs_n, seq_len, BLOCK_K, True, FOLD)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only
@@ -97,7 +120,7 @@ def dense_supported(qz: Quantized) -> bool:
 
 
 def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, config: dict | None = None,
-                                runner=None) -> torch.Tensor:
+                                runner=None, stats: dict | None = None) -> torch.Tensor:
     """Dense attention of every head on prepared buffers (``prepare_8bit``) into ``out`` [B, H, S, D]."""
     batch, heads, seq_pad, head_dim = qz.q8.shape
     if not dense_supported(qz):
@@ -107,11 +130,15 @@ def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, 
     block_m, block_n = cfg.pop("BLOCK_M"), cfg["BLOCK_N"]
     if QUANT_BLOCK_Q % block_m or SEQ_PAD % block_n:
         raise HeadAttentionError(f"BLOCK_M must divide {QUANT_BLOCK_Q} and BLOCK_N {SEQ_PAD}, got {block_m}, {block_n}")
-    keys_hi = -(-seq_len // block_n) * block_n
+    cfg.setdefault("FOLD", QUANT_BLOCK_K % block_n == 0)
+    if cfg["FOLD"] and QUANT_BLOCK_K % block_n:
+        raise HeadAttentionError(f"FOLD needs one key scale per tile: BLOCK_N must divide {QUANT_BLOCK_K}, got {block_n}")
     kernel = runner(_attention_8bit_dense_kernel) if runner is not None else _attention_8bit_dense_kernel
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
-    kernel[grid](qz.q8, qz.k8, _v8_storage(qz.v8), qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out,
+    compiled = kernel[grid](qz.q8, qz.k8, _v8_storage(qz.v8), qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out,
                  out.stride(0), out.stride(1), out.stride(2),
-                 batch * heads, heads, seq_len, seq_pad, keys_hi,
+                 batch * heads, heads, seq_len, seq_pad,
                  HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K, **cfg)
+    if stats is not None and hasattr(compiled, "n_regs"):  # registers/spills/shared memory, for the notes
+        stats.update(n_regs=compiled.n_regs, n_spills=compiled.n_spills, shared=compiled.metadata.shared)
     return out
