@@ -36,20 +36,18 @@ def time_ms(fn) -> float:
 
 
 def configs() -> list[dict]:
-    """Warp-specialized points around the first sweep's best (BLOCK_M 128, BLOCK_N 64, 4 warps), the
-    folded score (FOLD) against per-column scales, and two plain-loop references."""
-    def c(m, n, w, s, ws=True, fold=None):
-        cfg = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, WARP_SPECIALIZE=ws)
-        return cfg if fold is None else dict(cfg, FOLD=fold)
-    return [c(128, 64, 4, 2, fold=True), c(128, 64, 4, 2, fold=False), c(128, 64, 4, 3, fold=True),
-            c(128, 64, 4, 4, fold=True), c(128, 32, 4, 2, fold=True), c(128, 32, 4, 3, fold=True),
-            c(64, 64, 4, 2, fold=True), c(64, 64, 4, 3, fold=True), c(64, 128, 4, 2, fold=False),
-            c(128, 64, 4, 2, ws=False, fold=True), c(128, 128, 8, 3, ws=False, fold=False)]
+    """Warp-specialized points around the last sweep's best (BLOCK_M 64, BLOCK_N 64, 4 warps, 3 stages:
+    no spills; BLOCK_M 128 at 4 warps spills), two-warpgroup points, and plain-loop references."""
+    def c(m, n, w, s, ws=True):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, WARP_SPECIALIZE=ws)
+    return [c(64, 64, 4, 3), c(64, 64, 4, 4), c(64, 64, 4, 2), c(64, 32, 4, 3), c(64, 32, 4, 4),
+            c(128, 64, 4, 3), c(128, 64, 8, 2), c(128, 64, 8, 3), c(64, 64, 4, 3, ws=False),
+            c(128, 64, 8, 3, ws=False)]
 
 
 def label(cfg: dict) -> str:
     return (f"M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
-            f"{' ws' if cfg['WARP_SPECIALIZE'] else ''}{' fold' if cfg.get('FOLD') else ''}")
+            f"{' ws' if cfg['WARP_SPECIALIZE'] else ''}")
 
 
 def bench_shape(name: str, shape: tuple, deadline: float) -> dict:

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from ditbake.plugins.attention_8bit import HAS_TRITON, QUANT_BLOCK_K, QUANT_BLOCK_Q, SEQ_PAD, Quantized, _v8_storage
+from ditbake.plugins.attention_8bit import HAS_TRITON, QUANT_BLOCK_K, QUANT_BLOCK_Q, Quantized, _v8_storage
 from ditbake.plugins.head_attention import HeadAttentionError
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-# Launch parameters per head dim (BLOCK_M divides QUANT_BLOCK_Q: one q scale per program;
-# BLOCK_N divides SEQ_PAD).
+# Launch parameters per head dim (BLOCK_M divides QUANT_BLOCK_Q, BLOCK_N divides QUANT_BLOCK_K: one q
+# and one k scale per tile).
 DENSE_CONFIGS = {
-    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, WARP_SPECIALIZE=True),
+    128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, WARP_SPECIALIZE=True),
 }
 
 
@@ -41,43 +41,12 @@ def install_allocator() -> None:
 
 if HAS_TRITON:
     @triton.jit
-    def _dense_block(acc, m_i, l_i, q, q_scale, desc_k, desc_v, ks_base, k_row, v_row, start_n, offs_n, seq_len,
-                     BLOCK_K: tl.constexpr, MASK: tl.constexpr, FOLD: tl.constexpr):
-        k = desc_k.load([k_row + start_n, 0])
-        qk_i = tl.dot(q, k.T, out_dtype=tl.int32)
-        # int32 -> fp32 without I2F (attention_8bit's bit trick): the fp32 1.5 * 2**23 + qk, exactly
-        bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
-        cols = start_n + offs_n
-        if FOLD:
-            # BLOCK_N == BLOCK_K: one key scale per tile, so the row max is taken on the bits and the
-            # scaling, the offset and the max come off in the exp's one FMA (one op fewer per score)
-            col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
-            if MASK:
-                bits = tl.where((cols < seq_len)[None, :], bits, float("-inf"))
-            m_new = tl.maximum(m_i, (tl.max(bits, 1) - 12582912.0) * col_scale)
-            p = tl.math.exp2(tl.fma(bits, col_scale, ((8.807354922057604 - 12582912.0 * col_scale) - m_new)[:, None]))
-        else:
-            col_scale = tl.load(ks_base + cols // BLOCK_K) * q_scale
-            addend = -12582912.0 * col_scale
-            if MASK:
-                addend = tl.where(cols < seq_len, addend, float("-inf"))
-            qk = tl.fma(bits, col_scale[None, :], addend[None, :])
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # p = 448 * exp2(s - m): log2(448) folded into the row offset (P's fixed FP8 scale)
-            p = tl.math.exp2(qk - (m_new - 8.807354922057604)[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = desc_v.load([v_row, start_n])
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), vt.T)
-        return acc, m_new, l_i
-
-    @triton.jit
     def _attention_8bit_dense_kernel(Q8, K8, V8T, QS, KS, VA, VM, O,
                                      stride_ob, stride_oh, stride_os,
                                      num_bh, num_heads, seq_len, seq_pad,
                                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                                     WARP_SPECIALIZE: tl.constexpr, FOLD: tl.constexpr):
+                                     WARP_SPECIALIZE: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         desc_q = tl.make_tensor_descriptor(Q8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
@@ -91,20 +60,35 @@ if HAS_TRITON:
         q = desc_q.load([k_row + pid_m * BLOCK_M, 0])
         q_scale = tl.load(QS + pid_bh * (seq_pad // BLOCK_Q) + (pid_m * BLOCK_M) // BLOCK_Q)
         ks_base = KS + pid_bh * (seq_pad // BLOCK_K)
-        offs_n = tl.arange(0, BLOCK_N)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        full_hi = (seq_len // BLOCK_N) * BLOCK_N
-        for start_n in tl.range(0, full_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            acc, m_i, l_i = _dense_block(acc, m_i, l_i, q, q_scale, desc_k, desc_v, ks_base, k_row, v_row, start_n,
-                                         offs_n, seq_len, BLOCK_K, False, FOLD)
-        if full_hi < seq_len:  # the partial last key block, masked
-            acc, m_i, l_i = _dense_block(acc, m_i, l_i, q, q_scale, desc_k, desc_v, ks_base, k_row, v_row, full_hi,
-                                         offs_n, seq_len, BLOCK_K, True, FOLD)
+        keys_hi = tl.cdiv(seq_len, BLOCK_N) * BLOCK_N
+        for start_n in tl.range(0, keys_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            k = desc_k.load([k_row + start_n, 0])
+            qk_i = tl.dot(q, k.T, out_dtype=tl.int32)
+            # int32 -> fp32 without I2F (attention_8bit's bit trick): the fp32 1.5 * 2**23 + qk, exactly
+            bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
+            # BLOCK_N divides BLOCK_K: one key scale per tile, so the row max is taken on the bits, and
+            # the scale, the offset, the max and log2(448) (P's FP8 scale) come off in the exp's one FMA
+            col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
+            m_new = tl.maximum(m_i, (tl.max(bits, 1) - 12582912.0) * col_scale)
+            p = tl.math.exp2(tl.fma(bits, col_scale, ((8.807354922057604 - 12582912.0 * col_scale) - m_new)[:, None]))
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = desc_v.load([v_row, start_n])
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), vt.T)
+            m_i = m_new
+        # The keys past the sequence in the last tile (zero codes, zero values) were scored exactly 0:
+        # nothing reached acc, and each added the same p to l, recomputed here and taken out (no masked
+        # step, which would cost a select per score or a second copy of the loop body in registers).
+        last_scale = tl.load(ks_base + (keys_hi - BLOCK_N) // BLOCK_K) * q_scale
+        zero_bits = tl.full([BLOCK_M], 12582912.0, tl.float32)
+        p_pad = tl.math.exp2(tl.fma(zero_bits, last_scale, (8.807354922057604 - 12582912.0 * last_scale) - m_i))
+        l_i = l_i - (keys_hi - seq_len) * p_pad
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only
         v_scale = tl.load(VA + pid_bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
         out = acc * v_scale[None, :] / l_i[:, None] + tl.load(VM + pid_bh * HEAD_DIM + offs_d)[None, :]
         batch = (pid_bh // num_heads).to(tl.int64)
@@ -128,11 +112,9 @@ def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, 
                                  f"{tuple(DENSE_CONFIGS)} and an sm_90+ GPU")
     cfg = dict(config or DENSE_CONFIGS[head_dim])
     block_m, block_n = cfg.pop("BLOCK_M"), cfg["BLOCK_N"]
-    if QUANT_BLOCK_Q % block_m or SEQ_PAD % block_n:
-        raise HeadAttentionError(f"BLOCK_M must divide {QUANT_BLOCK_Q} and BLOCK_N {SEQ_PAD}, got {block_m}, {block_n}")
-    cfg.setdefault("FOLD", QUANT_BLOCK_K % block_n == 0)
-    if cfg["FOLD"] and QUANT_BLOCK_K % block_n:
-        raise HeadAttentionError(f"FOLD needs one key scale per tile: BLOCK_N must divide {QUANT_BLOCK_K}, got {block_n}")
+    if QUANT_BLOCK_Q % block_m or QUANT_BLOCK_K % block_n:
+        raise HeadAttentionError(f"BLOCK_M must divide {QUANT_BLOCK_Q} and BLOCK_N {QUANT_BLOCK_K} (one q and one "
+                                 f"k scale per tile), got {block_m}, {block_n}")
     kernel = runner(_attention_8bit_dense_kernel) if runner is not None else _attention_8bit_dense_kernel
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
     compiled = kernel[grid](qz.q8, qz.k8, _v8_storage(qz.v8), qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out,
