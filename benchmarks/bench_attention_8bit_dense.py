@@ -1,4 +1,4 @@
-"""Dense INT8 attention on the GPU: the warp-specialized TMA kernel (plugins/attention_8bit_dense.py)
+"""Dense INT8 attention on the GPU: plugins/attention_8bit_dense.py (pointer or TMA loads, optional warp specialization)
 against the plain 8-bit kernel (plugins/attention_8bit.py) and torch SDPA bf16 (cuDNN), at Wan2.1-1.3B's
 1 x 12 x 32,760 x 128 and Flux's 1 x 24 x 16,896 x 128; launch-config sweep, each row with its
 relative L2 error against fp32 attention (2 heads) and its difference from the plain kernel.
@@ -27,7 +27,7 @@ from provenance import stamp
 
 logger = logging.getLogger("bench_attention_8bit_dense")
 
-K_BLOCKS = (64, 128)  # keys per K scale: the specification's 64, and 128 for BLOCK_N 128
+K_BLOCKS = (a8.QUANT_BLOCK_K,)  # keys per K scale: the specification's (a sweep may add others)
 SHAPES = {"wan2.1-1.3b": (1, 12, 32760, 128), "flux-2048": (1, 24, 16896, 128)}
 
 
@@ -37,17 +37,18 @@ def time_ms(fn) -> float:
 
 
 def configs() -> list[dict]:
-    """Points around the last sweep's best (BLOCK_M 64, BLOCK_N 64, 4 warps, 3 stages, plain loop) and
-    BLOCK_N 128 (one acc rescale per 128 keys instead of 64: needs key scales per 128 keys)."""
-    def c(m, n, w, s, ws=False):
-        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, WARP_SPECIALIZE=ws)
-    return [c(64, 64, 4, 3), c(64, 64, 4, 2), c(64, 64, 4, 4), c(64, 64, 4, 3, ws=True),
-            c(64, 128, 4, 2), c(64, 128, 4, 3), c(128, 128, 8, 2), c(128, 128, 8, 3), c(64, 128, 8, 3)]
+    """The default (BLOCK_M 64, BLOCK_N 128, 4 warps, 2 stages, pointer loads) and its neighbours: TMA
+    descriptor loads, warp specialization, stages, BLOCK_N 64, two warpgroups."""
+    def c(m, n, w, s, tma=False, ws=False):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, USE_TMA=tma, WARP_SPECIALIZE=ws)
+    return [c(64, 128, 4, 2), c(64, 128, 4, 2, tma=True), c(64, 128, 4, 3), c(64, 128, 4, 3, tma=True),
+            c(64, 128, 4, 2, tma=True, ws=True), c(64, 64, 4, 3), c(64, 64, 4, 4, tma=True),
+            c(128, 128, 8, 3), c(128, 128, 8, 2, tma=True)]
 
 
 def label(cfg: dict) -> str:
     return (f"M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
-            f"{' ws' if cfg['WARP_SPECIALIZE'] else ''}")
+            f"{' tma' if cfg['USE_TMA'] else ''}{' ws' if cfg['WARP_SPECIALIZE'] else ''}")
 
 
 def bench_shape(name: str, shape: tuple, deadline: float) -> dict:
@@ -71,6 +72,10 @@ def bench_shape(name: str, shape: tuple, deadline: float) -> dict:
         part["plain_int8_ms"] = time_ms(run_plain)
         run_plain()
         part["plain_int8_err"] = rel_err(plain[:, :2], ref)
+        op_out = torch.ops.ditbake.attention_8bit_dense(q, k, v)
+        part["op_ms"] = time_ms(lambda: torch.ops.ditbake.attention_8bit_dense(q, k, v))
+        part["op_err"] = rel_err(op_out[:, :2], ref)
+        part["op_x_sdpa"] = row["sdpa_bf16_ms"] / part["op_ms"]
         part["configs"] = {}
         for cfg in configs():
             if k_block % cfg["BLOCK_N"]:
@@ -116,7 +121,8 @@ def main(argv=None) -> int:
         for k_block in K_BLOCKS:
             part = row[f"k_block_{k_block}"]
             print(f"keys per K scale {k_block}: prepare {part['prepare_ms']:.2f} ms, plain int8 "
-                  f"{part['plain_int8_ms']:.2f} (err {part['plain_int8_err']:.2e})")
+                  f"{part['plain_int8_ms']:.2f} (err {part['plain_int8_err']:.2e}); the op (prepare + dense) "
+                  f"{part['op_ms']:.2f} ms = {part['op_x_sdpa']:.2f}x SDPA (err {part['op_err']:.2e})")
             print(f"{'config':24} {'ms':>7} {'TF/s':>6} {'x SDPA':>7} {'err':>9} {'vs plain':>9}")
             for key, e in part["configs"].items():
                 if "ms" in e:

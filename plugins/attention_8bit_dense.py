@@ -1,21 +1,30 @@
-"""Dense 8-bit attention on TMA loads with Triton's warp-specialized loop (sm_90+): the fast path of
-``attention_8bit`` for a group of full heads (no band, no text rule, no cache).
+"""Dense INT8-QK / FP8-PV attention: the fast kernel for a group of full heads (every query attends
+every token; no band, no text rule, no cache) on sm_90+.
 
-Same numerics as ``plugins/attention_8bit.py`` (its module docstring is the specification, its
-``attention_8bit_ref`` the reference) and the same prepared buffers (``prepare_8bit``); only the
-attention launch differs:
-  * K, Q and V (stored [D, S_pad], K-major for the FP8 P.V wgmma) come through tensor descriptors
-    (TMA), so the loop can be split by Triton's warp specialization into a load partition and
-    compute partitions: the softmax of one tile then overlaps the MMAs of another, which the plain
-    kernel cannot do (its time is the sum of MMA, exp and FP32 work, plugins/notes/attention_8bit.md);
-  * the last, partial key block needs no separate masked loop: the key mask rides in the per-column
-    addend of the score FMA (-inf past the sequence), one vector op per key block.
+Same numerics as ``plugins/attention_8bit.py`` (its module docstring is the specification and its
+``attention_8bit_ref`` the reference), on the same prepared buffers (``prepare_8bit``, INT8 q/k, V
+stored [D, S_pad]); only the attention loop differs from that module's general kernel:
+  * one key scale per tile (BLOCK_N divides QUANT_BLOCK_K), so the row max is taken on the integer
+    dot's fp32 bits and the score's scale, the K offset of the int32 -> fp32 bit trick, the running
+    max and log2(448) all come off in the exp's single FMA: per score one max, one FMA, one exp2, one
+    add and half an E4M3 pack, instead of a further multiply-add and subtract;
+  * no masked step: the last tile's keys past the sequence hold zero codes and zero values, so they
+    score exactly 0, add nothing to the accumulator, and add one known p each to the row sum, which is
+    recomputed once and taken out;
+  * BLOCK_M 64 with 4 warps (one warpgroup, 160-165 registers, no spills): three programs per SM, so
+    one program's softmax runs beside another's MMAs — the overlap an FA2-style loop lacks inside a
+    program (plugins/notes/attention_8bit_dense.md has the measurements, warp specialization included).
+The op ``ditbake::attention_8bit_dense(q, k, v, scale)`` is a ``torch.library.triton_op`` (Inductor
+and AOTInductor compile it into the engine) whose CPU kernel is the reference with every head full.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ditbake.plugins.attention_8bit import HAS_TRITON, QUANT_BLOCK_K, QUANT_BLOCK_Q, Quantized, _v8_storage
+from ditbake.plugins.attention_8bit import (HAS_TRITON, QUANT_BLOCK_K, QUANT_BLOCK_Q, Quantized, _check_op_inputs,
+                                            _v8_storage, attention_8bit_ref, prepare_8bit)
 from ditbake.plugins.head_attention import HeadAttentionError
 
 if HAS_TRITON:
@@ -23,9 +32,10 @@ if HAS_TRITON:
     import triton.language as tl
 
 # Launch parameters per head dim (BLOCK_M divides QUANT_BLOCK_Q, BLOCK_N divides QUANT_BLOCK_K: one q
-# and one k scale per tile).
+# and one k scale per tile). Measured best on the H200 at Wan's and Flux's shapes
+# (benchmarks/results/attention_8bit_dense_h200.json).
 DENSE_CONFIGS = {
-    128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, WARP_SPECIALIZE=True),
+    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, USE_TMA=False, WARP_SPECIALIZE=False),
 }
 
 
@@ -35,7 +45,7 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 
 def install_allocator() -> None:
-    """Device-side TMA descriptors need Triton's global-scratch allocator set once per process."""
+    """USE_TMA's device-side descriptors need Triton's global-scratch allocator, set once per process."""
     triton.set_allocator(_scratch)
 
 
@@ -46,18 +56,26 @@ if HAS_TRITON:
                                      num_bh, num_heads, seq_len, seq_pad,
                                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                                     WARP_SPECIALIZE: tl.constexpr):
+                                     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        desc_q = tl.make_tensor_descriptor(Q8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
-        desc_k = tl.make_tensor_descriptor(K8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        desc_v = tl.make_tensor_descriptor(V8T, shape=[num_bh * HEAD_DIM, seq_pad], strides=[seq_pad, 1],
-                                           block_shape=[HEAD_DIM, BLOCK_N])
         k_row = pid_bh * seq_pad
         v_row = pid_bh * HEAD_DIM
-        q = desc_q.load([k_row + pid_m * BLOCK_M, 0])
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        if USE_TMA:  # device-side descriptors: needs Triton's allocator (install_allocator)
+            desc_q = tl.make_tensor_descriptor(Q8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
+            desc_k = tl.make_tensor_descriptor(K8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+            desc_v = tl.make_tensor_descriptor(V8T, shape=[num_bh * HEAD_DIM, seq_pad], strides=[seq_pad, 1],
+                                               block_shape=[HEAD_DIM, BLOCK_N])
+            q = desc_q.load([k_row + pid_m * BLOCK_M, 0])
+        else:  # pointers (cp.async pipelined by num_stages): no load masks, the buffers are padded
+            k_base = K8 + k_row.to(tl.int64) * HEAD_DIM
+            v_base = V8T + v_row.to(tl.int64) * seq_pad
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = tl.load(Q8 + k_row.to(tl.int64) * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :])
         q_scale = tl.load(QS + pid_bh * (seq_pad // BLOCK_Q) + (pid_m * BLOCK_M) // BLOCK_Q)
         ks_base = KS + pid_bh * (seq_pad // BLOCK_K)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -65,7 +83,10 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         keys_hi = tl.cdiv(seq_len, BLOCK_N) * BLOCK_N
         for start_n in tl.range(0, keys_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            k = desc_k.load([k_row + start_n, 0])
+            if USE_TMA:
+                k = desc_k.load([k_row + start_n, 0])
+            else:
+                k = tl.load(k_base + (start_n + offs_n)[:, None] * HEAD_DIM + offs_d[None, :])
             qk_i = tl.dot(q, k.T, out_dtype=tl.int32)
             # int32 -> fp32 without I2F (attention_8bit's bit trick): the fp32 1.5 * 2**23 + qk, exactly
             bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
@@ -76,7 +97,10 @@ if HAS_TRITON:
             p = tl.math.exp2(tl.fma(bits, col_scale, ((8.807354922057604 - 12582912.0 * col_scale) - m_new)[:, None]))
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = desc_v.load([v_row, start_n])
+            if USE_TMA:
+                vt = desc_v.load([v_row, start_n])
+            else:
+                vt = tl.load(v_base + offs_d[:, None] * seq_pad + (start_n + offs_n)[None, :])
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), vt.T)
             m_i = m_new
         # The keys past the sequence in the last tile (zero codes, zero values) were scored exactly 0:
@@ -87,7 +111,6 @@ if HAS_TRITON:
         p_pad = tl.math.exp2(tl.fma(zero_bits, last_scale, (8.807354922057604 - 12582912.0 * last_scale) - m_i))
         l_i = l_i - (keys_hi - seq_len) * p_pad
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
         l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only
         v_scale = tl.load(VA + pid_bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
         out = acc * v_scale[None, :] / l_i[:, None] + tl.load(VM + pid_bh * HEAD_DIM + offs_d)[None, :]
@@ -95,6 +118,12 @@ if HAS_TRITON:
         head = (pid_bh % num_heads).to(tl.int64)
         o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < seq_len)[:, None])
+
+
+def kernel_supports(q: torch.Tensor) -> bool:
+    """Whether the dense kernel runs q's shape here: CUDA sm_90+, bf16/fp16, a head dim with a config."""
+    return (HAS_TRITON and q.is_cuda and q.dim() == 4 and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in DENSE_CONFIGS and torch.cuda.get_device_capability(q.device)[0] >= 9)
 
 
 def dense_supported(qz: Quantized) -> bool:
@@ -124,3 +153,34 @@ def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, 
     if stats is not None and hasattr(compiled, "n_regs"):  # registers/spills/shared memory, for the notes
         stats.update(n_regs=compiled.n_regs, n_spills=compiled.n_spills, shared=compiled.metadata.shared)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library op
+# --------------------------------------------------------------------------------------------
+
+def _full_table(heads: int, device) -> torch.Tensor:
+    return torch.zeros(heads, 3, dtype=torch.int32, device=device)
+
+
+@torch.library.triton_op("ditbake::attention_8bit_dense", mutates_args=())
+def attention_8bit_dense_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            scale: Optional[float] = None) -> torch.Tensor:
+    # This body is the CUDA kernel and, traced with fake tensors, the meta implementation.
+    if q.dim() != 4:
+        raise HeadAttentionError(f"q, k, v must be [B, H, S, D], got q of shape {tuple(q.shape)}")
+    _check_op_inputs(q, k, v, _full_table(q.shape[1], q.device), None, scale, "int8")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if not HAS_TRITON or q.device.type != "cuda":
+        return out
+    if not kernel_supports(q):
+        raise HeadAttentionError(f"the dense 8-bit kernel takes bf16/fp16 with head dim {tuple(DENSE_CONFIGS)} "
+                                 f"on sm_90+, got {q.dtype} with head dim {q.shape[-1]}; use ditbake::attention_8bit")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    qz = prepare_8bit(q, k, v, scale, "int8", v_transposed=True, runner=torch.library.wrap_triton)
+    return launch_attention_8bit_dense(qz, q.shape[2], out, runner=torch.library.wrap_triton)
+
+
+@attention_8bit_dense_op.register_kernel("cpu")
+def _attention_8bit_dense_cpu(q, k, v, scale=None):
+    return attention_8bit_ref(q, k, v, _full_table(q.shape[1], q.device), (0, 0), None, scale, "int8")

@@ -159,6 +159,8 @@ class AttentionRunner:
     def _run_kernel(self, name: str, precision: str, q, k, v, schemes, text_range):
         if name == "sdpa":
             return F.scaled_dot_product_attention(q, k, v)
+        if name == "triton_dense":  # full INT8 heads (candidate_kernels checked the kernel supports q)
+            return torch.ops.ditbake.attention_8bit_dense(q, k, v, None)
         if name in ("cudnn", "reference"):
             from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415 - registers the ditbake::cudnn_sdpa ops
 
@@ -237,7 +239,8 @@ def candidate_kernels(kind: str, precision: str, schemes: tuple[HeadScheme, ...]
     (`alternatives=False`: the default only, without probing cuDNN).
 
     cuDNN takes one band per call and no text rows/columns, so a banded group qualifies only when
-    its heads share one band and the sequence has no text tokens (Wan's self-attention)."""
+    its heads share one band and the sequence has no text tokens (Wan's self-attention). Full INT8
+    groups take the dense 8-bit kernel where it runs (same specification as the general one, faster)."""
     no_text = text_range[1] <= text_range[0]
     expressible = kind == "full" or (_single_band(schemes) and no_text)
     if precision == "fp8t":
@@ -252,6 +255,11 @@ def candidate_kernels(kind: str, precision: str, schemes: tuple[HeadScheme, ...]
                                    f"nvidia-cudnn-frontend): {cudnn_sdpa.unavailable_reason() or 'unsupported shape'}")
             return ["cudnn"]
         return ["reference"]
+    if kind == "full" and precision == "int8" and q.is_cuda:
+        from ditbake.plugins import attention_8bit_dense  # noqa: PLC0415 - registers ditbake::attention_8bit_dense
+
+        if attention_8bit_dense.kernel_supports(q):  # the same numerics, one key scale per tile: faster
+            return ["triton_dense", "triton"] if alternatives else ["triton_dense"]
     default = "sdpa" if (kind == "full" and precision == "bf16") else "triton"
     if precision != "bf16" or not expressible or not q.is_cuda or not alternatives:
         return [default]

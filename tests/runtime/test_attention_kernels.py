@@ -91,3 +91,35 @@ def test_measuring_on_cuda_keeps_the_fastest_and_follows_it():
     assert runner.kernels[sig] == min(timings, key=timings.get)
     again = AttentionRunner(kernels=runner.kernels)(("cond", 0, "attn1"), q, k, v, schemes, (0, 0))
     torch.testing.assert_close(again, out, atol=2e-2, rtol=2e-2)  # bf16 kernels of one band
+
+
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that reports CUDA: candidate_kernels' choice for a GPU, decided on this machine."""
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_full_int8_groups_take_the_dense_kernel_where_it_runs(monkeypatch):
+    from ditbake.plugins import attention_8bit_dense
+
+    q = _qkv(dim=128, dtype=torch.bfloat16)[0].as_subclass(_CudaLooking)
+    schemes = (HeadScheme("full", precision="int8"),)
+    monkeypatch.setattr(attention_8bit_dense, "kernel_supports", lambda q: True)
+    assert candidate_kernels("full", "int8", schemes, q, (0, 0)) == ["triton_dense", "triton"]
+    assert candidate_kernels("full", "int8", schemes, q, (0, 0), alternatives=False) == ["triton_dense"]
+    # banded int8 heads and other precisions keep their kernels
+    assert candidate_kernels("arrow", "int8", (HeadScheme("arrow", 2, 2, "int8"),), q, (0, 0)) == ["triton"]
+    assert candidate_kernels("full", "fp8", (HeadScheme("full", precision="fp8"),), q, (0, 0)) == ["triton"]
+    monkeypatch.setattr(attention_8bit_dense, "kernel_supports", lambda q: False)  # e.g. head dim 64, sm_80
+    assert candidate_kernels("full", "int8", schemes, q, (0, 0)) == ["triton"]
+
+
+def test_the_dense_kernel_computes_the_int8_specification():
+    q, k, v = _qkv(heads=2, seq=40, dim=32)
+    from ditbake.plugins import attention_8bit as a8
+
+    runner = AttentionRunner()
+    got = runner._run_kernel("triton_dense", "int8", q, k, v, (HeadScheme("full", precision="int8"),) * 2, (0, 0))
+    table = torch.zeros(2, 3, dtype=torch.int32)
+    torch.testing.assert_close(got, a8.attention_8bit_ref(q, k, v, table, (0, 0), None, None, "int8"), rtol=0, atol=0)

@@ -1,0 +1,137 @@
+"""Dense 8-bit attention (plugins/attention_8bit_dense.py): the op's CPU path is attention_8bit's
+specification with every head full, its checks, export as one node; on the GPU the kernel against the
+reference and fp64 attention (ragged lengths: the padded-key correction), against the general 8-bit
+kernel, its load variants, and under torch.compile."""
+import logging
+
+import pytest
+import torch
+
+from ditbake.plugins import attention_8bit as a8
+from ditbake.plugins import attention_8bit_dense as dense
+from ditbake.plugins import head_attention as ha
+from ditbake.plugins.head_attention import HeadAttentionError, HeadScheme
+
+from test_attention_8bit import peaky_qkv, rel_err
+
+logger = logging.getLogger(__name__)
+
+
+def full_table(heads: int, device="cpu") -> torch.Tensor:
+    return ha.schemes_to_tensor([HeadScheme.full()] * heads).to(device)
+
+
+# ------------------------------------------------------------------ CPU: the op's specification and checks
+
+@pytest.mark.parametrize("seq_len,head_dim,scale", [(130, 64, None), (77, 128, 0.05)])
+def test_cpu_op_is_the_reference_with_every_head_full(seq_len, head_dim, scale, rng_seed):
+    q, k, v = peaky_qkv(2, 3, seq_len, head_dim)
+    got = torch.ops.ditbake.attention_8bit_dense(q, k, v, scale)
+    want = a8.attention_8bit_ref(q, k, v, full_table(3), (0, 0), None, scale, "int8")
+    assert got.dtype == q.dtype and torch.equal(got, want)
+    # and that specification is INT8 attention: close to fp64 attention, within the reference's bound
+    exact = ha.head_attention_ref(q.double(), k.double(), v.double(), full_table(3), (0, 0), None, scale)
+    assert rel_err(got, exact) < 0.05, f"seed {rng_seed}"
+
+
+@pytest.mark.parametrize("bad", ["shape", "rank", "scale", "dtype"])
+def test_cpu_op_refuses_malformed_input(bad):
+    q, k, v = (torch.randn(1, 2, 40, 64, dtype=torch.bfloat16) for _ in range(3))
+    args = {"shape": (q, k[:, :1], v, None), "rank": (q[0], k[0], v[0], None), "scale": (q, k, v, -1.0),
+            "dtype": (q, k.float(), v, None)}[bad]
+    with pytest.raises(HeadAttentionError):
+        torch.ops.ditbake.attention_8bit_dense(*args)
+
+
+def test_cpu_export_keeps_one_node():
+    q, k, v = (torch.randn(1, 2, 40, 64) for _ in range(3))
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.ops.ditbake.attention_8bit_dense(q, k, v, None) * 2
+
+    graph = torch.export.export(Layer(), (q, k, v)).graph
+    assert [n.target for n in graph.nodes if n.op == "call_function"].count(
+        torch.ops.ditbake.attention_8bit_dense.default) == 1
+
+
+def test_kernel_supports_is_false_off_the_gpu():
+    assert not dense.kernel_supports(torch.randn(1, 2, 40, 128, dtype=torch.bfloat16))
+
+
+# ------------------------------------------------------------------ GPU
+
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                                reason="the dense kernel needs an sm_90+ GPU")
+
+# lengths around the 128-key tile: a full last tile, one real key in it, one padded key
+GPU_LENGTHS = [(1, 12, 32760, 128), (2, 3, 4096, 128), (1, 2, 4097, 128), (1, 2, 4223, 128), (1, 24, 16896, 128)]
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("batch,heads,seq_len,head_dim", GPU_LENGTHS)
+def test_gpu_kernel_matches_reference_and_general_kernel(batch, heads, seq_len, head_dim, rng_seed):
+    q, k, v = peaky_qkv(batch, heads, seq_len, head_dim, device="cuda")
+    checked = slice(0, min(heads, 2))  # fp64 on two heads keeps the test short
+    qs, ks, vs = (t[:, checked] for t in (q, k, v))
+    exact = ha.head_attention_ref(qs.double(), ks.double(), vs.double(), full_table(qs.shape[1]), (0, 0))
+    ref = a8.attention_8bit_ref(qs, ks, vs, full_table(qs.shape[1]), (0, 0), None, None, "int8")
+    general = torch.ops.ditbake.attention_8bit(q, k, v, full_table(heads, "cuda"), 0, 0, None, None, "int8")
+    for attempt in range(2):  # twice: a moving result would mean a race
+        out = torch.ops.ditbake.attention_8bit_dense(q, k, v, None)
+        assert not out.isnan().any(), f"seed {rng_seed}: NaN"
+        kernel_err, ref_err = rel_err(out[:, checked], exact), rel_err(ref, exact)
+        logger.info("S=%d: dense %.3e, reference %.3e, vs general kernel %.3e", seq_len, kernel_err, ref_err,
+                    rel_err(out, general))
+        assert kernel_err < 1.3 * ref_err + 0.01, f"seed {rng_seed}: {kernel_err:.3e} vs {ref_err:.3e}"
+        # the same specification and buffers; the kernels differ in where p is rounded (the running
+        # max of a 128- vs 64/128-key tile), one FP8 step on a few p: far below the 8-bit error itself
+        assert rel_err(out, general) < 5e-3, f"seed {rng_seed}"
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_padded_keys_are_taken_out_exactly(rng_seed):
+    """Peaky rows whose whole mass sits on one key: a wrong row-sum correction for the padded keys of
+    the last tile (127 of them at S = 4097) would scale those rows visibly."""
+    q, k, v = peaky_qkv(1, 2, 4097, 128, device="cuda")
+    k[:, :, -1] = q[:, :, 5] * 4  # the last key (alone in its tile) dominates row 5
+    out = torch.ops.ditbake.attention_8bit_dense(q, k, v, None)
+    exact = ha.head_attention_ref(q.double(), k.double(), v.double(), full_table(2), (0, 0))
+    assert rel_err(out[:, :, 5], exact[:, :, 5]) < 0.05, f"seed {rng_seed}"
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_load_variants_agree_bit_for_bit(rng_seed):
+    q, k, v = peaky_qkv(1, 3, 5000, 128, device="cuda")
+    qz = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True)
+    dense.install_allocator()
+    outs = []
+    for cfg in (dict(dense.DENSE_CONFIGS[128], USE_TMA=False), dict(dense.DENSE_CONFIGS[128], USE_TMA=True)):
+        outs.append(dense.launch_attention_8bit_dense(qz, 5000, torch.empty_like(q), config=cfg))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_bad_tile_is_a_typed_error():
+    q, k, v = peaky_qkv(1, 1, 300, 128, device="cuda")
+    qz = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True)
+    with pytest.raises(HeadAttentionError):
+        dense.launch_attention_8bit_dense(qz, 300, torch.empty_like(q), config=dict(dense.DENSE_CONFIGS[128], BLOCK_N=96))
+    with pytest.raises(HeadAttentionError):  # FP8 QK buffers are not this kernel's
+        qz8 = a8.prepare_8bit(q, k, v, None, "fp8", v_transposed=True)
+        dense.launch_attention_8bit_dense(qz8, 300, torch.empty_like(q))
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_op_under_torch_compile(rng_seed):
+    q, k, v = (torch.randn(1, 3, 1030, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def layer(q, k, v):
+        return torch.ops.ditbake.attention_8bit_dense(q, k, v, None) * 2
+
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(q, k, v), layer(q, k, v))
