@@ -144,6 +144,8 @@ def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, 
     if QUANT_BLOCK_Q % block_m or QUANT_BLOCK_K % block_n:
         raise HeadAttentionError(f"BLOCK_M must divide {QUANT_BLOCK_Q} and BLOCK_N {QUANT_BLOCK_K} (one q and one "
                                  f"k scale per tile), got {block_m}, {block_n}")
+    if cfg.get("USE_TMA"):
+        install_allocator()  # eager launches; compiled code gets its scratch from Inductor's launcher
     kernel = runner(_attention_8bit_dense_kernel) if runner is not None else _attention_8bit_dense_kernel
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
     compiled = kernel[grid](qz.q8, qz.k8, _v8_storage(qz.v8), qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out,

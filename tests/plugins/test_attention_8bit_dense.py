@@ -126,12 +126,39 @@ def test_gpu_bad_tile_is_a_typed_error():
         dense.launch_attention_8bit_dense(qz8, 300, torch.empty_like(q))
 
 
-@pytest.mark.gpu
-@needs_sm90
-def test_gpu_op_under_torch_compile(rng_seed):
-    q, k, v = (torch.randn(1, 3, 1030, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+AOTI_CHECK = """
+import sys, torch
+from ditbake.plugins import attention_8bit_dense as dense
 
-    def layer(q, k, v):
+dense.DENSE_CONFIGS[128] = dict(dense.DENSE_CONFIGS[128], USE_TMA=sys.argv[2] == "tma")
+
+class Layer(torch.nn.Module):
+    def forward(self, q, k, v):
         return torch.ops.ditbake.attention_8bit_dense(q, k, v, None) * 2
 
-    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(q, k, v), layer(q, k, v))
+torch.manual_seed(4)
+args = tuple(torch.randn(1, 3, 1030, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+with torch.no_grad():
+    want = Layer()(*args)
+    torch.testing.assert_close(torch.compile(Layer(), fullgraph=True)(*args), want, rtol=0, atol=0)
+    ep = torch.export.export(Layer(), args)
+    loaded = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(ep, package_path=sys.argv[1]))
+    torch.testing.assert_close(loaded(*args), want, rtol=0, atol=0)
+    fresh = tuple(torch.randn_like(a) for a in args)
+    torch.testing.assert_close(loaded(*fresh), Layer()(*fresh), rtol=0, atol=0)
+"""
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
+def test_gpu_op_under_compile_and_in_an_aoti_package(loads, tmp_path):
+    """The runtime ships this op inside aoti engines: torch.compile and an AOTInductor package must run
+    it bit for bit as eager, with either load variant (TMA descriptors need Triton's global scratch,
+    which Inductor's launchers must provide). A subprocess keeps the config change out of this session."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    proc = subprocess.run([sys.executable, "-c", AOTI_CHECK, str(tmp_path / "dense.pt2"), loads],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
