@@ -33,9 +33,10 @@ if HAS_TRITON:
 
 # Launch parameters per head dim (BLOCK_M divides QUANT_BLOCK_Q, BLOCK_N divides QUANT_BLOCK_K: one q
 # and one k scale per tile). Measured best on the H200 at Wan's and Flux's shapes
-# (benchmarks/results/attention_8bit_dense_h200.json).
+# (benchmarks/results/attention_8bit_dense_h200.json): TMA loads 7.99 ms at Wan's shape vs 9.44 with
+# pointers (253 registers: the pointer loads pass through registers), warp specialization 17.5.
 DENSE_CONFIGS = {
-    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, USE_TMA=False, WARP_SPECIALIZE=False),
+    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, USE_TMA=True, WARP_SPECIALIZE=False),
 }
 
 
