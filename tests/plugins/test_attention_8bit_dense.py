@@ -129,6 +129,9 @@ def test_gpu_bad_tile_is_a_typed_error():
 AOTI_CHECK = """
 import sys, torch
 from ditbake.plugins import attention_8bit_dense as dense
+from ditbake.plugins.native_loading import promote_libstdcxx
+
+promote_libstdcxx()  # as the runtime does before loading an engine (else any package crashes on load)
 
 dense.DENSE_CONFIGS[128] = dict(dense.DENSE_CONFIGS[128], USE_TMA=sys.argv[2] == "tma")
 
