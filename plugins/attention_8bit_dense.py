@@ -32,11 +32,14 @@ if HAS_TRITON:
     import triton.language as tl
 
 # Launch parameters per head dim (BLOCK_M divides QUANT_BLOCK_Q, BLOCK_N divides QUANT_BLOCK_K: one q
-# and one k scale per tile). Measured best on the H200 at Wan's and Flux's shapes
-# (benchmarks/results/attention_8bit_dense_h200.json): TMA loads 7.99 ms at Wan's shape vs 9.44 with
-# pointers (253 registers: the pointer loads pass through registers), warp specialization 17.5.
+# and one k scale per tile), measured on the H200 at Wan's and Flux's shapes
+# (benchmarks/results/attention_8bit_dense_h200.json). LOADS: "pointers" (cp.async), "tma" (device-side
+# descriptors: 7.99 ms at Wan's shape vs 9.44 with pointers, but wrong under Inductor's launcher on
+# torch 2.11: tests/plugins/test_attention_8bit_dense.py), "host_tma" (descriptors made at launch).
+# Warp specialization measured 17.5 ms.
+LOADS = {"pointers": 0, "tma": 1, "host_tma": 2}
 DENSE_CONFIGS = {
-    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, USE_TMA=True, WARP_SPECIALIZE=False),
+    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, LOADS="pointers", WARP_SPECIALIZE=False),
 }
 
 
@@ -46,7 +49,7 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 
 def install_allocator() -> None:
-    """USE_TMA's device-side descriptors need Triton's global-scratch allocator, set once per process."""
+    """Device-side descriptors (LOADS "tma") need Triton's global-scratch allocator, set once per process."""
     triton.set_allocator(_scratch)
 
 
@@ -57,14 +60,17 @@ if HAS_TRITON:
                                      num_bh, num_heads, seq_len, seq_pad,
                                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                                     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                                     LOADS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         k_row = pid_bh * seq_pad
         v_row = pid_bh * HEAD_DIM
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        if USE_TMA:  # device-side descriptors: needs Triton's allocator (install_allocator)
+        if LOADS == 2:  # host-side descriptors, made at launch
+            desc_q, desc_k, desc_v = Q8, K8, V8T
+            q = desc_q.load([k_row + pid_m * BLOCK_M, 0])
+        elif LOADS == 1:  # device-side descriptors: needs Triton's allocator (install_allocator)
             desc_q = tl.make_tensor_descriptor(Q8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
                                                block_shape=[BLOCK_M, HEAD_DIM])
             desc_k = tl.make_tensor_descriptor(K8, shape=[num_bh * seq_pad, HEAD_DIM], strides=[HEAD_DIM, 1],
@@ -84,7 +90,7 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         keys_hi = tl.cdiv(seq_len, BLOCK_N) * BLOCK_N
         for start_n in tl.range(0, keys_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            if USE_TMA:
+            if LOADS > 0:
                 k = desc_k.load([k_row + start_n, 0])
             else:
                 k = tl.load(k_base + (start_n + offs_n)[:, None] * HEAD_DIM + offs_d[None, :])
@@ -98,7 +104,7 @@ if HAS_TRITON:
             p = tl.math.exp2(tl.fma(bits, col_scale, ((8.807354922057604 - 12582912.0 * col_scale) - m_new)[:, None]))
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if USE_TMA:
+            if LOADS > 0:
                 vt = desc_v.load([v_row, start_n])
             else:
                 vt = tl.load(v_base + offs_d[:, None] * seq_pad + (start_n + offs_n)[None, :])
@@ -145,14 +151,24 @@ def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, 
     if QUANT_BLOCK_Q % block_m or QUANT_BLOCK_K % block_n:
         raise HeadAttentionError(f"BLOCK_M must divide {QUANT_BLOCK_Q} and BLOCK_N {QUANT_BLOCK_K} (one q and one "
                                  f"k scale per tile), got {block_m}, {block_n}")
-    if cfg.get("USE_TMA"):
+    loads = cfg.pop("LOADS", "pointers")
+    if loads not in LOADS:
+        raise HeadAttentionError(f"LOADS must be one of {tuple(LOADS)}, got {loads!r}")
+    q8, k8, v8t = qz.q8, qz.k8, _v8_storage(qz.v8)
+    if loads == "tma":
         install_allocator()  # eager launches; compiled code gets its scratch from Inductor's launcher
+    elif loads == "host_tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
+
+        q8 = TensorDescriptor.from_tensor(q8.view(batch * heads * seq_pad, head_dim), [block_m, head_dim])
+        k8 = TensorDescriptor.from_tensor(k8.view(batch * heads * seq_pad, head_dim), [block_n, head_dim])
+        v8t = TensorDescriptor.from_tensor(v8t.view(batch * heads * head_dim, seq_pad), [head_dim, block_n])
     kernel = runner(_attention_8bit_dense_kernel) if runner is not None else _attention_8bit_dense_kernel
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
-    compiled = kernel[grid](qz.q8, qz.k8, _v8_storage(qz.v8), qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out,
+    compiled = kernel[grid](q8, k8, v8t, qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out,
                  out.stride(0), out.stride(1), out.stride(2),
                  batch * heads, heads, seq_len, seq_pad,
-                 HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K, **cfg)
+                 HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K, LOADS=LOADS[loads], **cfg)
     if stats is not None and hasattr(compiled, "n_regs"):  # registers/spills/shared memory, for the notes
         stats.update(n_regs=compiled.n_regs, n_spills=compiled.n_spills, shared=compiled.metadata.shared)
     return out

@@ -109,9 +109,10 @@ def test_gpu_load_variants_agree_bit_for_bit(rng_seed):
     qz = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True)
     dense.install_allocator()
     outs = []
-    for cfg in (dict(dense.DENSE_CONFIGS[128], USE_TMA=False), dict(dense.DENSE_CONFIGS[128], USE_TMA=True)):
+    for loads in dense.LOADS:
+        cfg = dict(dense.DENSE_CONFIGS[128], LOADS=loads)
         outs.append(dense.launch_attention_8bit_dense(qz, 5000, torch.empty_like(q), config=cfg))
-    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 @pytest.mark.gpu
@@ -121,6 +122,8 @@ def test_gpu_bad_tile_is_a_typed_error():
     qz = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True)
     with pytest.raises(HeadAttentionError):
         dense.launch_attention_8bit_dense(qz, 300, torch.empty_like(q), config=dict(dense.DENSE_CONFIGS[128], BLOCK_N=96))
+    with pytest.raises(HeadAttentionError):
+        dense.launch_attention_8bit_dense(qz, 300, torch.empty_like(q), config=dict(dense.DENSE_CONFIGS[128], LOADS="tmem"))
     with pytest.raises(HeadAttentionError):  # FP8 QK buffers are not this kernel's
         qz8 = a8.prepare_8bit(q, k, v, None, "fp8", v_transposed=True)
         dense.launch_attention_8bit_dense(qz8, 300, torch.empty_like(q))
@@ -133,7 +136,7 @@ from ditbake.plugins.native_loading import promote_libstdcxx
 
 promote_libstdcxx()  # as the runtime does before loading an engine (else any package crashes on load)
 
-dense.DENSE_CONFIGS[128] = dict(dense.DENSE_CONFIGS[128], USE_TMA=sys.argv[2] == "tma")
+dense.DENSE_CONFIGS[128] = dict(dense.DENSE_CONFIGS[128], LOADS=sys.argv[2])
 
 class Layer(torch.nn.Module):
     def forward(self, q, k, v):
@@ -154,11 +157,12 @@ with torch.no_grad():
 
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize("loads", ["pointers", "tma"])
+@pytest.mark.parametrize("loads", ["pointers", "host_tma"])
 def test_gpu_op_under_compile_and_in_an_aoti_package(loads, tmp_path):
     """The runtime ships this op inside aoti engines: torch.compile and an AOTInductor package must run
-    it bit for bit as eager, with either load variant (TMA descriptors need Triton's global scratch,
-    which Inductor's launchers must provide). A subprocess keeps the config change out of this session."""
+    it bit for bit as eager. Device-side descriptors ("tma") are left out: on torch 2.11 + Triton 3.6
+    they give wrong rows (inf) under Inductor's launcher (H200, 2026-11-26), so the runtime does not
+    use them. A subprocess keeps the config change out of this session."""
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
