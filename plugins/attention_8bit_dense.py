@@ -91,10 +91,10 @@ if HAS_TRITON:
         keys_hi = tl.cdiv(seq_len, BLOCK_N) * BLOCK_N
         for start_n in tl.range(0, keys_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
             if LOADS > 0:
-                k = desc_k.load([k_row + start_n, 0])
-            else:
-                k = tl.load(k_base + (start_n + offs_n)[:, None] * HEAD_DIM + offs_d[None, :])
-            qk_i = tl.dot(q, k.T, out_dtype=tl.int32)
+                k_t = desc_k.load([k_row + start_n, 0]).T
+            else:  # K^T [D, N] addressed directly (no transpose between the load and the dot)
+                k_t = tl.load(k_base + offs_d[:, None] + (start_n + offs_n)[None, :] * HEAD_DIM)
+            qk_i = tl.dot(q, k_t, out_dtype=tl.int32)
             # int32 -> fp32 without I2F (attention_8bit's bit trick): the fp32 1.5 * 2**23 + qk, exactly
             bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
             # BLOCK_N divides BLOCK_K: one key scale per tile, so the row max is taken on the bits, and
@@ -105,10 +105,10 @@ if HAS_TRITON:
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             if LOADS > 0:
-                vt = desc_v.load([v_row, start_n])
-            else:
-                vt = tl.load(v_base + offs_d[:, None] * seq_pad + (start_n + offs_n)[None, :])
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), vt.T)
+                v = desc_v.load([v_row, start_n]).T
+            else:  # V [N, D] from its [D, S_pad] storage: tokens contiguous, K-major for the FP8 wgmma
+                v = tl.load(v_base + (start_n + offs_n)[:, None] + offs_d[None, :] * seq_pad)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
             m_i = m_new
         # The keys past the sequence in the last tile (zero codes, zero values) were scored exactly 0:
         # nothing reached acc, and each added the same p to l, recomputed here and taken out (no masked
