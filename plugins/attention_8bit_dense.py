@@ -39,7 +39,7 @@ if HAS_TRITON:
 # Warp specialization measured 17.5 ms.
 LOADS = {"pointers": 0, "tma": 1, "host_tma": 2}
 DENSE_CONFIGS = {
-    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, LOADS="pointers", WARP_SPECIALIZE=False),
+    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, LOADS="pointers", WARP_SPECIALIZE=False),
 }
 
 
