@@ -157,17 +157,38 @@ with torch.no_grad():
 """
 
 
-@pytest.mark.gpu
-@needs_sm90
-@pytest.mark.parametrize("loads", ["pointers", "host_tma", "pointers 168"])
-def test_gpu_op_under_compile_and_in_an_aoti_package(loads, tmp_path):
-    """The runtime ships this op inside aoti engines: torch.compile and an AOTInductor package must run
-    it bit for bit as eager. Device-side descriptors ("tma") are left out: on torch 2.11 + Triton 3.6
-    they give wrong rows (inf) under Inductor's launcher (H200, 2026-11-26), so the runtime does not
-    use them. A subprocess keeps the config change out of this session."""
+def _run_aoti_check(tmp_path, loads: str):
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
-    proc = subprocess.run([sys.executable, "-c", AOTI_CHECK, str(tmp_path / "dense.pt2"), *loads.split()],
+    return subprocess.run([sys.executable, "-c", AOTI_CHECK, str(tmp_path / "dense.pt2"), *loads.split()],
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("loads", ["pointers", "pointers 168"])
+def test_gpu_op_under_compile_and_in_an_aoti_package(loads, tmp_path):
+    """The runtime ships this op inside aoti engines: torch.compile and an AOTInductor package must run
+    it bit for bit as eager (default loads, and with a register cap). A subprocess keeps the config
+    change out of this session."""
+    proc = _run_aoti_check(tmp_path, loads)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# How each TMA variant failed under Inductor on torch 2.11 + Triton 3.6 (H200, 2026-11-26)
+TMA_UNDER_INDUCTOR = {"tma": "Tensor-likes are not equal",  # device-side descriptors: rows of inf
+                      "host_tma": "not supported between instances of 'TensorDescriptor'"}
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("loads", sorted(TMA_UNDER_INDUCTOR))
+def test_gpu_tma_loads_under_inductor(loads, tmp_path):
+    """TMA loads are 10 % faster eagerly (7.9 vs 8.8 ms at Wan's shape) but fail under Inductor in the
+    known ways above, so the runtime uses pointer loads. The day this passes, make TMA the default;
+    a failure of another kind fails the test."""
+    proc = _run_aoti_check(tmp_path, loads)
+    if proc.returncode != 0 and TMA_UNDER_INDUCTOR[loads] in proc.stderr:
+        pytest.xfail(f"{loads} loads under Inductor: {TMA_UNDER_INDUCTOR[loads]} (torch {torch.__version__})")
     assert proc.returncode == 0, proc.stderr[-3000:]
