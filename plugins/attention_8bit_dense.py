@@ -11,7 +11,7 @@ stored [D, S_pad]); only the attention loop differs from that module's general k
   * no masked step: the last tile's keys past the sequence hold zero codes and zero values, so they
     score exactly 0, add nothing to the accumulator, and add one known p each to the row sum, which is
     recomputed once and taken out;
-  * BLOCK_M 64 with 4 warps (one warpgroup, 160-165 registers, no spills): three programs per SM, so
+  * BLOCK_M 64 with 4 warps (one warpgroup, 164-167 registers, no spills): three programs per SM, so
     one program's softmax runs beside another's MMAs — the overlap an FA2-style loop lacks inside a
     program (plugins/notes/attention_8bit_dense.md has the measurements, warp specialization included).
 The op ``ditbake::attention_8bit_dense(q, k, v, scale)`` is a ``torch.library.triton_op`` (Inductor
@@ -33,13 +33,13 @@ if HAS_TRITON:
 
 # Launch parameters per head dim (BLOCK_M divides QUANT_BLOCK_Q, BLOCK_N divides QUANT_BLOCK_K: one q
 # and one k scale per tile), measured on the H200 at Wan's and Flux's shapes
-# (benchmarks/results/attention_8bit_dense_h200.json). LOADS: "pointers" (cp.async), "tma" (device-side
-# descriptors: 7.99 ms at Wan's shape vs 9.44 with pointers, but wrong under Inductor's launcher on
-# torch 2.11: tests/plugins/test_attention_8bit_dense.py), "host_tma" (descriptors made at launch).
-# Warp specialization measured 17.5 ms.
-LOADS = {"pointers": 0, "tma": 1, "host_tma": 2}
+# (benchmarks/results/attention_8bit_dense_h200.json). LOADS: "block_ptr" (cp.async through block
+# pointers), "tma" (device-side descriptors: 7.85 ms at Wan's shape, but wrong under AOTInductor on torch
+# 2.11, tests/plugins/test_attention_8bit_dense.py), "host_tma" (descriptors made at launch: Inductor
+# refuses them). Plain pointer tensors took 254 registers and 8.7-9.4 ms; warp specialization 17.5 ms.
+LOADS = {"block_ptr": 0, "tma": 1, "host_tma": 2}
 DENSE_CONFIGS = {
-    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, LOADS="pointers", WARP_SPECIALIZE=False),
+    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, LOADS="block_ptr", WARP_SPECIALIZE=False),
 }
 
 
@@ -65,7 +65,6 @@ if HAS_TRITON:
         pid_bh = tl.program_id(1)
         k_row = pid_bh * seq_pad
         v_row = pid_bh * HEAD_DIM
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         if LOADS == 2:  # host-side descriptors, made at launch
             desc_q, desc_k, desc_v = Q8, K8, V8T
@@ -78,11 +77,17 @@ if HAS_TRITON:
             desc_v = tl.make_tensor_descriptor(V8T, shape=[num_bh * HEAD_DIM, seq_pad], strides=[seq_pad, 1],
                                                block_shape=[HEAD_DIM, BLOCK_N])
             q = desc_q.load([k_row + pid_m * BLOCK_M, 0])
-        else:  # pointers (cp.async pipelined by num_stages): no load masks, the buffers are padded
-            k_base = K8 + k_row.to(tl.int64) * HEAD_DIM
-            v_base = V8T + v_row.to(tl.int64) * seq_pad
+        else:  # block pointers (cp.async pipelined by num_stages): no load masks, the buffers are padded.
+            # Plain pointer tensors for K and V took 254 registers (their cp.async addresses stay live
+            # across the pipeline stages), block pointers 167 (ptxas for sm_90a): 2 vs 3 programs per SM.
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             q = tl.load(Q8 + k_row.to(tl.int64) * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :])
+            kt_block = tl.make_block_ptr(K8 + k_row.to(tl.int64) * HEAD_DIM, shape=(HEAD_DIM, seq_pad),
+                                         strides=(1, HEAD_DIM), offsets=(0, 0), block_shape=(HEAD_DIM, BLOCK_N),
+                                         order=(0, 1))
+            v_block = tl.make_block_ptr(V8T + v_row.to(tl.int64) * seq_pad, shape=(seq_pad, HEAD_DIM),
+                                        strides=(1, seq_pad), offsets=(0, 0), block_shape=(BLOCK_N, HEAD_DIM),
+                                        order=(0, 1))
         q_scale = tl.load(QS + pid_bh * (seq_pad // BLOCK_Q) + (pid_m * BLOCK_M) // BLOCK_Q)
         ks_base = KS + pid_bh * (seq_pad // BLOCK_K)
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -92,8 +97,9 @@ if HAS_TRITON:
         for start_n in tl.range(0, keys_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
             if LOADS > 0:
                 k_t = desc_k.load([k_row + start_n, 0]).T
-            else:  # K^T [D, N] addressed directly (no transpose between the load and the dot)
-                k_t = tl.load(k_base + offs_d[:, None] + (start_n + offs_n)[None, :] * HEAD_DIM)
+            else:  # K^T [D, N] (no transpose between the load and the dot)
+                k_t = tl.load(kt_block)
+                kt_block = tl.advance(kt_block, (0, BLOCK_N))
             qk_i = tl.dot(q, k_t, out_dtype=tl.int32)
             # int32 -> fp32 without I2F (attention_8bit's bit trick): the fp32 1.5 * 2**23 + qk, exactly
             bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
@@ -107,7 +113,8 @@ if HAS_TRITON:
             if LOADS > 0:
                 v = desc_v.load([v_row, start_n]).T
             else:  # V [N, D] from its [D, S_pad] storage: tokens contiguous, K-major for the FP8 wgmma
-                v = tl.load(v_base + (start_n + offs_n)[:, None] + offs_d[None, :] * seq_pad)
+                v = tl.load(v_block)
+                v_block = tl.advance(v_block, (BLOCK_N, 0))
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
             m_i = m_new
         # The keys past the sequence in the last tile (zero codes, zero values) were scored exactly 0:
@@ -151,7 +158,7 @@ def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, 
     if QUANT_BLOCK_Q % block_m or QUANT_BLOCK_K % block_n:
         raise HeadAttentionError(f"BLOCK_M must divide {QUANT_BLOCK_Q} and BLOCK_N {QUANT_BLOCK_K} (one q and one "
                                  f"k scale per tile), got {block_m}, {block_n}")
-    loads = cfg.pop("LOADS", "pointers")
+    loads = cfg.pop("LOADS", "block_ptr")
     if loads not in LOADS:
         raise HeadAttentionError(f"LOADS must be one of {tuple(LOADS)}, got {loads!r}")
     q8, k8, v8t = qz.q8, qz.k8, _v8_storage(qz.v8)

@@ -167,7 +167,7 @@ def _run_aoti_check(tmp_path, loads: str):
 
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize("loads", ["pointers", "pointers 168"])
+@pytest.mark.parametrize("loads", ["block_ptr", "block_ptr 168"])
 def test_gpu_op_under_compile_and_in_an_aoti_package(loads, tmp_path):
     """The runtime ships this op inside aoti engines: torch.compile and an AOTInductor package must run
     it bit for bit as eager (default loads, and with a register cap). A subprocess keeps the config
