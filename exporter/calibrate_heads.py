@@ -37,6 +37,7 @@ from ditbake.exporter.calibrate_memory import check_heads_fit
 from ditbake.exporter.plan_heads import HeadsConfig, candidates, savings, solve_layer
 from ditbake.exporter.sampler import scheduler_for
 from ditbake.runtime import arch as runtime_arch
+from ditbake.runtime.attention import candidate_kernels
 from ditbake.runtime.errors import InputError
 from ditbake.runtime.plan import BlockVariant, HeadScheme
 
@@ -128,8 +129,10 @@ class CandidateRunner:
 
     def _eight_bit(self, candidates, q, k, v, text_range, grid):
         """8-bit candidates through ditbake::attention_8bit: its Triton kernel on CUDA (bf16/fp16, head
-        dim 64/128), its reference elsewhere — the numerics the runtime runs either way. "fp8t"
-        candidates go through cuDNN's per-tensor FP8 attention instead (`_fp8t`)."""
+        dim 64/128), its reference elsewhere — the numerics the runtime runs either way. Full INT8
+        candidates take the kernel the runtime defaults to for them (the dense one where it runs: same
+        specification, p rounded at other points). "fp8t" candidates go through cuDNN's per-tensor FP8
+        attention instead (`_fp8t`)."""
         if not candidates:
             return
         import ditbake.plugins.attention_8bit  # noqa: F401, PLC0415 - registers ditbake::attention_8bit
@@ -142,6 +145,10 @@ class CandidateRunner:
                 out = self._fp8t(scheme, q, k, v, (start, end), grid)
                 if out is not None:
                     yield c, out
+                continue
+            if scheme.kind == "full" and candidate_kernels("full", scheme.precision, (scheme,), q, (start, end),
+                                                           alternatives=False) == ["triton_dense"]:
+                yield c, torch.ops.ditbake.attention_8bit_dense(q, k, v, None)
                 continue
             kind = 0 if scheme.kind == "full" else 1
             table = torch.tensor([[kind, scheme.left, scheme.right]] * heads, dtype=torch.int32, device=q.device)

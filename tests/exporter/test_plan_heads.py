@@ -207,6 +207,34 @@ def test_eight_bit_twins_in_the_menu_and_their_saving_counts_the_speedup():
         HeadsConfig(attention_precisions=("bf16",))
 
 
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that reports CUDA: which kernel the search would call on a GPU, decided here."""
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.parametrize("dense_runs", [True, False])
+def test_full_int8_candidates_are_measured_on_the_kernel_the_runtime_runs(monkeypatch, dense_runs):
+    """The head search scores a candidate under the numerics that run: full INT8 heads on the dense
+    kernel where the runtime picks it by default, the general 8-bit kernel otherwise."""
+    from ditbake.exporter.calibrate_heads import CandidateRunner
+    from ditbake.plugins import attention_8bit_dense
+
+    monkeypatch.setattr(attention_8bit_dense, "kernel_supports", lambda q: dense_runs)
+    calls = []
+    for name in ("attention_8bit_dense", "attention_8bit"):
+        op = getattr(torch.ops.ditbake, name)
+        plain = lambda a: a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a  # noqa: E731
+        monkeypatch.setattr(torch.ops.ditbake, name,
+                            lambda *a, _n=name, _op=op: calls.append(_n) or _op(*(plain(x) for x in a)))
+    q, k, v = (torch.randn(1, 2, 40, 32).as_subclass(_CudaLooking) for _ in range(3))
+    menu = [(0, HeadScheme("full", precision="int8")), (1, HeadScheme("arrow", 4, 4, "int8"))]
+    outs = dict(CandidateRunner(None)._eight_bit(menu, q, k, v, (0, 0), None))
+    assert calls == (["attention_8bit_dense", "attention_8bit"] if dense_runs else ["attention_8bit"] * 2)
+    assert set(outs) == {0, 1} and all(o.shape == q.shape for o in outs.values())
+
+
 def test_wan_search_plans_8bit_attention_heads_and_the_runtime_runs_them(tmp_path):
     """With 8-bit twins in the menu the search measures their error (the 8-bit op's numerics: here
     its reference) like any candidate, the plan carries per-head precision, the runtime runs it."""
