@@ -203,7 +203,9 @@ def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme
 KERNEL_CONFIGS = {
     32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),  # the 16k test bed (untuned)
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    # measured best at Wan's 1 x 12 x 32,760 x 128 (attention_8bit_h100.log): 12.7 ms vs 14.4 at N=64, s=3
+    # measured best at Wan's 1 x 12 x 32,760 x 128 (attention_8bit_h100.log, 64 keys per K scale): 12.7 ms vs
+    # 14.4 at N=64, s=3; 12.8-13.0 ms with 128 keys per K scale (attention_8bit_dense_*_h200.json, "plain").
+    # Full heads run attention_8bit_dense instead (8.3 ms).
     128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
 }
 # The V layout for the FP8 P.V dot: Hopper's FP8 wgmma wants its B operand K-major (tokens
