@@ -1,4 +1,4 @@
-"""Dense INT8 attention on the GPU: plugins/attention_8bit_dense.py (pointer or TMA loads, optional warp specialization)
+"""Dense INT8 attention on the GPU: plugins/attention_8bit_dense.py (block-pointer or TMA loads, optional warp specialization)
 against the plain 8-bit kernel (plugins/attention_8bit.py) and torch SDPA bf16 (cuDNN), at Wan2.1-1.3B's
 1 x 12 x 32,760 x 128 and Flux's 1 x 24 x 16,896 x 128; launch-config sweep, each row with its
 relative L2 error against fp32 attention (2 heads) and its difference from the plain kernel.
