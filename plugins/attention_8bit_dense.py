@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 
-from ditbake.plugins.attention_8bit import (HAS_TRITON, QUANT_BLOCK_K, QUANT_BLOCK_Q, Quantized, _check_op_inputs,
+from ditbake.plugins.attention_8bit import (HAS_TRITON, QUANT_BLOCK_K, QUANT_BLOCK_Q, Quantized, _resolve_scale,
                                             _v8_storage, attention_8bit_ref, prepare_8bit)
-from ditbake.plugins.head_attention import HeadAttentionError
+from ditbake.plugins.head_attention import HeadAttentionError, check_qkv_tensors
 
 if HAS_TRITON:
     import triton
@@ -134,16 +134,20 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < seq_len)[:, None])
 
 
+def _runs_here(t: torch.Tensor) -> bool:
+    """Triton, a CUDA tensor on sm_90+, and a head dim with a launch config."""
+    return (HAS_TRITON and t.is_cuda and t.shape[-1] in DENSE_CONFIGS
+            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
 def kernel_supports(q: torch.Tensor) -> bool:
     """Whether the dense kernel runs q's shape here: CUDA sm_90+, bf16/fp16, a head dim with a config."""
-    return (HAS_TRITON and q.is_cuda and q.dim() == 4 and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in DENSE_CONFIGS and torch.cuda.get_device_capability(q.device)[0] >= 9)
+    return q.dim() == 4 and q.dtype in (torch.bfloat16, torch.float16) and _runs_here(q)
 
 
 def dense_supported(qz: Quantized) -> bool:
     """INT8 QK, V stored [D, S_pad], a head dim with a launch config, on sm_90+."""
-    return (HAS_TRITON and qz.q8.is_cuda and qz.q8.dtype == torch.int8 and not qz.v8.is_contiguous()
-            and qz.q8.shape[-1] in DENSE_CONFIGS and torch.cuda.get_device_capability(qz.q8.device)[0] >= 9)
+    return qz.q8.dtype == torch.int8 and not qz.v8.is_contiguous() and _runs_here(qz.q8)
 
 
 def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, config: dict | None = None,
@@ -192,10 +196,10 @@ def _full_table(heads: int, device) -> torch.Tensor:
 @torch.library.triton_op("ditbake::attention_8bit_dense", mutates_args=())
 def attention_8bit_dense_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             scale: Optional[float] = None) -> torch.Tensor:
-    # This body is the CUDA kernel and, traced with fake tensors, the meta implementation.
-    if q.dim() != 4:
-        raise HeadAttentionError(f"q, k, v must be [B, H, S, D], got q of shape {tuple(q.shape)}")
-    _check_op_inputs(q, k, v, _full_table(q.shape[1], q.device), None, scale, "int8")
+    # This body is the CUDA kernel and, traced with fake tensors, the meta implementation. Every head is
+    # full, so there is no scheme table to check (nor to allocate on each call).
+    check_qkv_tensors(q, k, v)
+    _resolve_scale(scale, q.shape[-1])
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if not HAS_TRITON or q.device.type != "cuda":
         return out
