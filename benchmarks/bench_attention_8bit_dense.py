@@ -39,16 +39,15 @@ def time_ms(fn) -> float:
 def configs() -> list[dict]:
     """The default (BLOCK_M 64, BLOCK_N 128, 4 warps, block-pointer loads) and its neighbours: stages,
     TMA descriptor loads, BLOCK_N 64, two warpgroups."""
-    def c(m, n, w, s, loads="block_ptr", ws=False, maxnreg=None):
-        cfg = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, LOADS=loads, WARP_SPECIALIZE=ws)
-        return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
+    def c(m, n, w, s, loads="block_ptr", ws=False):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, LOADS=loads, WARP_SPECIALIZE=ws)
     return [c(64, 128, 4, 2), c(64, 128, 4, 3), c(64, 128, 4, 4), c(64, 128, 4, 2, "tma"), c(64, 64, 4, 3),
             c(64, 64, 4, 4), c(128, 128, 8, 2), c(128, 128, 8, 3)]
 
 
 def label(cfg: dict) -> str:
     return (f"M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
-            f" {cfg['LOADS']}{' ws' if cfg['WARP_SPECIALIZE'] else ''}{' r%d' % cfg['maxnreg'] if 'maxnreg' in cfg else ''}")
+            f" {cfg['LOADS']}{' ws' if cfg['WARP_SPECIALIZE'] else ''}")
 
 
 def bench_shape(name: str, shape: tuple, deadline: float) -> dict:
