@@ -211,7 +211,11 @@ KERNEL_CONFIGS = {
 # The V layout for the FP8 P.V dot: Hopper's FP8 wgmma wants its B operand K-major (tokens
 # contiguous), so the prepare kernel can write V as [B, H, D, S_pad]. Picked by the benchmark.
 V_TRANSPOSED = True
-STATS_CHUNK = 512     # tokens per program of the statistics kernel
+# Launch shape of the prepare kernels (statistics: tokens per program, rows per load, warps, k and v
+# in separate programs; quantization: q, k and v in separate programs, warps). Bandwidth-bound: at
+# Wan's shape they move 0.65 GB per call; defaults measured by bench_prepare_8bit.py.
+PREPARE_CONFIG = dict(stats_chunk=512, stats_rows=64, stats_warps=4, stats_split=False,
+                      quant_split=False, quant_warps=8)
 
 if HAS_TRITON:
     from ditbake.plugins._triton_util import round_half_even
@@ -220,33 +224,40 @@ if HAS_TRITON:
     def _kv_stats_kernel(K, V, PSUM, PVSUM, PVMAX, PVMIN,
                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                          num_heads, seq_len, num_chunks,
-                         HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
-        """Partial per-channel sums of k and v and max/min of v over CHUNK tokens -> [B*H, chunks, D]."""
+                         HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr):
+        """Partial per-channel sums of k and v and max/min of v over CHUNK tokens -> [B*H, chunks, D].
+        SPLIT: k and v in separate programs (grid axis 2), twice the programs in flight."""
         chunk = tl.program_id(0)
         pid_bh = tl.program_id(1)
+        part = tl.program_id(2)
         batch = (pid_bh // num_heads).to(tl.int64)
         head = (pid_bh % num_heads).to(tl.int64)
         offs_d = tl.arange(0, HEAD_DIM)
-        k_base = K + batch * stride_kb + head * stride_kh
-        v_base = V + batch * stride_vb + head * stride_vh
-        ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
-        vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
-        for r in tl.static_range(0, CHUNK, ROWS):
-            rows = chunk * CHUNK + r + tl.arange(0, ROWS)
-            ok = (rows < seq_len)[:, None]
-            kt = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-            vt = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-            ksum += tl.sum(kt, 0)
-            vsum += tl.sum(vt, 0)
-            vmax = tl.maximum(vmax, tl.max(tl.where(ok, vt, float("-inf")), 0))
-            vmin = tl.minimum(vmin, tl.min(tl.where(ok, vt, float("inf")), 0))
         out = pid_bh.to(tl.int64) * num_chunks * HEAD_DIM + chunk * HEAD_DIM + offs_d
-        tl.store(PSUM + out, ksum)
-        tl.store(PVSUM + out, vsum)
-        tl.store(PVMAX + out, vmax)
-        tl.store(PVMIN + out, vmin)
+        if (part == 0) | (not SPLIT):
+            k_base = K + batch * stride_kb + head * stride_kh
+            ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            for r in tl.static_range(0, CHUNK, ROWS):
+                rows = chunk * CHUNK + r + tl.arange(0, ROWS)
+                ok = (rows < seq_len)[:, None]
+                kt = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0)
+                ksum += tl.sum(kt.to(tl.float32), 0)
+            tl.store(PSUM + out, ksum)
+        if (part == 1) | (not SPLIT):
+            v_base = V + batch * stride_vb + head * stride_vh
+            vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+            vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
+            for r in tl.static_range(0, CHUNK, ROWS):
+                rows = chunk * CHUNK + r + tl.arange(0, ROWS)
+                ok = (rows < seq_len)[:, None]
+                vt = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+                vsum += tl.sum(vt, 0)
+                vmax = tl.maximum(vmax, tl.max(tl.where(ok, vt, float("-inf")), 0))
+                vmin = tl.minimum(vmin, tl.min(tl.where(ok, vt, float("inf")), 0))
+            tl.store(PVSUM + out, vsum)
+            tl.store(PVMAX + out, vmax)
+            tl.store(PVMIN + out, vmin)
 
     @triton.jit
     def _hadamard_signs(HEAD_DIM: tl.constexpr):
@@ -307,12 +318,13 @@ if HAS_TRITON:
                          stride_v8h, stride_v8s, stride_v8d,
                          num_heads, seq_len, seq_pad, qk_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                         IS_INT8: tl.constexpr, QMAX: tl.constexpr, ROTATE: tl.constexpr):
+                         IS_INT8: tl.constexpr, QMAX: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr):
         """One BLOCK_Q-token block of one (batch, head): rotated q, rotated smoothed k and v to 8
         bits, zeros past the sequence. Q8/K8 are [B*H, seq_pad, D]; V8 has strides (head, token,
-        channel)."""
+        channel). SPLIT: q, k and v in separate programs (grid axis 2)."""
         blk = tl.program_id(0)
         pid_bh = tl.program_id(1)
+        part = tl.program_id(2)
         batch = (pid_bh // num_heads).to(tl.int64)
         head = (pid_bh % num_heads).to(tl.int64)
         bh = pid_bh.to(tl.int64)
@@ -321,38 +333,41 @@ if HAS_TRITON:
         rows = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)
         ok = (rows < seq_len)[:, None]
 
-        q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
-                    mask=ok, other=0.0)
-        if ROTATE:
-            q = _rotate(q, _hadamard_signs(HEAD_DIM))
-        else:
-            q = q.to(tl.float32)
-        q8, q_amax_scaled = _quantize_tile(q, QMAX, IS_INT8)
-        tl.store(Q8 + bh * seq_pad * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], q8)
-        tl.store(QS + bh * (seq_pad // BLOCK_Q) + blk, q_amax_scaled * qk_scale)
-
-        k_mean = tl.load(KMEAN + bh * HEAD_DIM + offs_d)
-        for sub in tl.static_range(0, BLOCK_Q, BLOCK_K):
-            krows = blk * BLOCK_Q + sub + tl.arange(0, BLOCK_K)
-            kok = (krows < seq_len)[:, None]
-            kt = tl.load(K + batch * stride_kb + head * stride_kh + krows[:, None] * stride_ks + offs_d[None, :],
-                         mask=kok, other=0.0)
+        if (part == 0) | (not SPLIT):
+            q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+                        mask=ok, other=0.0)
             if ROTATE:
-                kt = _rotate(kt, _hadamard_signs(HEAD_DIM))
+                q = _rotate(q, _hadamard_signs(HEAD_DIM))
             else:
-                kt = kt.to(tl.float32)
-            kt = tl.where(kok, kt - k_mean[None, :], 0.0)
-            k8, k_scale = _quantize_tile(kt, QMAX, IS_INT8)
-            tl.store(K8 + bh * seq_pad * HEAD_DIM + krows[:, None] * HEAD_DIM + offs_d[None, :], k8)
-            tl.store(KS + bh * (seq_pad // BLOCK_K) + (blk * BLOCK_Q + sub) // BLOCK_K, k_scale)
+                q = q.to(tl.float32)
+            q8, q_amax_scaled = _quantize_tile(q, QMAX, IS_INT8)
+            tl.store(Q8 + bh * seq_pad * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], q8)
+            tl.store(QS + bh * (seq_pad // BLOCK_Q) + blk, q_amax_scaled * qk_scale)
 
-        v = tl.load(V + batch * stride_vb + head * stride_vh + rows[:, None] * stride_vs + offs_d[None, :],
-                    mask=ok, other=0.0).to(tl.float32)
-        v_amax = tl.load(VAMAX + bh * HEAD_DIM + offs_d)
-        v_inv = tl.math.div_rn(tl.full([HEAD_DIM], 448.0, tl.float32), v_amax)
-        v = tl.where(ok, v - tl.load(VMEAN + bh * HEAD_DIM + offs_d)[None, :], 0.0)
-        v8 = tl.minimum(tl.maximum(v * v_inv[None, :], -448.0), 448.0).to(tl.float8e4nv)
-        tl.store(V8 + bh * stride_v8h + rows[:, None] * stride_v8s + offs_d[None, :] * stride_v8d, v8)
+        if (part == 1) | (not SPLIT):
+            k_mean = tl.load(KMEAN + bh * HEAD_DIM + offs_d)
+            for sub in tl.static_range(0, BLOCK_Q, BLOCK_K):
+                krows = blk * BLOCK_Q + sub + tl.arange(0, BLOCK_K)
+                kok = (krows < seq_len)[:, None]
+                kt = tl.load(K + batch * stride_kb + head * stride_kh + krows[:, None] * stride_ks + offs_d[None, :],
+                             mask=kok, other=0.0)
+                if ROTATE:
+                    kt = _rotate(kt, _hadamard_signs(HEAD_DIM))
+                else:
+                    kt = kt.to(tl.float32)
+                kt = tl.where(kok, kt - k_mean[None, :], 0.0)
+                k8, k_scale = _quantize_tile(kt, QMAX, IS_INT8)
+                tl.store(K8 + bh * seq_pad * HEAD_DIM + krows[:, None] * HEAD_DIM + offs_d[None, :], k8)
+                tl.store(KS + bh * (seq_pad // BLOCK_K) + (blk * BLOCK_Q + sub) // BLOCK_K, k_scale)
+
+        if (part == 2) | (not SPLIT):
+            v = tl.load(V + batch * stride_vb + head * stride_vh + rows[:, None] * stride_vs + offs_d[None, :],
+                        mask=ok, other=0.0).to(tl.float32)
+            v_amax = tl.load(VAMAX + bh * HEAD_DIM + offs_d)
+            v_inv = tl.math.div_rn(tl.full([HEAD_DIM], 448.0, tl.float32), v_amax)
+            v = tl.where(ok, v - tl.load(VMEAN + bh * HEAD_DIM + offs_d)[None, :], 0.0)
+            v8 = tl.minimum(tl.maximum(v * v_inv[None, :], -448.0), 448.0).to(tl.float8e4nv)
+            tl.store(V8 + bh * stride_v8h + rows[:, None] * stride_v8s + offs_d[None, :] * stride_v8d, v8)
 
     @triton.jit
     def _attend_block_8bit(acc, m_i, l_i, q, q_scale, k_base, ks_base, v_base, stride_vs, stride_vd, start_n,
@@ -519,9 +534,12 @@ def padded_len(seq_len: int) -> int:
 
 
 def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], qk_format: str,
-                 v_transposed: Optional[bool] = None, runner=None) -> Quantized:
+                 v_transposed: Optional[bool] = None, runner=None, config: Optional[dict] = None) -> Quantized:
     """Run the prepare kernels: returns padded buffers (q8, k8 [B, H, S_pad, D]; v8 [B, H, S_pad, D]
-    as a view, stored [B, H, D, S_pad] when ``v_transposed``; scales as in ``Quantized``, padded)."""
+    as a view, stored [B, H, D, S_pad] when ``v_transposed``; scales as in ``Quantized``, padded).
+    ``config`` overrides keys of PREPARE_CONFIG: the split options and the quantization's warps give the
+    same bits; the statistics' chunk, rows and warps sum the means in another fp32 order (ulps)."""
+    cfg = {**PREPARE_CONFIG, **(config or {})}
     batch, heads, seq_len, head_dim = q.shape
     v_transposed = V_TRANSPOSED if v_transposed is None else v_transposed
     scale = _resolve_scale(scale, head_dim)
@@ -529,14 +547,15 @@ def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optio
     run = runner or (lambda kernel: kernel)
     seq_pad = padded_len(seq_len)
     dev = q.device
-    num_chunks = triton.cdiv(seq_len, STATS_CHUNK)
+    num_chunks = triton.cdiv(seq_len, cfg["stats_chunk"])
     psum = torch.empty(batch * heads, num_chunks, head_dim, dtype=torch.float32, device=dev)
     pvsum, pvmax, pvmin = (torch.empty_like(psum) for _ in range(3))
     k_mean = torch.empty(batch, heads, head_dim, dtype=torch.float32, device=dev)
     v_amax, v_mean = torch.empty_like(k_mean), torch.empty_like(k_mean)
-    run(_kv_stats_kernel)[(num_chunks, batch * heads)](
+    run(_kv_stats_kernel)[(num_chunks, batch * heads, 2 if cfg["stats_split"] else 1)](
         k, v, psum, pvsum, pvmax, pvmin, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        heads, seq_len, num_chunks, HEAD_DIM=head_dim, CHUNK=STATS_CHUNK, ROWS=64, num_warps=4)
+        heads, seq_len, num_chunks, HEAD_DIM=head_dim, CHUNK=cfg["stats_chunk"], ROWS=cfg["stats_rows"],
+        SPLIT=cfg["stats_split"], num_warps=cfg["stats_warps"])
     run(_kv_finalize_kernel)[(batch * heads,)](
         psum, pvsum, pvmax, pvmin, k_mean, v_mean, v_amax, seq_len, num_chunks, HEAD_DIM=head_dim,
         CHUNKS_P2=triton.next_power_of_2(num_chunks), ROTATE=rotate, num_warps=4)
@@ -549,13 +568,14 @@ def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optio
         v8 = torch.empty(batch, heads, seq_pad, head_dim, dtype=torch.float8_e4m3fn, device=dev)
     q_scale = torch.empty(batch, heads, seq_pad // QUANT_BLOCK_Q, dtype=torch.float32, device=dev)
     k_scale = torch.empty(batch, heads, seq_pad // QUANT_BLOCK_K, dtype=torch.float32, device=dev)
-    run(_quantize_kernel)[(seq_pad // QUANT_BLOCK_Q, batch * heads)](
+    run(_quantize_kernel)[(seq_pad // QUANT_BLOCK_Q, batch * heads, 3 if cfg["quant_split"] else 1)](
         q, k, v, k_mean, v_mean, v_amax, q8, k8, _v8_storage(v8), q_scale, k_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), v8.stride(1), v8.stride(2), v8.stride(3),
         heads, seq_len, seq_pad, scale * LOG2E / (head_dim if rotate else 1),
         HEAD_DIM=head_dim, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K,
-        IS_INT8=qk_format == "int8", QMAX=_QMAX[qk_format], ROTATE=rotate, num_warps=8)
+        IS_INT8=qk_format == "int8", QMAX=_QMAX[qk_format], ROTATE=rotate, SPLIT=cfg["quant_split"],
+        num_warps=cfg["quant_warps"])
     return Quantized(q8, q_scale, k8, k_scale, v8, v_amax, v_mean, k_mean)
 
 

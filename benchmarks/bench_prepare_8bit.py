@@ -1,0 +1,109 @@
+"""The 8-bit attention's prepare kernels on the GPU (plugins/attention_8bit.py: K/V statistics, then the
+quantization of q, k, v), launch-shape sweep against the memory roofline, at Wan2.1-1.3B's
+1 x 12 x 32,760 x 128 and Flux's 1 x 24 x 16,896 x 128, with q and k contiguous and v a [B, S, H, D]
+view, as the forwards pass them.
+
+    python3 benchmarks/bench_prepare_8bit.py            # GPU, writes $OUT/prepare_8bit.json
+
+Bytes per call: the statistics read k and v (bf16), the quantization reads q, k, v and writes their
+codes (1 byte each); the roofline row is a device-to-device copy moving the same number of bytes.
+Timing: triton.testing.do_bench (CUDA events, median, L2 flushed between runs). Two stages: the
+statistics' launch shapes with the default quantization, then the quantization's with the best
+statistics.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ditbake.plugins import attention_8bit as a8
+from provenance import stamp
+
+logger = logging.getLogger("bench_prepare_8bit")
+
+SHAPES = {"wan2.1-1.3b": (1, 12, 32760, 128), "flux-2048": (1, 24, 16896, 128)}
+
+
+def time_ms(fn) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def stats_variants() -> list[dict]:
+    return [dict(stats_chunk=c, stats_rows=r, stats_warps=w, stats_split=s)
+            for c, r, w, s in itertools.product((128, 256, 512), (32, 64), (4, 8), (False, True))]
+
+
+def quant_variants() -> list[dict]:
+    return [dict(quant_split=s, quant_warps=w) for s, w in itertools.product((False, True), (4, 8))]
+
+
+def label(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def copy_ms(gbytes: float) -> float:
+    """A device-to-device copy moving ``gbytes`` GB (half read, half written): the memory roofline of the
+    same traffic."""
+    src = torch.empty(int(gbytes * 1e9) // 4, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src))
+
+
+def bench_shape(shape: tuple) -> dict:
+    batch, heads, seq, dim = shape
+    q, k = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    elems = q.numel()
+    gbytes = (2 * 2 * elems + 3 * 2 * elems + 3 * elems) / 1e9  # stats read k, v; quantize reads 3, writes 3 codes
+    row = {"shape": list(shape), "gbytes": gbytes, "copy_same_bytes_ms": copy_ms(gbytes)}
+    row["copy_tb_s"] = gbytes / row["copy_same_bytes_ms"] / 1e3
+    want = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True)
+
+    def measure(cfg: dict) -> dict:
+        got = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True, config=cfg)
+        entry = {"max_abs_k_mean_diff": float((got.k_mean - want.k_mean).abs().max()),
+                 "k8_codes_differ": float((got.k8.float() != want.k8.float()).float().mean())}
+        entry["ms"] = time_ms(lambda: a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True, config=cfg))
+        entry["tb_s"] = gbytes / entry["ms"] / 1e3
+        logger.info("%s %s", label(cfg), entry)
+        return entry
+
+    row["default"] = {"config": dict(a8.PREPARE_CONFIG), **measure({})}
+    row["stats_sweep"] = {label(c): measure(c) for c in stats_variants()}
+    best_stats = min(stats_variants(), key=lambda c: row["stats_sweep"][label(c)]["ms"])
+    row["quant_sweep"] = {label({**best_stats, **c}): measure({**best_stats, **c}) for c in quant_variants()}
+    best = min(row["quant_sweep"].items(), key=lambda kv: kv[1]["ms"])
+    row["best"] = {"config": best[0], **best[1], "x_default": row["default"]["ms"] / best[1]["ms"]}
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "prepare_8bit.json")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    results = {"what": __doc__.splitlines()[0], "device": torch.cuda.get_device_name(), "shapes": {}}
+    for name in args.shapes.split(","):
+        results["shapes"][name] = bench_shape(SHAPES[name])
+        torch.cuda.empty_cache()
+        args.out.write_text(json.dumps(stamp(results), indent=1))
+    for name, row in results["shapes"].items():
+        print(f"\n{name}: {row['gbytes']:.3f} GB per call; copy of the same bytes {row['copy_same_bytes_ms']:.3f} ms "
+              f"({row['copy_tb_s']:.2f} TB/s)")
+        print(f"{'config':90} {'ms':>7} {'TB/s':>6}")
+        for key, e in [("default", row["default"]), *row["stats_sweep"].items(), *row["quant_sweep"].items()]:
+            print(f"{key:90} {e['ms']:7.3f} {e['tb_s']:6.2f}")
+        print(f"best: {row['best']['config']} {row['best']['ms']:.3f} ms = {row['best']['x_default']:.2f}x the default")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
