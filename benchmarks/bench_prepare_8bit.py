@@ -36,12 +36,15 @@ def time_ms(fn) -> float:
 
 
 def stats_variants() -> list[dict]:
-    return [dict(stats_chunk=c, stats_rows=r, stats_warps=w, stats_split=s)
-            for c, r, w, s in itertools.product((128, 256, 512), (32, 64), (4, 8), (False, True))]
+    per_tile = [dict(stats_chunk=c, stats_rows=64, stats_warps=4, stats_split=s, stats_reduce_once=False)
+                for c, s in itertools.product((128, 512), (False, True))]
+    once = [dict(stats_chunk=c, stats_rows=r, stats_warps=w, stats_split=s, stats_reduce_once=True)
+            for c, r, w, s in itertools.product((256, 512, 1024), (16, 32), (2, 4), (False, True))]
+    return per_tile + once
 
 
 def quant_variants() -> list[dict]:
-    return [dict(quant_split=s, quant_warps=w) for s, w in itertools.product((False, True), (4, 8))]
+    return [dict(quant_split=s, quant_warps=w) for s, w in itertools.product((False, True), (2, 4, 8))]
 
 
 def label(cfg: dict) -> str:
@@ -63,7 +66,7 @@ def bench_shape(shape: tuple) -> dict:
     elems = q.numel()
     gbytes = (2 * 2 * elems + 3 * 2 * elems + 3 * elems) / 1e9  # stats read k, v; quantize reads 3, writes 3 codes
     row = {"shape": list(shape), "gbytes": gbytes, "copy_same_bytes_ms": copy_ms(gbytes)}
-    row["copy_tb_s"] = gbytes / row["copy_same_bytes_ms"] / 1e3
+    row["copy_tb_s"] = gbytes / row["copy_same_bytes_ms"]
     want = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True)
 
     def measure(cfg: dict) -> dict:
@@ -71,16 +74,29 @@ def bench_shape(shape: tuple) -> dict:
         entry = {"max_abs_k_mean_diff": float((got.k_mean - want.k_mean).abs().max()),
                  "k8_codes_differ": float((got.k8.float() != want.k8.float()).float().mean())}
         entry["ms"] = time_ms(lambda: a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True, config=cfg))
-        entry["tb_s"] = gbytes / entry["ms"] / 1e3
+        entry["tb_s"] = gbytes / entry["ms"]  # GB per ms = TB/s
         logger.info("%s %s", label(cfg), entry)
         return entry
 
-    row["default"] = {"config": dict(a8.PREPARE_CONFIG), **measure({})}
+    def kernel_us(cfg: dict) -> dict:
+        """Per-kernel device time of one call (torch.profiler over 20 calls), microseconds."""
+        from torch.profiler import ProfilerActivity, profile
+        calls = 20
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True, config=cfg)
+            torch.cuda.synchronize()
+        return {e.key: getattr(e, "device_time_total", 0.0) / calls for e in prof.key_averages()
+                if getattr(e, "device_time_total", 0.0) > 0}
+
+    row["default"] = {"config": dict(a8.PREPARE_CONFIG), **measure({}), "kernel_us": kernel_us({})}
     row["stats_sweep"] = {label(c): measure(c) for c in stats_variants()}
     best_stats = min(stats_variants(), key=lambda c: row["stats_sweep"][label(c)]["ms"])
     row["quant_sweep"] = {label({**best_stats, **c}): measure({**best_stats, **c}) for c in quant_variants()}
     best = min(row["quant_sweep"].items(), key=lambda kv: kv[1]["ms"])
-    row["best"] = {"config": best[0], **best[1], "x_default": row["default"]["ms"] / best[1]["ms"]}
+    best_cfg = {**best_stats, **min(quant_variants(), key=lambda c: row["quant_sweep"][label({**best_stats, **c})]["ms"])}
+    row["best"] = {"config": best_cfg, **best[1], "x_default": row["default"]["ms"] / best[1]["ms"],
+                   "kernel_us": kernel_us(best_cfg)}
     return row
 
 
@@ -101,7 +117,9 @@ def main(argv=None) -> int:
         print(f"{'config':90} {'ms':>7} {'TB/s':>6}")
         for key, e in [("default", row["default"]), *row["stats_sweep"].items(), *row["quant_sweep"].items()]:
             print(f"{key:90} {e['ms']:7.3f} {e['tb_s']:6.2f}")
-        print(f"best: {row['best']['config']} {row['best']['ms']:.3f} ms = {row['best']['x_default']:.2f}x the default")
+        print(f"best: {label(row['best']['config'])} {row['best']['ms']:.3f} ms = {row['best']['x_default']:.2f}x the default")
+        for which in ("default", "best"):
+            print(f"  {which} per kernel (us): " + ", ".join(f"{k} {t:.1f}" for k, t in row[which]["kernel_us"].items()))
     return 0
 
 

@@ -214,7 +214,7 @@ V_TRANSPOSED = True
 # Launch shape of the prepare kernels (statistics: tokens per program, rows per load, warps, k and v
 # in separate programs; quantization: q, k and v in separate programs, warps). Bandwidth-bound: at
 # Wan's shape they move 0.65 GB per call; defaults measured by bench_prepare_8bit.py.
-PREPARE_CONFIG = dict(stats_chunk=512, stats_rows=64, stats_warps=4, stats_split=False,
+PREPARE_CONFIG = dict(stats_chunk=512, stats_rows=64, stats_warps=4, stats_split=False, stats_reduce_once=False,
                       quant_split=False, quant_warps=8)
 
 if HAS_TRITON:
@@ -224,9 +224,12 @@ if HAS_TRITON:
     def _kv_stats_kernel(K, V, PSUM, PVSUM, PVMAX, PVMIN,
                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                          num_heads, seq_len, num_chunks,
-                         HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+                         REDUCE_ONCE: tl.constexpr):
         """Partial per-channel sums of k and v and max/min of v over CHUNK tokens -> [B*H, chunks, D].
-        SPLIT: k and v in separate programs (grid axis 2), twice the programs in flight."""
+        SPLIT: k and v in separate programs (grid axis 2), twice the programs in flight. REDUCE_ONCE:
+        accumulate [ROWS, D] tiles element-wise and reduce across rows once at the end, instead of a
+        cross-thread reduction per tile (the reductions, not the loads, bounded the per-tile form)."""
         chunk = tl.program_id(0)
         pid_bh = tl.program_id(1)
         part = tl.program_id(2)
@@ -236,25 +239,47 @@ if HAS_TRITON:
         out = pid_bh.to(tl.int64) * num_chunks * HEAD_DIM + chunk * HEAD_DIM + offs_d
         if (part == 0) | (not SPLIT):
             k_base = K + batch * stride_kb + head * stride_kh
-            ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            if REDUCE_ONCE:
+                kacc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+            else:
+                ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
             for r in tl.static_range(0, CHUNK, ROWS):
                 rows = chunk * CHUNK + r + tl.arange(0, ROWS)
                 ok = (rows < seq_len)[:, None]
-                kt = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0)
-                ksum += tl.sum(kt.to(tl.float32), 0)
+                kt = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+                if REDUCE_ONCE:
+                    kacc += kt
+                else:
+                    ksum += tl.sum(kt, 0)
+            if REDUCE_ONCE:
+                ksum = tl.sum(kacc, 0)
             tl.store(PSUM + out, ksum)
         if (part == 1) | (not SPLIT):
             v_base = V + batch * stride_vb + head * stride_vh
-            vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-            vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
-            vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
+            if REDUCE_ONCE:
+                vacc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+                vmax_acc = tl.full([ROWS, HEAD_DIM], float("-inf"), dtype=tl.float32)
+                vmin_acc = tl.full([ROWS, HEAD_DIM], float("inf"), dtype=tl.float32)
+            else:
+                vsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+                vmax = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+                vmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
             for r in tl.static_range(0, CHUNK, ROWS):
                 rows = chunk * CHUNK + r + tl.arange(0, ROWS)
                 ok = (rows < seq_len)[:, None]
                 vt = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-                vsum += tl.sum(vt, 0)
-                vmax = tl.maximum(vmax, tl.max(tl.where(ok, vt, float("-inf")), 0))
-                vmin = tl.minimum(vmin, tl.min(tl.where(ok, vt, float("inf")), 0))
+                if REDUCE_ONCE:
+                    vacc += vt
+                    vmax_acc = tl.maximum(vmax_acc, tl.where(ok, vt, float("-inf")))
+                    vmin_acc = tl.minimum(vmin_acc, tl.where(ok, vt, float("inf")))
+                else:
+                    vsum += tl.sum(vt, 0)
+                    vmax = tl.maximum(vmax, tl.max(tl.where(ok, vt, float("-inf")), 0))
+                    vmin = tl.minimum(vmin, tl.min(tl.where(ok, vt, float("inf")), 0))
+            if REDUCE_ONCE:
+                vsum = tl.sum(vacc, 0)
+                vmax = tl.max(vmax_acc, 0)
+                vmin = tl.min(vmin_acc, 0)
             tl.store(PVSUM + out, vsum)
             tl.store(PVMAX + out, vmax)
             tl.store(PVMIN + out, vmin)
@@ -555,7 +580,7 @@ def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optio
     run(_kv_stats_kernel)[(num_chunks, batch * heads, 2 if cfg["stats_split"] else 1)](
         k, v, psum, pvsum, pvmax, pvmin, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         heads, seq_len, num_chunks, HEAD_DIM=head_dim, CHUNK=cfg["stats_chunk"], ROWS=cfg["stats_rows"],
-        SPLIT=cfg["stats_split"], num_warps=cfg["stats_warps"])
+        SPLIT=cfg["stats_split"], REDUCE_ONCE=cfg["stats_reduce_once"], num_warps=cfg["stats_warps"])
     run(_kv_finalize_kernel)[(batch * heads,)](
         psum, pvsum, pvmax, pvmin, k_mean, v_mean, v_amax, seq_len, num_chunks, HEAD_DIM=head_dim,
         CHUNKS_P2=triton.next_power_of_2(num_chunks), ROTATE=rotate, num_warps=4)

@@ -272,10 +272,11 @@ def test_prepare_kernel_in_interpreter_matches_reference(qk_format, exact_interp
 
 # Launch shapes of the prepare kernels: the first keeps the statistics' summation order (chunk, rows per
 # load, warps) and must give the same bits; the others change it (means to ulps, a rare code differs).
-PREPARE_VARIANTS = [dict(stats_split=True, quant_split=True, quant_warps=4),
-                    dict(stats_chunk=128, stats_rows=32, stats_warps=8, stats_split=True, quant_split=False),
+PREPARE_VARIANTS = [dict(stats_split=True, quant_split=True, quant_warps=2),
+                    dict(stats_chunk=128, stats_rows=32, stats_warps=8, stats_split=True, stats_reduce_once=True,
+                         quant_split=False),
                     dict(stats_chunk=1024, stats_rows=128, stats_split=False, quant_split=True)]
-SUM_ORDER_KEYS = ("stats_chunk", "stats_rows", "stats_warps")
+SUM_ORDER_KEYS = ("stats_chunk", "stats_rows", "stats_warps", "stats_reduce_once")
 
 
 def changes_sum_order(variant: dict) -> bool:
