@@ -275,7 +275,8 @@ def test_prepare_kernel_in_interpreter_matches_reference(qk_format, exact_interp
 PREPARE_VARIANTS = [dict(stats_split=True, quant_split=True, quant_warps=2),
                     dict(stats_chunk=128, stats_rows=32, stats_warps=8, stats_split=True, stats_reduce_once=True,
                          quant_split=False),
-                    dict(stats_chunk=1024, stats_rows=128, stats_split=False, quant_split=True)]
+                    dict(stats_chunk=1024, stats_rows=64, stats_warps=4, stats_split=False, stats_reduce_once=False,
+                         quant_split=False, quant_warps=8)]
 SUM_ORDER_KEYS = ("stats_chunk", "stats_rows", "stats_warps", "stats_reduce_once")
 
 
