@@ -63,6 +63,8 @@ AMAX_ROWS, AMAX_COLS, AMAX_WARPS = 16, 512, 8  # amax_quant's tile: 16 KB of bf1
 # reciprocal took 230 µs with 93 codes differing (gemm_8bit_cutlass_h200.json) and broke exact .5 ties
 # (6e-4 of codes when amax is one of h's own bf16 values).
 AMAX_RECIPROCAL = True
+# The same reciprocal + Newton step in norm_quant's INT8 store (bench_norm_quant.py measures both).
+NORM_RECIPROCAL = True
 MAX_GELU_ROW = 16384  # Wan's 8,960-wide FFN rows pad to 16,384: 32 fp32 per thread at 16 warps
 
 
@@ -118,7 +120,7 @@ def norm_quant(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: float
     # (first version reloaded them per row: 16 KB of L2 traffic per 6 KB of x, 215 µs at Wan's size)
     wrap_triton(_norm_quant_kernel)[(triton.cdiv(s, block_m), b)](
         x2, mul.contiguous(), add.contiguous(), q, scale, s, d, eps,
-        PER_SAMPLE=mul.shape[0] > 1, MODE=_MODE[fmt], DP=dp, BLOCK_M=block_m,
+        PER_SAMPLE=mul.shape[0] > 1, MODE=_MODE[fmt], DP=dp, BLOCK_M=block_m, RECIPROCAL=NORM_RECIPROCAL,
         num_warps=NORM_WARPS or (4 if dp <= 2048 else 8))
     return q, scale
 
@@ -197,9 +199,21 @@ if HAS_TRITON:
         return (0.5 * x * (1.0 + t)).to(OUT_DTYPE).to(tl.float32)  # the composition's cast
 
     @triton.jit
+    def _store_int8_reciprocal(v, scale, ptrs, mask):
+        """INT8 codes of v / scale[:, None] by a multiply with the reciprocal and one Newton step on the
+        exact remainder (FMA): the quotient rounded as IEEE division does in the normal range, so exact
+        .5 ties (common when amax is one of the row's own bf16 values) round to even like the
+        specification instead of falling either side."""
+        inv = tl.div_rn(1.0, scale)[:, None]
+        y = v * inv
+        y = tl.fma(tl.fma(-y, scale[:, None], v), inv, y)
+        qv = tl.minimum(tl.maximum(round_half_even(y), -127.0), 127.0)
+        tl.store(ptrs, qv.to(tl.int8), mask=mask)
+
+    @triton.jit
     def _norm_quant_kernel(x_ptr, mul_ptr, add_ptr, q_ptr, scale_ptr, S, D, eps,
                            PER_SAMPLE: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr,
-                           BLOCK_M: tl.constexpr):
+                           BLOCK_M: tl.constexpr, RECIPROCAL: tl.constexpr):
         """BLOCK_M whole rows of one sample in registers: statistics, normalize, modulate, round,
         quantize."""
         sample = tl.program_id(1)
@@ -221,7 +235,10 @@ if HAS_TRITON:
         y = tl.where(mask, y, 0.0)
         scale = _row_scale(tl.max(tl.abs(y), axis=1), MODE)
         tl.store(scale_ptr + rows64, scale, mask=row_mask)
-        _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, D, MODE, DP, BLOCK_M)
+        if RECIPROCAL and MODE == 0:
+            _store_int8_reciprocal(y, scale, q_ptr + rows64[:, None] * D + cols[None, :], mask)
+        else:
+            _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, D, MODE, DP, BLOCK_M)
 
     @triton.jit
     def _gelu_chunk(h_ptr, rows64, row_mask, k0, K, CHUNK: tl.constexpr):
@@ -272,14 +289,6 @@ if HAS_TRITON:
         mask = row_mask[:, None] & (cols[None, :] < K)
         v = tl.load(h_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if RECIPROCAL and MODE == 0:
-            inv = tl.div_rn(1.0, scale)[:, None]
-            y = v * inv
-            # one Newton step on the exact remainder (FMA): the quotient rounded as IEEE division does
-            # in the normal range, so exact .5 ties (common when amax is one of h's own bf16 values)
-            # round to even like the specification instead of falling either side
-            y = tl.fma(tl.fma(-y, scale[:, None], v), inv, y)
-            qv = round_half_even(y)
-            qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
-            tl.store(q_ptr + rows64[:, None] * K + cols[None, :], qv.to(tl.int8), mask=mask)
+            _store_int8_reciprocal(v, scale, q_ptr + rows64[:, None] * K + cols[None, :], mask)
         else:
             _quantize_store(v, scale, q_ptr, q_ptr, rows64, row_mask, k0, K, MODE, BLOCK_K, BLOCK_M)

@@ -137,3 +137,25 @@ def test_gpu_kernels_match_reference(fmt, width):
             assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-5
         else:  # no reduction, no reordering: the same codes
             assert torch.equal(q.float(), q_expected.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_norm_quant_reciprocal_store_matches_division():
+    """norm_quant's INT8 store by reciprocal + Newton step against IEEE division, on the same y: the same
+    scales, codes off by one at a .5 boundary at most and rarely (Wan's width, fresh inputs)."""
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    x = (torch.randn(1, 4000, 1536, device="cuda", generator=g) * 3 + 0.5).to(torch.bfloat16)
+    mul = 1 + 0.2 * torch.randn(1, 1536, device="cuda", generator=g)
+    add = 0.2 * torch.randn(1, 1536, device="cuda", generator=g)
+    got = {}
+    saved = producer_quant.NORM_RECIPROCAL
+    try:
+        for reciprocal in (False, True):
+            producer_quant.NORM_RECIPROCAL = reciprocal
+            got[reciprocal] = norm_quant(x, mul, add, 1e-6, "int8")
+    finally:
+        producer_quant.NORM_RECIPROCAL = saved
+    assert torch.equal(got[True][1], got[False][1])
+    step = (got[True][0].float() - got[False][0].float()).abs()
+    assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-5

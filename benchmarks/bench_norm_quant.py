@@ -1,0 +1,94 @@
+"""Modulated layer norm + per-token INT8 quantization at Wan2.1-1.3B's size (32,760 tokens x 1,536): the
+producer kernel ``ditbake::norm_quant`` (plugins/producer_quant.py; launch sweep, IEEE division vs the
+reciprocal + Newton step) against Inductor's fusion of the same torch ops (what aoti engines run when
+runtime.nn.NORM_PRODUCER_KERNEL is off), and a copy moving the same bytes (the roofline).
+
+    python3 benchmarks/bench_norm_quant.py            # GPU, writes $OUT/norm_quant.json
+
+Bytes: x read (bf16), codes written (1 byte) and one fp32 scale per token. Timing: triton.testing.do_bench
+(CUDA events, median, L2 flushed). Codes are compared with the specification (norm_quant_ref).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ditbake.plugins import producer_quant as pq
+from ditbake.plugins.int8 import quantize_rows
+from provenance import stamp
+
+logger = logging.getLogger("bench_norm_quant")
+TOKENS, WIDTH, EPS = 32760, 1536, 1e-6
+
+
+def time_ms(fn) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def copy_ms(gbytes: float) -> float:
+    """A device-to-device copy moving ``gbytes`` GB (half read, half written)."""
+    src = torch.empty(int(gbytes * 1e9) // 4, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "norm_quant.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    x = (torch.randn(1, TOKENS, WIDTH, device="cuda") * 3 + 0.5).to(torch.bfloat16)
+    mul = 1 + 0.2 * torch.randn(1, WIDTH, device="cuda")
+    add = 0.2 * torch.randn(1, WIDTH, device="cuda")
+    gbytes = (x.numel() * 3 + TOKENS * 4) / 1e9
+    want_q, want_s = pq.norm_quant_ref(x, mul, add, EPS, "int8")
+
+    def composition(x):
+        y = (F.layer_norm(x.float(), (WIDTH,), None, None, EPS) * mul[:, None] + add[:, None]).to(x.dtype)
+        q, s = quantize_rows(y.reshape(-1, WIDTH), "int8")
+        return q, s.reshape(-1)
+
+    def row(fn) -> dict:
+        q, s = fn()
+        entry = {"ms": time_ms(fn), "codes_differ": float((q.float() != want_q.float()).float().mean()),
+                 "max_code_step": float((q.float() - want_q.float()).abs().max()),
+                 "scale_max_rel": float(((s - want_s).abs() / want_s).max())}
+        entry["tb_s"] = gbytes / entry["ms"]
+        return entry
+
+    results = {"what": __doc__.splitlines()[0], "device": torch.cuda.get_device_name(), "gbytes": gbytes,
+               "copy_same_bytes_ms": copy_ms(gbytes), "rows": {}}
+    compiled = torch.compile(composition, dynamic=False)
+    results["rows"]["inductor (torch ops compiled)"] = row(lambda: compiled(x))
+    saved = (pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL)
+    try:
+        for rows, warps, reciprocal in itertools.product((1, 2, 4), (1, 2, 4, 8), (False, True)):
+            pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL = rows, warps, reciprocal
+            name = f"norm_quant rows={rows} warps={warps} reciprocal={reciprocal}"
+            results["rows"][name] = row(lambda: pq.norm_quant(x, mul, add, EPS, "int8"))
+            logger.info("%s %s", name, results["rows"][name])
+    finally:
+        pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL = saved
+    kernels = {k: v for k, v in results["rows"].items() if k.startswith("norm_quant")}
+    best = min(kernels, key=lambda k: kernels[k]["ms"])
+    results["best_kernel"] = best
+    results["best_x_inductor"] = results["rows"]["inductor (torch ops compiled)"]["ms"] / kernels[best]["ms"]
+    args.out.write_text(json.dumps(stamp(results), indent=1))
+    print(f"{gbytes:.3f} GB per call; copy of the same bytes {results['copy_same_bytes_ms'] * 1e3:.0f} us")
+    print(f"{'':52} {'us':>6} {'TB/s':>5} {'codes differ':>12} {'max step':>8}")
+    for name, e in results["rows"].items():
+        print(f"{name:52} {e['ms'] * 1e3:6.0f} {e['tb_s']:5.2f} {e['codes_differ']:12.2e} {e['max_code_step']:8.0f}")
+    print(f"best: {best}, {results['best_x_inductor']:.2f}x Inductor's fusion")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
