@@ -1,7 +1,7 @@
-"""Modulated layer norm + per-token INT8 quantization at Wan2.1-1.3B's size (32,760 tokens x 1,536): the
-producer kernel ``ditbake::norm_quant`` (plugins/producer_quant.py; launch sweep, IEEE division vs the
-reciprocal + Newton step) against Inductor's fusion of the same torch ops (what aoti engines run when
-runtime.nn.NORM_PRODUCER_KERNEL is off), and a copy moving the same bytes (the roofline).
+"""Per-token INT8 quantization kernels at Wan2.1-1.3B's size (32,760 tokens x 1,536): the producer kernels
+``ditbake::norm_quant`` (modulated layer norm + quantization) and ``ditbake::row_quant`` (quantization
+alone, for attention outputs) of plugins/producer_quant.py, launch sweeps, against Inductor's fusion of
+the same torch ops (what aoti engines ran before), and a copy moving the same bytes (the roofline).
 
     python3 benchmarks/bench_norm_quant.py            # GPU, writes $OUT/norm_quant.json
 
@@ -26,6 +26,8 @@ from provenance import stamp
 
 logger = logging.getLogger("bench_norm_quant")
 TOKENS, WIDTH, EPS = 32760, 1536, 1e-6
+# IEEE division was measured too (norm_quant_division_h200.json: 170-673 us vs 97-270 with the reciprocal)
+RECIPROCAL = (True,)
 
 
 def time_ms(fn) -> float:
@@ -68,25 +70,36 @@ def main(argv=None) -> int:
                "copy_same_bytes_ms": copy_ms(gbytes), "rows": {}}
     compiled = torch.compile(composition, dynamic=False)
     results["rows"]["inductor (torch ops compiled)"] = row(lambda: compiled(x))
-    saved = (pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL)
+    saved = (pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL, pq.ROW_ROWS, pq.ROW_WARPS)
     try:
-        for rows, warps, reciprocal in itertools.product((1, 2, 4), (1, 2, 4, 8), (False, True)):
+        for rows, warps, reciprocal in itertools.product((1, 2, 4), (1, 2, 4, 8), RECIPROCAL):
             pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL = rows, warps, reciprocal
             name = f"norm_quant rows={rows} warps={warps} reciprocal={reciprocal}"
             results["rows"][name] = row(lambda: pq.norm_quant(x, mul, add, EPS, "int8"))
             logger.info("%s %s", name, results["rows"][name])
+        # row_quant on the norm's output (the same codes: its input is y already rounded to bf16)
+        y = (F.layer_norm(x.float(), (WIDTH,), None, None, EPS) * mul[:, None] + add[:, None]).to(x.dtype).reshape(-1, WIDTH)
+        compiled_rows = torch.compile(lambda y: quantize_rows(y, "int8"), dynamic=False)
+        results["rows"]["inductor quantize_rows (no norm)"] = row(lambda: compiled_rows(y))
+        for rows, warps in itertools.product((1, 2, 4), (1, 2, 4)):
+            pq.ROW_ROWS, pq.ROW_WARPS = rows, warps
+            name = f"row_quant rows={rows} warps={warps}"
+            results["rows"][name] = row(lambda: pq.row_quant(y, "int8"))
+            logger.info("%s %s", name, results["rows"][name])
     finally:
-        pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL = saved
-    kernels = {k: v for k, v in results["rows"].items() if k.startswith("norm_quant")}
-    best = min(kernels, key=lambda k: kernels[k]["ms"])
-    results["best_kernel"] = best
-    results["best_x_inductor"] = results["rows"]["inductor (torch ops compiled)"]["ms"] / kernels[best]["ms"]
+        pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL, pq.ROW_ROWS, pq.ROW_WARPS = saved
+    for op, inductor in (("norm_quant", "inductor (torch ops compiled)"), ("row_quant", "inductor quantize_rows (no norm)")):
+        kernels = {k: v for k, v in results["rows"].items() if k.startswith(op)}
+        best = min(kernels, key=lambda k: kernels[k]["ms"])
+        results[f"best_{op}"] = best
+        results[f"best_{op}_x_inductor"] = results["rows"][inductor]["ms"] / kernels[best]["ms"]
     args.out.write_text(json.dumps(stamp(results), indent=1))
     print(f"{gbytes:.3f} GB per call; copy of the same bytes {results['copy_same_bytes_ms'] * 1e3:.0f} us")
     print(f"{'':52} {'us':>6} {'TB/s':>5} {'codes differ':>12} {'max step':>8}")
     for name, e in results["rows"].items():
         print(f"{name:52} {e['ms'] * 1e3:6.0f} {e['tb_s']:5.2f} {e['codes_differ']:12.2e} {e['max_code_step']:8.0f}")
-    print(f"best: {best}, {results['best_x_inductor']:.2f}x Inductor's fusion")
+    for op in ("norm_quant", "row_quant"):
+        print(f"best: {results[f'best_{op}']}, {results[f'best_{op}_x_inductor']:.2f}x Inductor's fusion")
     return 0
 
 

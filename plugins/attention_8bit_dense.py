@@ -176,7 +176,13 @@ def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, 
         v8t = TensorDescriptor.from_tensor(v8t.view(batch * heads * head_dim, seq_pad), [head_dim, block_n])
     kernel = runner(_attention_8bit_dense_kernel) if runner is not None else _attention_8bit_dense_kernel
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
-    compiled = kernel[grid](q8, k8, v8t, qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out,
+    # the storage tensor, not a transposed view (user kernels in compiled graphs take contiguous buffers;
+    # the strides say where each head's rows go)
+    out_storage = out if out.is_contiguous() else out.transpose(1, 2)
+    if not out_storage.is_contiguous():
+        raise HeadAttentionError("out must be contiguous [B, H, S, D] or the [B, H, S, D] view of a contiguous "
+                                 "[B, S, H, D]")
+    compiled = kernel[grid](q8, k8, v8t, qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out_storage,
                  out.stride(0), out.stride(1), out.stride(2),
                  batch * heads, heads, seq_len, seq_pad,
                  HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K, LOADS=LOADS[loads], **cfg)
@@ -200,7 +206,10 @@ def attention_8bit_dense_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # full, so there is no scheme table to check (nor to allocate on each call).
     check_qkv_tensors(q, k, v)
     _resolve_scale(scale, q.shape[-1])
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # [B, S, H, D] memory, returned as the [B, H, S, D] view: the consumer (the output projection) reads
+    # tokens as rows, so its flatten of the heads is a view rather than a transposing copy
+    batch, heads, seq, dim = q.shape
+    out = torch.empty(batch, seq, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     if not HAS_TRITON or q.device.type != "cuda":
         return out
     if not kernel_supports(q):

@@ -18,6 +18,9 @@ Ops (``fmt`` is ``int8`` or ``fp8``; outputs are 2-D, one row per token):
 * ``ditbake::gelu_quant(h, fmt) -> (q [M, K], scale fp32 [M])`` with
   ``y = gelu(h, approximate="tanh")`` in h's dtype.
 
+* ``ditbake::row_quant(h, fmt) -> (q [M, K], scale fp32 [M])``: ``y = h`` with the amax taken here
+  (inputs no producer of ours writes: Inductor's fusion of the same torch ops ran at half this speed).
+
 * ``ditbake::amax_quant(h, amax, fmt) -> (q [M, K], scale fp32 [M])``: ``y = h`` with each row's
   max |y| already measured by its producer (the CUTLASS GELU GEMM's epilogue,
   plugins/gemm_w8a8_cutlass.py): a streaming pass with no reduction, 2-D tiles, INT8 codes by a
@@ -49,7 +52,7 @@ _GELU_CHUNK = 512
 # the H200 at Wan's sizes (linear_8bit_profile_h200.json, eager sweep incl. launch overhead): norm
 # 1 row x 2 warps fastest (0.306 ms vs 0.389 for 2 x 4); GELU two passes 0.594 ms vs 1.14 for the
 # best one-pass (whole 16,384-padded rows in registers: one program per SM, latency-bound).
-NORM_ROWS = 1
+NORM_ROWS = 2  # with the reciprocal store: 2 rows x 2 warps 97 µs, 1 x 1 109 µs (norm_quant_division_h200.json)
 NORM_WARPS = 2
 GELU_ROW_WARPS = None
 GELU_TWO_PASS = True
@@ -65,6 +68,7 @@ AMAX_ROWS, AMAX_COLS, AMAX_WARPS = 16, 512, 8  # amax_quant's tile: 16 KB of bf1
 AMAX_RECIPROCAL = True
 # The same reciprocal + Newton step in norm_quant's INT8 store (bench_norm_quant.py measures both).
 NORM_RECIPROCAL = True
+ROW_ROWS, ROW_WARPS = 2, 2  # row_quant: rows per program, warps (bench_norm_quant.py)
 MAX_GELU_ROW = 16384  # Wan's 8,960-wide FFN rows pad to 16,384: 32 fp32 per thread at 16 warps
 
 
@@ -161,6 +165,22 @@ def amax_quant(h: torch.Tensor, amax: torch.Tensor, fmt: str) -> tuple[torch.Ten
     return q, scale
 
 
+@triton_op("ditbake::row_quant", mutates_args=())
+def row_quant(h: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [M, K] quantized per row (``quantize_rows(h, fmt)``) in one pass, whole rows in registers: for
+    linear inputs no producer of ours writes (an attention output)."""
+    m, k = h.shape
+    kp = triton.next_power_of_2(k) if HAS_TRITON else k
+    if not use_triton(h) or kp > MAX_NORM_WIDTH:
+        q, scale = quantize_rows(h, fmt)
+        return q, scale.reshape(-1)
+    h2 = h.contiguous()
+    q, scale = _buffers(m, k, fmt, h.device)
+    wrap_triton(_row_quant_kernel)[(triton.cdiv(m, ROW_ROWS),)](
+        h2, q, scale, m, k, MODE=_MODE[fmt], KP=kp, BLOCK_M=ROW_ROWS, num_warps=ROW_WARPS)
+    return q, scale
+
+
 def quantize_with_amax(h, amax, fmt: str):
     """Validated entry point for :func:`amax_quant`."""
     check_producer_args(h, fmt)
@@ -239,6 +259,22 @@ if HAS_TRITON:
             _store_int8_reciprocal(y, scale, q_ptr + rows64[:, None] * D + cols[None, :], mask)
         else:
             _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, D, MODE, DP, BLOCK_M)
+
+    @triton.jit
+    def _row_quant_kernel(h_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr):
+        """BLOCK_M whole rows: amax, scale, codes (INT8 by the reciprocal + Newton step)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        cols = tl.arange(0, KP)
+        mask = row_mask[:, None] & (cols[None, :] < K)
+        v = tl.load(h_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = _row_scale(tl.max(tl.abs(v), axis=1), MODE)
+        tl.store(scale_ptr + rows64, scale, mask=row_mask)
+        if MODE == 0:
+            _store_int8_reciprocal(v, scale, q_ptr + rows64[:, None] * K + cols[None, :], mask)
+        else:
+            _quantize_store(v, scale, q_ptr, q_ptr, rows64, row_mask, 0, K, MODE, KP, BLOCK_M)
 
     @triton.jit
     def _gelu_chunk(h_ptr, rows64, row_mask, k0, K, CHUNK: tl.constexpr):

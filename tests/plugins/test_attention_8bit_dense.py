@@ -117,6 +117,19 @@ def test_gpu_load_variants_agree_bit_for_bit(rng_seed):
 
 @pytest.mark.gpu
 @needs_sm90
+def test_gpu_op_writes_tokens_as_rows(rng_seed):
+    """The op's output is the [B, H, S, D] view of a contiguous [B, S, H, D] (the output projection then
+    flattens heads without a copy), with the values of a contiguous launch."""
+    q, k, v = peaky_qkv(2, 3, 700, 128, device="cuda")
+    out = torch.ops.ditbake.attention_8bit_dense(q, k, v, None)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    contiguous = torch.empty_like(q)
+    dense.launch_attention_8bit_dense(a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True), 700, contiguous)
+    assert torch.equal(out, contiguous)
+
+
+@pytest.mark.gpu
+@needs_sm90
 def test_gpu_bad_tile_is_a_typed_error():
     q, k, v = peaky_qkv(1, 1, 300, 128, device="cuda")
     qz = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True)
