@@ -44,6 +44,7 @@ row has its peak memory (torch.cuda.max_memory_allocated over the timed loop).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -68,10 +69,11 @@ SMOKE = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=32, ffn_dim=128
 # ---------------------------------------------------------------- plan transplant
 
 def transplant_plan(source, adapter, visual_tokens: int, src_tokens: int, act_format: str = "int8",
-                    max_variants: int = 0):
+                    max_variants: int = 0, attn_format: str = ""):
     """The source plan's per-step skip schedule and head schemes on a model with more blocks and
     heads: block b takes source block ⌊b·B_src/B⌋, head h source head ⌊h·H_src/H⌋, arrow widths
-    keep their fraction of the visual tokens. Every computed block runs its linears in act_format.
+    keep their fraction of the visual tokens. Every computed block runs its linears in act_format,
+    and its heads in attn_format when given (else the source heads' precision).
     `max_variants` > 0 caps the distinct computed configurations (each is one compiled engine)."""
     from ditbake.exporter.planner import SKIP
     from ditbake.runtime.plan import BlockVariant, HeadScheme, Plan, collapse
@@ -86,18 +88,20 @@ def transplant_plan(source, adapter, visual_tokens: int, src_tokens: int, act_fo
         for site, n in sorted(heads.items()):
             src = v.head_map.get(site)
             if not src:
-                site_heads.append((site, tuple(HeadScheme() for _ in range(n))))
+                site_heads.append((site, tuple(HeadScheme(precision=attn_format or "bf16") for _ in range(n))))
                 continue
             schemes = []
             for h in range(n):
                 s = src[h * len(src) // n]
                 if s.kind == "arrow":
                     schemes.append(HeadScheme("arrow", round(s.left * visual_tokens / src_tokens),
-                                              round(s.right * visual_tokens / src_tokens)))
+                                              round(s.right * visual_tokens / src_tokens), s.precision))
                 elif s.kind == "full":
-                    schemes.append(HeadScheme())
+                    schemes.append(HeadScheme(precision=s.precision))
                 else:
                     raise ValueError(f"head scheme {s.kind!r} does not transplant (aoti compiles full and arrow heads)")
+            if attn_format:
+                schemes = [dataclasses.replace(s, precision=attn_format) for s in schemes]
             site_heads.append((site, tuple(schemes)))
         return BlockVariant(compute=True, precisions=precisions, heads=tuple(site_heads))
 
@@ -455,7 +459,7 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
     source = Plan.load(args.source_plan)
     uncapped = plan_ratios(transplant_plan(source, adapter, visual, args.source_visual_tokens), visual)
     plan = transplant_plan(source, adapter, visual, args.source_visual_tokens, act_format=args.act_format,
-                           max_variants=args.max_variants)
+                           max_variants=args.max_variants, attn_format=args.attn_format)
     if plan.num_steps != args.steps:
         raise ValueError(f"source plan has {plan.num_steps} steps, the race runs {args.steps}")
     ratios = {**plan_ratios(plan, visual), "before_variant_cap": uncapped}
@@ -482,7 +486,8 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
     row = {**summary(timer.step_ms(), dev), "weight_bytes": weight_bytes, "build_s": build_s,
            "skip_fraction": result.report.skip_fraction,
            "attention_flops_fraction": result.report.attention_flops_fraction, "plan": ratios,
-           "backend": args.backend, "cuda_graphs": session._graphs is not None,
+           "backend": args.backend, "attention_format": args.attn_format or "the source plan's",
+           "cuda_graphs": session._graphs is not None,
            "graph_captures": result.report.graph_captures, "graph_replays": result.report.graph_replays}
     rows[f"ditbake {args.backend}"] = row
     Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))  # survives a timeout below
@@ -616,6 +621,8 @@ def main(argv=None) -> int:
                          "combined.py --steps 50 --combos 0.4:8:0 --extrapolate linear)")
     ap.add_argument("--act-format", default="int8", choices=("int8", "fp8"),
                     help="8-bit W8A8 format of every computed block linear in the transplanted plan")
+    ap.add_argument("--attn-format", default="", choices=("", "bf16", "int8", "fp8"),
+                    help="ditbake phase: every transplanted head's attention precision (default: the source plan's)")
     ap.add_argument("--baseline-steps", type=int, default=5,
                     help="ditbake phase: also time diffusers eager over this many steps (0: not)")
     ap.add_argument("--max-variants", type=int, default=2,
