@@ -7,6 +7,8 @@ temporal error from `ditbake eval`'s harness (exporter/evaluate.py).
 
     python benchmarks/forward_fidelity.py --device cuda --embeds .carry/fid16k/embeds.safetensors \
         --prompts 3 --seeds 1234,777 --out $OUT/forward_fidelity16k_h100.json
+    python benchmarks/forward_fidelity.py --device cuda --embeds .carry/fid16k/embeds.safetensors \
+        --plan benchmarks/results/e2e_source_plan16k.json --plan-attn int8 --out $OUT/plan_fidelity.json
     python benchmarks/forward_fidelity.py --frames 2 --size 16 --steps 2 --prompts 1 --seeds 1234 \
         --only "\\(a\\) linears" --out /tmp/ff.json          # CPU smoke at a reduced shape
 
@@ -68,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="reference and contenders (module docstring)")
     p.add_argument("--only", help="regex: score only the rows whose name matches (as forward_race.py)")
+    p.add_argument("--plan", help="score this plan JSON of the bed (its steps, skips, precisions) instead of the "
+                                  "race's configurations: as stored, and with every head in each --plan-attn format")
+    p.add_argument("--plan-attn", default="int8", help="comma-separated attention precisions for --plan's extra rows")
     p.add_argument("--frames", type=int, help="override the bed's frames (reduced-shape smoke runs)")
     p.add_argument("--size", type=int, help="override the bed's height and width (reduced-shape smoke runs)")
     args = p.parse_args(argv)
@@ -92,6 +97,16 @@ def single_variant_plan(adapter, variant, steps: int):
                 variants=(variant,), steps=tuple({"cond": ids, "uncond": ids} for _ in range(steps)))
 
 
+def with_head_precision(plan, precision: str):
+    """``plan`` with every head of every computed variant in ``precision`` (schemes unchanged)."""
+    import dataclasses
+
+    def heads(v):
+        return tuple((site, tuple(dataclasses.replace(h, precision=precision) for h in schemes)) for site, schemes in v.heads)
+    return dataclasses.replace(plan, variants=tuple(dataclasses.replace(v, heads=heads(v)) if v.compute else v
+                                                    for v in plan.variants))
+
+
 def finite(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
@@ -113,7 +128,17 @@ def run(args) -> dict:
     visual = layout.visual[1] - layout.visual[0]
     variants = contenders(adapter.arch, adapter.config, args.band, visual)
     reference_variant = variants.pop(REFERENCE)
-    names = list(variants) + ([FLOOR] if args.dtype == "bfloat16" else [])
+    plans = {}  # name -> a whole plan (--plan): its own steps, skips and precisions
+    if args.plan:
+        from ditbake.runtime.plan import Plan
+
+        source = Plan.load(args.plan)
+        args.steps = source.num_steps
+        plans[f"plan {Path(args.plan).name}"] = source
+        for fmt in filter(None, args.plan_attn.split(",")):
+            plans[f"plan {Path(args.plan).name}, every head {fmt}"] = with_head_precision(source, fmt)
+        variants = {}
+    names = list(variants) + list(plans) + ([FLOOR] if args.dtype == "bfloat16" and not plans else [])
     if args.only:
         names = [n for n in names if re.search(args.only, n)]
     prompts = held_out_captions(spec, args.prompts)
@@ -144,7 +169,8 @@ def run(args) -> dict:
         count = itertools.count()
 
         def built(name: str, variant, build_dtype) -> Path:
-            return build(adapter, single_variant_plan(adapter, variant, args.steps), Path(tmp) / f"a{next(count)}",
+            plan = plans[name] if name in plans else single_variant_plan(adapter, variant, args.steps)
+            return build(adapter, plan, Path(tmp) / f"a{next(count)}",
                          profiles=[profile], samplers=[args.sampler], dtype=build_dtype, progress=False, label=name)
 
         reference = built(REFERENCE, reference_variant, dtype)
@@ -154,7 +180,7 @@ def run(args) -> dict:
                 if name == FLOOR:
                     path, ref = reference, built(FLOOR, reference_variant, torch.float32)
                 else:
-                    path, ref = built(name, variants[name], dtype), reference
+                    path, ref = built(name, variants.get(name), dtype), reference
                 r = evaluate(path, ref, prompts=prompts, seeds=args.seed_list, guidance_scale=args.guidance,
                              sampler=args.sampler, progress=False, device=device, embeddings=embeddings)
                 s = r.summary()
