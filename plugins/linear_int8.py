@@ -15,8 +15,10 @@ scale amax/127 (IEEE division), round half to even, clamp ±127, exact accumulat
 ``acc * sx * sw + bias`` in FP32; the GPU's int32 accumulation is exact, so only the FP32
 epilogue and the final cast round.
 
-As in the FP8 path, the quantization is torch ops so that Inductor fuses it into the kernel that
-produced x (layer norm + modulation, GELU): no separate pass over the activations.
+Activations reach this function only where no producer kernel of ours wrote their codes (runtime.nn:
+norms and GELU do): on the GPU they are quantized by ``producer_quant.row_quant`` (one pass, twice the
+speed of Inductor's kernel for the same torch ops, which the specification ``quantize_rows`` is and
+which the CPU path and ``ROW_QUANT_KERNEL = False`` keep).
 """
 from __future__ import annotations
 
