@@ -161,6 +161,22 @@ def test_gpu_norm_quant_reciprocal_store_matches_division():
     assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_row_quant_op_is_quantize_rows_and_exports_as_one_node(fmt):
+    """On the CPU the op is its specification; traced, one node (the engines' graphs keep it whole)."""
+    h = torch.randn(37, 96, generator=_gen()) * 4
+    q, s = row_quant(h, fmt)
+    q_expected, s_expected = quantize_rows(h, fmt)
+    assert torch.equal(s, s_expected.reshape(-1)) and torch.equal(q.float(), q_expected.float())
+
+    class M(torch.nn.Module):
+        def forward(self, h):
+            return row_quant(h, fmt)
+
+    ep = torch.export.export(M(), (h,))
+    assert sum("row_quant" in str(n.target) for n in ep.graph.nodes) == 1
+
+
 def test_row_quant_kernel_in_interpreter_is_quantize_rows(monkeypatch):
     """The one-pass row kernel under Triton's interpreter (kernel logic), rows per program not dividing M,
     a width that is no power of two, an all-zero row: scales exact, INT8 codes as the specification's
