@@ -567,6 +567,9 @@ def prepare_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optio
     as a view, stored [B, H, D, S_pad] when ``v_transposed``; scales as in ``Quantized``, padded).
     ``config`` overrides keys of PREPARE_CONFIG: the split options and the quantization's warps give the
     same bits; the statistics' chunk, rows and warps sum the means in another fp32 order (ulps)."""
+    unknown = set(config or {}) - set(PREPARE_CONFIG)
+    if unknown:
+        raise HeadAttentionError(f"unknown prepare config keys {sorted(unknown)}; expected {sorted(PREPARE_CONFIG)}")
     cfg = {**PREPARE_CONFIG, **(config or {})}
     batch, heads, seq_len, head_dim = q.shape
     v_transposed = V_TRANSPOSED if v_transposed is None else v_transposed

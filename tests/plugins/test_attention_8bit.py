@@ -300,6 +300,12 @@ def assert_prepared_agree(got, want, order_changed: bool) -> None:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * w.abs().max().item(), msg=name)
 
 
+def test_prepare_rejects_unknown_config_keys():
+    q = torch.randn(1, 1, 8, 64)
+    with pytest.raises(HeadAttentionError, match="unknown prepare config keys"):
+        a8.prepare_8bit(q, q, q, None, "int8", config={"stats_chunks": 128})
+
+
 @interpreter_only
 @pytest.mark.parametrize("variant", PREPARE_VARIANTS)
 def test_prepare_launch_shapes_in_interpreter_agree(variant, exact_interpreter):
