@@ -12,6 +12,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+class CudaLookingTensor(torch.Tensor):
+    """A CPU tensor that reports CUDA (`t.as_subclass(CudaLookingTensor)`): which kernel the runtime or
+    the head search would pick on a GPU, decided on a machine without one."""
+    @property
+    def is_cuda(self):
+        return True
+
+
 @pytest.fixture
 def rng_seed():
     """A fresh seed per test run so inputs are not always the same; printed on failure."""

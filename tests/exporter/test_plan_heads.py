@@ -15,6 +15,7 @@ from ditbake.runtime import load
 from ditbake.runtime.artifact import Profile
 from ditbake.runtime.errors import PlanError
 from ditbake.runtime.plan import HeadScheme, Plan
+from tests.conftest import CudaLookingTensor
 
 SAVING = np.array([0.0, 0.6, 0.8, 0.9, 1.0])  # full, three arrows, cached
 
@@ -207,13 +208,6 @@ def test_eight_bit_twins_in_the_menu_and_their_saving_counts_the_speedup():
         HeadsConfig(attention_precisions=("bf16",))
 
 
-class _CudaLooking(torch.Tensor):
-    """A CPU tensor that reports CUDA: which kernel the search would call on a GPU, decided here."""
-    @property
-    def is_cuda(self):
-        return True
-
-
 @pytest.mark.parametrize("dense_runs", [True, False])
 def test_full_int8_candidates_are_measured_on_the_kernel_the_runtime_runs(monkeypatch, dense_runs):
     """The head search scores a candidate under the numerics that run: full INT8 heads on the dense
@@ -228,7 +222,7 @@ def test_full_int8_candidates_are_measured_on_the_kernel_the_runtime_runs(monkey
         plain = lambda a: a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a  # noqa: E731
         monkeypatch.setattr(torch.ops.ditbake, name,
                             lambda *a, _n=name, _op=op: calls.append(_n) or _op(*(plain(x) for x in a)))
-    q, k, v = (torch.randn(1, 2, 40, 32).as_subclass(_CudaLooking) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 40, 32).as_subclass(CudaLookingTensor) for _ in range(3))
     menu = [(0, HeadScheme("full", precision="int8")), (1, HeadScheme("arrow", 4, 4, "int8"))]
     outs = dict(CandidateRunner(None)._eight_bit(menu, q, k, v, (0, 0), None))
     assert calls == (["attention_8bit_dense", "attention_8bit"] if dense_runs else ["attention_8bit"] * 2)

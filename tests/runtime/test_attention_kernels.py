@@ -8,6 +8,7 @@ from ditbake.plugins import cudnn_sdpa
 from ditbake.runtime.attention import AttentionRunner, candidate_kernels, group_signature, head_groups
 from ditbake.runtime.errors import BackendError
 from ditbake.runtime.plan import HeadScheme
+from tests.conftest import CudaLookingTensor
 
 
 def _qkv(heads=4, seq=48, dim=16, dtype=torch.float32):
@@ -93,17 +94,10 @@ def test_measuring_on_cuda_keeps_the_fastest_and_follows_it():
     torch.testing.assert_close(again, out, atol=2e-2, rtol=2e-2)  # bf16 kernels of one band
 
 
-class _CudaLooking(torch.Tensor):
-    """A CPU tensor that reports CUDA: candidate_kernels' choice for a GPU, decided on this machine."""
-    @property
-    def is_cuda(self):
-        return True
-
-
 def test_full_int8_groups_take_the_dense_kernel_where_it_runs(monkeypatch):
     from ditbake.plugins import attention_8bit_dense
 
-    q = _qkv(dim=128, dtype=torch.bfloat16)[0].as_subclass(_CudaLooking)
+    q = _qkv(dim=128, dtype=torch.bfloat16)[0].as_subclass(CudaLookingTensor)
     schemes = (HeadScheme("full", precision="int8"),)
     monkeypatch.setattr(attention_8bit_dense, "kernel_supports", lambda q: True)
     assert candidate_kernels("full", "int8", schemes, q, (0, 0)) == ["triton_dense", "triton"]
