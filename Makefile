@@ -105,25 +105,32 @@ run: setup
 	$(BIN)/ditbake run $(ARTIFACT) --output $(OUT)/clip.mp4 --out $(OUT) --seed $(SEED) \
 		$(if $(PROMPT),--prompt "$(PROMPT)",--random-embeddings)
 
-# On a GPU machine: the end-to-end race v2 (issue 19; README "End-to-end race v2"): the ditbake plan
-# calibrated on the 16k test bed at 50 steps (TDC 40 % of steps + INT8 W8A8) and scored there, then
-# transplanted to the Wan2.1-1.3B architecture (480×832×81, 50 steps, CFG) and timed as aoti; the
-# peers' fidelity on the same bed; diffusers eager / torch.compile / torch.compile + torchao FP8 / cache
-# hooks at the most aggressive bed point reaching the plan's PSNR; merged JSON + plot; Flux at 2048².
-# Separate processes so each fits a 10-minute slot; the merged table lands in $(BENCH_OUT)/e2e.json.
+# On a GPU machine: the end-to-end race v3 (issue 19; README "End-to-end race v3"): the ditbake plan
+# calibrated on the 16k test bed at 50 steps (TDC 50 % of steps + INT8 W8A8), scored there with every
+# head in BENCH_ATTN (INT8 attention), then transplanted to the Wan2.1-1.3B architecture (480×832×81,
+# 50 steps, CFG) with those heads and timed as aoti; the peers' fidelity on the same bed; diffusers
+# eager / torch.compile / torch.compile + torchao FP8 / cache hooks at the most aggressive bed point
+# reaching the plan's PSNR; merged JSON + plot; Flux at 2048². Separate processes so each fits a
+# 10-minute slot; the merged table lands in $(BENCH_OUT)/e2e.json. BENCH_COMBO=0.4:8:0 BENCH_ATTN=bf16
+# is race v2.
 BENCH_OUT ?= out/bench
 EMBEDS ?= .carry/fid16k/embeds.safetensors
-BENCH_COMBO ?= 0.4:8:0
+BENCH_COMBO ?= 0.5:8:0
+BENCH_ATTN ?= int8
+BENCH_PLAN = $(BENCH_OUT)/plans/plan_$(subst :,_,$(BENCH_COMBO)).json
 bench:
 	mkdir -p $(BENCH_OUT)
 	$(GPU_PYTHON) benchmarks/combined.py --device cuda --embeds $(EMBEDS) --steps 50 --granularity step \
 		--extrapolate linear --combos $(BENCH_COMBO) --prompts 3 --save-plans $(BENCH_OUT)/plans \
 		--out $(BENCH_OUT)/combined16k_50steps.json
-	$(GPU_PYTHON) benchmarks/e2e.py --phase ditbake --source-plan $(BENCH_OUT)/plans/plan_$(subst :,_,$(BENCH_COMBO)).json \
+	$(GPU_PYTHON) benchmarks/forward_fidelity.py --device cuda --embeds $(EMBEDS) --prompts 4 --plan $(BENCH_PLAN) \
+		--plan-attn $(BENCH_ATTN) --out $(BENCH_OUT)/plan_fidelity16k.json
+	$(GPU_PYTHON) benchmarks/e2e.py --phase ditbake --source-plan $(BENCH_PLAN) --attn-format $(BENCH_ATTN) \
 		--artifact $(BENCH_OUT)/artifact --out $(BENCH_OUT)/e2e_ditbake.json
 	$(GPU_PYTHON) benchmarks/e2e_fidelity.py --device cuda --embeds $(EMBEDS) --out $(BENCH_OUT)/e2e_fidelity16k.json
 	$(GPU_PYTHON) benchmarks/e2e.py --phase peers --fp8-fidelity $(BENCH_OUT)/e2e_fidelity16k.json \
-		--fidelity-from $(BENCH_OUT)/combined16k_50steps.json:rows/0/psnr_db --out $(BENCH_OUT)/e2e_peers.json
+		--fidelity-from "$(BENCH_OUT)/plan_fidelity16k.json:rows/plan $(notdir $(BENCH_PLAN)), every head $(BENCH_ATTN)/psnr_db" \
+		--out $(BENCH_OUT)/e2e_peers.json
 	$(GPU_PYTHON) benchmarks/e2e.py --merge $(BENCH_OUT)/e2e_ditbake.json $(BENCH_OUT)/e2e_peers.json --out $(BENCH_OUT)/e2e.json
 	$(GPU_PYTHON) benchmarks/e2e_plot.py $(BENCH_OUT)/e2e.json
 	$(GPU_PYTHON) benchmarks/e2e_flux.py --timed-steps 10 --artifact $(BENCH_OUT)/flux_artifact --out $(BENCH_OUT)/e2e_flux.json
