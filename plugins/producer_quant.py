@@ -231,6 +231,20 @@ if HAS_TRITON:
         tl.store(ptrs, qv.to(tl.int8), mask=mask)
 
     @triton.jit
+    def _store_row_codes(y, rows64, row_mask, q_ptr, scale_ptr, K, MODE: tl.constexpr, KP: tl.constexpr,
+                         BLOCK_M: tl.constexpr, RECIPROCAL: tl.constexpr):
+        """Whole rows y [BLOCK_M, KP] (columns past K zero): each row's scale from its amax, stored,
+        then its codes (INT8 by the reciprocal + Newton step when RECIPROCAL)."""
+        scale = _row_scale(tl.max(tl.abs(y), axis=1), MODE)
+        tl.store(scale_ptr + rows64, scale, mask=row_mask)
+        if RECIPROCAL and MODE == 0:
+            cols = tl.arange(0, KP)
+            _store_int8_reciprocal(y, scale, q_ptr + rows64[:, None] * K + cols[None, :],
+                                   row_mask[:, None] & (cols[None, :] < K))
+        else:
+            _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, K, MODE, KP, BLOCK_M)
+
+    @triton.jit
     def _norm_quant_kernel(x_ptr, mul_ptr, add_ptr, q_ptr, scale_ptr, S, D, eps,
                            PER_SAMPLE: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr,
                            BLOCK_M: tl.constexpr, RECIPROCAL: tl.constexpr):
@@ -253,12 +267,7 @@ if HAS_TRITON:
         add = tl.load(add_ptr + mod_row + cols, mask=col_mask, other=0.0)
         y = (normed * mul[None, :] + add[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
         y = tl.where(mask, y, 0.0)
-        scale = _row_scale(tl.max(tl.abs(y), axis=1), MODE)
-        tl.store(scale_ptr + rows64, scale, mask=row_mask)
-        if RECIPROCAL and MODE == 0:
-            _store_int8_reciprocal(y, scale, q_ptr + rows64[:, None] * D + cols[None, :], mask)
-        else:
-            _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, D, MODE, DP, BLOCK_M)
+        _store_row_codes(y, rows64, row_mask, q_ptr, scale_ptr, D, MODE, DP, BLOCK_M, RECIPROCAL)
 
     @triton.jit
     def _row_quant_kernel(h_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -269,12 +278,7 @@ if HAS_TRITON:
         cols = tl.arange(0, KP)
         mask = row_mask[:, None] & (cols[None, :] < K)
         v = tl.load(h_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        scale = _row_scale(tl.max(tl.abs(v), axis=1), MODE)
-        tl.store(scale_ptr + rows64, scale, mask=row_mask)
-        if MODE == 0:
-            _store_int8_reciprocal(v, scale, q_ptr + rows64[:, None] * K + cols[None, :], mask)
-        else:
-            _quantize_store(v, scale, q_ptr, q_ptr, rows64, row_mask, 0, K, MODE, KP, BLOCK_M)
+        _store_row_codes(v, rows64, row_mask, q_ptr, scale_ptr, K, MODE, KP, BLOCK_M, True)
 
     @triton.jit
     def _gelu_chunk(h_ptr, rows64, row_mask, k0, K, CHUNK: tl.constexpr):
@@ -290,9 +294,7 @@ if HAS_TRITON:
         row_mask = rows < M
         rows64 = rows.to(tl.int64)
         y = _gelu_chunk(h_ptr, rows64, row_mask, 0, K, KP)  # the whole (padded) row as one chunk
-        scale = _row_scale(tl.max(tl.abs(y), axis=1), MODE)
-        tl.store(scale_ptr + rows64, scale, mask=row_mask)
-        _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, K, MODE, KP, BLOCK_M)
+        _store_row_codes(y, rows64, row_mask, q_ptr, scale_ptr, K, MODE, KP, BLOCK_M, False)
 
     @triton.jit
     def _gelu_quant_kernel(h_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr, CHUNK: tl.constexpr,
