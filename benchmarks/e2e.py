@@ -44,7 +44,6 @@ row has its peak memory (torch.cuda.max_memory_allocated over the timed loop).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import re
@@ -56,6 +55,7 @@ import torch
 
 from block_race import LATENT, TEXT_LEN, WAN_1_3B as ONE_BLOCK  # benchmarks/ is the script's directory
 from e2e_fidelity import NO_CACHE, pick
+from forward_fidelity import with_head_precision
 from fp8_linears import quantize_blocks, weight_bytes
 from tdc_peers import peer_config, peer_configs
 from provenance import stamp  # benchmarks/ is the script's directory: commit + dirty flag in every JSON
@@ -69,11 +69,11 @@ SMOKE = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=32, ffn_dim=128
 # ---------------------------------------------------------------- plan transplant
 
 def transplant_plan(source, adapter, visual_tokens: int, src_tokens: int, act_format: str = "int8",
-                    max_variants: int = 0, attn_format: str = ""):
+                    max_variants: int = 0):
     """The source plan's per-step skip schedule and head schemes on a model with more blocks and
     heads: block b takes source block ⌊b·B_src/B⌋, head h source head ⌊h·H_src/H⌋, arrow widths
-    keep their fraction of the visual tokens. Every computed block runs its linears in act_format,
-    and its heads in attn_format when given (else the source heads' precision).
+    keep their fraction of the visual tokens, heads their precision. Every computed block runs its
+    linears in act_format.
     `max_variants` > 0 caps the distinct computed configurations (each is one compiled engine)."""
     from ditbake.exporter.planner import SKIP
     from ditbake.runtime.plan import BlockVariant, HeadScheme, Plan, collapse
@@ -88,7 +88,7 @@ def transplant_plan(source, adapter, visual_tokens: int, src_tokens: int, act_fo
         for site, n in sorted(heads.items()):
             src = v.head_map.get(site)
             if not src:
-                site_heads.append((site, tuple(HeadScheme(precision=attn_format or "bf16") for _ in range(n))))
+                site_heads.append((site, tuple(HeadScheme() for _ in range(n))))
                 continue
             schemes = []
             for h in range(n):
@@ -100,8 +100,6 @@ def transplant_plan(source, adapter, visual_tokens: int, src_tokens: int, act_fo
                     schemes.append(HeadScheme(precision=s.precision))
                 else:
                     raise ValueError(f"head scheme {s.kind!r} does not transplant (aoti compiles full and arrow heads)")
-            if attn_format:
-                schemes = [dataclasses.replace(s, precision=attn_format) for s in schemes]
             site_heads.append((site, tuple(schemes)))
         return BlockVariant(compute=True, precisions=precisions, heads=tuple(site_heads))
 
@@ -459,7 +457,9 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
     source = Plan.load(args.source_plan)
     uncapped = plan_ratios(transplant_plan(source, adapter, visual, args.source_visual_tokens), visual)
     plan = transplant_plan(source, adapter, visual, args.source_visual_tokens, act_format=args.act_format,
-                           max_variants=args.max_variants, attn_format=args.attn_format)
+                           max_variants=args.max_variants)
+    if args.attn_format:  # uniform, so the variant cap above (attention cost by scheme) is unaffected
+        plan = with_head_precision(plan, args.attn_format)
     if plan.num_steps != args.steps:
         raise ValueError(f"source plan has {plan.num_steps} steps, the race runs {args.steps}")
     ratios = {**plan_ratios(plan, visual), "before_variant_cap": uncapped}
