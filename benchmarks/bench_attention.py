@@ -46,6 +46,31 @@ def time_ms(fn, warmup: int, reps: int) -> float:
     return median_cuda_ms(fn, warmup, reps)
 
 
+def do_bench_ms(fn, rep: int = 100) -> float:
+    """triton.testing.do_bench's median (CUDA events, 25 ms warm-up, L2 flushed between runs)."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+
+
+def copy_ms(gbytes: float) -> float:
+    """A device-to-device copy moving ``gbytes`` GB (half read, half written): the memory roofline of a
+    kernel with the same traffic."""
+    src = torch.empty(int(gbytes * 1e9) // 4, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return do_bench_ms(lambda: dst.copy_(src))
+
+
+def kernel_us(fn, calls: int) -> dict:
+    """Device time per call of each kernel ``fn`` launches, microseconds (torch.profiler over ``calls``)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: getattr(e, "device_time_total", 0.0) / calls for e in prof.key_averages()
+            if getattr(e, "device_time_total", 0.0) > 0}
+
+
 def band_width_for_density(visual: int, density: float) -> int:
     """Smallest symmetric half-width w whose band keeps at least ``density`` of the visual pairs."""
     target = density * visual * visual

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench_attention import do_bench_ms, kernel_us  # benchmarks/ is the script's directory
 from ditbake.plugins import attention_8bit_dense as dense  # registers ditbake::attention_8bit_dense
 from ditbake.plugins.native_loading import promote_libstdcxx
 from provenance import stamp
@@ -30,21 +31,6 @@ SHAPE = (1, 12, 32760, 128)
 class Layer(torch.nn.Module):
     def forward(self, q, k, v):
         return torch.ops.ditbake.attention_8bit_dense(q, k, v, None)
-
-
-def time_ms(fn) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-
-def kernel_us(fn, calls: int = 10) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key[:80]: getattr(e, "device_time_total", 0.0) / calls for e in prof.key_averages()
-            if getattr(e, "device_time_total", 0.0) > 0}
 
 
 def main(argv=None) -> int:
@@ -69,7 +55,8 @@ def main(argv=None) -> int:
             for name, fn in (("eager", layer), ("torch.compile", compiled), ("aoti package", package)):
                 out = fn(q, k, v)
                 row = {"bitwise_equal_to_eager": bool(torch.equal(out, want)),
-                       "ms": time_ms(lambda fn=fn: fn(q, k, v)), "kernel_us": kernel_us(lambda fn=fn: fn(q, k, v))}
+                       "ms": do_bench_ms(lambda fn=fn: fn(q, k, v), rep=200),
+                       "kernel_us": {name[:80]: us for name, us in kernel_us(lambda fn=fn: fn(q, k, v), calls=10).items()}}
                 results["rows"][name] = row
                 logger.info("%s %s", name, row)
     args.out.write_text(json.dumps(stamp(results), indent=1))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_attention import do_bench_ms
 from bench_attention_8bit import peaky_inputs, rel_err
 from ditbake.plugins import attention_8bit as a8
 from ditbake.plugins import attention_8bit_dense as dense
@@ -29,11 +30,6 @@ logger = logging.getLogger("bench_attention_8bit_dense")
 
 K_BLOCKS = (a8.QUANT_BLOCK_K,)  # keys per K scale: the specification's (a sweep may add others)
 SHAPES = {"wan2.1-1.3b": (1, 12, 32760, 128), "flux-2048": (1, 24, 16896, 128)}
-
-
-def time_ms(fn) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def configs() -> list[dict]:
@@ -57,7 +53,7 @@ def bench_shape(name: str, shape: tuple, deadline: float) -> dict:
     row = {"shape": list(shape), "gflop": flops / 1e9}
     ref = F.scaled_dot_product_attention(q[:, :2].float(), k[:, :2].float(), v[:, :2].float())
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-    row["sdpa_bf16_ms"] = time_ms(sdpa)
+    row["sdpa_bf16_ms"] = do_bench_ms(sdpa)
     row["sdpa_bf16_err"] = rel_err(sdpa()[:, :2], ref)
     schemes = torch.zeros(heads, 3, dtype=torch.int32, device="cuda")
     for k_block in K_BLOCKS:
@@ -65,14 +61,14 @@ def bench_shape(name: str, shape: tuple, deadline: float) -> dict:
         a8.QUANT_BLOCK_K = dense.QUANT_BLOCK_K = k_block
         part = row.setdefault(f"k_block_{k_block}", {})
         qz = a8.prepare_8bit(q, k, v, None, "int8")
-        part["prepare_ms"] = time_ms(lambda: a8.prepare_8bit(q, k, v, None, "int8"))
+        part["prepare_ms"] = do_bench_ms(lambda: a8.prepare_8bit(q, k, v, None, "int8"))
         plain = torch.empty_like(q)
         run_plain = lambda: a8.launch_attention_8bit(qz, schemes, seq, 0, 0, None, plain)  # noqa: E731
-        part["plain_int8_ms"] = time_ms(run_plain)
+        part["plain_int8_ms"] = do_bench_ms(run_plain)
         run_plain()
         part["plain_int8_err"] = rel_err(plain[:, :2], ref)
         op_out = torch.ops.ditbake.attention_8bit_dense(q, k, v)
-        part["op_ms"] = time_ms(lambda: torch.ops.ditbake.attention_8bit_dense(q, k, v))
+        part["op_ms"] = do_bench_ms(lambda: torch.ops.ditbake.attention_8bit_dense(q, k, v))
         part["op_err"] = rel_err(op_out[:, :2], ref)
         part["op_x_sdpa"] = row["sdpa_bf16_ms"] / part["op_ms"]
         part["configs"] = {}
@@ -90,7 +86,7 @@ def bench_shape(name: str, shape: tuple, deadline: float) -> dict:
                 torch.cuda.synchronize()
                 entry["err"] = rel_err(out[:, :2], ref)
                 entry["vs_plain"] = rel_err(out, plain.float())
-                entry["ms"] = time_ms(run)
+                entry["ms"] = do_bench_ms(run)
                 entry["tflops"] = flops / entry["ms"] / 1e9
                 entry["x_sdpa"] = row["sdpa_bf16_ms"] / (entry["ms"] + part["prepare_ms"])
             except Exception as err:  # record which features do not lower here

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_attention import copy_ms, do_bench_ms  # benchmarks/ is the script's directory
 from ditbake.plugins import producer_quant as pq
 from ditbake.plugins.int8 import quantize_rows
 from provenance import stamp
@@ -28,18 +29,6 @@ logger = logging.getLogger("bench_norm_quant")
 TOKENS, WIDTH, EPS = 32760, 1536, 1e-6
 # IEEE division was measured too (norm_quant_division_h200.json: 170-673 us vs 97-270 with the reciprocal)
 RECIPROCAL = (True,)
-
-
-def time_ms(fn) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def copy_ms(gbytes: float) -> float:
-    """A device-to-device copy moving ``gbytes`` GB (half read, half written)."""
-    src = torch.empty(int(gbytes * 1e9) // 4, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return time_ms(lambda: dst.copy_(src))
 
 
 def main(argv=None) -> int:
@@ -60,7 +49,7 @@ def main(argv=None) -> int:
 
     def row(fn) -> dict:
         q, s = fn()
-        entry = {"ms": time_ms(fn), "codes_differ": float((q.float() != want_q.float()).float().mean()),
+        entry = {"ms": do_bench_ms(fn), "codes_differ": float((q.float() != want_q.float()).float().mean()),
                  "max_code_step": float((q.float() - want_q.float()).abs().max()),
                  "scale_max_rel": float(((s - want_s).abs() / want_s).max())}
         entry["tb_s"] = gbytes / entry["ms"]

@@ -21,17 +21,13 @@ from pathlib import Path
 
 import torch
 
+from bench_attention import copy_ms, do_bench_ms, kernel_us  # benchmarks/ is the script's directory
 from ditbake.plugins import attention_8bit as a8
 from provenance import stamp
 
 logger = logging.getLogger("bench_prepare_8bit")
 
 SHAPES = {"wan2.1-1.3b": (1, 12, 32760, 128), "flux-2048": (1, 24, 16896, 128)}
-
-
-def time_ms(fn) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def stats_variants() -> list[dict]:
@@ -51,14 +47,6 @@ def label(cfg: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.items())
 
 
-def copy_ms(gbytes: float) -> float:
-    """A device-to-device copy moving ``gbytes`` GB (half read, half written): the memory roofline of the
-    same traffic."""
-    src = torch.empty(int(gbytes * 1e9) // 4, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return time_ms(lambda: dst.copy_(src))
-
-
 def bench_shape(shape: tuple) -> dict:
     batch, heads, seq, dim = shape
     q, k = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -73,30 +61,22 @@ def bench_shape(shape: tuple) -> dict:
         got = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True, config=cfg)
         entry = {"max_abs_k_mean_diff": float((got.k_mean - want.k_mean).abs().max()),
                  "k8_codes_differ": float((got.k8.float() != want.k8.float()).float().mean())}
-        entry["ms"] = time_ms(lambda: a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True, config=cfg))
+        entry["ms"] = do_bench_ms(lambda: a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True, config=cfg))
         entry["tb_s"] = gbytes / entry["ms"]  # GB per ms = TB/s
         logger.info("%s %s", label(cfg), entry)
         return entry
 
-    def kernel_us(cfg: dict) -> dict:
-        """Per-kernel device time of one call (torch.profiler over 20 calls), microseconds."""
-        from torch.profiler import ProfilerActivity, profile
-        calls = 20
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True, config=cfg)
-            torch.cuda.synchronize()
-        return {e.key: getattr(e, "device_time_total", 0.0) / calls for e in prof.key_averages()
-                if getattr(e, "device_time_total", 0.0) > 0}
+    def per_kernel_us(cfg: dict) -> dict:
+        return kernel_us(lambda: a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True, config=cfg), calls=20)
 
-    row["default"] = {"config": dict(a8.PREPARE_CONFIG), **measure({}), "kernel_us": kernel_us({})}
+    row["default"] = {"config": dict(a8.PREPARE_CONFIG), **measure({}), "kernel_us": per_kernel_us({})}
     row["stats_sweep"] = {label(c): measure(c) for c in stats_variants()}
     best_stats = min(stats_variants(), key=lambda c: row["stats_sweep"][label(c)]["ms"])
     row["quant_sweep"] = {label({**best_stats, **c}): measure({**best_stats, **c}) for c in quant_variants()}
     best = min(row["quant_sweep"].items(), key=lambda kv: kv[1]["ms"])
     best_cfg = {**best_stats, **min(quant_variants(), key=lambda c: row["quant_sweep"][label({**best_stats, **c})]["ms"])}
     row["best"] = {"config": best_cfg, **best[1], "x_default": row["default"]["ms"] / best[1]["ms"],
-                   "kernel_us": kernel_us(best_cfg)}
+                   "kernel_us": per_kernel_us(best_cfg)}
     return row
 
 
