@@ -17,6 +17,12 @@ def _gen():
     return torch.Generator().manual_seed(torch.seed() % 2**31)
 
 
+def assert_reciprocal_codes(got: torch.Tensor, want: torch.Tensor) -> None:
+    """INT8 codes by reciprocal + Newton step vs IEEE division's: off by one at a .5 boundary at most, rarely."""
+    step = (got.float() - want.float()).abs()
+    assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-5
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_norm_reference_is_the_runtime_composition(fmt):
     g = _gen()
@@ -133,8 +139,7 @@ def test_gpu_kernels_match_reference(fmt, width):
             producer_quant.AMAX_RECIPROCAL = saved
         assert torch.equal(s, s_expected.reshape(-1))  # IEEE division in both
         if reciprocal and fmt == "int8":  # x * (1 / scale): a code off by one at a .5 boundary, rarely
-            step = (q.float() - q_expected.float()).abs()
-            assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-5
+            assert_reciprocal_codes(q, q_expected)
         else:  # no reduction, no reordering: the same codes
             assert torch.equal(q.float(), q_expected.float())
 
@@ -157,8 +162,7 @@ def test_gpu_norm_quant_reciprocal_store_matches_division():
     finally:
         producer_quant.NORM_RECIPROCAL = saved
     assert torch.equal(got[True][1], got[False][1])
-    step = (got[True][0].float() - got[False][0].float()).abs()
-    assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-5
+    assert_reciprocal_codes(got[True][0], got[False][0])
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -203,8 +207,7 @@ def test_gpu_row_quant_matches_quantize_rows(fmt, width):
     q, s = row_quant(h, fmt)
     q_expected, s_expected = quantize_rows(h, fmt)
     assert torch.equal(s, s_expected.reshape(-1))
-    step = (q.float() - q_expected.float()).abs()
-    if fmt == "int8":  # reciprocal + Newton step: off by one at a .5 boundary at most, rarely
-        assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-5
+    if fmt == "int8":
+        assert_reciprocal_codes(q, q_expected)
     else:
         assert torch.equal(q.float(), q_expected.float())
