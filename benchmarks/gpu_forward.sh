@@ -2,7 +2,7 @@
 # Issue 15's GPU work in phases, each within one device call (10-minute limit); results → $OUT.
 #   kernels  — GPU tests of the 8-bit kernels, attention_8bit sweep, FP8 linear with fused quantization
 #   wan      — forward race, Wan2.1-1.3B at 32,760 tokens (eager + aoti rows)
-#   flux     — forward race, Flux at 2048² (eager rows; BACKENDS=aoti ONLY=... for aoti rows, one call each)
+#   flux     — forward race, Flux at 2048² (eager rows; BACKENDS=aoti ONLY=... NO_BF16=1 for aoti rows)
 #   linears  — FP8 / FP8 fast-accum / INT8 linears fused with their producer, INT8 tile sweep
 #   cutlass  — build the CUTLASS INT8 GEMM (nvidia-cutlass wheel in .whl/), its GPU tests, the GEMM bench;
 #              the library lands in $OUT/ext: carry it as DITBAKE_EXT_DIR to skip the build next call
@@ -27,7 +27,7 @@ case "${1:-}" in
       > "$OUT/race_wan.log" 2>&1; grep -v "^INFO\|^W1\|already exists" "$OUT/race_wan.log" | tail -24 ;;
   flux)
     timeout ${LIMIT:-570} python3 benchmarks/forward_race.py --model flux --backends "${BACKENDS:-eager}" \
-      ${ONLY:+--only "$ONLY"} --out "$OUT/forward_race_flux${TAG:-}_h100.json" \
+      ${ONLY:+--only "$ONLY"} ${NO_BF16:+--no-bf16-row} ${PROFILE:+--profile} --out "$OUT/forward_race_flux${TAG:-}_h100.json" \
       > "$OUT/race_flux.log" 2>&1; tail -14 "$OUT/race_flux.log" ;;
   fidelity)
     EMB=${EMBEDS:-.carry/fid16k/embeds.safetensors}

@@ -32,3 +32,17 @@ def test_smoke_race_has_every_row(model, tmp_path):
         assert "cannot express" in fp8t_band["error"]
     else:
         assert math.isfinite(fp8t_band["rel_err_vs_diffusers_bf16"])
+
+
+def test_only_without_bf16_row(tmp_path):
+    """`--only` narrows the ditbake rows; `--no-bf16-row` drops the bf16 row too (Flux's aoti artifact then
+    stores no 16-bit linear weights), while the diffusers rows the ratios need stay."""
+    import forward_race
+
+    out = tmp_path / "race.json"
+    assert forward_race.main(["--smoke", "--model", "wan", "--backends", "eager", "--only", r"\(a8\)",
+                              "--no-bf16-row", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {n for n in rows if n.endswith("[eager]")} == {"(a8) linears int8 [eager]"}
+    assert "diffusers torch.compile (regional)" in rows  # the bar (smoke runs time nothing: no ratio)
+    assert 1e-4 < rows["(a8) linears int8 [eager]"]["rel_err_vs_diffusers_bf16"] < 0.1
