@@ -8,7 +8,8 @@ Rows (every block linear and every self-attention head of the model):
 * (b) (a) + 8-bit attention (INT8 QK with per-block scales, FP8 PV) in every head;
 * (a8), (b8): (a) and (b) with INT8 W8A8 linears (plugins/linear_int8.py: slower GEMM than FP8,
   far more accurate on the test bed);
-* (c) (b) + every head an arrow band of `--band` of the keys (0.5: half the attention FLOPs);
+* (c) (b) + every head an arrow band of `--band` of the keys (0.5: half the attention FLOPs); (c8) the
+  same on (b8);
 each on the `eager` backend (the runtime composing torch ops and the plugins' kernels) and on
 `aoti` (the artifact's AOTInductor engines, built with `ditbake.exporter.build` and run through
 the runtime session's forward — the shipped path). Flux's eager rows run in memory; its aoti rows
@@ -93,6 +94,8 @@ def contenders(arch, config: dict, band: float, visual_tokens: int):
             precisions=int8, heads=every_head(HeadScheme("full", precision="int8"))),
         f"(c) + band {band:.2f} int8 (Triton)": BlockVariant(precisions=fp8,
                                                             heads=every_head(HeadScheme("arrow", half, half, "int8"))),
+        f"(c8) int8 linears + band {band:.2f} int8 (Triton)": BlockVariant(
+            precisions=int8, heads=every_head(HeadScheme("arrow", half, half, "int8"))),
         f"(c) + band {band:.2f} fp8t (cuDNN)": BlockVariant(precisions=fp8,
                                                            heads=every_head(HeadScheme("arrow", half, half, "fp8t"))),
         # the band in bf16: Triton or cuDNN, whichever the build measured faster
