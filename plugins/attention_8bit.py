@@ -6,7 +6,8 @@ One module holds:
   * the Triton "prepare" kernels (K smoothing statistics, V channel maxima, quantization of q, k, v)
     and the attention kernel: one launch per call whatever the per-head mix, with the same per-head
     scheme table [H, 3] = (kind, w_left, w_right) and block skipping as ``head_attention``;
-  * the ``ditbake::attention_8bit`` op (``torch.library.triton_op``; CPU kernel = reference);
+  * the ``ditbake::attention_8bit`` op (``torch.library.triton_op``; off CUDA it calls the reference
+    through the opaque ``ditbake::attention_8bit_reference`` op);
   * ``attention_8bit_error``: per-head relative squared error against fp32 attention (calibration).
 
 Numerics (the specification; all quantization arithmetic in IEEE fp32):
@@ -665,15 +666,33 @@ def _check_op_inputs(q, k, v, schemes, cached, scale, qk_format) -> None:
         raise HeadAttentionError(f"scale must be a positive float, got {scale}")
 
 
+@torch.library.custom_op("ditbake::attention_8bit_reference", mutates_args=())
+def attention_8bit_reference_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes: torch.Tensor,
+                                text_start: int, text_end: int, cached: Optional[torch.Tensor] = None,
+                                scale: Optional[float] = None, qk_format: str = "int8") -> torch.Tensor:
+    """The reference as an opaque op: ditbake::attention_8bit runs it off the CUDA kernel. torch.compile
+    and AOTInductor inline a triton_op's body, not its device kernels, and the reference reads the
+    table on the host, which fake tensors cannot: an opaque op stays one fallback call in the graph."""
+    return attention_8bit_ref(q, k, v, schemes, (text_start, text_end), cached, scale, qk_format).contiguous()
+
+
+@attention_8bit_reference_op.register_fake
+def _attention_8bit_reference_fake(q, k, v, schemes, text_start, text_end, cached=None, scale=None, qk_format="int8"):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 @torch.library.triton_op("ditbake::attention_8bit", mutates_args=())
 def attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes: torch.Tensor,
                       text_start: int, text_end: int, cached: Optional[torch.Tensor] = None,
                       scale: Optional[float] = None, qk_format: str = "int8") -> torch.Tensor:
-    # This body is the CUDA kernel and, traced with fake tensors, the meta implementation.
+    # This body is the CUDA kernel, the other devices' kernel and, traced with fake tensors, the meta
+    # implementation; compiled graphs inline it, so the reference must be an op here, not a kernel
+    # registered beside it (that one would be bypassed and the graph would return uninitialized memory).
     _check_op_inputs(q, k, v, schemes, cached, scale, qk_format)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if not HAS_TRITON or q.device.type != "cuda":
-        return out
+        return torch.ops.ditbake.attention_8bit_reference(q, k, v, schemes, text_start, text_end, cached, scale,
+                                                          qk_format)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise HeadAttentionError(f"the GPU kernel supports head dim {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
     if q.dtype not in (torch.bfloat16, torch.float16):
@@ -684,11 +703,6 @@ def attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes
     schemes = schemes.to(q.device).contiguous()
     return attention_8bit_triton(q, k, v, schemes, text_start, text_end, cached, scale, qk_format, out,
                                  runner=torch.library.wrap_triton)
-
-
-@attention_8bit_op.register_kernel("cpu")
-def _attention_8bit_cpu(q, k, v, schemes, text_start, text_end, cached=None, scale=None, qk_format="int8"):
-    return attention_8bit_ref(q, k, v, schemes, (text_start, text_end), cached, scale, qk_format)
 
 
 def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes: SchemesLike,

@@ -15,7 +15,8 @@ stored [D, S_pad]); only the attention loop differs from that module's general k
     one program's softmax runs beside another's MMAs — the overlap an FA2-style loop lacks inside a
     program (plugins/notes/attention_8bit_dense.md has the measurements, warp specialization included).
 The op ``ditbake::attention_8bit_dense(q, k, v, scale)`` is a ``torch.library.triton_op`` (Inductor
-and AOTInductor compile it into the engine) whose CPU kernel is the reference with every head full.
+and AOTInductor compile it into the engine); off CUDA it calls the reference with every head full
+through the opaque ``ditbake::attention_8bit_dense_reference`` op.
 """
 from __future__ import annotations
 
@@ -199,19 +200,41 @@ def _full_table(heads: int, device) -> torch.Tensor:
     return torch.zeros(heads, 3, dtype=torch.int32, device=device)
 
 
+def _token_major(q: torch.Tensor) -> torch.Tensor:
+    """The op's output: [B, S, H, D] memory, returned as the [B, H, S, D] view. The consumer (the output
+    projection) reads tokens as rows, so its flatten of the heads is a view rather than a transposing
+    copy. Every path (kernel, reference, fake) returns this layout, so compiled graphs can trust it."""
+    batch, heads, seq, dim = q.shape
+    return torch.empty(batch, seq, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+@torch.library.custom_op("ditbake::attention_8bit_dense_reference", mutates_args=())
+def attention_8bit_dense_reference_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                      scale: Optional[float] = None) -> torch.Tensor:
+    """The reference with every head full, as an opaque op: ditbake::attention_8bit_dense runs it off the
+    CUDA kernel (torch.compile and AOTInductor inline the triton_op's body, and the reference reads its
+    table on the host, which fake tensors cannot; an opaque op stays one fallback call in the graph)."""
+    ref = attention_8bit_ref(q, k, v, _full_table(q.shape[1], q.device), (0, 0), None, scale, "int8")
+    return _token_major(q).copy_(ref)
+
+
+@attention_8bit_dense_reference_op.register_fake
+def _attention_8bit_dense_reference_fake(q, k, v, scale=None):
+    return _token_major(q)
+
+
 @torch.library.triton_op("ditbake::attention_8bit_dense", mutates_args=())
 def attention_8bit_dense_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             scale: Optional[float] = None) -> torch.Tensor:
-    # This body is the CUDA kernel and, traced with fake tensors, the meta implementation. Every head is
-    # full, so there is no scheme table to check (nor to allocate on each call).
+    # This body is the CUDA kernel, the other devices' kernel and, traced with fake tensors, the meta
+    # implementation; compiled graphs inline it, so the reference must be an op here, not a kernel
+    # registered beside it (that one would be bypassed). Every head is full, so there is no scheme
+    # table to check (nor to allocate on each call).
     check_qkv_tensors(q, k, v)
     _resolve_scale(scale, q.shape[-1])
-    # [B, S, H, D] memory, returned as the [B, H, S, D] view: the consumer (the output projection) reads
-    # tokens as rows, so its flatten of the heads is a view rather than a transposing copy
-    batch, heads, seq, dim = q.shape
-    out = torch.empty(batch, seq, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     if not HAS_TRITON or q.device.type != "cuda":
-        return out
+        return torch.ops.ditbake.attention_8bit_dense_reference(q, k, v, scale)
+    out = _token_major(q)
     if not kernel_supports(q):
         raise HeadAttentionError(f"the dense 8-bit kernel takes bf16/fp16 with head dim {tuple(DENSE_CONFIGS)} "
                                  f"on sm_90+, got {q.dtype} with head dim {q.shape[-1]}; use ditbake::attention_8bit")
@@ -219,7 +242,3 @@ def attention_8bit_dense_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qz = prepare_8bit(q, k, v, scale, "int8", v_transposed=True, runner=torch.library.wrap_triton)
     return launch_attention_8bit_dense(qz, q.shape[2], out, runner=torch.library.wrap_triton)
 
-
-@attention_8bit_dense_op.register_kernel("cpu")
-def _attention_8bit_dense_cpu(q, k, v, scale=None):
-    return attention_8bit_ref(q, k, v, _full_table(q.shape[1], q.device), (0, 0), None, scale, "int8")

@@ -3,7 +3,8 @@
 One module holds:
   * the PyTorch reference ``head_attention_ref`` -- the numeric specification (runs anywhere);
   * the Triton kernel: one launch per layer whatever the per-head mix;
-  * the ``ditbake::head_attention`` op (``torch.library.triton_op``; CPU kernel = reference);
+  * the ``ditbake::head_attention`` op (``torch.library.triton_op``; off CUDA it calls the reference
+    through the opaque ``ditbake::head_attention_reference`` op);
   * the FLOP counter the runtime uses, the 3D tile reordering helpers, and a FlexAttention
     BlockMask builder used only to benchmark against.
 
@@ -533,15 +534,32 @@ def _check_op_inputs(q, k, v, schemes, cached, scale) -> None:
         raise HeadAttentionError(f"scale must be a positive float, got {scale}")
 
 
+@torch.library.custom_op("ditbake::head_attention_reference", mutates_args=())
+def head_attention_reference_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes: torch.Tensor,
+                                text_start: int, text_end: int, cached: Optional[torch.Tensor] = None,
+                                scale: Optional[float] = None) -> torch.Tensor:
+    """The reference as an opaque op: ditbake::head_attention runs it off the CUDA kernel. torch.compile
+    and AOTInductor inline a triton_op's body, not its device kernels, and the reference reads the
+    table on the host, which fake tensors cannot: an opaque op stays one fallback call in the graph."""
+    return head_attention_ref(q, k, v, schemes, (text_start, text_end), cached, scale).contiguous()
+
+
+@head_attention_reference_op.register_fake
+def _head_attention_reference_fake(q, k, v, schemes, text_start, text_end, cached=None, scale=None):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 @torch.library.triton_op("ditbake::head_attention", mutates_args=())
 def head_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes: torch.Tensor,
                       text_start: int, text_end: int, cached: Optional[torch.Tensor] = None,
                       scale: Optional[float] = None) -> torch.Tensor:
-    # This body is the CUDA kernel and, traced with fake tensors, the meta implementation.
+    # This body is the CUDA kernel, the other devices' kernel and, traced with fake tensors, the meta
+    # implementation; compiled graphs inline it, so the reference must be an op here, not a kernel
+    # registered beside it (that one would be bypassed and the graph would return uninitialized memory).
     _check_op_inputs(q, k, v, schemes, cached, scale)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if not HAS_TRITON or q.device.type != "cuda":
-        return out
+        return torch.ops.ditbake.head_attention_reference(q, k, v, schemes, text_start, text_end, cached, scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[-1] not in KERNEL_CONFIGS:
         raise HeadAttentionError(f"the GPU kernel supports head dim {sorted(KERNEL_CONFIGS)}, got {q.shape[-1]}")
     if q.dtype not in KERNEL_DTYPES:
@@ -552,11 +570,6 @@ def head_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes
     schemes = schemes.to(q.device).contiguous()
     return launch_head_attention(q, k, v, schemes, text_start, text_end, cached, scale, out,
                                  runner=torch.library.wrap_triton)
-
-
-@head_attention_op.register_kernel("cpu")
-def _head_attention_cpu(q, k, v, schemes, text_start, text_end, cached=None, scale=None):
-    return head_attention_ref(q, k, v, schemes, (text_start, text_end), cached, scale)
 
 
 def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, schemes: SchemesLike,

@@ -29,6 +29,16 @@ def rng_seed():
     return seed
 
 
+@pytest.fixture
+def uncached_inductor():
+    """torch.compile without Inductor's on-disk caches: AOTAutograd's cache keys a graph by its ops'
+    names, not by the Python bodies Inductor inlines, so a graph compiled before such a body changed
+    would be served as compiled then (a stale pass, or a stale failure)."""
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(force_disable_caches=True):
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`),

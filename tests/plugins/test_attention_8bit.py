@@ -197,6 +197,36 @@ def test_op_cpu_matches_reference_and_exports(rng_seed):
                                a8.attention_8bit_ref(q, k, v, table, (0, 4), cached) * 2)
 
 
+@pytest.mark.parametrize("qk_format", a8.QK_FORMATS)
+@pytest.mark.parametrize("text_range", [(0, 6), (34, 40)])
+def test_op_under_torch_compile_on_cpu_is_eager(qk_format, text_range, uncached_inductor, rng_seed):
+    """torch.compile inlines a triton_op's body, not its registered CPU kernel: off CUDA the body must
+    call the reference (an opaque op), or the compiled graph returns uninitialized memory. Exact: the
+    compiled graph calls the same reference on the same tensors, and doubling is exact in fp32."""
+    q, k, v, cached = (torch.randn(2, 3, 40, 64) for _ in range(4))
+    table = ha.schemes_to_tensor([HeadScheme.full(), HeadScheme.arrow(3, 1), HeadScheme.cached()])
+
+    def layer(q, k, v, schemes, cached):
+        return torch.ops.ditbake.attention_8bit(q, k, v, schemes, *text_range, cached, None, qk_format) * 2
+
+    compiled = torch.compile(layer, fullgraph=True)(q, k, v, table, cached)
+    torch.testing.assert_close(compiled, layer(q, k, v, table, cached), rtol=0, atol=0)
+
+
+def test_export_keeps_one_op_node():
+    """The tensorrt exporter translates the op node: export keeps it whole (the reference it calls off
+    CUDA stays inside it)."""
+    q, k, v = (torch.randn(1, 2, 40, 64) for _ in range(3))
+    table = ha.schemes_to_tensor([HeadScheme.full(), HeadScheme.arrow(3, 1)])
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v, schemes):
+            return torch.ops.ditbake.attention_8bit(q, k, v, schemes, 0, 4, None, None, "int8")
+
+    targets = [n.target for n in torch.export.export(Layer(), (q, k, v, table)).graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.ditbake.attention_8bit.default]
+
+
 def test_error_helper_per_head(rng_seed):
     q, k, v = peaky_qkv(2, 3, 200, 64, dtype=torch.float32)
     cached = torch.randn_like(q)
@@ -222,7 +252,8 @@ def _qkv(shape=(1, 2, 10, 8)):
     (lambda: a8.attention_8bit_ref(*_qkv(), [HeadScheme.cached()] * 2, (0, 0)), "no cached output"),
     (lambda: a8.attention_8bit_ref(*_qkv(), [HeadScheme.full()] * 2, (2, 5)), "start or the end"),
     (lambda: a8.attention_8bit_ref(*_qkv(), [HeadScheme.full()] * 2, (0, 0), scale=0.0), "positive"),
-    (lambda: torch.ops.ditbake.attention_8bit(*_qkv(), torch.zeros(2, 3), 0, 0), "integer tensor"),
+    # the op checks its table as on CUDA on every device (its CPU path is its body, as compiled graphs run it)
+    (lambda: torch.ops.ditbake.attention_8bit(*_qkv(), torch.zeros(2, 3), 0, 0), "int32 tensor [H, 3]"),
     (lambda: torch.ops.ditbake.attention_8bit(*_qkv(), torch.zeros(2, 3, dtype=torch.int32), 0, 0, None, None, "x"),
      "unknown qk_format"),
     (lambda: a8.attention_8bit_error(*_qkv(), [HeadScheme.full()] * 2, (0, 0), reference=torch.zeros(1)),

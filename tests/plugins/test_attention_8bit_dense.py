@@ -55,6 +55,22 @@ def test_cpu_export_keeps_one_node():
         torch.ops.ditbake.attention_8bit_dense.default) == 1
 
 
+def test_cpu_op_under_torch_compile_is_eager(uncached_inductor, rng_seed):
+    """torch.compile inlines a triton_op's body, not its registered CPU kernel: off CUDA the body must
+    call the reference (an opaque op), or the compiled graph returns uninitialized memory. Exact: the
+    compiled graph calls the same reference on the same tensors. The output is the [B, H, S, D] view
+    of token-major memory on every path, so the compiled graph's layout (the fake's) is eager's."""
+    q, k, v = peaky_qkv(2, 3, 130, 64)
+
+    def layer(q, k, v):
+        return torch.ops.ditbake.attention_8bit_dense(q, k, v, 0.1)
+
+    eager = layer(q, k, v)
+    compiled = torch.compile(layer, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert eager.transpose(1, 2).is_contiguous() and compiled.stride() == eager.stride()
+
+
 def test_kernel_supports_is_false_off_the_gpu():
     assert not dense.kernel_supports(torch.randn(1, 2, 40, 128, dtype=torch.bfloat16))
 

@@ -111,6 +111,35 @@ def test_op_cpu_matches_reference_and_exports(rng_seed):
     torch.testing.assert_close(exported.module()(q, k, v, table, cached), out * 2)
 
 
+@pytest.mark.parametrize("text_range", [(0, 4), (16, 20)])
+def test_op_under_torch_compile_on_cpu_is_eager(text_range, uncached_inductor, rng_seed):
+    """torch.compile inlines a triton_op's body, not its registered CPU kernel: off CUDA the body must
+    call the reference (an opaque op), or the compiled graph returns uninitialized memory. Exact: the
+    compiled graph calls the same reference on the same tensors, and doubling is exact in fp32."""
+    q, k, v, cached = (torch.randn(2, 3, 20, 8) for _ in range(4))
+    table = ha.schemes_to_tensor([HeadScheme.full(), HeadScheme.arrow(2, 1), HeadScheme.cached()])
+
+    def layer(q, k, v, schemes, cached):
+        return torch.ops.ditbake.head_attention(q, k, v, schemes, *text_range, cached, None) * 2
+
+    compiled = torch.compile(layer, fullgraph=True)(q, k, v, table, cached)
+    torch.testing.assert_close(compiled, layer(q, k, v, table, cached), rtol=0, atol=0)
+
+
+def test_export_keeps_one_op_node():
+    """The tensorrt exporter translates the op node: export keeps it whole (the reference it calls off
+    CUDA stays inside it)."""
+    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+    table = ha.schemes_to_tensor([HeadScheme.full(), HeadScheme.arrow(2, 1)])
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v, schemes):
+            return torch.ops.ditbake.head_attention(q, k, v, schemes, 0, 4, None, None)
+
+    targets = [n.target for n in torch.export.export(Layer(), (q, k, v, table)).graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.ditbake.head_attention.default]
+
+
 # ------------------------------------------------------------------ helpers
 
 @pytest.mark.parametrize("grid,tile", [((3, 4, 5), (2, 2, 2)), ((13, 30, 45), (4, 8, 8)), ((1, 7, 3), (1, 7, 3)),
@@ -189,7 +218,8 @@ def _qkv(shape=(1, 2, 10, 8)):
     (lambda: ha.attention_flops([HeadScheme.full()], -1, 5, 64), "token counts"),
     (lambda: ha.tile_order((2, 0, 3), (1, 1, 1)), "positive ints"),
     (lambda: ha.reorder_visual_tokens(torch.randn(1, 10, 2), torch.arange(9), (0, 0), dim=1), "9 entries"),
-    (lambda: torch.ops.ditbake.head_attention(*_qkv(), torch.zeros(2, 3), 0, 0), "integer tensor"),
+    # the op checks its table as on CUDA on every device (its CPU path is its body, as compiled graphs run it)
+    (lambda: torch.ops.ditbake.head_attention(*_qkv(), torch.zeros(2, 3), 0, 0), "int32 tensor [H, 3]"),
 ])
 def test_bad_inputs_raise_one_line_typed_errors(call, fragment):
     with pytest.raises(HeadAttentionError) as info:
