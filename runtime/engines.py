@@ -26,6 +26,7 @@ none for Wan and CogVideoX.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def load_aoti_package(path: Path, entry: dict, device: torch.device, what: str =
         raise BackendError(f"{what} {entry['file']} was compiled for {built}, not {device.type}; "
                            f"load with device={built!r} or rebuild the artifact on a {device.type} machine")
     promote_libstdcxx()
+    _register_python_ops()
     _load_native_ops(entry, what)
     try:
         # single-threaded: the container's cross-thread event waits are illegal inside a CUDA graph
@@ -109,6 +111,15 @@ def load_aoti_package(path: Path, entry: dict, device: torch.device, what: str =
     except Exception as exc:  # the loader raises RuntimeError and others
         raise BackendError(f"cannot load {what} {entry['file']} ({type(exc).__name__}: {exc}); rebuild it "
                            f"with this torch ({torch.__version__})") from exc
+
+
+def _register_python_ops() -> None:
+    """Off CUDA, packages call the attention references (``ditbake::attention_8bit_reference``,
+    ``ditbake::fp8t_attention`` and the like) through the dispatcher: Python ops, which exist in a
+    process only once their module is imported; loading the package before fails ('Could not find
+    schema'). Importing defines the ops and builds nothing."""
+    for module in ("attention_8bit", "attention_8bit_dense", "cudnn_sdpa"):  # head_attention comes with the first
+        importlib.import_module(f"ditbake.plugins.{module}")
 
 
 def _load_native_ops(entry: dict, what: str) -> None:
