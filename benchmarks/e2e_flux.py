@@ -219,21 +219,23 @@ def release(dev) -> None:
 
 # ---------------------------------------------------------------- ditbake
 
-def ditbake_plan(adapter, skipped: list[bool], band: float, head_precision: str, visual_tokens: int):
+def ditbake_plan(adapter, skipped: list[bool], band: float, head_precision: str, visual_tokens: int,
+                 linear_format: str = "fp8"):
     """(i) the per-step skip schedule, (ii) every head an arrow band of `band` of the image keys,
-    (iii) every block linear (each block kind's own) in FP8."""
+    (iii) every block linear (each block kind's own) in `linear_format` (W8A8: fp8 or int8)."""
     from ditbake.exporter.planner import SKIP
     from ditbake.runtime.plan import BlockVariant, HeadScheme, Plan
 
     sites = sorted(adapter.attention_sites.items())
     half = max(1, round(band * visual_tokens / 2))
     heads = tuple((site, (HeadScheme("arrow", half, half, head_precision),) * n) for site, n in sites)
-    computed = BlockVariant(precisions=tuple(sorted((n, "fp8") for n in adapter.linear_layers)), heads=heads)
+    computed = BlockVariant(precisions=tuple(sorted((n, linear_format) for n in adapter.linear_layers)), heads=heads)
     nb = adapter.num_blocks
     steps = tuple({"cond": (1 if skip else 0,) * nb} for skip in skipped)
     return Plan(architecture=adapter.architecture, num_blocks=nb, linear_layers=tuple(adapter.linear_layers),
                 attention_sites=tuple(sites), variants=(computed, SKIP), steps=steps, stack_extrapolation="linear",
-                predicted={"e2e_flux": f"fixed plan: Wan test-bed TDC step schedule, arrow band {band}, every block linear FP8"})
+                predicted={"e2e_flux": f"fixed plan: Wan test-bed TDC step schedule, arrow band {band}, every block "
+                                       f"linear {linear_format.upper()}"})
 
 
 @torch.no_grad()
@@ -251,7 +253,7 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype, inputs, report) -> None
     bf16_bytes = sum(p.numel() * 2 for p in model.parameters())
     visual = latent[1] * latent[2] // 4
     skipped = skip_schedule(args.source_plan, args.steps)
-    plan = ditbake_plan(adapter, skipped, args.band, args.head_precision, visual)
+    plan = ditbake_plan(adapter, skipped, args.band, args.head_precision, visual, args.linear_format)
     t0 = time.perf_counter()
     path = build(adapter, plan, args.artifact, profiles=[Profile("e2e", latent, text_len)], samplers=["flow_euler"],
                  dtype=dtype, backend=args.backend, device=dev.type, label="FLUX.1-dev architecture (random weights)",
@@ -265,16 +267,18 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype, inputs, report) -> None
     artifact_bytes = sum(f["bytes"] for f in session.artifact.manifest["files"].values())
     x, text, pooled, _ = inputs
     common = {"plan": {"skipped_steps": [i for i, s in enumerate(skipped) if s], "skip_fraction": sum(skipped) / len(skipped),
-                       "band": args.band, "head_precision": args.head_precision, "stack_extrapolation": "linear"},
+                       "band": args.band, "head_precision": args.head_precision, "linear_format": args.linear_format,
+                       "stack_extrapolation": "linear"},
               "bf16_weight_bytes": bf16_bytes, "backend": args.backend, "load_s": common_load_s}
 
-    def timed(row_name, fp8_layers, build_s):
-        # warm-up: one computed forward (kernel JIT); the eager backend has no compile step and no
-        # CUDA graphs, so the timed generate is steady from its first step
-        state = session.new_state()
-        extras = session._extras(text.to(dev, session.dtype), pooled, args.guidance, "pooled_embeds")
-        t = torch.full((1,), 1000.0, device=dev)
-        session.forward_once(state, 0, "cond", x.to(dev, session.dtype), t, text.to(dev, session.dtype), extras)
+    def timed(row_name, linears, build_s):
+        if session._graphs is not None:  # aoti: one whole generate captures every step's CUDA graph first
+            session.generate(text, latents=x, pooled_embeds=pooled, guidance_scale=1.0, guidance=args.guidance)
+        else:  # eager: one computed forward (kernel JIT) and the timed generate is steady from its first step
+            state = session.new_state()
+            extras = session._extras(text.to(dev, session.dtype), pooled, args.guidance, "pooled_embeds")
+            t = torch.full((1,), 1000.0, device=dev)
+            session.forward_once(state, 0, "cond", x.to(dev, session.dtype), t, text.to(dev, session.dtype), extras)
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -287,10 +291,11 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype, inputs, report) -> None
         row = {**summary(timer.step_ms(), args.steps, dev), "forwards_computed": r.block_computes // nb,
                "skip_fraction": r.skip_fraction, "attention_flops_fraction": r.attention_flops_fraction,
                "weight_bytes": weight_bytes, "weight_ratio_vs_bf16": bf16_bytes / weight_bytes,
-               "fp8_linears": fp8_layers, "build_s": build_s, **common}
+               "quantized_linears": linears, "build_s": build_s, "cuda_graphs": session._graphs is not None,
+               "graph_captures": r.graph_captures, "graph_replays": r.graph_replays, **common}
         report.add(row_name, row)
 
-    timed(name, "every block linear of both block kinds", build_s)
+    timed(name, f"every block linear of both block kinds, {args.linear_format.upper()} W8A8", build_s)
     report.rows[name]["artifact_bytes"] = artifact_bytes
 
 
@@ -377,6 +382,8 @@ def main(argv=None) -> int:
                     help="plan whose per-step skip schedule (TDC, step granularity) ditbake's plan takes")
     ap.add_argument("--band", type=float, default=0.5, help="arrow band of every head, fraction of the image keys")
     ap.add_argument("--head-precision", default="bf16", choices=("bf16", "int8", "fp8t"))
+    ap.add_argument("--linear-format", default="fp8", choices=("fp8", "int8"),
+                    help="every block linear's W8A8 format (int8: the CUTLASS INT8 GEMMs on sm90)")
     ap.add_argument("--artifact", default="/tmp/e2e_flux_artifact")
     ap.add_argument("--budget-s", type=float, default=0,
                     help="skip (and record) contenders not started within this many seconds; 0: no limit")
