@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from forward_race import FLUX, FLUX_LATENT, FLUX_TEXT, SMOKE, add_8bit_weights, contenders, rel_err
+from forward_race import FLUX, FLUX_LATENT, FLUX_TEXT, SMOKE, add_8bit_weights, contenders, flux_inputs, rel_err
 from provenance import stamp
 
 log = logging.getLogger("diagnose_flux_aoti")
@@ -23,11 +23,7 @@ log = logging.getLogger("diagnose_flux_aoti")
 
 @torch.no_grad()
 def main(argv=None) -> int:
-    import diffusers
-
-    from ditbake.exporter.adapters import adapter_for
     from ditbake.exporter.build import build
-    from ditbake.exporter.engine_aoti import example_extras
     from ditbake.runtime import arch as runtime_arch, load
     from ditbake.runtime.artifact import Profile
     from ditbake.runtime.attention import AttentionRunner
@@ -44,19 +40,8 @@ def main(argv=None) -> int:
     dev, dtype = (torch.device("cpu"), torch.float32) if args.smoke else (torch.device("cuda"), torch.bfloat16)
     cfg, latent, text_len = SMOKE["flux"] if args.smoke else (FLUX, FLUX_LATENT, FLUX_TEXT)
     cfg = dict(cfg, num_layers=args.double, num_single_layers=args.single)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = diffusers.FluxTransformer2DModel(**cfg).to(dtype).eval()
-    adapter = adapter_for(model)
+    _, adapter, x, t, text, weights, prof, extras = flux_inputs(cfg, latent, text_len, dev, dtype)
     arch, config = adapter.arch, adapter.config
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, *latent, generator=gen).to(dev, dtype)
-    text = torch.randn(1, text_len, cfg["joint_attention_dim"], generator=gen).to(dev, dtype)
-    t = torch.tensor([700.0], device=dev)
-    weights = adapter.weights()
-    prof = {"name": "race", "latent_shape": list(latent), "text_len": text_len}
-    weights.update({k: v.to(dev) for k, v in adapter.profile_tensors(prof).items()})
-    extras = example_extras(arch, config, dtype, dev)
     add_8bit_weights(weights, arch, config)
     h0, ctx0 = arch.prologue(weights, config, x, t, text, prof, *extras)
     names = args.rows.split(",")

@@ -34,6 +34,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -229,21 +230,33 @@ def race_artifacts(args, adapter, profile, visual: int, backends: list[str], inp
             if backend == "aoti":  # what the build measured and baked, per engine
                 rows["_kernels_aoti"] = {str(e.get("variant")): e.get("attention_kernels")
                                          for e in engines if e.get("attention_kernels")}
-            del session
+            session = None  # the engines go before the next backend's build
 
 
-@torch.no_grad()
-def race_flux(args, dev, dtype) -> dict:
+class FluxInputs(NamedTuple):
+    model: torch.nn.Module
+    adapter: object
+    x: torch.Tensor
+    t: torch.Tensor
+    text: torch.Tensor
+    weights: dict
+    profile: dict
+    extras: tuple
+
+
+def flux_inputs(cfg: dict, latent: tuple, text_len: int, dev, dtype) -> FluxInputs:
+    """A seeded random Flux model (initialised on `dev`: 12 B parameters), its runtime weights with the
+    profile's tensors, and the race's inputs — latents, t = 700, text, and the further prologue inputs
+    (CLIP pooled vector, distilled guidance), the same for diffusers and ditbake."""
     import diffusers
 
     from ditbake.exporter.adapters import adapter_for
+    from ditbake.exporter.engine_aoti import example_extras
 
-    cfg, latent, text_len = (FLUX, FLUX_LATENT, FLUX_TEXT) if not args.smoke else SMOKE["flux"]
     torch.manual_seed(0)
-    with torch.device(dev):  # 12 B parameters: initialise on the GPU
+    with torch.device(dev):
         model = diffusers.FluxTransformer2DModel(**cfg).to(dtype).eval()
     adapter = adapter_for(model)
-    arch, config = adapter.arch, adapter.config
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, *latent, generator=gen).to(dev, dtype)
     text = torch.randn(1, text_len, cfg["joint_attention_dim"], generator=gen).to(dev, dtype)
@@ -251,10 +264,15 @@ def race_flux(args, dev, dtype) -> dict:
     weights = adapter.weights()
     profile = {"name": "race", "latent_shape": list(latent), "text_len": text_len}
     weights.update({k: v.to(dev) for k, v in adapter.profile_tensors(profile).items()})
-    # Flux's further prologue inputs (CLIP pooled vector, distilled guidance), the same for both sides
-    from ditbake.exporter.engine_aoti import example_extras
+    extras = example_extras(adapter.arch, adapter.config, dtype, dev)
+    return FluxInputs(model, adapter, x, t, text, weights, profile, extras)
 
-    extras = example_extras(arch, config, dtype, dev)
+
+@torch.no_grad()
+def race_flux(args, dev, dtype) -> dict:
+    cfg, latent, text_len = (FLUX, FLUX_LATENT, FLUX_TEXT) if not args.smoke else SMOKE["flux"]
+    model, adapter, x, t, text, weights, profile, extras = flux_inputs(cfg, latent, text_len, dev, dtype)
+    arch, config = adapter.arch, adapter.config
     named = dict(zip(runtime_arch.extra_inputs(arch, config), extras))
     h0, ctx0 = arch.prologue(weights, config, x, t, text, profile, *extras)
     rows: dict = {}
