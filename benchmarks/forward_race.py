@@ -75,6 +75,7 @@ def contenders(arch, config: dict, band: float, visual_tokens: int):
     fp8 = tuple((n, "fp8") for n in names)
     int8 = tuple((n, "int8") for n in names)  # W8A8 INT8: slower GEMM than FP8, far more accurate
     half = max(1, round(band * visual_tokens / 2))
+    narrow = max(1, round(0.2 * visual_tokens / 2))
     # ffn.net.2 (8960 → 1536) measured slower in FP8 than bf16 on the H100 (its 8960-wide GELU
     # input costs a reduction pass to quantize; benchmarks/results/linear_fp8_h100.json): the
     # measured per-layer menu keeps it bf16
@@ -97,11 +98,30 @@ def contenders(arch, config: dict, band: float, visual_tokens: int):
                                                             heads=every_head(HeadScheme("arrow", half, half, "int8"))),
         f"(c8) int8 linears + band {band:.2f} int8 (Triton)": BlockVariant(
             precisions=int8, heads=every_head(HeadScheme("arrow", half, half, "int8"))),
+        # (c) as a fixed mix: two thirds of the heads a narrow band (0.2 of the visual keys), the rest full —
+        # ≥ 50 % of the FLOPs removed with the text tokens counted (`attention_flops_removed` in the row),
+        # each group on its fastest kernel (the full heads on the dense one)
+        "(c8m) int8 linears + 2/3 heads band 0.20, 1/3 full, int8": BlockVariant(precisions=int8, heads=((site, tuple(
+            HeadScheme("arrow", narrow, narrow, "int8") if h < round(2 * heads / 3) else HeadScheme("full", precision="int8")
+            for h in range(heads))),)),
         f"(c) + band {band:.2f} fp8t (cuDNN)": BlockVariant(precisions=fp8,
                                                            heads=every_head(HeadScheme("arrow", half, half, "fp8t"))),
         # the band in bf16: Triton or cuDNN, whichever the build measured faster
         f"(c16) (a) + band {band:.2f} bf16": BlockVariant(precisions=fp8, heads=every_head(HeadScheme("arrow", half, half))),
     }
+
+
+def attention_flops_removed(variant, config: dict, text_tokens: int, visual_tokens: int) -> float:
+    """Fraction of the self-attention FLOPs (QK and PV over the allowed pairs, text tokens counted) the
+    variant's head schemes remove against every head full."""
+    from ditbake.plugins.head_attention import attention_flops
+    from ditbake.runtime.attention import _scheme_tensor
+    from ditbake.runtime.plan import HeadScheme
+
+    heads, dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
+    schemes = next(iter(dict(variant.heads).values()), None) or (HeadScheme("full"),) * heads
+    flops = attention_flops(_scheme_tensor(schemes), text_tokens, visual_tokens, dim)
+    return 1.0 - flops / attention_flops(_scheme_tensor((HeadScheme("full"),) * heads), text_tokens, visual_tokens, dim)
 
 
 def add_8bit_weights(weights: dict, arch, config: dict) -> None:
@@ -181,7 +201,7 @@ def race_wan(args, dev, dtype) -> dict:
 
 
 def race_artifacts(args, adapter, profile, visual: int, backends: list[str], inputs: tuple, extras: tuple, ref,
-                   rows: dict, record, dev, dtype) -> None:
+                   rows: dict, record, dev, dtype, text_tokens: int = 0) -> None:
     """The ditbake rows through built artifacts, one per backend: the artifact's step i runs contender i in
     every block (the build stores each format once) and each row times one `Session` forward."""
     from ditbake.exporter.build import build
@@ -225,6 +245,8 @@ def race_artifacts(args, adapter, profile, visual: int, backends: list[str], inp
                     return session._forward(i, "cond", x, t, text, profile, AttentionRunner(dict(plan.tiles), kernels), {},
                                             GenerationReport(), extras=extras)
                 record(f"{name} [{backend}]", forward, ref)
+                rows[f"{name} [{backend}]"]["attention_flops_removed"] = attention_flops_removed(
+                    variants[name], config, text_tokens, visual)
                 if args.profile and dev.type == "cuda":
                     rows.setdefault("_profile", {})[f"{name} [{backend}]"] = kernel_profile(forward)
             if backend == "aoti":  # what the build measured and baked, per engine
@@ -292,7 +314,7 @@ def race_flux(args, dev, dtype) -> dict:
         from ditbake.runtime.artifact import Profile
 
         race_artifacts(args, adapter, Profile("race", tuple(latent), text_len), visual, backends, (x, t, text), extras,
-                       ref, rows, record, dev, dtype)
+                       ref, rows, record, dev, dtype, text_tokens=text_len)  # joint attention: text in every head
     return {"model": "FLUX.1 transformer architecture (random weights), 2048²", "tokens": h0.shape[1], "rows": rows}
 
 
