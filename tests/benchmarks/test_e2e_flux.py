@@ -88,3 +88,21 @@ def test_speedups_and_weights_come_from_the_rows(result):
     assert ours["weight_bytes"] < rows["diffusers eager"]["weight_bytes"] / 2
     assert ours["artifact_bytes"] >= ours["weight_bytes"]
     assert ours["build_s"] > 0
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_plan_runs_every_block_linear_in_the_chosen_format(fmt):
+    """`--linear-format`: the computed variant runs every block linear of both kinds in that W8A8 format
+    (so the build stores no 16-bit copy of them), its heads in the asked precision; the other is the skip."""
+    import e2e_flux
+    import torch
+
+    from ditbake.exporter.adapters import adapter_for
+
+    adapter = adapter_for(e2e_flux.random_flux(e2e_flux.SMOKE_FLUX, torch.device("cpu"), torch.float32))
+    skipped = [False, True, False, True]
+    plan = e2e_flux.ditbake_plan(adapter, skipped, 0.5, "int8", 64, fmt)
+    computed = plan.variants[0]
+    assert dict(computed.precisions) == {n: fmt for n in adapter.linear_layers}
+    assert {s.precision for _, schemes in computed.heads for s in schemes} == {"int8"}
+    assert [plan.step_ids(i, "cond")[0] for i in range(4)] == [0, 1, 0, 1] and not plan.variants[1].compute

@@ -46,3 +46,22 @@ def test_only_without_bf16_row(tmp_path):
     assert {n for n in rows if n.endswith("[eager]")} == {"(a8) linears int8 [eager]"}
     assert "diffusers torch.compile (regional)" in rows  # the bar (smoke runs time nothing: no ratio)
     assert 1e-4 < rows["(a8) linears int8 [eager]"]["rel_err_vs_diffusers_bf16"] < 0.1
+
+
+@pytest.mark.parametrize("model", ["wan", "flux"])
+def test_head_scheme_rows_remove_half_the_attention_flops(model):
+    """Issue 15's (c) asks ≥ 50 % of the attention FLOPs removed: the banded rows do at the real sizes
+    (Flux's text tokens counted: they attend and are attended in full), the dense rows remove none."""
+    import forward_race
+
+    class Arch:  # contenders() reads only these two names of the architecture
+        COMPRESSIBLE_ATTENTION = ("attn",)
+        BLOCK_LINEARS = ("proj",)
+
+    config, text, visual = ((forward_race.FLUX, 512, 128 * 128) if model == "flux"
+                            else (forward_race.WAN, 0, 21 * 30 * 52))
+    rows = forward_race.contenders(Arch, config, 0.5, visual)
+    removed = {name: forward_race.attention_flops_removed(v, config, text, visual) for name, v in rows.items()}
+    assert removed["(b8) int8 linears + attention int8 (Triton)"] == 0.0
+    for name in ("(c8) int8 linears + band 0.50 int8 (Triton)", "(c8m) int8 linears + 2/3 heads band 0.20, 1/3 full, int8"):
+        assert 0.5 <= removed[name] < 0.6, (name, removed[name])
