@@ -113,15 +113,14 @@ def contenders(arch, config: dict, band: float, visual_tokens: int):
 
 def attention_flops_removed(variant, config: dict, text_tokens: int, visual_tokens: int) -> float:
     """Fraction of the self-attention FLOPs (QK and PV over the allowed pairs, text tokens counted) the
-    variant's head schemes remove against every head full."""
-    from ditbake.plugins.head_attention import attention_flops
-    from ditbake.runtime.attention import _scheme_tensor
-    from ditbake.runtime.plan import HeadScheme
+    variant's head schemes remove against every head full, as the runtime's report counts them."""
+    from ditbake.runtime.attention import AttentionRunner
 
-    heads, dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
-    schemes = next(iter(dict(variant.heads).values()), None) or (HeadScheme("full"),) * heads
-    flops = attention_flops(_scheme_tensor(schemes), text_tokens, visual_tokens, dim)
-    return 1.0 - flops / attention_flops(_scheme_tensor((HeadScheme("full"),) * heads), text_tokens, visual_tokens, dim)
+    counter = AttentionRunner(None)
+    schemes = next(iter(dict(variant.heads).values()), None)
+    counter.account(schemes, 1, int(config["num_attention_heads"]), text_tokens + visual_tokens,
+                    int(config["attention_head_dim"]), (0, text_tokens))
+    return 1.0 - counter.flops_done / counter.flops_dense
 
 
 def add_8bit_weights(weights: dict, arch, config: dict) -> None:
