@@ -161,6 +161,10 @@ class AttentionRunner:
             return F.scaled_dot_product_attention(q, k, v)
         if name == "triton_dense":  # full INT8 heads (candidate_kernels checked the kernel supports q)
             return torch.ops.ditbake.attention_8bit_dense(q, k, v, None)
+        if name == "triton_band":  # INT8 heads sharing one band, text first or none (checked likewise)
+            w_left, w_right = _uniform_band(schemes)
+            text_end = text_range[1] if text_range[1] > text_range[0] else 0
+            return torch.ops.ditbake.attention_8bit_band(q, k, v, w_left, w_right, text_end, None)
         if name in ("cudnn", "reference"):
             from ditbake.plugins import cudnn_sdpa  # noqa: PLC0415 - registers the ditbake::cudnn_sdpa ops
 
@@ -240,7 +244,8 @@ def candidate_kernels(kind: str, precision: str, schemes: tuple[HeadScheme, ...]
 
     cuDNN takes one band per call and no text rows/columns, so a banded group qualifies only when
     its heads share one band and the sequence has no text tokens (Wan's self-attention). Full INT8
-    groups take the dense 8-bit kernel where it runs (same specification as the general one, faster)."""
+    groups take the dense 8-bit kernel where it runs (same specification as the general one, faster);
+    INT8 groups sharing one band, with text first in whole tiles or none, the two-pass band kernels."""
     no_text = text_range[1] <= text_range[0]
     expressible = kind == "full" or (_single_band(schemes) and no_text)
     if precision == "fp8t":
@@ -260,6 +265,12 @@ def candidate_kernels(kind: str, precision: str, schemes: tuple[HeadScheme, ...]
 
         if attention_8bit_dense.kernel_supports(q):  # the same numerics, one key scale per tile: faster
             return ["triton_dense", "triton"] if alternatives else ["triton_dense"]
+    if kind in ("arrow", "local3d") and precision == "int8" and q.is_cuda and _single_band(schemes):
+        from ditbake.plugins import attention_8bit_band  # noqa: PLC0415 - registers ditbake::attention_8bit_band
+
+        w_left, w_right = _uniform_band(schemes)
+        if attention_8bit_band.band_supported(q, w_left, w_right, text_range):  # the dense loop on the band
+            return ["triton_band", "triton"] if alternatives else ["triton_band"]
     default = "sdpa" if (kind == "full" and precision == "bf16") else "triton"
     if precision != "bf16" or not expressible or not q.is_cuda or not alternatives:
         return [default]

@@ -118,7 +118,7 @@ def _register_python_ops() -> None:
     ``ditbake::fp8t_attention`` and the like) through the dispatcher: Python ops, which exist in a
     process only once their module is imported; loading the package before fails ('Could not find
     schema'). Importing defines the ops and builds nothing."""
-    for module in ("attention_8bit", "attention_8bit_dense", "cudnn_sdpa"):  # head_attention comes with the first
+    for module in ("attention_8bit", "attention_8bit_dense", "attention_8bit_band", "cudnn_sdpa"):  # head_attention comes with the first
         importlib.import_module(f"ditbake.plugins.{module}")
 
 
