@@ -319,7 +319,7 @@ def race_flux(args, dev, dtype) -> dict:
 
 # kernel-name patterns → where a forward's GPU time goes (cuDNN/flash/Triton attention, GEMMs, the rest)
 KERNEL_CLASSES = (("attention", re.compile(r"fmha|flash|sdpa|attention|attn|cudnn_generated|_attention_8bit|"
-                                           r"_head_attention|sm90_.*softmax", re.I)),
+                                           r"_head_attention|_band_inner|_band_edge|sm90_.*softmax", re.I)),
                   ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|scaled_mm|cublas|matmul", re.I)))
 
 
