@@ -35,7 +35,8 @@ import torch
 
 from ditbake.plugins.attention_8bit import (HAS_TRITON, QUANT_BLOCK_K, QUANT_BLOCK_Q, Quantized, _resolve_scale,
                                             _v8_storage, attention_8bit_ref, prepare_8bit)
-from ditbake.plugins.attention_8bit_dense import DENSE_CONFIGS, _token_major, dense_supported, kernel_supports
+from ditbake.plugins import attention_8bit_dense
+from ditbake.plugins.attention_8bit_dense import DENSE_CONFIGS, _token_major, dense_supported
 from ditbake.plugins.head_attention import HeadAttentionError, HeadKind, check_qkv_tensors
 
 if HAS_TRITON:
@@ -54,7 +55,8 @@ def band_supported(q: torch.Tensor, w_left: int, w_right: int, text_range: tuple
     text_start, text_end = text_range
     no_text = text_end <= text_start
     text_first = text_start == 0 and text_end % TEXT_ALIGN == 0 and text_end < q.shape[2]
-    return kernel_supports(q) and w_left >= 0 and w_right >= 0 and (no_text or text_first)
+    # through the module: where the dense kernel does not run (its one definition), neither do these
+    return attention_8bit_dense.kernel_supports(q) and w_left >= 0 and w_right >= 0 and (no_text or text_first)
 
 
 def band_tiles(seq_len: int, text_end: int, w_left: int, w_right: int, block_m: int, block_n: int,

@@ -102,11 +102,21 @@ def test_full_int8_groups_take_the_dense_kernel_where_it_runs(monkeypatch):
     monkeypatch.setattr(attention_8bit_dense, "kernel_supports", lambda q: True)
     assert candidate_kernels("full", "int8", schemes, q, (0, 0)) == ["triton_dense", "triton"]
     assert candidate_kernels("full", "int8", schemes, q, (0, 0), alternatives=False) == ["triton_dense"]
-    # banded int8 heads and other precisions keep their kernels
-    assert candidate_kernels("arrow", "int8", (HeadScheme("arrow", 2, 2, "int8"),), q, (0, 0)) == ["triton"]
+    # int8 heads sharing one band, text first in whole tiles or none: the two-pass band kernels first
+    band = (HeadScheme("arrow", 2, 2, "int8"),) * 2
+    assert candidate_kernels("arrow", "int8", band, q, (0, 0)) == ["triton_band", "triton"]
+    assert candidate_kernels("local3d", "int8", (HeadScheme("local3d", 2, 2, "int8"),), q, (0, 0)) == [
+        "triton_band", "triton"]
+    assert candidate_kernels("arrow", "int8", band, q, (0, 0), alternatives=False) == ["triton_band"]
+    # ... not two bands in one group, text not first or not in whole tiles, other precisions
+    mixed = (HeadScheme("arrow", 2, 2, "int8"), HeadScheme("arrow", 4, 4, "int8"))
+    assert candidate_kernels("arrow", "int8", mixed, q, (0, 0)) == ["triton"]
+    assert candidate_kernels("arrow", "int8", band, q, (20, 148)) == ["triton"]
+    assert candidate_kernels("arrow", "int8", band, q, (0, 100)) == ["triton"]
     assert candidate_kernels("full", "fp8", (HeadScheme("full", precision="fp8"),), q, (0, 0)) == ["triton"]
     monkeypatch.setattr(attention_8bit_dense, "kernel_supports", lambda q: False)  # e.g. head dim 64, sm_80
     assert candidate_kernels("full", "int8", schemes, q, (0, 0)) == ["triton"]
+    assert candidate_kernels("arrow", "int8", band, q, (0, 0)) == ["triton"]
 
 
 def test_the_dense_kernel_computes_the_int8_specification():
