@@ -23,7 +23,7 @@ case "${1:-}" in
     tail -8 "$OUT/linfp8.log" ;;
   wan)  # BACKENDS=aoti / eager splits the race over two calls when both do not fit one
     timeout ${LIMIT:-570} python3 benchmarks/forward_race.py --model wan --backends "${BACKENDS:-eager,aoti}" \
-      ${ONLY:+--only "$ONLY"} ${PROFILE:+--profile} --out "$OUT/forward_race_wan${TAG:-}_h100.json" \
+      ${ONLY:+--only "$ONLY"} ${NO_BF16:+--no-bf16-row} ${PROFILE:+--profile} --out "$OUT/forward_race_wan${TAG:-}_h100.json" \
       > "$OUT/race_wan.log" 2>&1; grep -v "^INFO\|^W1\|already exists" "$OUT/race_wan.log" | tail -24 ;;
   flux)
     timeout ${LIMIT:-570} python3 benchmarks/forward_race.py --model flux --backends "${BACKENDS:-eager}" \
