@@ -86,17 +86,49 @@ def bench_shape(name: str, shape: tuple, text_end: int) -> dict:
     return row
 
 
+EDGE_SWEEP = [dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=3), dict(num_warps=4, num_stages=4),
+              dict(num_warps=4, num_stages=1), dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=3)]
+
+
+def edge_sweep(name: str, shape: tuple, text_end: int) -> dict:
+    """The edge pass's launch options at the 50 % band: its kernel time per config (the inner pass fixed)."""
+    batch, heads, seq, dim = shape
+    q, k, v = peaky_inputs(batch, heads, seq, dim, "cuda", torch.bfloat16)
+    w = (seq - text_end) // 4
+    qz = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True)
+    out, default = torch.empty_like(q), dict(band.EDGE_CONFIG)
+    rows = {}
+    try:
+        for cfg in EDGE_SWEEP:
+            band.EDGE_CONFIG.clear()
+            band.EDGE_CONFIG.update(cfg)
+            run = lambda: band.launch_attention_8bit_band(qz, seq, out, w, w, text_end)  # noqa: E731
+            label = f"w{cfg['num_warps']} s{cfg['num_stages']}"
+            rows[label] = {"edge_ms": kernel_ms(run, ("_band_edge_kernel",)), "inner_ms": kernel_ms(run, ("_band_inner_kernel",))}
+            logger.info("%s edge %s: %.3f ms (inner %.3f)", name, label, rows[label]["edge_ms"], rows[label]["inner_ms"])
+    finally:
+        band.EDGE_CONFIG.clear()
+        band.EDGE_CONFIG.update(default)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "attention_8bit_band.json"))
     parser.add_argument("--only", default="", help="shape names to run, comma separated (default: all)")
+    parser.add_argument("--edge-sweep", action="store_true", help="time the edge pass's launch options only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention_8bit_band needs a CUDA GPU (sm_90+)")
     names = [n for n in SHAPES if not args.only or n in args.only.split(",")]
-    result = {"what": __doc__.splitlines()[0], "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "shapes": {n: bench_shape(n, *SHAPES[n]) for n in names}}
+    result = {"what": __doc__.splitlines()[0], "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.edge_sweep:
+        result["edge_sweep"] = {n: edge_sweep(n, *SHAPES[n]) for n in names}
+        stamp(result)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return
+    result["shapes"] = {n: bench_shape(n, *SHAPES[n]) for n in names}
     stamp(result)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({n: {f: {k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()}
