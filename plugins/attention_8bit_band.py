@@ -43,6 +43,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ditbake.plugins.attention_8bit_dense import softmax_pv_step
+
 TEXT_ALIGN = 128  # text tokens fill whole query and key tiles
 BAND_CONFIGS = {d: dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
                         num_stages=c["num_stages"]) for d, c in DENSE_CONFIGS.items()}
@@ -115,21 +117,14 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for start_n in range(0, inner_hi - inner_lo, BLOCK_N):
-            # the dense kernel's step (its comments): int32 -> fp32 by the bit trick, one FMA into exp2
+        for start_n in range(0, inner_hi - inner_lo, BLOCK_N):  # the dense kernel's loop, on the run
+            # this order (scale, K, V) gives 168 registers; K, V, scale gave ptxas 235 for the same instructions
+            col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
             k_t = tl.load(kt_block)
             kt_block = tl.advance(kt_block, (0, BLOCK_N))
-            qk_i = tl.dot(q, k_t, out_dtype=tl.int32)
-            bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
-            col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
-            m_new = tl.maximum(m_i, (tl.max(bits, 1) - 12582912.0) * col_scale)
-            p = tl.math.exp2(tl.fma(bits, col_scale, ((8.807354922057604 - 12582912.0 * col_scale) - m_new)[:, None]))
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_block)
             v_block = tl.advance(v_block, (BLOCK_N, 0))
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
-            m_i = m_new
+            m_i, l_i, acc = softmax_pv_step(q, k_t, v, col_scale, m_i, l_i, acc, None, False)
         state = pid_bh.to(tl.int64) * seq_pad + rows
         tl.store(ACC + state[:, None] * HEAD_DIM + offs_d[None, :], acc.to(ACC.dtype.element_ty))
         tl.store(ML + state * 2, m_i)
@@ -156,8 +151,7 @@ if HAS_TRITON:
         m_i = tl.load(ML + state * 2)
         l_i = tl.load(ML + state * 2 + 1)
         # per row, the keys it allows: [first, last] (text rows: all) plus, for visual rows, the text keys;
-        # never padding. An excluded score is -inf: it leaves the row max alone and gets p = exp2(-inf) = 0
-        # (col_scale > 0: the prepare floors every amax); a row with nothing allowed in a tile keeps its max.
+        # never padding (softmax_pv_step turns the rest into -inf)
         text_rows = rows < text_end
         first = tl.where(text_rows, 0, rows - w_left)
         last = tl.minimum(tl.where(text_rows, seq_len, rows + w_right), seq_len - 1)
@@ -182,18 +176,10 @@ if HAS_TRITON:
             start_n = (start_n // BLOCK_N) * BLOCK_N  # the tile alignment, for 16-byte loads
             keys = start_n + tl.arange(0, BLOCK_N)
             k_t = tl.load(k_base + keys[None, :] * HEAD_DIM + offs_d[:, None])
-            qk_i = tl.dot(q, k_t, out_dtype=tl.int32)
-            bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
-            allowed = ((keys[None, :] >= first[:, None]) | (keys[None, :] < text_end)) & (keys[None, :] <= last[:, None])
-            bits = tl.where(allowed, bits, float("-inf"))
-            col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
-            m_new = tl.maximum(m_i, (tl.max(bits, 1) - 12582912.0) * col_scale)
-            p = tl.math.exp2(tl.fma(bits, col_scale, ((8.807354922057604 - 12582912.0 * col_scale) - m_new)[:, None]))
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_d[None, :] * seq_pad + keys[:, None])
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
-            m_i = m_new
+            allowed = ((keys[None, :] >= first[:, None]) | (keys[None, :] < text_end)) & (keys[None, :] <= last[:, None])
+            col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
+            m_i, l_i, acc = softmax_pv_step(q, k_t, v, col_scale, m_i, l_i, acc, allowed, True)
         l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only
         v_scale = tl.load(VA + pid_bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
         out = acc * v_scale[None, :] / l_i[:, None] + tl.load(VM + pid_bh * HEAD_DIM + offs_d)[None, :]

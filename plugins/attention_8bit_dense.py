@@ -56,6 +56,27 @@ def install_allocator() -> None:
 
 if HAS_TRITON:
     @triton.jit
+    def softmax_pv_step(q, k_t, v_tile, col_scale, m_i, l_i, acc, allowed, MASKED: tl.constexpr):
+        """One key tile of the folded loop, given its K^T tile [D, N], its V tile [N, D] (both loaded by the
+        caller, so each kernel keeps its own load path) and the tile's score scale (key scale x query
+        scale): the INT8 dot, the int32 -> fp32 bit trick (the fp32 1.5 * 2**23 + qk, exactly), the row max on
+        the bits, and the scale, the offset, the max and log2(448) (P's FP8 scale) in the exp's single FMA.
+        With MASKED, the scores where ``allowed`` [M, N] is false become -inf: they leave the row max alone
+        and get p = exp2(-inf) = 0 (col_scale > 0: the prepare floors every amax); a row with nothing
+        allowed in the tile keeps its max, alpha = 1. Returns (m_new, l_i, acc). Shared by the dense and
+        the band kernels (attention_8bit_band)."""
+        qk_i = tl.dot(q, k_t, out_dtype=tl.int32)
+        bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
+        if MASKED:
+            bits = tl.where(allowed, bits, float("-inf"))
+        m_new = tl.maximum(m_i, (tl.max(bits, 1) - 12582912.0) * col_scale)
+        p = tl.math.exp2(tl.fma(bits, col_scale, ((8.807354922057604 - 12582912.0 * col_scale) - m_new)[:, None]))
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v_tile)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _attention_8bit_dense_kernel(Q8, K8, V8T, QS, KS, VA, VM, O,
                                      stride_ob, stride_oh, stride_os,
                                      num_bh, num_heads, seq_len, seq_pad,
@@ -98,26 +119,16 @@ if HAS_TRITON:
         for start_n in tl.range(0, keys_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
             if LOADS > 0:
                 k_t = desc_k.load([k_row + start_n, 0]).T
-            else:  # K^T [D, N] (no transpose between the load and the dot)
+                v = desc_v.load([v_row, start_n]).T
+            else:  # K^T [D, N] (no transpose between the load and the dot); V [N, D] from its [D, S_pad]
+                # storage: tokens contiguous, K-major for the FP8 wgmma
                 k_t = tl.load(kt_block)
                 kt_block = tl.advance(kt_block, (0, BLOCK_N))
-            qk_i = tl.dot(q, k_t, out_dtype=tl.int32)
-            # int32 -> fp32 without I2F (attention_8bit's bit trick): the fp32 1.5 * 2**23 + qk, exactly
-            bits = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)
-            # BLOCK_N divides BLOCK_K: one key scale per tile, so the row max is taken on the bits, and
-            # the scale, the offset, the max and log2(448) (P's FP8 scale) come off in the exp's one FMA
-            col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
-            m_new = tl.maximum(m_i, (tl.max(bits, 1) - 12582912.0) * col_scale)
-            p = tl.math.exp2(tl.fma(bits, col_scale, ((8.807354922057604 - 12582912.0 * col_scale) - m_new)[:, None]))
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if LOADS > 0:
-                v = desc_v.load([v_row, start_n]).T
-            else:  # V [N, D] from its [D, S_pad] storage: tokens contiguous, K-major for the FP8 wgmma
                 v = tl.load(v_block)
                 v_block = tl.advance(v_block, (BLOCK_N, 0))
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
-            m_i = m_new
+            # BLOCK_N divides BLOCK_K: one key scale per tile
+            col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
+            m_i, l_i, acc = softmax_pv_step(q, k_t, v, col_scale, m_i, l_i, acc, None, False)
         # The keys past the sequence in the last tile (zero codes, zero values) were scored exactly 0:
         # nothing reached acc, and each added the same p to l, recomputed here and taken out (no masked
         # step, which would cost a select per score or a second copy of the loop body in registers).
