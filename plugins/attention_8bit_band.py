@@ -210,6 +210,8 @@ def launch_attention_8bit_band(qz: Quantized, seq_len: int, out: torch.Tensor, w
     if not out_storage.is_contiguous():
         raise HeadAttentionError("out must be contiguous [B, H, S, D] or the [B, H, S, D] view of a contiguous "
                                  "[B, S, H, D]")
+    # a band wider than the sequence is the whole sequence; clamped so row + w stays inside int32 in the kernel
+    w_left, w_right = min(w_left, seq_len), min(w_right, seq_len)
     run = runner or (lambda kernel: kernel)
     device = qz.q8.device
     acc = torch.empty(batch * heads, seq_pad, head_dim, dtype=torch.bfloat16, device=device)
