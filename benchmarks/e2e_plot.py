@@ -39,7 +39,8 @@ def points(result: dict) -> list[dict]:
             psnr = float(result["required_psnr_db"])
         else:
             psnr = None
-        out.append({"name": name, "step_ms_median": r["step_ms_median"], "step_ms_mean": 1e3 * r["total_s"] / r["steps"],
+        steps = r.get("steps", result.get("steps"))  # e2e_flux.py keeps the step count once, at the top
+        out.append({"name": name, "step_ms_median": r["step_ms_median"], "step_ms_mean": 1e3 * r["total_s"] / steps,
                     "speedup": r.get("speedup_vs_eager_in_call", eager / r["total_s"] if eager else None),
                     "psnr_db": psnr,
                     "reaches_required": fid.get("reaches_required", True)})
@@ -64,11 +65,15 @@ def plot(result: dict, path: str | Path) -> bool:
     bars.scatter([p["step_ms_mean"] for p in pts], list(y), color="black", s=14, zorder=3, label="mean step (total / steps)")
     bars.set_yticks(list(y), [p["name"] for p in pts], fontsize=7)
     bars.invert_yaxis()
-    bars.set_xlabel("ms per denoising step (two CFG forwards)")
+    forwards = result.get("cfg_forwards_per_step", result.get("forwards_per_step", 2))
+    bars.set_xlabel(f"ms per denoising step ({'two CFG forwards' if forwards == 2 else 'one forward' if forwards == 1 else f'{forwards} forwards'})")
     bars.grid(axis="x", alpha=0.3)
     bars.legend(fontsize=7)
 
     known = [p for p in pts if p["psnr_db"] is not None and p["speedup"] is not None]
+    if all(not math.isfinite(p["psnr_db"]) for p in known):  # a speed-only race (no test bed): speed-ups
+        _speedup_panel(scatter, pts, result)
+        return _finish(fig, plt, result, path)
     finite = [p["psnr_db"] for p in known if math.isfinite(p["psnr_db"])]
     bar = result.get("required_psnr_db")
     top = max(finite + ([bar] if bar is not None else []), default=30.0) + 6
@@ -90,7 +95,30 @@ def plot(result: dict, path: str | Path) -> bool:
     scatter.set_xlabel("speed-up over diffusers eager (total time)")
     scatter.set_ylabel("test-bed PSNR vs uncompressed (dB)")
     scatter.grid(alpha=0.3)
-    fig.suptitle(f"{result.get('model', 'e2e race')}: {result.get('steps')} steps, CFG {result.get('guidance')}, "
+    return _finish(fig, plt, result, path)
+
+
+def _speedup_panel(ax, pts: list[dict], result: dict) -> None:
+    """Right panel of a race without fidelity: each contender's speed-up over diffusers eager."""
+    timed = [p for p in pts if p["speedup"] is not None]
+    y = range(len(timed))
+    ax.barh(list(y), [p["speedup"] for p in timed], alpha=0.8,
+            color=["tab:orange" if p["name"].startswith("ditbake") else "tab:blue" for p in timed])
+    for i, p in zip(y, timed):
+        ax.text(p["speedup"], i, f" {p['speedup']:.2f}×", va="center", fontsize=7)
+    ax.set_yticks(list(y), [p["name"].replace("diffusers ", "").replace(" + torch.compile", " +tc") for p in timed],
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("speed-up over diffusers eager (total time)")
+    ax.set_title("speed only: fidelity not measured (see the JSON's `fidelity`)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _finish(fig, plt, result: dict, path) -> bool:
+    distilled = str(result.get("cfg", "")).startswith("none")  # e2e_flux.py: guidance-distilled, no CFG
+    guidance = f"guidance {result.get('guidance')}, no CFG" if distilled else f"CFG {result.get('guidance')}"
+    fig.suptitle(f"{result.get('model', 'e2e race')}: {result.get('steps')} steps, {guidance}, "
                  f"{result.get('device', '')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

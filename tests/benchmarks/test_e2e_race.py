@@ -132,6 +132,32 @@ def test_plot_points_and_png(tmp_path, rng_seed):
     assert image.shape[0] > 300 and image.shape[1] > 1000 and image.std() > 0.05  # two panels drawn
 
 
+def test_plot_of_a_speed_only_race(tmp_path, rng_seed):
+    """e2e_flux.py's JSON: the step count once at the top, one forward per step, no fidelity for anyone:
+    the points take the top-level steps and the right panel shows speed-ups instead of an empty scatter."""
+    import e2e_plot
+
+    rnd = random.Random(rng_seed)
+    rows = {name: {"step_ms_median": rnd.uniform(300, 900), "total_s": rnd.uniform(10, 45)}
+            for name in ("ditbake aoti", "diffusers eager", "diffusers torch.compile",
+                         "diffusers MagCache(0.06) + torch.compile")}
+    race = {"rows": rows, "steps": 40, "forwards_per_step": 1, "guidance": 3.5, "cfg": "none (guidance-distilled)",
+            "fidelity": "not measured", "model": "FLUX", "device": "GPU"}
+    pts = {p["name"]: p for p in e2e_plot.points(race)}
+    for name, r in rows.items():
+        assert pts[name]["step_ms_mean"] == pytest.approx(1e3 * r["total_s"] / 40)
+        assert pts[name]["speedup"] == pytest.approx(rows["diffusers eager"]["total_s"] / r["total_s"])
+    assert pts["ditbake aoti"]["psnr_db"] is None  # no test bed: unknown, not the bar
+
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    (tmp_path / "flux.json").write_text(json.dumps(race))
+    assert e2e_plot.main([str(tmp_path / "flux.json")]) == 0
+    image = matplotlib.image.imread(tmp_path / "flux.png")
+    assert image.shape[1] > 1000 and image.std() > 0.05
+
+
 def test_plot_without_matplotlib_logs_and_writes_nothing(tmp_path, monkeypatch, caplog):
     import e2e_plot
 
