@@ -66,7 +66,8 @@ def plot(result: dict, path: str | Path) -> bool:
     bars.set_yticks(list(y), [p["name"] for p in pts], fontsize=7)
     bars.invert_yaxis()
     forwards = result.get("cfg_forwards_per_step", result.get("forwards_per_step", 2))
-    bars.set_xlabel(f"ms per denoising step ({'two CFG forwards' if forwards == 2 else 'one forward' if forwards == 1 else f'{forwards} forwards'})")
+    per_step = {1: "one forward", 2: "two CFG forwards"}.get(forwards, f"{forwards} forwards")
+    bars.set_xlabel(f"ms per denoising step ({per_step})")
     bars.grid(axis="x", alpha=0.3)
     bars.legend(fontsize=7)
 

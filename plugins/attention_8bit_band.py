@@ -6,14 +6,14 @@ text key and the visual keys within ``[-w_left, +w_right]`` of its own index; a 
 key. Numerics are ``attention_8bit``'s specification (``attention_8bit_ref`` with an arrow table is the
 reference) on the same prepared buffers as ``attention_8bit_dense``. Per block of 64 query rows the key
 tiles split in two:
-  * **inner pass** — the band's interior, the tiles every row of the block allows whole (text rows:
-    every tile up to the one holding padding): the dense kernel's loop, unmasked, over one contiguous run
-    of tiles; it leaves the online-softmax state (accumulator in bf16, running max and sum in fp32) in a
-    scratch buffer.
+  * **inner pass** — the band's interior, the tiles every row of the block allows whole (from the first
+    text tile when the interior starts right after the text; text rows: every tile up to the one holding
+    padding): the dense kernel's loop, unmasked, over one contiguous run of tiles; it leaves the
+    online-softmax state (accumulator in bf16, running max and sum in fp32) in a scratch buffer.
   * **edge pass** — the rest: the text tiles (visual rows), the band's edge tiles and the padded tile,
     masked by the rule; it resumes from that state, and normalizes and stores the output.
 Why two launches: in one Triton kernel a second key loop or the 2-D band mask took the dense loop from
-166 to 233-255 registers (two programs per SM instead of three; ``plugins/notes/attention_8bit_dense.md``),
+166 to 233-255 registers (two programs per SM instead of three; ``plugins/notes/attention_8bit_band.md``),
 while the general kernel (``attention_8bit``: per-column scales, a masked step per band tile) runs a 50 %
 band in 85 % of the dense kernel's time. The state round trip costs 2 x 2 bytes per output element.
 The resumed softmax is the same online algorithm with the text and edge tiles last, so the result differs from
@@ -66,8 +66,9 @@ def band_tiles(seq_len: int, text_end: int, w_left: int, w_right: int, block_m: 
     """Per block of ``block_m`` query rows, the key bounds (lo, inner_lo, inner_hi, hi), int32
     [blocks, 4], multiples of ``block_n``: the inner pass takes [inner_lo, inner_hi), every key of which
     every row of the block allows; the edge pass the text tiles [0, text_end) (visual rows whose inner run
-    does not start at 0), [lo, inner_lo) and [inner_hi, hi). Text rows allow every key: their inner run is every whole tile, their edge the
-    padded one. Device tensor ops, no host sync (engines and CUDA graphs run it on every call)."""
+    does not start at 0), [lo, inner_lo) and [inner_hi, hi). Text rows allow every key: their inner run
+    is every whole tile, their edge the padded one. Device tensor ops, no host sync (engines and CUDA
+    graphs run it on every call)."""
     row_lo = torch.arange(0, seq_len, block_m, device=device, dtype=torch.int64)
     row_hi = torch.clamp(row_lo + block_m, max=seq_len) - 1
     keys_hi, seq_floor = -(-seq_len // block_n) * block_n, (seq_len // block_n) * block_n
