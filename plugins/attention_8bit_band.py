@@ -36,14 +36,14 @@ import torch
 from ditbake.plugins.attention_8bit import (HAS_TRITON, QUANT_BLOCK_K, QUANT_BLOCK_Q, Quantized, _resolve_scale,
                                             _v8_storage, attention_8bit_ref, prepare_8bit)
 from ditbake.plugins import attention_8bit_dense
-from ditbake.plugins.attention_8bit_dense import DENSE_CONFIGS, _token_major, dense_supported
+from ditbake.plugins.attention_8bit_dense import DENSE_CONFIGS, _token_major, dense_supported, output_storage
 from ditbake.plugins.head_attention import HeadAttentionError, HeadKind, check_qkv_tensors
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ditbake.plugins.attention_8bit_dense import softmax_pv_step
+    from ditbake.plugins.attention_8bit_dense import softmax_pv_step, store_output
 
 TEXT_ALIGN = 128  # text tokens fill whole query and key tiles
 BAND_CONFIGS = {d: dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
@@ -181,13 +181,8 @@ if HAS_TRITON:
             allowed = ((keys[None, :] >= first[:, None]) | (keys[None, :] < text_end)) & (keys[None, :] <= last[:, None])
             col_scale = tl.load(ks_base + start_n // BLOCK_K) * q_scale
             m_i, l_i, acc = softmax_pv_step(q, k_t, v, col_scale, m_i, l_i, acc, allowed, True)
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only
-        v_scale = tl.load(VA + pid_bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
-        out = acc * v_scale[None, :] / l_i[:, None] + tl.load(VM + pid_bh * HEAD_DIM + offs_d)[None, :]
-        batch = (pid_bh // num_heads).to(tl.int64)
-        head = (pid_bh % num_heads).to(tl.int64)
-        o_ptrs = O + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows < seq_len)[:, None])
+        store_output(acc, l_i, VA, VM, O, pid_bh, num_heads, stride_ob, stride_oh, stride_os, rows, offs_d, seq_len,
+                     HEAD_DIM)
 
 
 def launch_attention_8bit_band(qz: Quantized, seq_len: int, out: torch.Tensor, w_left: int, w_right: int,
@@ -207,10 +202,7 @@ def launch_attention_8bit_band(qz: Quantized, seq_len: int, out: torch.Tensor, w
     if text_end % TEXT_ALIGN or not 0 <= text_end < seq_len or w_left < 0 or w_right < 0:
         raise HeadAttentionError(f"the banded kernels take text tokens first, a multiple of {TEXT_ALIGN} below the "
                                  f"sequence, and bands ≥ 0; got text_end {text_end}, band ({w_left}, {w_right})")
-    out_storage = out if out.is_contiguous() else out.transpose(1, 2)
-    if not out_storage.is_contiguous():
-        raise HeadAttentionError("out must be contiguous [B, H, S, D] or the [B, H, S, D] view of a contiguous "
-                                 "[B, S, H, D]")
+    out_storage = output_storage(out)
     # a band wider than the sequence is the whole sequence; clamped so row + w stays inside int32 in the kernel
     w_left, w_right = min(w_left, seq_len), min(w_right, seq_len)
     run = runner or (lambda kernel: kernel)

@@ -77,6 +77,19 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def store_output(acc, l_i, VA, VM, O, pid_bh, num_heads, stride_ob, stride_oh, stride_os, rows, offs_d, seq_len,
+                     HEAD_DIM: tl.constexpr):
+        """Specification step 5 for one block of rows: acc · (v_amax / 448) / l + v_mean, stored in O's dtype at
+        (batch, head, row) by O's strides; rows past the sequence are not stored. Shared with the band kernels."""
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only
+        v_scale = tl.load(VA + pid_bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
+        out = acc * v_scale[None, :] / l_i[:, None] + tl.load(VM + pid_bh * HEAD_DIM + offs_d)[None, :]
+        batch = (pid_bh // num_heads).to(tl.int64)
+        head = (pid_bh % num_heads).to(tl.int64)
+        o_ptrs = O + batch * stride_ob + head * stride_oh + rows[:, None] * stride_os + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows < seq_len)[:, None])
+
+    @triton.jit
     def _attention_8bit_dense_kernel(Q8, K8, V8T, QS, KS, VA, VM, O,
                                      stride_ob, stride_oh, stride_os,
                                      num_bh, num_heads, seq_len, seq_pad,
@@ -137,13 +150,8 @@ if HAS_TRITON:
         p_pad = tl.math.exp2(tl.fma(zero_bits, last_scale, (8.807354922057604 - 12582912.0 * last_scale) - m_i))
         l_i = l_i - (keys_hi - seq_len) * p_pad
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only
-        v_scale = tl.load(VA + pid_bh * HEAD_DIM + offs_d) * (1.0 / 448.0)
-        out = acc * v_scale[None, :] / l_i[:, None] + tl.load(VM + pid_bh * HEAD_DIM + offs_d)[None, :]
-        batch = (pid_bh // num_heads).to(tl.int64)
-        head = (pid_bh % num_heads).to(tl.int64)
-        o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < seq_len)[:, None])
+        store_output(acc, l_i, VA, VM, O, pid_bh, num_heads, stride_ob, stride_oh, stride_os, offs_m, offs_d,
+                     seq_len, HEAD_DIM)
 
 
 def _runs_here(t: torch.Tensor) -> bool:
@@ -160,6 +168,17 @@ def kernel_supports(q: torch.Tensor) -> bool:
 def dense_supported(qz: Quantized) -> bool:
     """INT8 QK, V stored [D, S_pad], a head dim with a launch config, on sm_90+."""
     return qz.q8.dtype == torch.int8 and not qz.v8.is_contiguous() and _runs_here(qz.q8)
+
+
+def output_storage(out: torch.Tensor) -> torch.Tensor:
+    """The storage tensor behind ``out`` ([B, H, S, D] contiguous, or the view of a contiguous [B, S, H, D]),
+    not a transposed view: user kernels in compiled graphs take contiguous buffers, and ``out``'s strides say
+    where each head's rows go."""
+    storage = out if out.is_contiguous() else out.transpose(1, 2)
+    if not storage.is_contiguous():
+        raise HeadAttentionError("out must be contiguous [B, H, S, D] or the [B, H, S, D] view of a contiguous "
+                                 "[B, S, H, D]")
+    return storage
 
 
 def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, config: dict | None = None,
@@ -188,13 +207,7 @@ def launch_attention_8bit_dense(qz: Quantized, seq_len: int, out: torch.Tensor, 
         v8t = TensorDescriptor.from_tensor(v8t.view(batch * heads * head_dim, seq_pad), [head_dim, block_n])
     kernel = runner(_attention_8bit_dense_kernel) if runner is not None else _attention_8bit_dense_kernel
     grid = (triton.cdiv(seq_len, block_m), batch * heads)
-    # the storage tensor, not a transposed view (user kernels in compiled graphs take contiguous buffers;
-    # the strides say where each head's rows go)
-    out_storage = out if out.is_contiguous() else out.transpose(1, 2)
-    if not out_storage.is_contiguous():
-        raise HeadAttentionError("out must be contiguous [B, H, S, D] or the [B, H, S, D] view of a contiguous "
-                                 "[B, S, H, D]")
-    compiled = kernel[grid](q8, k8, v8t, qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, out_storage,
+    compiled = kernel[grid](q8, k8, v8t, qz.q_scale, qz.k_scale, qz.v_amax, qz.v_mean, output_storage(out),
                  out.stride(0), out.stride(1), out.stride(2),
                  batch * heads, heads, seq_len, seq_pad,
                  HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=QUANT_BLOCK_Q, BLOCK_K=QUANT_BLOCK_K, LOADS=LOADS[loads], **cfg)

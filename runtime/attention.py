@@ -290,24 +290,13 @@ def group_signature(kind: str, precision: str, schemes: tuple[HeadScheme, ...], 
 
 
 def median_cuda_ms(fn, warmup: int = 2, reps: int = 5) -> float:
-    """Median CUDA-event time of fn after warm-up (build-time kernel choice; the benchmarks' timer)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median CUDA-event time of fn after warm-up (the benchmarks' timer): one candidate in turn with itself."""
+    return interleaved_median_ms({"fn": fn}, warmup, reps)["fn"]
 
 
 def interleaved_median_ms(fns: dict, warmup: int = 2, reps: int = 7) -> dict[str, float]:
-    """Median CUDA-event time of each candidate, timed in turns (A B A B ...) rather than one after the
-    other, so that a clock or thermal drift during the build moves every candidate alike: back-to-back
+    """Median CUDA-event time of each candidate after warm-up, timed in turns (A B A B ...) rather than one
+    after the other, so that a clock or thermal drift during the build moves every candidate alike: back-to-back
     medians of 5 once picked the slower of two band kernels (2.42 vs 2.12 ms, next call 1.69 vs 1.84)."""
     for fn in fns.values():
         for _ in range(warmup):
