@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench_attention import do_bench_ms
+from bench_attention import do_bench_ms, kernel_us
 from bench_attention_8bit import peaky_inputs, rel_err
 from ditbake.plugins import attention_8bit as a8
 from ditbake.plugins import attention_8bit_band as band
@@ -34,18 +34,17 @@ SHAPES = {"flux-2048": ((1, 24, 16896, 128), 512), "wan2.1-1.3b": ((1, 12, 32760
 BAND_FRACTIONS = (0.5, 0.2)  # w on each side as a fraction of the visual tokens: 0.5 keeps about half the pairs
 
 
-def kernel_ms(fn, names: tuple[str, ...]) -> float:
-    """Device time of the kernels whose name contains one of `names`, per call (torch.profiler, 5 calls)."""
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
+def kernels_ms(fn) -> dict[str, float]:
+    """Device ms per call of each kernel ``fn`` launches, after one warm-up call (bench_attention.kernel_us
+    over 5 calls)."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-    total = sum(e.device_time_total for e in prof.key_averages() if any(n in e.key for n in names))
-    return total / 5 / 1000.0
+    return {name: us / 1000.0 for name, us in kernel_us(fn, 5).items()}
+
+
+def named_ms(per_kernel: dict[str, float], *names: str) -> float:
+    """The summed time of the kernels whose name contains one of ``names``."""
+    return sum(ms for kernel, ms in per_kernel.items() if any(n in kernel for n in names))
 
 
 def bench_shape(name: str, shape: tuple, text_end: int) -> dict:
@@ -55,7 +54,7 @@ def bench_shape(name: str, shape: tuple, text_end: int) -> dict:
     dense_flops = 4.0 * batch * heads * seq * seq * dim
     dense = lambda: torch.ops.ditbake.attention_8bit_dense(q, k, v, None)  # noqa: E731
     row = {"shape": list(shape), "text_tokens": text_end, "dense_ms": do_bench_ms(dense),
-           "dense_kernel_ms": kernel_ms(dense, ("_attention_8bit_dense_kernel",)), "bands": {}}
+           "dense_kernel_ms": named_ms(kernels_ms(dense), "_attention_8bit_dense_kernel"), "bands": {}}
     for fraction in BAND_FRACTIONS:
         w = int(fraction * visual / 2) if fraction < 0.5 else visual // 4
         table = ha.schemes_to_tensor([ha.HeadScheme.arrow(w, w)] * heads).to("cuda")
@@ -67,11 +66,12 @@ def bench_shape(name: str, shape: tuple, text_end: int) -> dict:
         stats: dict = {}
         qz = a8.prepare_8bit(q, k, v, None, "int8", v_transposed=True)
         band.launch_attention_8bit_band(qz, seq, torch.empty_like(q), w, w, text_end, stats=stats)
+        band_kernels = kernels_ms(banded)  # one profile for the pair and the inner pass alone
         entry = {"w": w, "flops_removed": 1.0 - done / dense_flops,
                  "band_ms": do_bench_ms(banded), "general_ms": do_bench_ms(general),
-                 "band_kernels_ms": kernel_ms(banded, ("_band_inner_kernel", "_band_edge_kernel")),
-                 "band_inner_ms": kernel_ms(banded, ("_band_inner_kernel",)),
-                 "general_kernel_ms": kernel_ms(general, ("_attention_8bit_kernel",)),
+                 "band_kernels_ms": named_ms(band_kernels, "_band_inner_kernel", "_band_edge_kernel"),
+                 "band_inner_ms": named_ms(band_kernels, "_band_inner_kernel"),
+                 "general_kernel_ms": named_ms(kernels_ms(general), "_attention_8bit_kernel"),
                  "band_err": rel_err(out_band[:, :2], exact), "general_err": rel_err(out_general[:, :2], exact),
                  "band_vs_general": rel_err(out_band, out_general), "inner_registers": stats}
         entry["band_tflops"] = done / entry["band_kernels_ms"] / 1e9
@@ -106,7 +106,9 @@ def edge_sweep(name: str, shape: tuple, text_end: int) -> dict:
             band.EDGE_CONFIG.update(cfg)
             run = lambda: band.launch_attention_8bit_band(qz, seq, out, w, w, text_end)  # noqa: E731
             label = f"w{cfg['num_warps']} s{cfg['num_stages']}" + (f" r{cfg['maxnreg']}" if "maxnreg" in cfg else "")
-            rows[label] = {"edge_ms": kernel_ms(run, ("_band_edge_kernel",)), "inner_ms": kernel_ms(run, ("_band_inner_kernel",))}
+            per_kernel = kernels_ms(run)
+            rows[label] = {"edge_ms": named_ms(per_kernel, "_band_edge_kernel"),
+                           "inner_ms": named_ms(per_kernel, "_band_inner_kernel")}
             logger.info("%s edge %s: %.3f ms (inner %.3f)", name, label, rows[label]["edge_ms"], rows[label]["inner_ms"])
     finally:
         band.EDGE_CONFIG.clear()
