@@ -13,10 +13,10 @@ first, then the rotation of pairs (x[2i], x[2i+1]) in fp32 rounded to x.dtype.
 Why: Inductor turned this composition into two kernels (a reduction over the normalized heads and
 a pointwise cat + rotation) that took 17.1 ms per Flux forward at 2048² on the H200
 (forward_race_flux_band2_h200.json: 13.2 + 3.9 ms; ≈ 1.8 TB/s for the reduction) for 23.7 GB of
-q / k traffic, ≈ 6 ms at the memory roofline. One program here holds BLOCK_S tokens of one head:
-the statistic, the weight, the rotation and the head-major store in one read and one write. The
-head is the fastest grid axis, so the heads of a token block run together and share its cos / sin
-rows in L2. FP32 sums in another order than PyTorch's: an output can differ by a rounding of
+q / k traffic, ≈ 6 ms at the memory roofline. One program here holds BLOCK_S tokens of a few heads:
+the statistic, the weight, the rotation and the head-major store in one read and one write, with the
+token block's cos / sin rows loaded once for all its heads (a first version, one head per program,
+read them per head: 1 KB of fp32 table per 256-byte head row, 0.5-1.2 TB/s). FP32 sums in another order than PyTorch's: an output can differ by a rounding of
 x.dtype. Measurements: plugins/notes/rms_rope_heads.md.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ from torch.library import triton_op, wrap_triton
 from ditbake.plugins._triton_util import HAS_TRITON, tl, triton, use_triton
 from ditbake.plugins.nvfp4 import QuantFormatError
 
-TOKENS_PER_PROGRAM = 32
+TOKENS_PER_PROGRAM = 16
+HEADS_PER_PROGRAM = 8
 WARPS = 4
 
 
@@ -90,7 +91,8 @@ def rms_rope_heads(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin
 
 
 def launch_rms_rope_heads(x, weight, cos, sin, eps: float, heads: int, first=None, first_weight=None,
-                          tokens_per_program: int = TOKENS_PER_PROGRAM, warps: int = WARPS) -> torch.Tensor:
+                          tokens_per_program: int = TOKENS_PER_PROGRAM, heads_per_program: int = HEADS_PER_PROGRAM,
+                          warps: int = WARPS) -> torch.Tensor:
     """The kernel launch behind the op (benchmarks sweep its launch options)."""
     b, n, width = x.shape
     d = width // heads
@@ -100,10 +102,12 @@ def launch_rms_rope_heads(x, weight, cos, sin, eps: float, heads: int, first=Non
     has_first = first is not None
     first = (first if has_first else x).contiguous()
     first_weight = (first_weight if has_first else weight).contiguous()
-    grid = (heads, triton.cdiv(t + n, tokens_per_program), b)
+    heads_per_program = min(heads_per_program, heads)
+    grid = (triton.cdiv(t + n, tokens_per_program), triton.cdiv(heads, heads_per_program), b)
     wrap_triton(_rms_rope_heads_kernel)[grid](
         x, weight.contiguous(), first, first_weight, cos.contiguous(), sin.contiguous(), out, t, n, eps,
-        H=heads, D=d, BLOCK_S=tokens_per_program, HAS_FIRST=has_first, num_warps=warps)
+        H=heads, D=d, BLOCK_S=tokens_per_program, HEADS_PER=heads_per_program, HAS_FIRST=has_first,
+        num_warps=warps)
     return out
 
 
@@ -117,34 +121,41 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_rope_heads_kernel(x_ptr, w_ptr, f_ptr, fw_ptr, cos_ptr, sin_ptr, out_ptr, T, N, eps,
-                               H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_FIRST: tl.constexpr):
-        """BLOCK_S tokens of head program_id(0) of sample program_id(2), as a [BLOCK_S, D] tile; the
-        pairs are split in registers (16-byte loads and stores, no strided access to x or out)."""
-        head = tl.program_id(0)
+                               H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, HEADS_PER: tl.constexpr,
+                               HAS_FIRST: tl.constexpr):
+        """BLOCK_S tokens of HEADS_PER heads (from HEADS_PER * program_id(1)) of sample program_id(2), each head
+        a [BLOCK_S, D] tile. The cos / sin rows are loaded once per program (whole rows, 16-byte loads) and
+        serve all its heads; pairs are split in registers (no strided access to x, cos, sin or out)."""
         b = tl.program_id(2).to(tl.int64)
         HALF: tl.constexpr = D // 2
-        tok = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        tok = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         ok = tok < T + N
+        row_ok = ok[:, None]
         cols = tl.arange(0, D)
+        table = tok[:, None] * D + cols[None, :]
+        c, _ = tl.split(tl.reshape(tl.load(cos_ptr + table, mask=row_ok, other=0.0), [BLOCK_S, HALF, 2]))
+        _, s = tl.split(tl.reshape(tl.load(sin_ptr + table, mask=row_ok, other=0.0), [BLOCK_S, HALF, 2]))
         w = tl.load(w_ptr + cols).to(tl.float32)[None, :]
         in_x = ok & (tok >= T)
-        x_rows = (b * N + (tok - T)) * (H * D) + head * D
-        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=in_x[:, None], other=0.0).to(tl.float32)
+        x_rows = (b * N + (tok - T)) * (H * D)
         if HAS_FIRST:
             in_f = tok < T
-            f_rows = (b * T + tok) * (H * D) + head * D
-            f = tl.load(f_ptr + f_rows[:, None] + cols[None, :], mask=in_f[:, None], other=0.0).to(tl.float32)
-            x = tl.where(in_f[:, None], f, x)
+            f_rows = (b * T + tok) * (H * D)
             w = tl.where(in_f[:, None], tl.load(fw_ptr + cols).to(tl.float32)[None, :], w)
-        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
         dt = out_ptr.dtype.element_ty
-        # F.rms_norm on fp32: x * rstd * weight, rounded once to the output dtype
-        y = (x * r[:, None] * w).to(dt).to(tl.float32)
-        y_even, y_odd = tl.split(tl.reshape(y, [BLOCK_S, HALF, 2]))
-        pairs = tl.arange(0, HALF)
-        row_ok = ok[:, None]
-        c = tl.load(cos_ptr + tok[:, None] * D + 2 * pairs[None, :], mask=row_ok, other=0.0)
-        s = tl.load(sin_ptr + tok[:, None] * D + 2 * pairs[None, :] + 1, mask=row_ok, other=0.0)
-        o = tl.reshape(tl.join(y_even * c - y_odd * s, y_even * s + y_odd * c), [BLOCK_S, D])
-        dst = out_ptr + ((b * H + head) * (T + N) + tok[:, None]) * D + cols[None, :]
-        tl.store(dst, o.to(dt), mask=row_ok)
+        for i in tl.static_range(HEADS_PER):
+            head = tl.program_id(1) * HEADS_PER + i
+            if head < H:
+                x = tl.load(x_ptr + x_rows[:, None] + head * D + cols[None, :], mask=in_x[:, None],
+                            other=0.0).to(tl.float32)
+                if HAS_FIRST:
+                    f = tl.load(f_ptr + f_rows[:, None] + head * D + cols[None, :], mask=in_f[:, None],
+                                other=0.0).to(tl.float32)
+                    x = tl.where(in_f[:, None], f, x)
+                r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
+                # F.rms_norm on fp32: x * rstd * weight, rounded once to the output dtype
+                y = (x * r[:, None] * w).to(dt).to(tl.float32)
+                y_even, y_odd = tl.split(tl.reshape(y, [BLOCK_S, HALF, 2]))
+                o = tl.reshape(tl.join(y_even * c - y_odd * s, y_even * s + y_odd * c), [BLOCK_S, D])
+                dst = out_ptr + ((b * H + head) * (T + N) + tok[:, None]) * D + cols[None, :]
+                tl.store(dst, o.to(dt), mask=row_ok)
