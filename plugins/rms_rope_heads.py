@@ -31,7 +31,7 @@ from ditbake.plugins._triton_util import HAS_TRITON, tl, triton, use_triton
 from ditbake.plugins.nvfp4 import QuantFormatError
 
 TOKENS_PER_PROGRAM = 16
-HEADS_PER_PROGRAM = 8
+HEADS_PER_PROGRAM = 4
 WARPS = 4
 
 
