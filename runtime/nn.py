@@ -220,6 +220,20 @@ def _int8_gelu_up(x, w: Weights, up: str, down: str, precisions: dict[str, str])
     projection's input — returned as its LinearInput — gets its codes in one pass with no reduction
     (producer_quant.amax_quant) instead of the GELU producer kernel's two passes over the 8,960-wide
     rows. None where that path does not apply."""
+    made = int8_gelu_gemm(x, w, up, down, precisions)
+    if made is None:
+        return None
+    h, amax, lead, dtype = made
+    from ditbake.plugins.producer_quant import amax_quant  # noqa: PLC0415
+
+    return LinearInput(lambda: h.reshape(*lead, h.shape[-1]),
+                       lambda fmt: (*amax_quant(h, amax, fmt), (lead, dtype)))
+
+
+def int8_gelu_gemm(x, w: Weights, up: str, down: str, precisions: dict[str, str]):
+    """The up projection `up` with tanh-GELU and each row's max |GELU| in the CUTLASS GEMM's epilogue, when
+    `up` and the layer `down` that reads its output both run INT8 on an sm90 GPU: (h [M, N] bf16, amax fp32
+    [M], lead shape, dtype of x), else None. x: a tensor or a LinearInput."""
     if not all(precisions.get(n, "bf16") == "int8" and linear_format(w, n, "int8") == "int8" for n in (up, down)):
         return None
     qw, bias = w[up + ".int8_weight"], w.get(up + ".bias")
@@ -227,7 +241,6 @@ def _int8_gelu_up(x, w: Weights, up: str, down: str, precisions: dict[str, str])
         return None
     from ditbake.plugins import gemm_w8a8_cutlass  # noqa: PLC0415
     from ditbake.plugins.int8 import quantize_rows  # noqa: PLC0415
-    from ditbake.plugins.producer_quant import amax_quant  # noqa: PLC0415
 
     made = x.quantized("int8") if isinstance(x, LinearInput) else None
     if made is not None:  # a producer kernel wrote the codes
@@ -239,8 +252,7 @@ def _int8_gelu_up(x, w: Weights, up: str, down: str, precisions: dict[str, str])
     if dtype != torch.bfloat16 or not gemm_w8a8_cutlass.cutlass_gemm_applies(q, qw, torch.bfloat16, bias):
         return None
     h, amax = torch.ops.ditbake.gemm_w8a8_gelu_cutlass(q, s.reshape(-1), qw, w[up + ".int8_scale"], bias, 0)
-    return LinearInput(lambda: h.reshape(*lead, h.shape[-1]),
-                       lambda fmt: (*amax_quant(h, amax, fmt), (lead, dtype)))
+    return h, amax, lead, dtype
 
 
 def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

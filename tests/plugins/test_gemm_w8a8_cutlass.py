@@ -220,3 +220,31 @@ def test_gpu_fused_int8_mlp_matches_the_unfused_path():
     assert torch.equal(nn.gelu_tanh_mlp(x, w, "ff", precisions), fused)
     rel = float((fused.double() - unfused.double()).norm() / unfused.double().norm())
     assert rel < 1e-2, rel  # INT8 step of the GELU output (~1/254 of the row max) dominates both
+
+
+@pytest.mark.gpu
+def test_gpu_flux_single_block_proj_out_input_matches_the_unfused_path():
+    """A Flux single block's proj_out over cat([attention, GELU(proj_mlp)]) with the GELU and its rows' amax
+    from the up projection's epilogue and the codes of the concatenation in one pass
+    (runtime.arch_flux._attention_beside_gelu) against the unfused path (GELU and cat as torch ops)."""
+    _cuda_ready()
+    from ditbake.runtime import arch_flux, nn
+
+    g = _gen()
+    dim, hidden = 3072, 12288
+    w = {}
+    for name, (n, k) in {"proj_mlp": (hidden, dim), "proj_out": (dim, dim + hidden)}.items():
+        q, s = quantize_rows(torch.randn(n, k, generator=g) / k ** 0.5, "int8")
+        w[name + ".int8_weight"], w[name + ".int8_scale"] = q.cuda(), s.reshape(-1).cuda()
+        w[name + ".bias"] = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16).cuda()
+    x = torch.randn(1, 1536, dim, generator=g).to(torch.bfloat16).cuda()
+    a = (torch.randn(1, 1536, dim, generator=g) * 2).to(torch.bfloat16).cuda()
+    precisions = {"proj_mlp": "int8", "proj_out": "int8"}
+    up = nn.int8_gelu_gemm(x, w, "proj_mlp", "proj_out", precisions)
+    assert up is not None
+    fused = nn.quantizable_linear(arch_flux._attention_beside_gelu(a, *up), w, "proj_out", "int8")
+    mlp = F.gelu(nn.quantizable_linear(x, w, "proj_mlp", "int8"), approximate="tanh")
+    unfused = nn.quantizable_linear(torch.cat([a, mlp], dim=2), w, "proj_out", "int8")
+    assert fused.shape == unfused.shape == (1, 1536, dim)
+    rel = float((fused.double() - unfused.double()).norm() / unfused.double().norm())
+    assert rel < 1e-2, rel  # INT8 steps of the input (~1/254 of the row max) dominate both

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from ditbake.plugins.int8 import dequantize_rows, quantize_rows
 from ditbake.plugins.nvfp4 import QuantFormatError
 from ditbake.plugins import producer_quant
-from ditbake.plugins.producer_quant import (amax_quant, gelu_quant, gelu_quant_ref, norm_quant, norm_quant_ref,
-                                            quantize_gelu_output, quantize_norm_output, quantize_with_amax, row_quant)
+from ditbake.plugins.producer_quant import (amax_quant, cat_amax_quant, gelu_quant, gelu_quant_ref, norm_quant,
+                                            norm_quant_ref, quantize_cat_with_amax, quantize_gelu_output,
+                                            quantize_norm_output, quantize_with_amax, row_quant)
 
 
 def _gen():
@@ -72,6 +73,49 @@ def test_amax_quant_kernel_tiles_cover_ragged_edges(monkeypatch):
     amax[3] = 0.0  # a row whose producer saw only zeros: scale 1, codes of h / 1 clamped
     q, s = amax_quant(h, amax, "int8")
     q_expected, s_expected = quantize_rows(h, "int8", amax)
+    assert torch.equal(s, s_expected.reshape(-1))
+    assert torch.equal(q, q_expected)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_cat_amax_quant_is_quantize_rows_of_the_concatenation(fmt):
+    g = _gen()
+    a = (torch.randn(37, 96, generator=g) * 5).to(torch.bfloat16)  # the larger part sets some rows' amax
+    h = (torch.randn(37, 1000, generator=g) * 2).to(torch.bfloat16)
+    cat = torch.cat([a, h], -1)
+    amax = torch.maximum(a.float().abs().amax(-1), h.float().abs().amax(-1))
+    q, s = quantize_cat_with_amax(a, h, amax, fmt)
+    q_expected, s_expected = quantize_rows(cat, fmt)
+    assert q.shape == (37, 1096)
+    assert torch.equal(q.float(), q_expected.float()) and torch.equal(s, s_expected.reshape(-1))
+
+
+@pytest.mark.parametrize("case", ["a rank", "rows", "dtype", "amax dtype", "amax shape", "format"])
+def test_cat_amax_quant_bad_input_gets_typed_errors(case):
+    a, h = torch.randn(4, 8).to(torch.bfloat16), torch.randn(4, 16).to(torch.bfloat16)
+    args = dict(a=a, h=h, amax=torch.ones(4), fmt="int8")
+    args.update({"a rank": dict(a=a[None]), "rows": dict(a=a[:3]), "dtype": dict(a=a.float()),
+                 "amax dtype": dict(amax=torch.ones(4, dtype=torch.float64)), "amax shape": dict(amax=torch.ones(5)),
+                 "format": dict(fmt="int4")}[case])
+    with pytest.raises(QuantFormatError):
+        quantize_cat_with_amax(*args.values())
+
+
+@pytest.mark.parametrize("ka", [64, 50, 130])
+def test_cat_amax_quant_kernel_tiles_cover_both_parts(monkeypatch, ka):
+    """The kernel under Triton's interpreter (kernel logic only): tiles wholly in a, wholly in h and cut by
+    the boundary (ka 64 on a tile edge, 50 and 130 inside tiles), ragged M and K; int8 by IEEE division
+    (the interpreter rounds it exactly), codes and scales where the reference puts them."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(producer_quant, "AMAX_ROWS", 4)
+    monkeypatch.setattr(producer_quant, "AMAX_COLS", 64)
+    monkeypatch.setattr(producer_quant, "AMAX_RECIPROCAL", False)
+    g = _gen()
+    a, h = torch.randn(9, ka, generator=g) * 3, torch.randn(9, 150, generator=g)
+    amax = torch.maximum(a.abs().amax(-1), h.abs().amax(-1))
+    q, s = cat_amax_quant(a, h, amax, "int8")
+    q_expected, s_expected = quantize_rows(torch.cat([a, h], -1), "int8", amax)
     assert torch.equal(s, s_expected.reshape(-1))
     assert torch.equal(q, q_expected)
 
@@ -206,6 +250,26 @@ def test_gpu_row_quant_matches_quantize_rows(fmt, width):
     h[7] = 0
     q, s = row_quant(h, fmt)
     q_expected, s_expected = quantize_rows(h, fmt)
+    assert torch.equal(s, s_expected.reshape(-1))
+    if fmt == "int8":
+        assert_reciprocal_codes(q, q_expected)
+    else:
+        assert torch.equal(q.float(), q_expected.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("ka,kh", [(3072, 12288), (100, 1000)])
+def test_gpu_cat_amax_quant_matches_quantize_rows_of_the_concatenation(fmt, ka, kh):
+    """Flux's single-block widths (3,072 attention + 12,288 GELU) and a boundary inside a tile."""
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    a = (torch.randn(1001, ka, device="cuda", generator=g) * 4).to(torch.bfloat16)
+    h = (torch.randn(1001, kh, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    cat = torch.cat([a, h], -1)
+    amax = cat.float().abs().amax(-1)
+    q, s = cat_amax_quant(a, h, amax, fmt)
+    q_expected, s_expected = quantize_rows(cat, fmt)
     assert torch.equal(s, s_expected.reshape(-1))
     if fmt == "int8":
         assert_reciprocal_codes(q, q_expected)
