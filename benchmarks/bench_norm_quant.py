@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_attention import copy_ms, do_bench_ms  # benchmarks/ is the script's directory
+from bench_attention import copy_ms, do_bench_ms, kernel_us  # benchmarks/ is the script's directory
 from ditbake.plugins import producer_quant as pq
 from ditbake.plugins.int8 import quantize_rows
 from provenance import stamp
@@ -49,7 +49,9 @@ def main(argv=None) -> int:
 
     def row(fn) -> dict:
         q, s = fn()
-        entry = {"ms": do_bench_ms(fn), "codes_differ": float((q.float() != want_q.float()).float().mean()),
+        # device time of the kernels over 20 calls back to back (the profiler): do_bench's median, L2 flushed
+        # and events around each launch, read 2-5x the profiled time on the H200 in session 11
+        entry = {"ms": sum(kernel_us(fn, 20).values()) / 1e3, "do_bench_ms": do_bench_ms(fn), "codes_differ": float((q.float() != want_q.float()).float().mean()),
                  "max_code_step": float((q.float() - want_q.float()).abs().max()),
                  "scale_max_rel": float(((s - want_s).abs() / want_s).max())}
         entry["tb_s"] = gbytes / entry["ms"]
@@ -59,24 +61,24 @@ def main(argv=None) -> int:
                "copy_same_bytes_ms": copy_ms(gbytes), "rows": {}}
     compiled = torch.compile(composition, dynamic=False)
     results["rows"]["inductor (torch ops compiled)"] = row(lambda: compiled(x))
-    saved = (pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL, pq.ROW_ROWS, pq.ROW_WARPS)
+    saved = (pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_STEPS, pq.NORM_RECIPROCAL, pq.ROW_ROWS, pq.ROW_WARPS)
     try:
-        for rows, warps, reciprocal in itertools.product((1, 2, 4), (1, 2, 4, 8), RECIPROCAL):
-            pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL = rows, warps, reciprocal
-            name = f"norm_quant rows={rows} warps={warps} reciprocal={reciprocal}"
+        for rows, warps, steps, reciprocal in itertools.product((1, 2), (2, 4), (1, 4, 8, 16), RECIPROCAL):
+            pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_STEPS, pq.NORM_RECIPROCAL = rows, warps, steps, reciprocal
+            name = f"norm_quant rows={rows} warps={warps} steps={steps}"
             results["rows"][name] = row(lambda: pq.norm_quant(x, mul, add, EPS, "int8"))
             logger.info("%s %s", name, results["rows"][name])
         # row_quant on the norm's output (the same codes: its input is y already rounded to bf16)
         y = (F.layer_norm(x.float(), (WIDTH,), None, None, EPS) * mul[:, None] + add[:, None]).to(x.dtype).reshape(-1, WIDTH)
         compiled_rows = torch.compile(lambda y: quantize_rows(y, "int8"), dynamic=False)
         results["rows"]["inductor quantize_rows (no norm)"] = row(lambda: compiled_rows(y))
-        for rows, warps in itertools.product((1, 2, 4), (1, 2, 4)):
+        for rows, warps in itertools.product((1, 2), (2, 4)):
             pq.ROW_ROWS, pq.ROW_WARPS = rows, warps
             name = f"row_quant rows={rows} warps={warps}"
             results["rows"][name] = row(lambda: pq.row_quant(y, "int8"))
             logger.info("%s %s", name, results["rows"][name])
     finally:
-        pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_RECIPROCAL, pq.ROW_ROWS, pq.ROW_WARPS = saved
+        pq.NORM_ROWS, pq.NORM_WARPS, pq.NORM_STEPS, pq.NORM_RECIPROCAL, pq.ROW_ROWS, pq.ROW_WARPS = saved
     for op, inductor in (("norm_quant", "inductor (torch ops compiled)"), ("row_quant", "inductor quantize_rows (no norm)")):
         kernels = {k: v for k, v in results["rows"].items() if k.startswith(op)}
         best = min(kernels, key=lambda k: kernels[k]["ms"])

@@ -56,6 +56,7 @@ _GELU_CHUNK = 512
 # the H200 at Wan's sizes (linear_8bit_profile_h200.json, eager sweep incl. launch overhead): norm
 # 1 row x 2 warps fastest (0.306 ms vs 0.389 for 2 x 4); GELU two passes 0.594 ms vs 1.14 for the
 # best one-pass (whole 16,384-padded rows in registers: one program per SM, latency-bound).
+NORM_STEPS = 1  # blocks of NORM_ROWS rows per program, the next one loaded while the current one is stored
 NORM_ROWS = 2  # with the reciprocal store: 2 rows x 2 warps 97 µs, 1 x 1 109 µs (norm_quant_division_h200.json)
 NORM_WARPS = 2
 GELU_ROW_WARPS = None
@@ -126,10 +127,10 @@ def norm_quant(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: float
     block_m = NORM_ROWS or max(1, min(16, 4096 // dp))
     # grid (row blocks of one sample, samples): a program's rows share one mul / add row, loaded once
     # (first version reloaded them per row: 16 KB of L2 traffic per 6 KB of x, 215 µs at Wan's size)
-    wrap_triton(_norm_quant_kernel)[(triton.cdiv(s, block_m), b)](
+    wrap_triton(_norm_quant_kernel)[(triton.cdiv(s, block_m * NORM_STEPS), b)](
         x2, mul.contiguous(), add.contiguous(), q, scale, s, d, eps,
-        PER_SAMPLE=mul.shape[0] > 1, MODE=_MODE[fmt], DP=dp, BLOCK_M=block_m, RECIPROCAL=NORM_RECIPROCAL,
-        num_warps=NORM_WARPS or (4 if dp <= 2048 else 8))
+        PER_SAMPLE=mul.shape[0] > 1, MODE=_MODE[fmt], DP=dp, BLOCK_M=block_m, STEPS=NORM_STEPS,
+        RECIPROCAL=NORM_RECIPROCAL, num_warps=NORM_WARPS or (4 if dp <= 2048 else 8))
     return q, scale
 
 
@@ -280,27 +281,39 @@ if HAS_TRITON:
     @triton.jit
     def _norm_quant_kernel(x_ptr, mul_ptr, add_ptr, q_ptr, scale_ptr, S, D, eps,
                            PER_SAMPLE: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr,
-                           BLOCK_M: tl.constexpr, RECIPROCAL: tl.constexpr):
-        """BLOCK_M whole rows of one sample in registers: statistics, normalize, modulate, round,
-        quantize."""
+                           BLOCK_M: tl.constexpr, STEPS: tl.constexpr, RECIPROCAL: tl.constexpr):
+        """STEPS blocks of BLOCK_M whole rows of one sample, each in registers: statistics, normalize,
+        modulate, round, quantize. mul / add are loaded once per program; the next block's rows are
+        loaded before the current block is reduced and stored, so a program keeps a load in flight
+        while it computes (its stores may alias x as far as the compiler knows: it would not hoist them)."""
         sample = tl.program_id(1)
-        local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = local < S
-        rows64 = sample.to(tl.int64) * S + local
         cols = tl.arange(0, DP)
         col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        v = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(v, axis=1) / D
-        centered = tl.where(mask, v - mean[:, None], 0.0)
-        var = tl.sum(centered * centered, axis=1) / D
-        normed = centered * tl.rsqrt(var + eps)[:, None]
         mod_row = sample * D if PER_SAMPLE else 0
         mul = tl.load(mul_ptr + mod_row + cols, mask=col_mask, other=0.0)
         add = tl.load(add_ptr + mod_row + cols, mask=col_mask, other=0.0)
-        y = (normed * mul[None, :] + add[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-        y = tl.where(mask, y, 0.0)
-        _store_row_codes(y, rows64, row_mask, q_ptr, scale_ptr, D, MODE, DP, BLOCK_M, RECIPROCAL)
+        first = tl.program_id(0) * (BLOCK_M * STEPS)
+        local = first + tl.arange(0, BLOCK_M)
+        mask = (local < S)[:, None] & col_mask[None, :]
+        v = tl.load(x_ptr + (sample.to(tl.int64) * S + local)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        for i in tl.static_range(STEPS):
+            row_mask = local < S
+            rows64 = sample.to(tl.int64) * S + local
+            mask = row_mask[:, None] & col_mask[None, :]
+            nxt = local + BLOCK_M
+            nxt_mask = ((nxt < S) & (i + 1 < STEPS))[:, None] & col_mask[None, :]
+            v_next = tl.load(x_ptr + (sample.to(tl.int64) * S + nxt)[:, None] * D + cols[None, :], mask=nxt_mask,
+                             other=0.0)
+            vf = v.to(tl.float32)
+            mean = tl.sum(vf, axis=1) / D
+            centered = tl.where(mask, vf - mean[:, None], 0.0)
+            var = tl.sum(centered * centered, axis=1) / D
+            normed = centered * tl.rsqrt(var + eps)[:, None]
+            y = (normed * mul[None, :] + add[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+            y = tl.where(mask, y, 0.0)
+            _store_row_codes(y, rows64, row_mask, q_ptr, scale_ptr, D, MODE, DP, BLOCK_M, RECIPROCAL)
+            v = v_next
+            local = nxt
 
     @triton.jit
     def _row_quant_kernel(h_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr):

@@ -120,6 +120,28 @@ def test_cat_amax_quant_kernel_tiles_cover_both_parts(monkeypatch, ka):
     assert torch.equal(q, q_expected)
 
 
+@pytest.mark.parametrize("steps,rows,seq", [(1, 2, 37), (3, 2, 37), (4, 1, 9), (8, 2, 100)])
+def test_norm_quant_kernel_row_blocks_cover_ragged_edges(monkeypatch, steps, rows, seq):
+    """The norm kernel under Triton's interpreter (kernel logic only): several row blocks per program with
+    the next one loaded ahead, sequence lengths that end inside a block or a program, two samples with
+    their own mul / add; fp32 input, int8 codes by IEEE division (the interpreter rounds it exactly)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(producer_quant, "NORM_STEPS", steps)
+    monkeypatch.setattr(producer_quant, "NORM_ROWS", rows)
+    monkeypatch.setattr(producer_quant, "NORM_RECIPROCAL", False)
+    g = _gen()
+    x = torch.randn(2, seq, 96, generator=g) * 3 + 1
+    mul, add = 1 + 0.2 * torch.randn(2, 96, generator=g), 0.2 * torch.randn(2, 96, generator=g)
+    q, s = norm_quant(x, mul, add, 1e-6, "int8")
+    q_expected, s_expected = norm_quant_ref(x, mul, add, 1e-6, "int8")
+    assert q.shape == q_expected.shape == (2 * seq, 96)
+    # fp32 sums in another order than torch's layer norm: scales within a few ulps, codes at most one step off
+    torch.testing.assert_close(s, s_expected.reshape(-1), rtol=1e-6, atol=0)
+    step = (q.float() - q_expected.float()).abs()
+    assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-3
+
+
 def test_bad_input_gets_typed_errors():
     x = torch.randn(2, 4, 8)
     with pytest.raises(QuantFormatError):
