@@ -56,9 +56,13 @@ _GELU_CHUNK = 512
 # the H200 at Wan's sizes (linear_8bit_profile_h200.json, eager sweep incl. launch overhead): norm
 # 1 row x 2 warps fastest (0.306 ms vs 0.389 for 2 x 4); GELU two passes 0.594 ms vs 1.14 for the
 # best one-pass (whole 16,384-padded rows in registers: one program per SM, latency-bound).
-NORM_STEPS = 1  # blocks of NORM_ROWS rows per program, the next one loaded while the current one is stored
-NORM_ROWS = 2  # with the reciprocal store: 2 rows x 2 warps 97 µs, 1 x 1 109 µs (norm_quant_division_h200.json)
-NORM_WARPS = 2
+# NORM_STEPS blocks of NORM_ROWS rows per program, the next one loaded while the current one is stored.
+# H100, Wan's 32,760 x 1,536, profiled device time (norm_quant_steps_h100.json): 2 rows x 2 warps x 1 step
+# (the setting before) 116 µs; 2 x 4 x 4 96 µs with 97-98 beside it (1 x 2 x 8 was 93 µs but 293 at 16
+# steps: a cliff next to it). Earlier do_bench sweeps on the H200 (97 µs for 2 x 2) are not comparable.
+NORM_STEPS = 4
+NORM_ROWS = 2
+NORM_WARPS = 4
 GELU_ROW_WARPS = None
 GELU_TWO_PASS = True
 GELU_ROWS = 8  # two-pass kernel: rows per program (their second pass should hit L2), warps
