@@ -294,23 +294,36 @@ def median_cuda_ms(fn, warmup: int = 2, reps: int = 5) -> float:
     return interleaved_median_ms({"fn": fn}, warmup, reps)["fn"]
 
 
-def interleaved_median_ms(fns: dict, warmup: int = 2, reps: int = 7) -> dict[str, float]:
-    """Median CUDA-event time of each candidate after warm-up, timed in turns (A B A B ...) rather than one
-    after the other, so that a clock or thermal drift during the build moves every candidate alike: back-to-back
-    medians of 5 once picked the slower of two band kernels (2.42 vs 2.12 ms, next call 1.69 vs 1.84)."""
+def interleaved_median_ms(fns: dict, warmup: int = 2, reps: int = 7, inner: int = 3,
+                          warm_ms: float = 200.0) -> dict[str, float]:
+    """Median CUDA-event time per call of each candidate, timed in turns (A B A B ...) rather than one after the
+    other, so that a clock or thermal drift moves every candidate alike (back-to-back medians of 5 once picked
+    the slower of two band kernels). Before timing, the candidates run in turns until `warm_ms` of GPU time has
+    passed, and each timing spans `inner` calls back to back: at a build, the GPU has idled through compilation
+    and its clocks ramp up while the first calls run, and a single call between two events also counts the
+    gaps in which the GPU waits for the host's launches. With 2 warm-up calls and one call per timing, the
+    H100 measured the band kernel at 7.1 ms and the general kernel at 6.9 (the build chose the general one),
+    while in the forward they took 3.9 and 5.7 ms per layer (forward_race_wan_h100acc2_h100.json)."""
+    def timed(fn, calls: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     torch.cuda.synchronize()
+    spent = 0.0
+    while fns and spent < warm_ms:
+        spent += sum(timed(fn, 1) for fn in fns.values())
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
+            times[name].append(timed(fn, inner) / inner)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -127,3 +127,57 @@ def test_the_dense_kernel_computes_the_int8_specification():
     got = runner._run_kernel("triton_dense", "int8", q, k, v, (HeadScheme("full", precision="int8"),) * 2, (0, 0))
     table = torch.zeros(2, 3, dtype=torch.int32)
     torch.testing.assert_close(got, a8.attention_8bit_ref(q, k, v, table, (0, 0), None, None, "int8"), rtol=0, atol=0)
+
+
+class _FakeClock:
+    """torch.cuda's events and synchronize over a host clock that each candidate call advances by its cost:
+    the timer's arithmetic without a GPU."""
+
+    def __init__(self):
+        self.now = 0.0
+        clock = self
+
+        class Event:
+            def __init__(self, enable_timing=True):
+                self.t = None
+
+            def record(self):
+                self.t = clock.now
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, other):
+                return other.t - self.t
+
+        self.Event = Event
+
+
+def test_interleaved_timer_warms_up_by_gpu_time_and_averages_back_to_back_calls(monkeypatch):
+    """The build's kernel timer: candidates run in turns until warm_ms of (event-timed) work has passed — here the
+    first calls are slow, as on a GPU whose clocks ramp up after compilation — then each timing spans `inner`
+    calls and reports the time per call; the slow start does not reach the medians."""
+    from ditbake.runtime import attention
+
+    clock = _FakeClock()
+    monkeypatch.setattr(torch.cuda, "Event", clock.Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    calls = {"a": 0, "b": 0}
+
+    def candidate(name, cost):
+        def run():
+            calls[name] += 1
+            clock.now += cost * (3.0 if calls[name] <= 10 else 1.0)  # a slow ramp over the first calls
+        return run
+
+    got = attention.interleaved_median_ms({"a": candidate("a", 4.0), "b": candidate("b", 6.0)}, warmup=2, reps=5,
+                                          inner=3, warm_ms=100.0)
+    assert got == {"a": 4.0, "b": 6.0}
+    # 2 warm-up calls each (not counted), then turns of one call each until >= 100 ms: 4 slow turns of
+    # 12 + 18 ms; then 5 timings of 3 calls; the ramp's last slow calls fall in the first timing, not the median
+    assert calls["a"] == calls["b"] == 2 + 4 + 5 * 3
+    # without the time-based warm-up the ramp reaches the medians and reverses the order
+    calls.update(a=0, b=0)
+    cold = attention.interleaved_median_ms({"a": candidate("a", 4.0), "b": candidate("b", 2.5)}, warmup=2, reps=3,
+                                           inner=1, warm_ms=0.0)
+    assert cold["a"] > cold["b"] * 3
