@@ -36,15 +36,20 @@ def _finite_or_none(v: float):
     return float(v) if math.isfinite(float(v)) else None
 
 
-def precision_breakpoints(alpha: torch.Tensor, beta: torch.Tensor, threshold: float) -> list[float]:
-    """Γ values where some layer of a block flips format ([layer] tensors)."""
+def precision_breakpoints(alpha, beta, threshold: float) -> list[float]:
+    """Γ values where some layer of a block flips format (per-layer sequences), in float64 as the runtime
+    evaluates the rule (runtime/adaptive.py reads α, β from the plan's JSON as Python floats)."""
     pts = []
-    for a, b in zip(alpha.tolist(), beta.tolist()):
+    for a, b in zip(_floats(alpha), _floats(beta)):
         if a != 0:
             g = (threshold - b) / a
             if g >= 0 and math.isfinite(g):
                 pts.append(g)
     return sorted(pts)
+
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
 
 
 def precision_choice(alpha, beta, excluded, gamma: float, threshold: float, high: str, layers) -> dict[str, str]:
@@ -59,11 +64,18 @@ def precision_choice(alpha, beta, excluded, gamma: float, threshold: float, high
 
 
 def reachable_precisions(alpha, beta, excluded, threshold, high, layers) -> list[dict[str, str]]:
-    pts = precision_breakpoints(torch.as_tensor(alpha), torch.as_tensor(beta), threshold)
-    probes = [0.0] + [p for g in pts for p in (g, g * (1 - 1e-9) if g else 0.0, g * (1 + 1e-9) + 1e-12)] + \
-             [(max(pts) if pts else 1.0) * 2 + 1.0]
+    """Every configuration the rule gives for some Γ ≥ 0: the configuration is constant between consecutive
+    break points, so one probe inside each interval (midpoints, below the first, beyond the last) and one at
+    each break point (where `<=` can make two layers flip together) find them all. Probes a relative 1e-9 on
+    either side of break points computed in float32 (the first version) fell on the same side of the exact
+    break point and missed the interval between two close break points (a Flux block: 0.0227 and 0.0359)."""
+    alpha, beta = _floats(alpha), _floats(beta)
+    pts = sorted(set(precision_breakpoints(alpha, beta, threshold)))
+    probes = [0.0] + pts + [(x + y) / 2 for x, y in zip(pts, pts[1:])]
+    if pts:
+        probes += [pts[0] / 2, pts[-1] * 2 + 1.0]
     seen, out = set(), []
-    for g in probes:
+    for g in sorted(probes):
         c = precision_choice(alpha, beta, excluded, g, threshold, high, layers)
         key = tuple(sorted(c.items()))
         if key not in seen:
