@@ -16,8 +16,9 @@ a pointwise cat + rotation) that took 17.1 ms per Flux forward at 2048² on the 
 q / k traffic, ≈ 6 ms at the memory roofline. One program here holds BLOCK_S tokens of a few heads:
 the statistic, the weight, the rotation and the head-major store in one read and one write, with the
 token block's cos / sin rows loaded once for all its heads (a first version, one head per program,
-read them per head: 1 KB of fp32 table per 256-byte head row, 0.5-1.2 TB/s). FP32 sums in another order than PyTorch's: an output can differ by a rounding of
-x.dtype. Measurements: plugins/notes/rms_rope_heads.md.
+read them per head: 1 KB of fp32 table per 256-byte head row, 0.5-1.2 TB/s). FP32 sums in another
+order than PyTorch's: an output can differ by a rounding of x.dtype. Head sizes that are not a power of
+two (Triton's tiles are) run the specification. Measurements: plugins/notes/rms_rope_heads.md.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def rms_rope_heads(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin
                    heads: int, first: Optional[torch.Tensor] = None,
                    first_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """See the module docstring; x [B, N, H*D] (and first [B, T, H*D]) -> [B, H, T + N, D] contiguous."""
-    if not use_triton(x):
+    d = x.shape[2] // heads
+    if not use_triton(x) or d & (d - 1):
         return rms_rope_heads_ref(x, weight, cos, sin, eps, heads, first, first_weight)
     return launch_rms_rope_heads(x, weight, cos, sin, eps, heads, first, first_weight)
 

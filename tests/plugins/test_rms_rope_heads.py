@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ditbake.plugins.nvfp4 import QuantFormatError
 from ditbake.plugins.rms_rope_heads import (apply_rms_rope_heads, check_rms_rope_heads_args, launch_rms_rope_heads,
-                                            rms_rope_heads)
+                                            rms_rope_heads, rms_rope_heads_ref)
 from ditbake.runtime.arch_flux import rope
 from ditbake.runtime.nn import rotate_interleaved
 
@@ -141,3 +141,13 @@ def test_gpu_kernel_matches_the_composition(text, gh, gw, heads, d):
     want = _composition(*(cpu(t) for t in (x, weight, cos, sin)), 1e-6, heads, cpu(first), cpu(first_weight))
     assert got.is_contiguous() and got.shape == want.shape
     _assert_close_to_composition(got, want)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="where the kernel would run (the interpreter or a GPU)")
+def test_head_sizes_that_are_not_a_power_of_two_run_the_specification():
+    """Triton tiles are powers of two: a 48-wide head takes the reference path instead of failing to compile."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, weight, cos, sin, first, first_weight = _inputs(1, 5, 3, 4, 2, _gen(), device, dtype=torch.float32, d=48)
+    got = rms_rope_heads(x, weight, cos, sin, 1e-6, 2, first, first_weight)
+    assert torch.equal(got, rms_rope_heads_ref(x, weight, cos, sin, 1e-6, 2, first, first_weight))
