@@ -29,7 +29,9 @@ from provenance import stamp
 logger = logging.getLogger("bench_rms_rope_heads")
 TEXT, GRID, HEADS, HEAD_DIM, EPS = 512, 128, 24, 128, 1e-6
 DOUBLE_BLOCKS, SINGLE_BLOCKS = 19, 38
-TOKENS, HEADS_PER, WARPS = (8, 16, 32), (1, 4, 8, 24), (2, 4, 8)
+# launch options swept: (tokens per program, heads per program, warps); --quick keeps the shipped one
+SWEEP = ((8, 16, 32), (1, 4, 8, 24), (2, 4, 8))
+QUICK_SWEEP = ((16, 32), (1, 4, 24), (2, 4))
 
 
 def _inputs(double: bool):
@@ -55,9 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "rms_rope_heads.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    global TOKENS, HEADS_PER, WARPS
-    if args.quick:
-        TOKENS, HEADS_PER, WARPS = (16, 32), (1, 4, 24), (2, 4)  # holds the shipped options
+    sweep = QUICK_SWEEP if args.quick else SWEEP
     results = {"what": __doc__.splitlines()[0], "device": torch.cuda.get_device_name(), "blocks": {}}
     for kind in ("double", "single"):
         x, weight, cos, sin, first, first_weight = _inputs(kind == "double")
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         compiled = torch.compile(rr.rms_rope_heads_ref, dynamic=False)
         entry["rows"]["inductor (torch ops compiled)"] = row(lambda: compiled(*args_))
         logger.info("%s inductor %s", kind, entry["rows"]["inductor (torch ops compiled)"])
-        for tokens_pp, heads_pp, warps in itertools.product(TOKENS, HEADS_PER, WARPS):
+        for tokens_pp, heads_pp, warps in itertools.product(*sweep):
             name = f"kernel tokens={tokens_pp} heads={heads_pp} warps={warps}"
             entry["rows"][name] = row(lambda: rr.launch_rms_rope_heads(
                 *args_, tokens_per_program=tokens_pp, heads_per_program=heads_pp, warps=warps))
