@@ -71,6 +71,13 @@ def kernel_us(fn, calls: int) -> dict:
             if getattr(e, "device_time_total", 0.0) > 0}
 
 
+def device_ms(fn, calls: int = 20) -> float:
+    """Device time per call of all the kernels ``fn`` launches, ms, over ``calls`` calls back to back as a
+    forward runs them (the profiler). do_bench's median (L2 flushed, events around each launch) read 2-5x this
+    for the same launches on the H200 in session 11, and moved by 2x between repeats of one launch."""
+    return sum(kernel_us(fn, calls).values()) / 1e3
+
+
 def band_width_for_density(visual: int, density: float) -> int:
     """Smallest symmetric half-width w whose band keeps at least ``density`` of the visual pairs."""
     target = density * visual * visual

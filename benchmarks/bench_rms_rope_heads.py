@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench_attention import copy_ms, do_bench_ms, kernel_us  # benchmarks/ is the script's directory
+from bench_attention import copy_ms, device_ms, do_bench_ms  # benchmarks/ is the script's directory
 from ditbake.plugins import rms_rope_heads as rr
 from ditbake.runtime.arch_flux import rope
 from provenance import stamp
@@ -69,9 +69,7 @@ def main(argv=None) -> int:
 
         def row(fn) -> dict:
             got = fn()
-            # device time of the kernels themselves, back to back as in a forward (the do_bench median, L2
-            # flushed and events around each call, moved by 2x between repeats of one launch on the H200)
-            r = {"ms": sum(kernel_us(fn, 20).values()) / 1e3, "do_bench_ms": do_bench_ms(fn),
+            r = {"ms": device_ms(fn), "do_bench_ms": do_bench_ms(fn),
                  "rel_err_vs_composition": _rel_err(got, want), "differ": float((got != want).float().mean())}
             r["tb_s"] = gbytes / r["ms"]
             return r
