@@ -165,13 +165,7 @@ def amax_quant(h: torch.Tensor, amax: torch.Tensor, fmt: str) -> tuple[torch.Ten
     if not use_triton(h):
         q, scale = quantize_rows(h, fmt, amax)
         return q, scale.reshape(-1)
-    m, k = h.shape
-    h2 = h.contiguous()
-    q, scale = _buffers(m, k, fmt, h.device)
-    wrap_triton(_amax_quant_kernel)[(triton.cdiv(m, AMAX_ROWS), triton.cdiv(k, AMAX_COLS))](
-        h2, h2, amax.contiguous(), q, scale, m, 0, k, MODE=_MODE[fmt], BLOCK_M=AMAX_ROWS, BLOCK_K=AMAX_COLS,
-        RECIPROCAL=AMAX_RECIPROCAL, HAS_LEFT=False, num_warps=AMAX_WARPS)
-    return q, scale
+    return _launch_amax_quant(None, h, amax, fmt)
 
 
 @triton_op("ditbake::cat_amax_quant", mutates_args=())
@@ -182,13 +176,19 @@ def cat_amax_quant(a: torch.Tensor, h: torch.Tensor, amax: torch.Tensor, fmt: st
     if not use_triton(h):
         q, scale = quantize_rows(torch.cat([a, h], -1), fmt, amax)
         return q, scale.reshape(-1)
-    m, ka = a.shape
+    return _launch_amax_quant(a, h, amax, fmt)
+
+
+def _launch_amax_quant(a: torch.Tensor | None, h: torch.Tensor, amax: torch.Tensor, fmt: str):
+    """The streaming codes pass of amax_quant (a None) and cat_amax_quant (rows cat([a, h]))."""
+    h2 = h.contiguous()
+    a2 = h2 if a is None else a.contiguous()
+    m, ka = h.shape[0], 0 if a is None else a.shape[1]
     k = ka + h.shape[1]
-    a2, h2 = a.contiguous(), h.contiguous()
     q, scale = _buffers(m, k, fmt, h.device)
     wrap_triton(_amax_quant_kernel)[(triton.cdiv(m, AMAX_ROWS), triton.cdiv(k, AMAX_COLS))](
         a2, h2, amax.contiguous(), q, scale, m, ka, k, MODE=_MODE[fmt], BLOCK_M=AMAX_ROWS, BLOCK_K=AMAX_COLS,
-        RECIPROCAL=AMAX_RECIPROCAL, HAS_LEFT=True, num_warps=AMAX_WARPS)
+        RECIPROCAL=AMAX_RECIPROCAL, HAS_LEFT=a is not None, num_warps=AMAX_WARPS)
     return q, scale
 
 
@@ -296,18 +296,17 @@ if HAS_TRITON:
         mod_row = sample * D if PER_SAMPLE else 0
         mul = tl.load(mul_ptr + mod_row + cols, mask=col_mask, other=0.0)
         add = tl.load(add_ptr + mod_row + cols, mask=col_mask, other=0.0)
-        first = tl.program_id(0) * (BLOCK_M * STEPS)
-        local = first + tl.arange(0, BLOCK_M)
+        sample_row = sample.to(tl.int64) * S
+        local = tl.program_id(0) * (BLOCK_M * STEPS) + tl.arange(0, BLOCK_M)
         mask = (local < S)[:, None] & col_mask[None, :]
-        v = tl.load(x_ptr + (sample.to(tl.int64) * S + local)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        v = tl.load(x_ptr + (sample_row + local)[:, None] * D + cols[None, :], mask=mask, other=0.0)
         for i in tl.static_range(STEPS):
             row_mask = local < S
-            rows64 = sample.to(tl.int64) * S + local
+            rows64 = sample_row + local
             mask = row_mask[:, None] & col_mask[None, :]
             nxt = local + BLOCK_M
             nxt_mask = ((nxt < S) & (i + 1 < STEPS))[:, None] & col_mask[None, :]
-            v_next = tl.load(x_ptr + (sample.to(tl.int64) * S + nxt)[:, None] * D + cols[None, :], mask=nxt_mask,
-                             other=0.0)
+            v_next = tl.load(x_ptr + (sample_row + nxt)[:, None] * D + cols[None, :], mask=nxt_mask, other=0.0)
             vf = v.to(tl.float32)
             mean = tl.sum(vf, axis=1) / D
             centered = tl.where(mask, vf - mean[:, None], 0.0)
