@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from ditbake.runtime.arch_sd3 import pooled_dim, pooled_from_tokens, pooled_is_token_mean, resolve_pooled  # noqa: F401
 from ditbake.plugins.rms_rope_heads import rms_rope_heads_ref
-from ditbake.runtime.nn import (LinearInput, Weights, dense, gelu_tanh_mlp, int8_gelu_gemm, quantizable_linear,
-                                timestep_embedding)
+from ditbake.runtime.nn import (LinearInput, Weights, dense, gelu_tanh_mlp, int8_gelu_gemm, normed_input,
+                                quantizable_linear, timestep_embedding)
 from ditbake.runtime.nn import heads  # also part of the architecture interface
 
 NAME = "flux"
@@ -110,6 +110,17 @@ def text_dim(config: dict) -> int:
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     # nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), in fp32 for 16-bit inputs
     return F.layer_norm(x.float(), (x.shape[-1],), None, None, NORM_EPS).to(x.dtype)
+
+
+def _modulated(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> LinearInput:
+    """`layer_norm(x) * (1 + scale) + shift` (scale / shift [B, D]) as a linear input: the float path keeps
+    diffusers' ops (the norm rounded to x's dtype, then the modulation in x's dtype); an 8-bit linear reads
+    the codes of the norm producer kernel (plugins/producer_quant.norm_quant: the same modulation in fp32,
+    rounded once, with the same 1 + scale), one pass over x. Inductor's fusion of these ops with the
+    quantization ran at ≈ 0.65 TB/s on the H100 (9.1 ms per forward at 2048² for the single blocks alone)."""
+    mul = 1 + scale[:, None]
+    return normed_input(x, mul.float(), shift[:, None].float(), NORM_EPS,
+                        make_float=lambda: _layer_norm(x) * mul + shift[:, None])
 
 
 def rope(config: dict, text_len: int, gh: int, gw: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +244,7 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
 
     if is_single(config, index):
         shift, scale, gate = lin(cond, "norm.linear").chunk(3, dim=1)
-        x = _layer_norm(h) * (1 + scale[:, None]) + shift[:, None]
+        x = _modulated(h, scale, shift)
         up = int8_gelu_gemm(x, w, p + "proj_mlp", p + "proj_out", {p + k_: v_ for k_, v_ in prec.items()})
         mlp = F.gelu(lin(x, "proj_mlp"), approximate="tanh") if up is None else None
         q = _normed_rotated_heads(lin(x, "attn.to_q"), w, p + "attn.norm_q", ctx, n)
@@ -246,8 +257,8 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     txt, img = h[:, :t], h[:, t:]
     shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = lin(cond, "norm1.linear").chunk(6, dim=1)
     c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = lin(cond, "norm1_context.linear").chunk(6, dim=1)
-    x_img = _layer_norm(img) * (1 + scale[:, None]) + shift[:, None]
-    x_txt = _layer_norm(txt) * (1 + c_scale[:, None]) + c_shift[:, None]
+    x_img = _modulated(img, scale, shift)
+    x_txt = _modulated(txt, c_scale, c_shift)
     q = _normed_rotated_heads(lin(x_img, "attn.to_q"), w, p + "attn.norm_q", ctx, n,
                               lin(x_txt, "attn.add_q_proj"), p + "attn.norm_added_q")
     k = _normed_rotated_heads(lin(x_img, "attn.to_k"), w, p + "attn.norm_k", ctx, n,
@@ -256,10 +267,10 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     a = _attention(q, k, v, ctx, attention, variant, branch, index, config).type_as(h)
     sub = {p + k_: v_ for k_, v_ in prec.items()}
     img = img + gate[:, None] * lin(a[:, t:], "attn.to_out.0")
-    x = _layer_norm(img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    x = _modulated(img, scale_mlp, shift_mlp)
     img = img + gate_mlp[:, None] * gelu_tanh_mlp(x, w, p + "ff", sub)
     txt = txt + c_gate[:, None] * lin(a[:, :t], "attn.to_add_out")
-    x = _layer_norm(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    x = _modulated(txt, c_scale_mlp, c_shift_mlp)
     txt = txt + c_gate_mlp[:, None] * gelu_tanh_mlp(x, w, p + "ff_context", sub)
     return torch.cat([txt, img], dim=1)
 
