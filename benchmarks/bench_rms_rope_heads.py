@@ -31,7 +31,7 @@ TEXT, GRID, HEADS, HEAD_DIM, EPS = 512, 128, 24, 128, 1e-6
 DOUBLE_BLOCKS, SINGLE_BLOCKS = 19, 38
 # launch options swept: (tokens per program, heads per program, warps); --quick keeps the shipped one
 SWEEP = ((8, 16, 32), (1, 4, 8, 24), (2, 4, 8))
-QUICK_SWEEP = ((16, 32), (1, 4, 24), (2, 4))
+QUICK_SWEEP = ((8, 16), (4, 8, 24), (4, 8))
 
 
 def _inputs(double: bool):

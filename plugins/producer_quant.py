@@ -15,6 +15,10 @@ Ops (``fmt`` is ``int8`` or ``fp8``; outputs are 2-D, one row per token):
   ``y = (layer_norm(x.float(), eps) * mul + add).to(x.dtype)``; x [B, S, D], mul / add fp32
   [R, D] with R = 1 (shared) or R = B (per sample: Wan's modulation ``1 + scale`` / ``shift``;
   an affine norm passes its weight / bias).
+* ``ditbake::residual_norm_quant(x, a, gate, mul, add, eps, fmt) -> (h [B, S, D], q, scale)``: the residual
+  update that precedes a norm, ``h = (x.float() + a.float() * gate).to(x.dtype)`` (gate fp32 [R, D] or None:
+  a plain add), written once and normalized from registers: Wan's attention residuals and the norms after
+  them, without reading h back (Inductor's pointwise kernel for the update alone ran at ≈ 2.4 TB/s).
 * ``ditbake::gelu_quant(h, fmt) -> (q [M, K], scale fp32 [M])`` with
   ``y = gelu(h, approximate="tanh")`` in h's dtype.
 
@@ -40,6 +44,8 @@ code may differ where y sits within rounding of a decision boundary.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
@@ -56,13 +62,17 @@ _GELU_CHUNK = 512
 # the H200 at Wan's sizes (linear_8bit_profile_h200.json, eager sweep incl. launch overhead): norm
 # 1 row x 2 warps fastest (0.306 ms vs 0.389 for 2 x 4); GELU two passes 0.594 ms vs 1.14 for the
 # best one-pass (whole 16,384-padded rows in registers: one program per SM, latency-bound).
-# NORM_STEPS blocks of NORM_ROWS rows per program, the next one loaded while the current one is stored.
-# H100, Wan's 32,760 x 1,536, profiled device time (norm_quant_steps_h100.json): 2 rows x 2 warps x 1 step
-# (the setting before) 116 µs; 2 x 4 x 4 96 µs with 97-98 beside it (1 x 2 x 8 was 93 µs but 293 at 16
-# steps: a cliff next to it). Earlier do_bench sweeps on the H200 (97 µs for 2 x 2) are not comparable.
-NORM_STEPS = 4
-NORM_ROWS = 2
+# NORM_STEPS blocks of NORM_ROWS rows per program in Triton's software pipeline (NORM_STAGES: the next blocks
+# copied to shared memory while one is computed; 1 = no pipeline). H100, profiled device time
+# (norm_quant_{wan,flux}_h100.json): at Wan's 32,760 x 1,536 the manual one-block look-ahead of session 11
+# (2 rows x 4 warps x 4 blocks) took 96 µs, 1 x 4 x 16 pipelined over 3 stages 92.5 µs; at Flux's 16,896 x
+# 3,072 102 vs 91 µs (8 warps and 2-stage pipelines were slower; registers: 72 / 128 at 2,048 / 4,096
+# padded columns, ptxas for sm_90a). The kernel is issue-bound, not memory-bound (≈ 30 instructions per
+# element, 25 % of them on padding at these widths); copies of the same bytes take 58-60 µs.
+NORM_STEPS = 16
+NORM_ROWS = 1
 NORM_WARPS = 4
+NORM_STAGES = 3
 GELU_ROW_WARPS = None
 GELU_TWO_PASS = True
 GELU_ROWS = 8  # two-pass kernel: rows per program (their second pass should hit L2), warps
@@ -107,6 +117,14 @@ def norm_quant_ref(x, mul, add, eps: float, fmt: str):
     return q, scale.reshape(-1)
 
 
+def residual_norm_quant_ref(x, a, gate, mul, add, eps: float, fmt: str):
+    """The specification of the fused residual: ``(x.float() + a.float() * gate).to(x.dtype)`` (gate fp32
+    [R, D] broadcast over tokens; without a gate a plain add in x's dtype), then norm_quant_ref of it."""
+    h = x.float() + (a.float() if gate is None else a.float() * gate[:, None, :])
+    h = h.to(x.dtype)
+    return (h, *norm_quant_ref(h, mul, add, eps, fmt))
+
+
 def gelu_quant_ref(h, fmt: str):
     k = h.shape[-1]
     q, scale = quantize_rows(F.gelu(h, approximate="tanh").reshape(-1, k), fmt)
@@ -122,20 +140,44 @@ def _buffers(m: int, k: int, fmt: str, device):
 def norm_quant(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: float,
                fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer norm × mul + add, rounded to x.dtype, quantized per token (module docstring)."""
-    b, s, d = x.shape
-    dp = triton.next_power_of_2(d) if HAS_TRITON else d
-    if not use_triton(x) or dp > MAX_NORM_WIDTH:
+    if not _norm_kernel_runs(x):
         return norm_quant_ref(x, mul, add, eps, fmt)
+    return _launch_norm_quant(x, None, None, mul, add, eps, fmt)[1:]
+
+
+@triton_op("ditbake::residual_norm_quant", mutates_args=())
+def residual_norm_quant(x: torch.Tensor, a: torch.Tensor, gate: Optional[torch.Tensor], mul: torch.Tensor,
+                        add: torch.Tensor, eps: float, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A residual update and the next layer norm's codes in one pass: h = x + a (· gate), rounded to x.dtype,
+    then ``norm_quant(h, mul, add, eps, fmt)``; returns (h, codes, scales) (module docstring)."""
+    if not _norm_kernel_runs(x):
+        return residual_norm_quant_ref(x, a, gate, mul, add, eps, fmt)
+    h, q, scale = _launch_norm_quant(x, a, gate, mul, add, eps, fmt)
+    return h, q, scale
+
+
+def _norm_kernel_runs(x: torch.Tensor) -> bool:
+    return use_triton(x) and triton.next_power_of_2(x.shape[-1]) <= MAX_NORM_WIDTH
+
+
+def _launch_norm_quant(x, a, gate, mul, add, eps: float, fmt: str):
+    """(h or None, codes, scales) of the norm kernel, with the residual x + a (· gate) first when a is given."""
+    b, s, d = x.shape
+    dp = triton.next_power_of_2(d)
     x2 = x.reshape(b * s, d).contiguous()
     q, scale = _buffers(b * s, d, fmt, x.device)
-    block_m = NORM_ROWS or max(1, min(16, 4096 // dp))
+    residual = 0 if a is None else (1 if gate is None else 2)
+    a2 = x2 if a is None else a.reshape(b * s, d).contiguous()
+    h = torch.empty_like(x2) if residual else None
+    gate2 = mul if gate is None else gate.contiguous()
     # grid (row blocks of one sample, samples): a program's rows share one mul / add row, loaded once
     # (first version reloaded them per row: 16 KB of L2 traffic per 6 KB of x, 215 µs at Wan's size)
-    wrap_triton(_norm_quant_kernel)[(triton.cdiv(s, block_m * NORM_STEPS), b)](
-        x2, mul.contiguous(), add.contiguous(), q, scale, s, d, eps,
-        PER_SAMPLE=mul.shape[0] > 1, MODE=_MODE[fmt], DP=dp, BLOCK_M=block_m, STEPS=NORM_STEPS,
-        RECIPROCAL=NORM_RECIPROCAL, num_warps=NORM_WARPS or (4 if dp <= 2048 else 8))
-    return q, scale
+    wrap_triton(_norm_quant_kernel)[(triton.cdiv(s, NORM_ROWS * NORM_STEPS), b)](
+        x2, a2, gate2, x2 if h is None else h, mul.contiguous(), add.contiguous(), q, scale, s, d, eps,
+        PER_SAMPLE=mul.shape[0] > 1, GATE_PER_SAMPLE=gate2.shape[0] > 1, RESIDUAL=residual, MODE=_MODE[fmt],
+        DP=dp, BLOCK_M=NORM_ROWS, STEPS=NORM_STEPS, RECIPROCAL=NORM_RECIPROCAL, STAGES=NORM_STAGES,
+        num_warps=NORM_WARPS)
+    return (None if h is None else h.reshape(b, s, d)), q, scale
 
 
 @triton_op("ditbake::gelu_quant", mutates_args=())
@@ -234,6 +276,20 @@ def quantize_norm_output(x, mul, add, eps: float, fmt: str):
     return norm_quant(x, mul, add, eps, fmt)
 
 
+def quantize_residual_norm_output(x, a, gate, mul, add, eps: float, fmt: str):
+    """Validated entry point for :func:`residual_norm_quant`."""
+    check_producer_args(x, fmt, mul, add)
+    if a.shape != x.shape or a.dtype != x.dtype:
+        raise QuantFormatError(f"residual_norm_quant: a must match x {x.dtype} {tuple(x.shape)}, got {a.dtype} "
+                               f"{tuple(a.shape)}")
+    b, _, d = x.shape
+    if gate is not None and (gate.dtype != torch.float32 or gate.dim() != 2 or gate.shape[1] != d
+                             or gate.shape[0] not in (1, b)):
+        raise QuantFormatError(f"residual_norm_quant gate must be float32 [1 or {b}, {d}] or None, got {gate.dtype} "
+                               f"{tuple(gate.shape)}")
+    return residual_norm_quant(x, a, gate, mul, add, eps, fmt)
+
+
 def quantize_gelu_output(h, fmt: str):
     """Validated entry point for :func:`gelu_quant`."""
     check_producer_args(h, fmt)
@@ -283,40 +339,52 @@ if HAS_TRITON:
             _quantize_store(y, scale, q_ptr, q_ptr, rows64, row_mask, 0, K, MODE, KP, BLOCK_M)
 
     @triton.jit
-    def _norm_quant_kernel(x_ptr, mul_ptr, add_ptr, q_ptr, scale_ptr, S, D, eps,
-                           PER_SAMPLE: tl.constexpr, MODE: tl.constexpr, DP: tl.constexpr,
-                           BLOCK_M: tl.constexpr, STEPS: tl.constexpr, RECIPROCAL: tl.constexpr):
-        """STEPS blocks of BLOCK_M whole rows of one sample, each in registers: statistics, normalize,
-        modulate, round, quantize. mul / add are loaded once per program; the next block's rows are
-        loaded before the current block is reduced and stored, so a program keeps a load in flight
-        while it computes (its stores may alias x as far as the compiler knows: it would not hoist them)."""
+    def _norm_quant_kernel(x_ptr, a_ptr, gate_ptr, h_ptr, mul_ptr, add_ptr, q_ptr, scale_ptr, S, D, eps,
+                           PER_SAMPLE: tl.constexpr, GATE_PER_SAMPLE: tl.constexpr, RESIDUAL: tl.constexpr,
+                           MODE: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, STEPS: tl.constexpr,
+                           RECIPROCAL: tl.constexpr, STAGES: tl.constexpr):
+        """STEPS blocks of BLOCK_M whole rows of one sample, each in registers: (RESIDUAL 1: x + a, 2: x + a ·
+        gate, rounded to x's dtype and stored to h) statistics, normalize, modulate, round, quantize. mul / add
+        (and gate) are loaded once per program; Triton's software pipeline copies the next STAGES - 1 row
+        blocks to shared memory (cp.async) while the current one is reduced and stored."""
         sample = tl.program_id(1)
         cols = tl.arange(0, DP)
         col_mask = cols < D
+        # mul / add loaded in the row block's own shape [BLOCK_M, DP] (each row's copy from L1): loaded as
+        # [DP] they took a layout conversion through shared memory per block (40 barriers per row at 2 warps).
+        # Zero past D, so y is exactly 0 there: no select before the row's amax.
+        block_cols = cols[None, :] + tl.zeros([BLOCK_M, DP], tl.int32)
         mod_row = sample * D if PER_SAMPLE else 0
-        mul = tl.load(mul_ptr + mod_row + cols, mask=col_mask, other=0.0)
-        add = tl.load(add_ptr + mod_row + cols, mask=col_mask, other=0.0)
+        mul = tl.load(mul_ptr + mod_row + block_cols, mask=block_cols < D, other=0.0)
+        add = tl.load(add_ptr + mod_row + block_cols, mask=block_cols < D, other=0.0)
+        if RESIDUAL == 2:
+            gate = tl.load(gate_ptr + (sample * D if GATE_PER_SAMPLE else 0) + block_cols, mask=block_cols < D,
+                           other=0.0)
         sample_row = sample.to(tl.int64) * S
-        local = tl.program_id(0) * (BLOCK_M * STEPS) + tl.arange(0, BLOCK_M)
-        mask = (local < S)[:, None] & col_mask[None, :]
-        v = tl.load(x_ptr + (sample_row + local)[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        for i in tl.static_range(STEPS):
+        for i in tl.range(0, STEPS, num_stages=STAGES):
+            local = (tl.program_id(0) * STEPS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_mask = local < S
             rows64 = sample_row + local
             mask = row_mask[:, None] & col_mask[None, :]
-            nxt = local + BLOCK_M
-            nxt_mask = ((nxt < S) & (i + 1 < STEPS))[:, None] & col_mask[None, :]
-            v_next = tl.load(x_ptr + (sample_row + nxt)[:, None] * D + cols[None, :], mask=nxt_mask, other=0.0)
-            vf = v.to(tl.float32)
+            offs = rows64[:, None] * D + cols[None, :]
+            vf = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if RESIDUAL > 0:
+                af = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                if RESIDUAL == 2:
+                    vf = vf + af * gate
+                else:
+                    vf = vf + af
+                v = vf.to(h_ptr.dtype.element_ty)
+                tl.store(h_ptr + offs, v, mask=mask)
+                vf = v.to(tl.float32)
             mean = tl.sum(vf, axis=1) / D
-            centered = tl.where(mask, vf - mean[:, None], 0.0)
-            var = tl.sum(centered * centered, axis=1) / D
+            centered = vf - mean[:, None]
+            # the DP - D padded columns hold 0 (centered -mean): their squares come off once per row, not
+            # by a select per element
+            var = (tl.sum(centered * centered, axis=1) - (DP - D) * mean * mean) / D
             normed = centered * tl.rsqrt(var + eps)[:, None]
-            y = (normed * mul[None, :] + add[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-            y = tl.where(mask, y, 0.0)
+            y = (normed * mul + add).to(x_ptr.dtype.element_ty).to(tl.float32)
             _store_row_codes(y, rows64, row_mask, q_ptr, scale_ptr, D, MODE, DP, BLOCK_M, RECIPROCAL)
-            v = v_next
-            local = nxt
 
     @triton.jit
     def _row_quant_kernel(h_ptr, q_ptr, scale_ptr, M, K, MODE: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditbake.runtime.nn import (Weights, dense, gelu_tanh_mlp, layer_norm, normed_input, quantizable_linear,
-                                rms_norm, rotate_interleaved, timestep_embedding)
+from ditbake.runtime.nn import (Weights, dense, eight_bit_format, gelu_tanh_mlp, layer_norm, normed_input,
+                                quantizable_linear, residual_normed_input, rms_norm, rotate_interleaved,
+                                timestep_embedding)
 from ditbake.runtime.nn import heads, num_blocks  # noqa: F401 - part of the architecture interface
 
 NAME = "wan"
@@ -90,13 +91,16 @@ def _normed_rotated_heads(x, weight, cos, sin, eps: float, n: int) -> torch.Tens
     return rotate_interleaved(_heads(rms_norm(x, weight, eps), n), cos, sin).transpose(1, 2)
 
 
-def _cross_attention_input(w: Weights, p: str, h: torch.Tensor, eps: float):
-    """norm2 (affine layer norm) as the input of attn2.to_q."""
+def _residual_and_cross_attention_input(w: Weights, p: str, h: torch.Tensor, a: torch.Tensor, gate: torch.Tensor,
+                                        eps: float, fmt: str | None):
+    """The self-attention's gated residual and norm2 (affine layer norm) of it as the input of attn2.to_q
+    (in one kernel when attn2.to_q reads 8-bit codes `fmt` on the GPU). Returns (h, input)."""
     weight, bias = w.get(p + "norm2.weight"), w.get(p + "norm2.bias")
     if weight is None or bias is None:
-        return layer_norm(h, w, p + "norm2", eps).type_as(h)
-    return normed_input(h, weight.float().reshape(1, 1, -1), bias.float().reshape(1, 1, -1), eps,
-                        make_float=lambda: layer_norm(h, w, p + "norm2", eps).type_as(h))
+        h = (h.float() + a * gate).type_as(h)
+        return h, layer_norm(h, w, p + "norm2", eps).type_as(h)
+    return residual_normed_input(h, a, gate, weight.float().reshape(1, 1, -1), bias.float().reshape(1, 1, -1), eps,
+                                 fmt, float_of=lambda new: layer_norm(new, w, p + "norm2", eps).type_as(new))
 
 
 def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, variant, attention,
@@ -105,6 +109,7 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     p = f"blocks.{index}."
     prec = {k: v for k, v in variant.precision_map.items()}
     lin = lambda x, name: quantizable_linear(x, w, p + name, prec.get(name, "bf16"))  # noqa: E731
+    reads_8bit = lambda name: eight_bit_format(w, p + name, prec.get(name, "bf16"))  # noqa: E731
     eps = float(config.get("eps", 1e-6))
     n = heads(config)
     mod = (w[p + "scale_shift_table"].float() + ctx["timestep_proj"].float()).chunk(6, dim=1)
@@ -118,18 +123,18 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     a = attention((branch, index, "attn1"), q, k, v, variant.head_map.get("attn1"), (0, 0),
                   grid(config, ctx["latent"][1:]))
     a = lin(a.transpose(1, 2).flatten(2).type_as(h), "attn1.to_out.0")
-    h = (h.float() + a * gate).type_as(h)
-
-    x = _cross_attention_input(w, p, h, eps) if config.get("cross_attn_norm", True) else h
+    if config.get("cross_attn_norm", True):
+        h, x = _residual_and_cross_attention_input(w, p, h, a, gate, eps, reads_8bit("attn2.to_q"))
+    else:
+        h = x = (h.float() + a * gate).type_as(h)
     text = ctx["text"]
     q = rms_norm(lin(x, "attn2.to_q"), w[p + "attn2.norm_q.weight"], eps)
     k = rms_norm(lin(text, "attn2.to_k"), w[p + "attn2.norm_k.weight"], eps)
     v = lin(text, "attn2.to_v")
     a = F.scaled_dot_product_attention(_heads(q, n).transpose(1, 2), _heads(k, n).transpose(1, 2),
                                        _heads(v, n).transpose(1, 2))
-    h = h + lin(a.transpose(1, 2).flatten(2).type_as(h), "attn2.to_out.0")
-
-    x = normed_input(h, 1 + c_scale, c_shift, eps)
+    h, x = residual_normed_input(h, lin(a.transpose(1, 2).flatten(2).type_as(h), "attn2.to_out.0"), None,
+                                 1 + c_scale, c_shift, eps, reads_8bit("ffn.net.0.proj"))
     ff = gelu_tanh_mlp(x, w, p + "ffn", {p + k_: v_ for k_, v_ in prec.items()})
     return (h.float() + ff.float() * c_gate).type_as(h)
 

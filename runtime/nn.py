@@ -68,6 +68,11 @@ class LinearInput:
             self._made["float"] = self._make_float()
         return self._made["float"]
 
+    def provide(self, fmt: str, made) -> "LinearInput":
+        """Codes already written for `fmt` (a kernel that made them beside another output)."""
+        self._made[fmt] = made
+        return self
+
     def quantized(self, fmt: str):
         """(codes [M, K], scales fp32 [M], (lead shape, float dtype)) in `fmt`, or None where no
         producer kernel applies (CPU runs keep the W8A8 op, one node the ONNX exporter translates)."""
@@ -123,6 +128,35 @@ def normed_input(h: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: flo
     fits = (NORM_PRODUCER_KERNEL and h.is_cuda and h.dim() == 3 and mul.shape == add.shape
             and mul.dim() == 3 and mul.shape[1] == 1 and mul.shape[0] in (1, h.shape[0]))
     return LinearInput(make_float, make_8bit if fits else None)
+
+
+def residual_normed_input(h: torch.Tensor, a: torch.Tensor, gate: torch.Tensor | None, mul: torch.Tensor,
+                          add: torch.Tensor, eps: float, fmt: str | None = None, float_of=None):
+    """The residual update `(h.float() + a * gate).type_as(h)` (gate fp32 [B or 1, 1, D]; None: `h + a`) and
+    the next norm's input `normed_input(new h, mul, add, eps)` (`float_of(new h)`: the float path of an
+    affine norm). Returns (new h, LinearInput). With `fmt`, the 8-bit format that input's reader runs in,
+    on the GPU one kernel (plugins/producer_quant.residual_norm_quant) writes the new h and those codes,
+    normalized from registers instead of reading h back."""
+    rows = mul.shape[0]
+    fused = (fmt is not None and NORM_PRODUCER_KERNEL and h.is_cuda and h.dim() == 3 and a.shape == h.shape
+             and a.dtype == h.dtype and mul.shape == add.shape and mul.dim() == 3 and mul.shape[1] == 1
+             and rows in (1, h.shape[0])
+             and (gate is None or (gate.dim() == 3 and gate.shape[1] == 1 and gate.shape[0] in (1, h.shape[0]))))
+    if not fused:
+        new = h + a if gate is None else (h.float() + a * gate).type_as(h)
+        return new, normed_input(new, mul, add, eps, make_float=None if float_of is None else lambda: float_of(new))
+    from ditbake.plugins.producer_quant import residual_norm_quant  # noqa: PLC0415
+
+    gate2 = None if gate is None else gate.reshape(gate.shape[0], -1).float()
+    new, q, s = residual_norm_quant(h, a, gate2, mul.reshape(rows, -1).float(), add.reshape(rows, -1).float(), eps, fmt)
+    x = normed_input(new, mul, add, eps, make_float=None if float_of is None else lambda: float_of(new))
+    return new, x.provide(fmt, (q, s, (new.shape[:-1], new.dtype)))
+
+
+def eight_bit_format(stored, name: str, precision: str) -> str | None:
+    """The 8-bit format layer `name` reads its input in at `precision` (int8 / fp8 with that weight stored),
+    else None."""
+    return precision if precision in ("fp8", "int8") and linear_format(stored, name, precision) == precision else None
 
 
 # The tensors of each stored format of a linear layer `L` (`L.<suffix>`); `L.bias` serves them all.

@@ -11,7 +11,8 @@ from ditbake.plugins.nvfp4 import QuantFormatError
 from ditbake.plugins import producer_quant
 from ditbake.plugins.producer_quant import (amax_quant, cat_amax_quant, gelu_quant, gelu_quant_ref, norm_quant,
                                             norm_quant_ref, quantize_cat_with_amax, quantize_gelu_output,
-                                            quantize_norm_output, quantize_with_amax, row_quant)
+                                            quantize_norm_output, quantize_residual_norm_output,
+                                            quantize_with_amax, residual_norm_quant, row_quant)
 
 
 def _gen():
@@ -120,15 +121,18 @@ def test_cat_amax_quant_kernel_tiles_cover_both_parts(monkeypatch, ka):
     assert torch.equal(q, q_expected)
 
 
-@pytest.mark.parametrize("steps,rows,seq", [(1, 2, 37), (3, 2, 37), (4, 1, 9), (8, 2, 100)])
-def test_norm_quant_kernel_row_blocks_cover_ragged_edges(monkeypatch, steps, rows, seq):
-    """The norm kernel under Triton's interpreter (kernel logic only): several row blocks per program with
-    the next one loaded ahead, sequence lengths that end inside a block or a program, two samples with
-    their own mul / add; fp32 input, int8 codes by IEEE division (the interpreter rounds it exactly)."""
+@pytest.mark.parametrize("steps,rows,seq,stages", [(1, 2, 37, 1), (3, 2, 37, 3), (4, 1, 9, 2), (8, 2, 100, 4),
+                                                   (16, 1, 40, 3)])
+def test_norm_quant_kernel_row_blocks_cover_ragged_edges(monkeypatch, steps, rows, seq, stages):
+    """The norm kernel under Triton's interpreter (kernel logic only): several row blocks per program in
+    Triton's pipelined loop, sequence lengths that end inside a block or a program, two samples with their
+    own mul / add, a width (96) padded to 128 columns; fp32 input, int8 codes by IEEE division (the
+    interpreter rounds it exactly)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(producer_quant, "NORM_STEPS", steps)
     monkeypatch.setattr(producer_quant, "NORM_ROWS", rows)
+    monkeypatch.setattr(producer_quant, "NORM_STAGES", stages)
     monkeypatch.setattr(producer_quant, "NORM_RECIPROCAL", False)
     g = _gen()
     x = torch.randn(2, seq, 96, generator=g) * 3 + 1
@@ -138,6 +142,57 @@ def test_norm_quant_kernel_row_blocks_cover_ragged_edges(monkeypatch, steps, row
     assert q.shape == q_expected.shape == (2 * seq, 96)
     # fp32 sums in another order than torch's layer norm: scales within a few ulps, codes at most one step off
     torch.testing.assert_close(s, s_expected.reshape(-1), rtol=1e-6, atol=0)
+    step = (q.float() - q_expected.float()).abs()
+    assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-3
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_residual_norm_quant_is_the_update_then_the_norm(gated, fmt):
+    """The op off the GPU is its specification: the residual update as the runtime writes it (Wan:
+    ``(h.float() + a * gate).type_as(h)``, or ``h + a`` in bf16), then norm_quant of the result."""
+    g = _gen()
+    x, a = ((torch.randn(2, 21, 96, generator=g) * 2).to(torch.bfloat16) for _ in range(2))
+    gate = torch.randn(2, 96, generator=g) if gated else None
+    mul, add = 1 + 0.2 * torch.randn(2, 96, generator=g), 0.2 * torch.randn(2, 96, generator=g)
+    h, q, s = residual_norm_quant(x, a, gate, mul, add, 1e-6, fmt)
+    want_h = (x.float() + a * gate[:, None, :]).type_as(x) if gated else x + a
+    assert h.dtype == x.dtype and torch.equal(h, want_h)
+    q_expected, s_expected = norm_quant(want_h, mul, add, 1e-6, fmt)
+    assert torch.equal(q.float(), q_expected.float()) and torch.equal(s, s_expected)
+
+
+@pytest.mark.parametrize("case", ["a_shape", "a_dtype", "gate_dtype", "gate_width", "gate_rows", "gate_dims"])
+def test_residual_norm_quant_bad_input_gets_typed_errors(case):
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    a, gate, mul, add = x.clone(), torch.ones(2, 32), torch.ones(1, 32), torch.zeros(1, 32)
+    bad = {"a_shape": dict(a=x[:, :4]), "a_dtype": dict(a=x.float()), "gate_dtype": dict(gate=gate.bfloat16()),
+           "gate_width": dict(gate=torch.ones(2, 31)), "gate_rows": dict(gate=torch.ones(3, 32)),
+           "gate_dims": dict(gate=torch.ones(2, 1, 32))}[case]
+    args = dict(a=a, gate=gate) | bad
+    with pytest.raises(QuantFormatError):
+        quantize_residual_norm_output(x, args["a"], args["gate"], mul, add, 1e-6, "int8")
+    assert torch.equal(a, x)  # inputs untouched
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_residual_norm_quant_kernel_in_interpreter(monkeypatch, gated):
+    """The fused residual under Triton's interpreter (kernel logic only): h written where the update puts it
+    (ragged row blocks, two samples with their own gate and modulation) and the codes normalized from it;
+    fp32 so the interpreter's arithmetic is exact where it matters (it truncates bf16 casts)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(producer_quant, "NORM_STEPS", 3)
+    monkeypatch.setattr(producer_quant, "NORM_ROWS", 2)
+    monkeypatch.setattr(producer_quant, "NORM_RECIPROCAL", False)
+    g = _gen()
+    x, a = torch.randn(2, 37, 96, generator=g) * 3, torch.randn(2, 37, 96, generator=g)
+    gate = torch.randn(2, 96, generator=g) if gated else None
+    mul, add = 1 + 0.2 * torch.randn(2, 96, generator=g), 0.2 * torch.randn(2, 96, generator=g)
+    h, q, s = residual_norm_quant(x, a, gate, mul, add, 1e-6, "int8")
+    want_h, q_expected, s_expected = producer_quant.residual_norm_quant_ref(x, a, gate, mul, add, 1e-6, "int8")
+    torch.testing.assert_close(h, want_h, rtol=1e-6, atol=1e-6)  # one fp32 FMA vs a multiply then an add
+    torch.testing.assert_close(s, s_expected.reshape(-1), rtol=1e-5, atol=0)
     step = (q.float() - q_expected.float()).abs()
     assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-3
 
@@ -208,6 +263,60 @@ def test_gpu_kernels_match_reference(fmt, width):
             assert_reciprocal_codes(q, q_expected)
         else:  # no reduction, no reordering: the same codes
             assert torch.equal(q.float(), q_expected.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("width", [1536, 3072])
+def test_gpu_norm_quant_launch_options_agree(width):
+    """Every launch option of the norm kernel (rows, warps, row blocks per program, pipeline stages) writes the specification's codes: the same arithmetic per row, only the schedule (and the
+    order of the fp32 sums across a row's threads) differs."""
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    x = (torch.randn(2, 3001, width, device="cuda", generator=g) * 3 + 0.5).to(torch.bfloat16)
+    mul = 1 + 0.2 * torch.randn(2, width, device="cuda", generator=g)
+    add = 0.2 * torch.randn(2, width, device="cuda", generator=g)
+    names = ("NORM_ROWS", "NORM_WARPS", "NORM_STEPS", "NORM_STAGES")
+    saved = tuple(getattr(producer_quant, n) for n in names)
+    got = []
+    try:
+        for option in ((1, 2, 1, 1), (2, 4, 4, 2), (1, 4, 16, 4), (2, 8, 8, 3), (1, 4, 16, 3)):
+            for n, v in zip(names, option):
+                setattr(producer_quant, n, v)
+            got.append(norm_quant(x, mul, add, 1e-6, "int8"))
+    finally:
+        for n, v in zip(names, saved):
+            setattr(producer_quant, n, v)
+    want_q, want_s = norm_quant_ref(x, mul, add, 1e-6, "int8")
+    for q, s in got:
+        torch.testing.assert_close(s, want_s, rtol=1e-2, atol=0)  # amax of the same bf16 values
+        step = (q.float() - want_q.float()).abs()
+        assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 0.02  # boundary flips only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("width", [1536, 3072])
+def test_gpu_residual_norm_quant_matches_the_update_then_the_norm(gated, width):
+    """The fused residual on the GPU (Wan's and Flux's widths, a ragged sequence, per-sample gate and
+    modulation): h is the runtime's update except where the kernel's single FMA rounds across a bf16
+    boundary the multiply-then-add does not (one ulp, rarely); codes as norm_quant's of that h."""
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    x = (torch.randn(2, 3001, width, device="cuda", generator=g) * 3 + 0.5).to(torch.bfloat16)
+    a = torch.randn(2, 3001, width, device="cuda", generator=g).to(torch.bfloat16)
+    gate = torch.randn(2, width, device="cuda", generator=g) if gated else None
+    mul = 1 + 0.2 * torch.randn(2, width, device="cuda", generator=g)
+    add = 0.2 * torch.randn(2, width, device="cuda", generator=g)
+    h, q, s = residual_norm_quant(x, a, gate, mul, add, 1e-6, "int8")
+    want_h = (x.float() + a * gate[:, None, :]).type_as(x) if gated else x + a
+    differ = h != want_h
+    assert float(differ.float().mean()) < 1e-3
+    ulp = (h.float() - want_h.float()).abs() / want_h.float().abs().clamp_min(1e-30)
+    assert float(ulp[differ].max()) <= 2 ** -7 if bool(differ.any()) else True
+    q_expected, s_expected = norm_quant(h, mul, add, 1e-6, "int8")
+    torch.testing.assert_close(s, s_expected, rtol=1e-6, atol=0)
+    step = (q.float() - q_expected.float()).abs()
+    assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-3
 
 
 @pytest.mark.gpu
