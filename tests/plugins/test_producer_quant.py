@@ -300,7 +300,8 @@ def test_gpu_norm_quant_launch_options_agree(width):
 def test_gpu_residual_norm_quant_matches_the_update_then_the_norm(gated, width):
     """The fused residual on the GPU (Wan's and Flux's widths, a ragged sequence, per-sample gate and
     modulation): h is the runtime's update except where the kernel's single FMA rounds across a bf16
-    boundary the multiply-then-add does not (one ulp, rarely); codes as norm_quant's of that h."""
+    boundary the multiply-then-add does not (one ulp, rarely; more only where x and a · gate cancel to
+    within the product's fp32 rounding); codes as norm_quant's of that h."""
     g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
     x = (torch.randn(2, 3001, width, device="cuda", generator=g) * 3 + 0.5).to(torch.bfloat16)
     a = torch.randn(2, 3001, width, device="cuda", generator=g).to(torch.bfloat16)
@@ -309,10 +310,9 @@ def test_gpu_residual_norm_quant_matches_the_update_then_the_norm(gated, width):
     add = 0.2 * torch.randn(2, width, device="cuda", generator=g)
     h, q, s = residual_norm_quant(x, a, gate, mul, add, 1e-6, "int8")
     want_h = (x.float() + a * gate[:, None, :]).type_as(x) if gated else x + a
-    differ = h != want_h
-    assert float(differ.float().mean()) < 1e-3
-    ulp = (h.float() - want_h.float()).abs() / want_h.float().abs().clamp_min(1e-30)
-    assert float(ulp[differ].max()) <= 2 ** -7 if bool(differ.any()) else True
+    assert float((h != want_h).float().mean()) < 1e-3
+    # one bf16 ulp apart (2**-7 relative at most), or, where x and a · gate cancel, the product's fp32 rounding
+    torch.testing.assert_close(h.float(), want_h.float(), rtol=2 ** -7, atol=1e-5)
     q_expected, s_expected = norm_quant(h, mul, add, 1e-6, "int8")
     torch.testing.assert_close(s, s_expected, rtol=1e-6, atol=0)
     step = (q.float() - q_expected.float()).abs()
