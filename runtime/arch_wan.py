@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ditbake.runtime.nn import (Weights, dense, eight_bit_format, gelu_tanh_mlp, layer_norm, normed_input,
-                                quantizable_linear, residual_normed_input, rms_norm, rotate_interleaved,
-                                timestep_embedding)
+                                quantizable_linear, residual_normed_input, residual_update, rms_norm,
+                                rotate_interleaved, timestep_embedding)
 from ditbake.runtime.nn import heads, num_blocks  # noqa: F401 - part of the architecture interface
 
 NAME = "wan"
@@ -97,7 +97,7 @@ def _residual_and_cross_attention_input(w: Weights, p: str, h: torch.Tensor, a: 
     (in one kernel when attn2.to_q reads 8-bit codes `fmt` on the GPU). Returns (h, input)."""
     weight, bias = w.get(p + "norm2.weight"), w.get(p + "norm2.bias")
     if weight is None or bias is None:
-        h = (h.float() + a * gate).type_as(h)
+        h = residual_update(h, a, gate)
         return h, layer_norm(h, w, p + "norm2", eps).type_as(h)
     return residual_normed_input(h, a, gate, weight.float().reshape(1, 1, -1), bias.float().reshape(1, 1, -1), eps,
                                  fmt, float_of=lambda new: layer_norm(new, w, p + "norm2", eps).type_as(new))
@@ -126,7 +126,7 @@ def block(w: Weights, config: dict, index: int, h: torch.Tensor, ctx: dict, vari
     if config.get("cross_attn_norm", True):
         h, x = _residual_and_cross_attention_input(w, p, h, a, gate, eps, reads_8bit("attn2.to_q"))
     else:
-        h = x = (h.float() + a * gate).type_as(h)
+        h = x = residual_update(h, a, gate)
     text = ctx["text"]
     q = rms_norm(lin(x, "attn2.to_q"), w[p + "attn2.norm_q.weight"], eps)
     k = rms_norm(lin(text, "attn2.to_k"), w[p + "attn2.norm_k.weight"], eps)

@@ -85,7 +85,7 @@ class LinearInput:
 
 def _8bit_from_producer(x: LinearInput, w: Weights, name: str, precision: str):
     """The W8A8 GEMM on a producer kernel's codes, or None when this layer cannot take them."""
-    if precision not in ("fp8", "int8") or name + f".{precision}_weight" not in w:
+    if eight_bit_format(w, name, precision) is None:
         return None
     made = x.quantized(precision)
     if made is None:
@@ -125,32 +125,39 @@ def normed_input(h: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: flo
         q, s = norm_quant(h, mul.reshape(rows, -1).float(), add.reshape(rows, -1).float(), eps, fmt)
         return q, s, (h.shape[:-1], h.dtype)
 
-    fits = (NORM_PRODUCER_KERNEL and h.is_cuda and h.dim() == 3 and mul.shape == add.shape
+    return LinearInput(make_float, make_8bit if _norm_kernel_fits(h, mul, add) else None)
+
+
+def _norm_kernel_fits(h: torch.Tensor, mul: torch.Tensor, add: torch.Tensor) -> bool:
+    """Whether the norm producer kernel takes h [B, S, D] with mul / add [B or 1, 1, D] (on the GPU)."""
+    return (NORM_PRODUCER_KERNEL and h.is_cuda and h.dim() == 3 and mul.shape == add.shape
             and mul.dim() == 3 and mul.shape[1] == 1 and mul.shape[0] in (1, h.shape[0]))
-    return LinearInput(make_float, make_8bit if fits else None)
+
+
+def residual_update(h: torch.Tensor, a: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """`(h.float() + a * gate).type_as(h)` (gate fp32 [B or 1, 1, D]), or `h + a` without a gate."""
+    return h + a if gate is None else (h.float() + a * gate).type_as(h)
 
 
 def residual_normed_input(h: torch.Tensor, a: torch.Tensor, gate: torch.Tensor | None, mul: torch.Tensor,
                           add: torch.Tensor, eps: float, fmt: str | None = None, float_of=None):
-    """The residual update `(h.float() + a * gate).type_as(h)` (gate fp32 [B or 1, 1, D]; None: `h + a`) and
-    the next norm's input `normed_input(new h, mul, add, eps)` (`float_of(new h)`: the float path of an
-    affine norm). Returns (new h, LinearInput). With `fmt`, the 8-bit format that input's reader runs in,
-    on the GPU one kernel (plugins/producer_quant.residual_norm_quant) writes the new h and those codes,
-    normalized from registers instead of reading h back."""
-    rows = mul.shape[0]
-    fused = (fmt is not None and NORM_PRODUCER_KERNEL and h.is_cuda and h.dim() == 3 and a.shape == h.shape
-             and a.dtype == h.dtype and mul.shape == add.shape and mul.dim() == 3 and mul.shape[1] == 1
-             and rows in (1, h.shape[0])
+    """`residual_update(h, a, gate)` and the next norm's input `normed_input(new h, mul, add, eps)`
+    (`float_of(new h)`: the float path of an affine norm). Returns (new h, LinearInput). With `fmt`, the
+    8-bit format that input's reader runs in, on the GPU one kernel (plugins/producer_quant.residual_norm_quant)
+    writes the new h and those codes, normalized from registers instead of reading h back."""
+    fused = (fmt is not None and _norm_kernel_fits(h, mul, add) and a.shape == h.shape and a.dtype == h.dtype
              and (gate is None or (gate.dim() == 3 and gate.shape[1] == 1 and gate.shape[0] in (1, h.shape[0]))))
-    if not fused:
-        new = h + a if gate is None else (h.float() + a * gate).type_as(h)
-        return new, normed_input(new, mul, add, eps, make_float=None if float_of is None else lambda: float_of(new))
-    from ditbake.plugins.producer_quant import residual_norm_quant  # noqa: PLC0415
+    if fused:
+        from ditbake.plugins.producer_quant import residual_norm_quant  # noqa: PLC0415
 
-    gate2 = None if gate is None else gate.reshape(gate.shape[0], -1).float()
-    new, q, s = residual_norm_quant(h, a, gate2, mul.reshape(rows, -1).float(), add.reshape(rows, -1).float(), eps, fmt)
+        rows = mul.shape[0]
+        gate2 = None if gate is None else gate.reshape(gate.shape[0], -1).float()
+        new, q, s = residual_norm_quant(h, a, gate2, mul.reshape(rows, -1).float(), add.reshape(rows, -1).float(),
+                                        eps, fmt)
+    else:
+        new = residual_update(h, a, gate)
     x = normed_input(new, mul, add, eps, make_float=None if float_of is None else lambda: float_of(new))
-    return new, x.provide(fmt, (q, s, (new.shape[:-1], new.dtype)))
+    return new, (x.provide(fmt, (q, s, (new.shape[:-1], new.dtype))) if fused else x)
 
 
 def eight_bit_format(stored, name: str, precision: str) -> str | None:
@@ -268,7 +275,7 @@ def int8_gelu_gemm(x, w: Weights, up: str, down: str, precisions: dict[str, str]
     """The up projection `up` with tanh-GELU and each row's max |GELU| in the CUTLASS GEMM's epilogue, when
     `up` and the layer `down` that reads its output both run INT8 on an sm90 GPU: (h [M, N] bf16, amax fp32
     [M], lead shape, dtype of x), else None. x: a tensor or a LinearInput."""
-    if not all(precisions.get(n, "bf16") == "int8" and linear_format(w, n, "int8") == "int8" for n in (up, down)):
+    if not all(eight_bit_format(w, n, precisions.get(n, "bf16")) == "int8" for n in (up, down)):
         return None
     qw, bias = w[up + ".int8_weight"], w.get(up + ".bias")
     if not qw.is_cuda:

@@ -19,6 +19,14 @@ def _gen():
     return torch.Generator().manual_seed(torch.seed() % 2**31)
 
 
+def _interpreted(monkeypatch, **launch) -> None:
+    """Run the module's kernels under Triton's interpreter (kernel logic only) with these launch options."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for name, value in launch.items():
+        monkeypatch.setattr(producer_quant, name, value)
+
+
 def assert_reciprocal_codes(got: torch.Tensor, want: torch.Tensor) -> None:
     """INT8 codes by reciprocal + Newton step vs IEEE division's: off by one at a .5 boundary at most, rarely."""
     step = (got.float() - want.float()).abs()
@@ -64,11 +72,8 @@ def test_amax_quant_is_quantize_rows_with_the_given_amax(fmt):
 def test_amax_quant_kernel_tiles_cover_ragged_edges(monkeypatch):
     """The 2-D tiled kernel under Triton's interpreter (kernel logic only), with tiles that do not divide
     M or K: every code and scale where the reference puts it (int8: the interpreter rounds exactly)."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(producer_quant, "AMAX_ROWS", 4)
-    monkeypatch.setattr(producer_quant, "AMAX_COLS", 64)
-    monkeypatch.setattr(producer_quant, "AMAX_RECIPROCAL", False)  # the exact path; the GPU test covers both
+    # the exact path (IEEE division); the GPU test covers both
+    _interpreted(monkeypatch, AMAX_ROWS=4, AMAX_COLS=64, AMAX_RECIPROCAL=False)
     h = torch.randn(9, 150, generator=_gen()) * 3
     amax = h.abs().amax(-1)
     amax[3] = 0.0  # a row whose producer saw only zeros: scale 1, codes of h / 1 clamped
@@ -107,11 +112,7 @@ def test_cat_amax_quant_kernel_tiles_cover_both_parts(monkeypatch, ka):
     """The kernel under Triton's interpreter (kernel logic only): tiles wholly in a, wholly in h and cut by
     the boundary (ka 64 on a tile edge, 50 and 130 inside tiles), ragged M and K; int8 by IEEE division
     (the interpreter rounds it exactly), codes and scales where the reference puts them."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(producer_quant, "AMAX_ROWS", 4)
-    monkeypatch.setattr(producer_quant, "AMAX_COLS", 64)
-    monkeypatch.setattr(producer_quant, "AMAX_RECIPROCAL", False)
+    _interpreted(monkeypatch, AMAX_ROWS=4, AMAX_COLS=64, AMAX_RECIPROCAL=False)
     g = _gen()
     a, h = torch.randn(9, ka, generator=g) * 3, torch.randn(9, 150, generator=g)
     amax = torch.maximum(a.abs().amax(-1), h.abs().amax(-1))
@@ -128,12 +129,7 @@ def test_norm_quant_kernel_row_blocks_cover_ragged_edges(monkeypatch, steps, row
     Triton's pipelined loop, sequence lengths that end inside a block or a program, two samples with their
     own mul / add, a width (96) padded to 128 columns; fp32 input, int8 codes by IEEE division (the
     interpreter rounds it exactly)."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(producer_quant, "NORM_STEPS", steps)
-    monkeypatch.setattr(producer_quant, "NORM_ROWS", rows)
-    monkeypatch.setattr(producer_quant, "NORM_STAGES", stages)
-    monkeypatch.setattr(producer_quant, "NORM_RECIPROCAL", False)
+    _interpreted(monkeypatch, NORM_STEPS=steps, NORM_ROWS=rows, NORM_STAGES=stages, NORM_RECIPROCAL=False)
     g = _gen()
     x = torch.randn(2, seq, 96, generator=g) * 3 + 1
     mul, add = 1 + 0.2 * torch.randn(2, 96, generator=g), 0.2 * torch.randn(2, 96, generator=g)
@@ -180,11 +176,7 @@ def test_residual_norm_quant_kernel_in_interpreter(monkeypatch, gated):
     """The fused residual under Triton's interpreter (kernel logic only): h written where the update puts it
     (ragged row blocks, two samples with their own gate and modulation) and the codes normalized from it;
     fp32 so the interpreter's arithmetic is exact where it matters (it truncates bf16 casts)."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(producer_quant, "NORM_STEPS", 3)
-    monkeypatch.setattr(producer_quant, "NORM_ROWS", 2)
-    monkeypatch.setattr(producer_quant, "NORM_RECIPROCAL", False)
+    _interpreted(monkeypatch, NORM_STEPS=3, NORM_ROWS=2, NORM_RECIPROCAL=False)
     g = _gen()
     x, a = torch.randn(2, 37, 96, generator=g) * 3, torch.randn(2, 37, 96, generator=g)
     gate = torch.randn(2, 96, generator=g) if gated else None
@@ -268,24 +260,19 @@ def test_gpu_kernels_match_reference(fmt, width):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("width", [1536, 3072])
-def test_gpu_norm_quant_launch_options_agree(width):
-    """Every launch option of the norm kernel (rows, warps, row blocks per program, pipeline stages) writes the specification's codes: the same arithmetic per row, only the schedule (and the
-    order of the fp32 sums across a row's threads) differs."""
+def test_gpu_norm_quant_launch_options_agree(monkeypatch, width):
+    """Every launch option of the norm kernel (rows, warps, row blocks per program, pipeline stages) writes
+    the specification's codes: the same arithmetic per row, only the schedule (and the order of the fp32 sums
+    across a row's threads) differs."""
     g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
     x = (torch.randn(2, 3001, width, device="cuda", generator=g) * 3 + 0.5).to(torch.bfloat16)
     mul = 1 + 0.2 * torch.randn(2, width, device="cuda", generator=g)
     add = 0.2 * torch.randn(2, width, device="cuda", generator=g)
-    names = ("NORM_ROWS", "NORM_WARPS", "NORM_STEPS", "NORM_STAGES")
-    saved = tuple(getattr(producer_quant, n) for n in names)
     got = []
-    try:
-        for option in ((1, 2, 1, 1), (2, 4, 4, 2), (1, 4, 16, 4), (2, 8, 8, 3), (1, 4, 16, 3)):
-            for n, v in zip(names, option):
-                setattr(producer_quant, n, v)
-            got.append(norm_quant(x, mul, add, 1e-6, "int8"))
-    finally:
-        for n, v in zip(names, saved):
-            setattr(producer_quant, n, v)
+    for option in ((1, 2, 1, 1), (2, 4, 4, 2), (1, 4, 16, 4), (2, 8, 8, 3), (1, 4, 16, 3)):
+        for name, value in zip(("NORM_ROWS", "NORM_WARPS", "NORM_STEPS", "NORM_STAGES"), option):
+            monkeypatch.setattr(producer_quant, name, value)
+        got.append(norm_quant(x, mul, add, 1e-6, "int8"))
     want_q, want_s = norm_quant_ref(x, mul, add, 1e-6, "int8")
     for q, s in got:
         torch.testing.assert_close(s, want_s, rtol=1e-2, atol=0)  # amax of the same bf16 values
@@ -360,9 +347,7 @@ def test_row_quant_kernel_in_interpreter_is_quantize_rows(monkeypatch):
     """The one-pass row kernel under Triton's interpreter (kernel logic), rows per program not dividing M,
     a width that is no power of two, an all-zero row: scales exact, INT8 codes as the specification's
     (the reciprocal + Newton step lands on IEEE division's quotient)."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(producer_quant, "ROW_ROWS", 4)
+    _interpreted(monkeypatch, ROW_ROWS=4)
     h = torch.randn(9, 150, generator=_gen()) * 3
     h[5] = 0.0
     q, s = row_quant(h, "int8")
