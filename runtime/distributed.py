@@ -113,6 +113,11 @@ def init_process_group(device: torch.device) -> torch.device:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not dist.is_initialized():
+        # importing torch._dynamo once a group exists leaves references to it in a cache there, so
+        # destroy_process_group cannot free it and gloo's worker threads outlive the interpreter,
+        # which aborts at exit ("terminate called without an active exception"); import it first
+        import torch._dynamo  # noqa: F401, PLC0415
+
         os.environ.update(NCCL_ENV)
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)
@@ -174,14 +179,14 @@ class UlyssesAttention:
             t = t if identity else t.index_select(1, perm)
             send[:, i].copy_(t.unflatten(1, (self.sp, h)).transpose(0, 1))
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        dist.all_to_all_single(recv, send, group=_process_group(self.group))
         q, k, v = recv.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h, self.sp * s_local, d).unbind(0)
         mine = tuple(schemes[i] for i in order[self.rank * h:(self.rank + 1) * h]) if schemes else schemes
         out = self.inner(key, q, k, v, mine, text_range, grid)
         # [B, h, S, D] → sequence chunk j goes back to rank j; its heads come back from every rank
         send = out.unflatten(2, (self.sp, s_local)).permute(2, 0, 1, 3, 4).contiguous()
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        dist.all_to_all_single(recv, send, group=_process_group(self.group))
         out = recv.permute(1, 0, 2, 3, 4).reshape(b, n, s_local, d)
         return out if identity else out.index_select(1, inverse)
 
@@ -220,25 +225,37 @@ class SequenceShardedEngines:
 
     def epilogue(self, h, ctx):
         parts = [torch.empty_like(h) for _ in range(self.sp)]
-        dist.all_gather(parts, h.contiguous(), group=self.group)
+        dist.all_gather(parts, h.contiguous(), group=_process_group(self.group))
         return self.inner.epilogue(torch.cat(parts, dim=1), ctx)
 
 
-def _groups(layout: Layout):
-    """(CFG group, sequence group) of this rank; None where the group would be this rank alone.
-    Every rank creates every group in the same order (torch.distributed requires it)."""
+# Subgroups by their ranks, created once per process group and shared by every session. Sessions
+# hold rank tuples, not groups: a Python reference to a group keeps it (and gloo's worker threads)
+# alive past shutdown(), and a thread still releasing tensors when the interpreter exits aborts it.
+_SUBGROUPS: dict[tuple[int, ...], object] = {}
+
+
+def _process_group(ranks: tuple[int, ...]):
+    """The group of these ranks for a collective's `group=`: None (the default group) for the whole world."""
+    return None if len(ranks) == dist.get_world_size() else _SUBGROUPS[ranks]
+
+
+def _groups(layout: Layout) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(CFG group, sequence group) of this rank as rank tuples; None where the group would be this rank
+    alone. Every rank creates every subgroup in the same order (torch.distributed requires it)."""
     world = layout.cfg * layout.sp
     mine = [None, None]
-    sp_groups = [[c * layout.sp + s for s in range(layout.sp)] for c in range(layout.cfg)]
-    cfg_groups = [[c * layout.sp + s for c in range(layout.cfg)] for s in range(layout.sp)]
+    sp_groups = [tuple(c * layout.sp + s for s in range(layout.sp)) for c in range(layout.cfg)]
+    cfg_groups = [tuple(c * layout.sp + s for c in range(layout.cfg)) for s in range(layout.sp)]
     for slot, groups in ((0, cfg_groups), (1, sp_groups)):
         for ranks in groups:
             if len(ranks) == 1:
                 continue
-            g = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
+            if len(ranks) < world and ranks not in _SUBGROUPS:
+                _SUBGROUPS[ranks] = dist.new_group(list(ranks))
             if layout.rank in ranks:
-                mine[slot] = g
-    return tuple(mine)
+                mine[slot] = ranks
+    return mine[0], mine[1]
 
 
 class ParallelSession(Session):
@@ -273,7 +290,7 @@ class ParallelSession(Session):
             return outputs
         (out,) = outputs.values()
         parts = [torch.empty_like(out) for _ in range(self.layout.cfg)]
-        dist.all_gather(parts, out.contiguous(), group=self.cfg_group)
+        dist.all_gather(parts, out.contiguous(), group=_process_group(self.cfg_group))
         return dict(zip(BRANCHES, parts))
 
     def generate(self, *args, **kwargs):
@@ -284,10 +301,10 @@ class ParallelSession(Session):
         flops = torch.tensor([r.attention_flops_done, r.attention_flops_dense], dtype=torch.float64,
                              device=self.device)
         if self._split:
-            dist.all_reduce(counts, group=self.cfg_group)
+            dist.all_reduce(counts, group=_process_group(self.cfg_group))
             dist.all_reduce(flops)
         elif self.layout.sp > 1:
-            dist.all_reduce(flops, group=self.sp_group)
+            dist.all_reduce(flops, group=_process_group(self.sp_group))
         r.block_computes, r.block_skips = (int(c) for c in counts.tolist())
         r.attention_flops_done, r.attention_flops_dense = flops.tolist()
         return result
@@ -314,6 +331,8 @@ def _check_ulysses(artifact, sp: int) -> None:
 
 
 def shutdown() -> None:
+    """Leave the job: every group is destroyed and, with no session holding one, freed (its threads joined)."""
+    _SUBGROUPS.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

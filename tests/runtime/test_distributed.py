@@ -83,6 +83,7 @@ def _worker(rank: int, world: int, port: int, path: str, out: str, runs: list) -
     inputs = load_file(f"{out}/inputs.safetensors")
     from ditbake.runtime.distributed import shutdown
 
+    threads = len(os.listdir("/proc/self/task"))
     try:
         for name, mode, guidance, batch in runs:
             session = load(path, parallel=mode)
@@ -93,6 +94,11 @@ def _worker(rank: int, world: int, port: int, path: str, out: str, runs: list) -
             with open(f"{out}/{name}-{rank}.json", "w") as f:
                 json.dump(res.report.to_json() | {"writer": session.is_writer, "layout": list(
                     (session.layout.cfg, session.layout.sp))}, f)
+        # with the last session still held, shutdown() frees the groups: no communication thread is left
+        # to release tensors while the interpreter exits (that aborted this test now and then)
+        shutdown()
+        with open(f"{out}/threads-{rank}.json", "w") as f:
+            json.dump([threads, len(os.listdir("/proc/self/task"))], f)
     finally:
         shutdown()
 
@@ -110,6 +116,8 @@ def _check(tmp_path, name, world, ref, exact: bool) -> None:
     tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
     want = ref.report.to_json()
     for rank in range(world):
+        before, after = json.loads((tmp_path / f"threads-{rank}.json").read_text())
+        assert after == before, f"rank {rank}: {after - before} threads outlive shutdown()"
         got = load_file(tmp_path / f"{name}-{rank}.safetensors")
         torch.testing.assert_close(got["trajectory"], torch.stack(ref.trajectory), **tol)
         report = json.loads((tmp_path / f"{name}-{rank}.json").read_text())
