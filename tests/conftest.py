@@ -22,9 +22,11 @@ class CudaLookingTensor(torch.Tensor):
 
 @pytest.fixture
 def rng_seed():
-    """A fresh seed per test run so inputs are not always the same; printed on failure."""
+    """A fresh seed per test run so inputs are not always the same; printed on failure.
+    DITBAKE_TEST_SEED=<seed> replays a failure's inputs."""
+    import os
     import random
-    seed = random.randrange(2**31)
+    seed = int(os.environ.get("DITBAKE_TEST_SEED") or random.randrange(2**31))
     torch.manual_seed(seed)
     return seed
 

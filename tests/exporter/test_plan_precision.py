@@ -284,7 +284,7 @@ def _hooked_forward(adapter, plan, step, latents, t, text):
 
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
-def test_every_linear_of_each_block_kind_is_planned_built_and_run(model, tmp_path, rng_seed):
+def test_every_linear_of_each_block_kind_is_planned_built_and_run(model, tmp_path, rng_seed, monkeypatch):
     """Flux's double and single blocks (and SD3's context_pre_only last block) have different linear
     sets: each block's own linears are measured, planned, stored and run quantized; the layers a block
     lacks stay NaN in the statistics, bf16 in the plan, and store nothing."""
@@ -337,12 +337,28 @@ def test_every_linear_of_each_block_kind_is_planned_built_and_run(model, tmp_pat
     state = session.new_state()
     extras = tuple(session.arch.resolve_pooled(session.config, text, None) for _ in session.extra_inputs)
     float_out = _hooked_forward(adapter, quantized_plan(stats.meta, stats.tensors, None), 0, x, t, text)
+    import ditbake.runtime.nn as runtime_nn
+
+    ran: dict[str, set] = {}
+    chosen = runtime_nn.linear_format
+    monkeypatch.setattr(runtime_nn, "linear_format", lambda stored, name, precision: ran.setdefault(
+        name, set()).add(chosen(stored, name, precision)) or chosen(stored, name, precision))
+    shares = []  # per step: the runtime's distance from the reference, as a share of the quantization effect
     for step in range(plan.num_steps):
+        ran.clear()
         ours = session.forward_once(state, step, "cond", x, t, text, extras).float()
+        # each block ran each of its own linears in the weight format its plan cell names, and nothing else
+        want = {f"{prefix}{b}.{name}": {p} for b in range(plan.num_blocks)
+                for name, p in plan.variant_for(step, "cond", b).precisions if (b, name) not in absent}
+        assert {k: v for k, v in ran.items() if k.startswith(prefix)} == want, step
         ref = _hooked_forward(adapter, plan, step, x, t, text)
         quant_effect = float((ref - float_out).norm() / float_out.norm())
-        mismatch = float((ours - ref).norm() / ref.norm())
-        # as in the Wan test above: fp32 both ways, rare rounding flips, far below the quantization effect
-        # fp32 both ways (measured ≤ 1.3e-7); a rounding flip moves one element by one step; one layer
-        # in the wrong format moves the output by its share of the effect (≥ 5 % of it, measured)
-        assert quant_effect > 2e-3 and mismatch < 0.02 * quant_effect, (step, mismatch, quant_effect)
+        assert quant_effect > 2e-3, (step, quant_effect)
+        shares.append(float((ours - ref).norm() / ref.norm()) / quant_effect)
+    # fp32 both ways, but the two compute a layer's input in different orders: now and then an activation
+    # code lands on the other side of a rounding boundary, and in a model this small that moves the output
+    # by a visible share of the effect (over 40 seeds × 3 steps per model: ≤ 2e-5 in all but one step,
+    # 9.2 % there; seed 798670226: 0.5-2.2 % in every step, the inputs being the same). A wiring error (a
+    # scale, bias or rotation lost) moves it by more than the effect itself; a layer in the wrong format
+    # (as little as 0.4 %, or nothing where its output is discarded) is the dispatch record's job above.
+    assert max(shares) < 0.25, shares
