@@ -21,14 +21,23 @@ class CudaLookingTensor(torch.Tensor):
 
 
 @pytest.fixture
-def rng_seed():
+def rng_seed(request):
     """A fresh seed per test run so inputs are not always the same; printed on failure.
     DITBAKE_TEST_SEED=<seed> replays a failure's inputs."""
     import os
     import random
     seed = int(os.environ.get("DITBAKE_TEST_SEED") or random.randrange(2**31))
     torch.manual_seed(seed)
+    request.node.user_properties.append(("rng_seed", seed))
     return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seeds = [v for k, v in item.user_properties if k == "rng_seed"]
+    if report.failed and seeds and call.when == "call":
+        report.sections.append(("rng_seed", f"replay with DITBAKE_TEST_SEED={seeds[0]}"))
 
 
 @pytest.fixture
