@@ -6,6 +6,8 @@
 #   linears  — FP8 / FP8 fast-accum / INT8 linears fused with their producer, INT8 tile sweep
 #   cutlass  — build the CUTLASS INT8 GEMM (nvidia-cutlass wheel in .whl/), its GPU tests, the GEMM bench;
 #              the library lands in $OUT/ext: carry it as DITBAKE_EXT_DIR to skip the build next call
+#   wan-eager-fidelity — wan with BACKENDS=eager (a8, b8, c8; LIMIT 330 s), then fidelity: with `wan`
+#              BACKENDS=aoti in another call, the whole of issue 15's Wan acceptance in two calls
 #   fidelity — the race's configurations on the 16k video test bed (PSNR / SSIM vs its bf16 output,
 #              3 held-out v2 captions × 2 seeds, 20 steps, CFG 5, eager), ≤ 240 s; needs the caption
 #              cache carried: .carry/fid16k/embeds.safetensors (benchmarks/prompt_cache.py makes it)
@@ -50,5 +52,8 @@ import ditbake.plugins.gemm_w8a8_cutlass as g; ok = g.load_native(); print('cutl
       > "$OUT/test_gpu_cutlass.log" 2>&1; tail -6 "$OUT/test_gpu_cutlass.log"
     timeout 200 python3 benchmarks/bench_gemm_8bit.py --out "$OUT/gemm_8bit_cutlass.json" > "$OUT/gemm_cutlass.log" 2>&1
     grep -v "^W1" "$OUT/gemm_cutlass.log" | tail -40 ;;
-  *) echo "usage: $0 kernels|wan|flux|fidelity|linears|cutlass" >&2; exit 2 ;;
+  wan-eager-fidelity)  # the second of issue 15's closing calls: Wan's eager rows, then the 16k-bed fidelity
+    LIMIT=${LIMIT:-330} BACKENDS=eager NO_BF16=1 ONLY=${ONLY:-'\((a8|b8|c8)\)'} bash "$0" wan
+    bash "$0" fidelity ;;
+  *) echo "usage: $0 kernels|wan|flux|fidelity|linears|cutlass|wan-eager-fidelity" >&2; exit 2 ;;
 esac
