@@ -237,7 +237,11 @@ _SUBGROUPS: dict[tuple[int, ...], object] = {}
 
 def _process_group(ranks: tuple[int, ...]):
     """The group of these ranks for a collective's `group=`: None (the default group) for the whole world."""
-    return None if len(ranks) == dist.get_world_size() else _SUBGROUPS[ranks]
+    group = _SUBGROUPS.get(ranks) if dist.is_initialized() else None
+    if group is None and not (dist.is_initialized() and len(ranks) == dist.get_world_size()):
+        raise ParallelError("this parallel session's job has been shut down (distributed.shutdown()); a session "
+                            "cannot be used after it, start a new job")
+    return group
 
 
 def _groups(layout: Layout) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:

@@ -97,8 +97,14 @@ def _worker(rank: int, world: int, port: int, path: str, out: str, runs: list) -
         # with the last session still held, shutdown() frees the groups: no communication thread is left
         # to release tensors while the interpreter exits (that aborted this test now and then)
         shutdown()
+        after = len(os.listdir("/proc/self/task"))
+        try:  # the session outlives its job: a typed refusal, not a torch error from a destroyed group
+            session.generate(inputs["cond"][:batch], inputs["uncond"][:batch], seed=7, guidance_scale=guidance)
+            refused = None
+        except ParallelError as exc:
+            refused = str(exc)
         with open(f"{out}/threads-{rank}.json", "w") as f:
-            json.dump([threads, len(os.listdir("/proc/self/task"))], f)
+            json.dump([threads, after, refused], f)
     finally:
         shutdown()
 
@@ -116,8 +122,9 @@ def _check(tmp_path, name, world, ref, exact: bool) -> None:
     tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
     want = ref.report.to_json()
     for rank in range(world):
-        before, after = json.loads((tmp_path / f"threads-{rank}.json").read_text())
+        before, after, refused = json.loads((tmp_path / f"threads-{rank}.json").read_text())
         assert after == before, f"rank {rank}: {after - before} threads outlive shutdown()"
+        assert "has been shut down" in refused
         got = load_file(tmp_path / f"{name}-{rank}.safetensors")
         torch.testing.assert_close(got["trajectory"], torch.stack(ref.trajectory), **tol)
         report = json.loads((tmp_path / f"{name}-{rank}.json").read_text())
@@ -204,6 +211,10 @@ def test_refusals(artifact, monkeypatch):
     engines = SequenceShardedEngines(EagerEngines(None, art.config, art.weights), None, 5, 0, {}, "cpu")
     with pytest.raises(ParallelError, match="48 visual tokens do not split over 5 sequence ranks"):
         engines._shard(torch.zeros(1, 48, 8))
+    from ditbake.runtime.distributed import _process_group
+
+    with pytest.raises(ParallelError, match="has been shut down"):  # a session used after shutdown()
+        _process_group((0, 1))
     art.manifest["backend"] = "aoti"
     with pytest.raises(ParallelError, match="needs the eager backend"):
         _check_ulysses(art, 2)
