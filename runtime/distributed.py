@@ -237,11 +237,10 @@ _SUBGROUPS: dict[tuple[int, ...], object] = {}
 
 def _process_group(ranks: tuple[int, ...]):
     """The group of these ranks for a collective's `group=`: None (the default group) for the whole world."""
-    group = _SUBGROUPS.get(ranks) if dist.is_initialized() else None
-    if group is None and not (dist.is_initialized() and len(ranks) == dist.get_world_size()):
+    if not dist.is_initialized() or (len(ranks) < dist.get_world_size() and ranks not in _SUBGROUPS):
         raise ParallelError("this parallel session's job has been shut down (distributed.shutdown()); a session "
                             "cannot be used after it, start a new job")
-    return group
+    return _SUBGROUPS.get(ranks)
 
 
 def _groups(layout: Layout) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
