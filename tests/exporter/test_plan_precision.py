@@ -341,8 +341,13 @@ def test_every_linear_of_each_block_kind_is_planned_built_and_run(model, tmp_pat
 
     ran: dict[str, set] = {}
     chosen = runtime_nn.linear_format
-    monkeypatch.setattr(runtime_nn, "linear_format", lambda stored, name, precision: ran.setdefault(
-        name, set()).add(chosen(stored, name, precision)) or chosen(stored, name, precision))
+
+    def recording(stored, name, precision):
+        fmt = chosen(stored, name, precision)
+        ran.setdefault(name, set()).add(fmt)
+        return fmt
+
+    monkeypatch.setattr(runtime_nn, "linear_format", recording)
     shares = []  # per step: the runtime's distance from the reference, as a share of the quantization effect
     for step in range(plan.num_steps):
         ran.clear()

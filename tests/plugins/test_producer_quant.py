@@ -33,6 +33,15 @@ def assert_reciprocal_codes(got: torch.Tensor, want: torch.Tensor) -> None:
     assert float(step.max()) <= 1 and float((step > 0).float().mean()) < 1e-5
 
 
+def assert_row_codes(got: torch.Tensor, want: torch.Tensor, fmt: str, reciprocal: bool = True) -> None:
+    """A kernel's codes vs quantize_rows': INT8 through the reciprocal store as above, otherwise the same codes
+    (no reduction, no reordering)."""
+    if reciprocal and fmt == "int8":
+        assert_reciprocal_codes(got, want)
+    else:
+        assert torch.equal(got.float(), want.float())
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_norm_reference_is_the_runtime_composition(fmt):
     g = _gen()
@@ -251,10 +260,7 @@ def test_gpu_kernels_match_reference(fmt, width):
         finally:
             producer_quant.AMAX_RECIPROCAL = saved
         assert torch.equal(s, s_expected.reshape(-1))  # IEEE division in both
-        if reciprocal and fmt == "int8":  # x * (1 / scale): a code off by one at a .5 boundary, rarely
-            assert_reciprocal_codes(q, q_expected)
-        else:  # no reduction, no reordering: the same codes
-            assert torch.equal(q.float(), q_expected.float())
+        assert_row_codes(q, q_expected, fmt, reciprocal)
 
 
 @pytest.mark.gpu
@@ -367,10 +373,7 @@ def test_gpu_row_quant_matches_quantize_rows(fmt, width):
     q, s = row_quant(h, fmt)
     q_expected, s_expected = quantize_rows(h, fmt)
     assert torch.equal(s, s_expected.reshape(-1))
-    if fmt == "int8":
-        assert_reciprocal_codes(q, q_expected)
-    else:
-        assert torch.equal(q.float(), q_expected.float())
+    assert_row_codes(q, q_expected, fmt)
 
 
 @pytest.mark.gpu
@@ -387,7 +390,4 @@ def test_gpu_cat_amax_quant_matches_quantize_rows_of_the_concatenation(fmt, ka, 
     q, s = cat_amax_quant(a, h, amax, fmt)
     q_expected, s_expected = quantize_rows(cat, fmt)
     assert torch.equal(s, s_expected.reshape(-1))
-    if fmt == "int8":
-        assert_reciprocal_codes(q, q_expected)
-    else:
-        assert torch.equal(q.float(), q_expected.float())
+    assert_row_codes(q, q_expected, fmt)
