@@ -116,7 +116,8 @@ def transplant_plan(source, adapter, visual_tokens: int, src_tokens: int, act_fo
     return Plan(architecture=adapter.architecture, num_blocks=nb, linear_layers=tuple(adapter.linear_layers),
                 attention_sites=tuple(sorted(heads.items())), variants=variants,
                 steps=tuple({"cond": tuple(r[0]), "uncond": tuple(r[1])} for r in table),
-                predicted={"transplanted_from": "test-bed plan"}, stack_extrapolation=source.stack_extrapolation)
+                predicted={"transplanted_from": "test-bed plan"}, stack_extrapolation=source.stack_extrapolation,
+                uncond_skip=source.uncond_skip)
 
 
 def attention_cost(v, visual_tokens: int) -> float:

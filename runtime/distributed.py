@@ -270,6 +270,10 @@ class ParallelSession(Session):
         self.mode = parallel
         if self.layout.sp > 1:
             _check_ulysses(artifact, self.layout.sp)
+        if self.layout.cfg > 1 and artifact.plan.uncond_skip == "guidance":
+            raise ParallelError("this plan's skipped uncond steps reuse cond's residual of the same step "
+                                "(uncond_skip 'guidance'), and CFG-parallel runs the branches on different ranks; "
+                                "use parallel='ulysses' or a plan without guidance skips")
         super().__init__(artifact, device, dtype, cuda_graphs=cuda_graphs)
         self.cfg_group, self.sp_group = _groups(self.layout)
         if self.layout.sp > 1:

@@ -9,6 +9,8 @@ Layout (format "ditbake-plan", version 1)::
      "variants": [BlockVariant, ...],               # distinct block configurations
      "steps": [{"cond": [vid per block], "uncond": [vid per block]}, ...],
      "tiles": {"attn1": [2, 4, 4]},                 # per site: 3D tile of "local3d" heads (optional)
+     "stack_extrapolation": "none" | "linear",      # how a whole skipped stack rebuilds its residual
+     "uncond_skip": "residual" | "guidance",        # what a skipped uncond stack reuses (optional)
      "adaptive": null | {...},                      # predictor tables for adaptive mode
      "predicted": {...}}                            # planner's cost / memory estimate
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ditbake.runtime import atomic
@@ -38,6 +40,10 @@ ATTENTION_PRECISIONS = ("bf16", "int8", "fp8", "fp8t")
 # how a step that skips every block rebuilds the stack's residual: the last computed step's
 # ("none") or the line through the last two computed steps' residuals ("linear")
 EXTRAPOLATIONS = ("none", "linear")
+# what an uncond stack skipped at a step where cond computes reuses: its own last residual (with
+# the stack extrapolation above), or "guidance": cond's fresh residual plus the last measured gap
+# uncond − cond, i.e. the CFG difference is what is cached (FasterCache's CFG reuse, in residual form)
+UNCOND_SKIPS = ("residual", "guidance")
 BRANCHES = ("cond", "uncond")
 
 
@@ -141,6 +147,7 @@ class Plan:
     predicted: dict = field(default_factory=dict)
     tiles: tuple[tuple[str, tuple[int, int, int]], ...] = ()
     stack_extrapolation: str = "none"
+    uncond_skip: str = "residual"
 
     def __post_init__(self):
         self.validate()
@@ -154,6 +161,10 @@ class Plan:
             raise PlanError(f"stack_extrapolation must be one of {EXTRAPOLATIONS}, got {self.stack_extrapolation!r}")
         if self.mode not in ("baked", "adaptive"):
             raise PlanError(f"plan mode must be 'baked' or 'adaptive', got {self.mode!r}")
+        if self.uncond_skip not in UNCOND_SKIPS:
+            raise PlanError(f"uncond_skip must be one of {UNCOND_SKIPS}, got {self.uncond_skip!r}")
+        if self.uncond_skip == "guidance" and self.mode != "baked":
+            raise PlanError("uncond_skip 'guidance' needs a baked plan (adaptive plans decide skips per step)")
         if self.mode == "adaptive" and not self.adaptive:
             raise PlanError("an adaptive plan needs its 'adaptive' predictor section; re-run `ditbake plan`")
         if not self.variants:
@@ -191,6 +202,13 @@ class Plan:
                     v = self.variants[vid]
                     if i == 0 and (not v.compute or v.uses_cached_heads):
                         raise PlanError(f"step 0 block {b} reuses a cache that does not exist yet; compute it")
+            if self.uncond_skip == "guidance" and self.computes_stack(i, "uncond") and not self.computes_stack(i, "cond"):
+                raise PlanError(f"step {i}: uncond computes where cond skips every block; with uncond_skip "
+                                "'guidance' the gap uncond − cond is measured where both compute")
+
+    def computes_stack(self, step: int, branch: str) -> bool:
+        """Whether any block of this step and branch computes (else the stack's residual is reused)."""
+        return any(self.variants[v].compute for v in self.step_ids(step, branch))
 
     def step_ids(self, step: int, branch: str) -> tuple[int, ...]:
         """The variant id of every block at this step and CFG branch (a plan without an uncond
@@ -226,7 +244,7 @@ class Plan:
                 "steps": [{b: list(ids) for b, ids in s.items()} for s in self.steps],
                 "adaptive": self.adaptive, "predicted": self.predicted,
                 "tiles": {site: list(tile) for site, tile in self.tiles},
-                "stack_extrapolation": self.stack_extrapolation}
+                "stack_extrapolation": self.stack_extrapolation, "uncond_skip": self.uncond_skip}
 
     @staticmethod
     def from_json(d: dict) -> "Plan":
@@ -247,7 +265,8 @@ class Plan:
                         mode=str(d.get("mode", "baked")), adaptive=d.get("adaptive"),
                         predicted=dict(d.get("predicted") or {}),
                         tiles=tuple(sorted((k, tuple(int(x) for x in v)) for k, v in (d.get("tiles") or {}).items())),
-                        stack_extrapolation=str(d.get("stack_extrapolation", "none")))
+                        stack_extrapolation=str(d.get("stack_extrapolation", "none")),
+                        uncond_skip=str(d.get("uncond_skip", "residual")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed plan: {exc!r}") from exc
         if int(d.get("num_steps", plan.num_steps)) != plan.num_steps:

@@ -88,6 +88,7 @@ class DenoiseState:
     attention: AttentionRunner
     report: GenerationReport
     deltas: dict = field(default_factory=dict)
+    cond_step: int = -1  # the last step whose cond forward ran (a guidance skip of uncond reads it)
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -150,6 +151,11 @@ class Session:
         self._stack_skips, self._cached_blocks = _delta_needs(plan)
         self._stack_branches = {branch for _, branch in self._stack_skips}  # branches that keep a stack residual
         self._stack_coeff = _extrapolation_coefficients(plan, self._stack_skips)
+        # uncond skips served by cond's residual of the same step + the last gap (plan.uncond_skip "guidance")
+        self._guidance_steps = {i for i, branch in self._stack_skips
+                                if branch == "uncond" and plan.uncond_skip == "guidance" and plan.computes_stack(i, "cond")}
+        if self._guidance_steps:
+            self._stack_branches |= {"cond", "uncond"}
 
     @property
     def profiles(self) -> tuple[Profile, ...]:
@@ -387,8 +393,13 @@ class Session:
         if not 0 <= step < self.plan.num_steps or branch not in ("cond", "uncond"):
             raise InputError(f"step {step} / branch {branch!r} is outside the plan ({self.plan.num_steps} steps, "
                              "branches cond and uncond)")
+        if branch == "uncond" and self._guidance_steps and state.cond_step != step:
+            raise InputError(f"step {step}: this plan's uncond pairs with cond's residual of the same step "
+                             "(uncond_skip 'guidance'); run cond before uncond")
         out = self._forward(step, branch, x, t, text, state.profile, state.attention, state.deltas, state.report,
                             None, extras)
+        if branch == "cond":
+            state.cond_step = step
         state.report.attention_flops_done = state.attention.flops_done
         state.report.attention_flops_dense = state.attention.flops_dense
         return out
@@ -406,6 +417,9 @@ class Session:
                                  "re-run `ditbake plan`")
             report.variants_used.extend(ids)
             report.block_skips += self.plan.num_blocks
+            if branch == "uncond" and step in self._guidance_steps:
+                # cond's residual of this step (its forward ran first) + the last measured uncond − cond gap
+                return self.engines.epilogue(h + deltas[("cond", -1)] + deltas[_GAP], ctx)
             residual = deltas[stack_key]
             coeff = self._stack_coeff.get((step, branch), 0.0)
             if coeff:  # the line through the last two computed residuals: R₁ + c·(R₁ − R₀)
@@ -439,7 +453,12 @@ class Session:
                 else:
                     deltas[(branch, -2)].copy_(previous)
             _store_difference(deltas, stack_key, h, h_in)
+            if self._guidance_steps and branch == "uncond":  # the plan guarantees cond computed this step too
+                _store_difference(deltas, _GAP, deltas[stack_key], deltas[("cond", -1)])
         return self.engines.epilogue(h, ctx)
+
+
+_GAP = ("gap", -1)  # uncond's stack residual − cond's, at the last step both computed
 
 
 def _store_difference(deltas: dict, key, a: torch.Tensor, b: torch.Tensor) -> None:

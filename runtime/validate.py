@@ -190,6 +190,7 @@ def check_plan_json(d) -> None:
         n(d["num_steps"], "num_steps", 1)
     e(d.get("mode", "baked"), (str,), "mode")
     e(d.get("stack_extrapolation", "none"), (str,), "stack_extrapolation")
+    e(d.get("uncond_skip", "residual"), (str,), "uncond_skip")
     for layer in e(d.get("linear_layers"), (list,), "linear_layers"):
         e(layer, (str,), "linear_layers entry")
     for site, count in e(d.get("attention_sites"), (dict,), "attention_sites").items():

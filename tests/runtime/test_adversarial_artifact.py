@@ -53,7 +53,7 @@ def _may_load(path: tuple, value, free) -> bool:
     if path in (("scheduler_config",), ("components",)) and isinstance(value, dict):  # objects read on use
         return True
     if any(path[:len(p)] == p for p in free) or value is DROP and path[-1] in ("purified", "tiles", "adaptive",
-                                                                                "stack_extrapolation", "mode",
+                                                                                "stack_extrapolation", "uncond_skip", "mode",
                                                                                 "num_steps", "backend", "engines",
                                                                                 "text_encoder", "dtype", "producer",
                                                                                 "scheduler_config", "components"):
