@@ -41,9 +41,8 @@ ATTENTION_PRECISIONS = ("bf16", "int8", "fp8", "fp8t")
 # ("none") or the line through the last two computed steps' residuals ("linear")
 EXTRAPOLATIONS = ("none", "linear")
 # what an uncond stack skipped at a step where cond computes reuses: its own last residual (with
-# the stack extrapolation above), or "guidance": cond's fresh residual plus the gap uncond − cond
-# of the steps both computed (extrapolated like the stack), i.e. the CFG difference is what is
-# cached (FasterCache's CFG reuse, in residual form)
+# the stack extrapolation above), or "guidance": cond's fresh residual plus the last measured gap
+# uncond − cond, i.e. the CFG difference is what is cached (FasterCache's CFG reuse, in residual form)
 UNCOND_SKIPS = ("residual", "guidance")
 BRANCHES = ("cond", "uncond")
 

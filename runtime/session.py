@@ -418,13 +418,8 @@ class Session:
             report.variants_used.extend(ids)
             report.block_skips += self.plan.num_blocks
             if branch == "uncond" and step in self._guidance_steps:
-                # cond's residual of this step (its forward ran first) + the uncond − cond gap: the last
-                # measured one, or with linear extrapolation the line through the last two, G₁ + c·(G₁ − G₀)
-                gap = deltas[_GAP]
-                coeff = self._stack_coeff.get((step, branch), 0.0)
-                if coeff:
-                    gap = torch.add(gap, gap - deltas[_GAP_PREV], alpha=coeff)
-                return self.engines.epilogue(h + deltas[("cond", -1)] + gap, ctx)
+                # cond's residual of this step (its forward ran first) + the last measured uncond − cond gap
+                return self.engines.epilogue(h + deltas[("cond", -1)] + deltas[_GAP], ctx)
             residual = deltas[stack_key]
             coeff = self._stack_coeff.get((step, branch), 0.0)
             if coeff:  # the line through the last two computed residuals: R₁ + c·(R₁ − R₀)
@@ -459,17 +454,11 @@ class Session:
                     deltas[(branch, -2)].copy_(previous)
             _store_difference(deltas, stack_key, h, h_in)
             if self._guidance_steps and branch == "uncond":  # the plan guarantees cond computed this step too
-                if self.plan.stack_extrapolation == "linear":
-                    if _GAP not in deltas:
-                        deltas[_GAP_PREV] = torch.empty_like(h)
-                    else:
-                        deltas[_GAP_PREV].copy_(deltas[_GAP])
                 _store_difference(deltas, _GAP, deltas[stack_key], deltas[("cond", -1)])
         return self.engines.epilogue(h, ctx)
 
 
 _GAP = ("gap", -1)  # uncond's stack residual − cond's, at the last step both computed
-_GAP_PREV = ("gap", -2)  # the same at the step both computed before that
 
 
 def _store_difference(deltas: dict, key, a: torch.Tensor, b: torch.Tensor) -> None:
