@@ -455,12 +455,22 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
     adapter = adapter_for(model)
     p = cfg["patch_size"]
     visual = (latent[1] // p[0]) * (latent[2] // p[1]) * (latent[3] // p[2])
-    source = Plan.load(args.source_plan)
+    source = unguided = Plan.load(args.source_plan)
+    if args.guidance_skips:  # uncond skipped at that fraction of the steps both branches compute
+        from ditbake.exporter.plan_guidance import add_guidance_skips
+
+        source = add_guidance_skips(unguided, args.guidance_skips)
     uncapped = plan_ratios(transplant_plan(source, adapter, visual, args.source_visual_tokens), visual)
     plan = transplant_plan(source, adapter, visual, args.source_visual_tokens, act_format=args.act_format,
                            max_variants=args.max_variants)
     if args.attn_format:  # uniform, so the variant cap above (attention cost by scheme) is unaffected
         plan = with_head_precision(plan, args.attn_format)
+    if args.guidance_skips:  # the same engines serve the source plan without them: timed in this call too
+        base_plan = transplant_plan(unguided, adapter, visual, args.source_visual_tokens, act_format=args.act_format,
+                                    max_variants=args.max_variants)
+        base_plan = with_head_precision(base_plan, args.attn_format) if args.attn_format else base_plan
+        if base_plan.variants != plan.variants:
+            raise ValueError("guidance skips changed the transplanted variants; time the plans in separate calls")
     if plan.num_steps != args.steps:
         raise ValueError(f"source plan has {plan.num_steps} steps, the race runs {args.steps}")
     ratios = {**plan_ratios(plan, visual), "before_variant_cap": uncapped}
@@ -492,12 +502,26 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
            "graph_captures": result.report.graph_captures, "graph_replays": result.report.graph_replays}
     rows[f"ditbake {args.backend}"] = row
     Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))  # survives a timeout below
+    if args.guidance_skips:
+        session.plan = base_plan
+        session.generate(cond, uncond, latents=latents, guidance_scale=args.guidance)
+        timer = StepTimer(dev)
+        base = session.generate(cond, uncond, latents=latents, guidance_scale=args.guidance, progress=timer.wrap)
+        rows[f"ditbake {args.backend}, without guidance skips"] = {
+            **summary(timer.step_ms(), dev), "weight_bytes": weight_bytes, "skip_fraction": base.report.skip_fraction,
+            "plan": plan_ratios(base_plan, visual)}
+        row["guidance_skips"] = {"fraction": args.guidance_skips, "steps": source.predicted.get("guidance_skips"),
+                                 "forward_fraction": source.predicted.get("forward_fraction")}
+        session.plan = plan
     profiled = session
     if session._graphs is not None:  # the same artifact without CUDA graphs, for their share
         profiled = plain = load(path, device=dev, cuda_graphs=False)
         plain.generate(cond, uncond, latents=latents, guidance_scale=args.guidance)
         timer = StepTimer(dev)
-        plain.generate(cond, uncond, latents=latents, guidance_scale=args.guidance, progress=timer.wrap)
+        free = plain.generate(cond, uncond, latents=latents, guidance_scale=args.guidance, progress=timer.wrap)
+        # the graphs replay what the graph-free session computes: same latents up to kernel-choice rounding
+        row["graphs_vs_no_graphs_rel_diff"] = float((result.latents - free.latents).float().norm()
+                                                    / free.latents.float().norm())
         other = summary(timer.step_ms(), dev)
         other.pop("peak_memory_bytes", None)  # both sessions are resident here
         rows[f"ditbake {args.backend}, no CUDA graphs"] = {**other, "weight_bytes": weight_bytes,
@@ -622,6 +646,9 @@ def main(argv=None) -> int:
                          "combined.py --steps 50 --combos 0.4:8:0 --extrapolate linear)")
     ap.add_argument("--act-format", default="int8", choices=("int8", "fp8"),
                     help="8-bit W8A8 format of every computed block linear in the transplanted plan")
+    ap.add_argument("--guidance-skips", type=float, default=0.0,
+                    help="ditbake phase: skip uncond at this fraction of the steps both branches compute, reusing "
+                         "the CFG gap (exporter/plan_guidance.py); the plan without them is timed on the same engines")
     ap.add_argument("--attn-format", default="", choices=("", "bf16", "int8", "fp8"),
                     help="ditbake phase: every transplanted head's attention precision (default: the source plan's)")
     ap.add_argument("--baseline-steps", type=int, default=5,
