@@ -25,17 +25,24 @@ def eligible_steps(plan: Plan, start: int) -> list[int]:
             if plan.computes_stack(i, "cond") and plan.computes_stack(i, "uncond")]
 
 
-def add_guidance_skips(plan: Plan, fraction: float, start: int = 5) -> Plan:
+def add_guidance_skips(plan: Plan, fraction: float, start: int = 5, at: list[int] | None = None) -> Plan:
     """The plan with uncond skipped at about `fraction` of its eligible steps, evenly spread and
-    never two eligible steps in a row (each skipped one's gap comes from the computed one before)."""
+    never two eligible steps in a row (each skipped one's gap comes from the computed one before);
+    or, with `at`, exactly at those steps (each must be eligible)."""
     if not 0.0 <= fraction <= 0.5:
         raise PlanError(f"guidance skip fraction must be in [0, 0.5] (no two in a row), got {fraction}")
     if plan.mode != "baked":
         raise PlanError("guidance skips need a baked plan")
     steps = eligible_steps(plan, start)
-    candidates = steps[1::2]  # every other eligible step: no two skips in a row
-    count = min(len(candidates), round(fraction * len(steps)))
-    chosen = [candidates[int((k + 0.5) * len(candidates) / count)] for k in range(count)]
+    if at is not None:
+        chosen = sorted(set(at))
+        bad = [i for i in chosen if i not in steps]
+        if bad:
+            raise PlanError(f"guidance skips at {bad}: not steps ≥ {start} where both branches compute")
+    else:
+        candidates = steps[1::2]  # every other eligible step: no two skips in a row
+        count = min(len(candidates), round(fraction * len(steps)))
+        chosen = [candidates[int((k + 0.5) * len(candidates) / count)] for k in range(count)]
     skip = BlockVariant(compute=False)
     variants = list(plan.variants)
     if skip not in variants:

@@ -46,3 +46,13 @@ def test_spread_never_adjacent_and_counted(fraction, rng_seed):
 def test_bad_fraction_refused(fraction):
     with pytest.raises(PlanError, match="fraction must be in"):
         add_guidance_skips(_tdc_plan(10, [6]), fraction)
+
+
+def test_explicit_steps_and_ineligible_ones_refused():
+    plan = _tdc_plan(20, [7, 9, 12])
+    out = add_guidance_skips(plan, 0.0, at=[8, 15, 8])
+    assert out.predicted["guidance_skips"] == [8, 15]
+    assert not out.computes_stack(8, "uncond") and out.computes_stack(8, "cond")
+    for bad in ([7], [3], [0], [25]):  # a TDC skip, the warm-up prefix, step 0, past the end
+        with pytest.raises(PlanError, match="not steps"):
+            add_guidance_skips(plan, 0.0, at=bad)
