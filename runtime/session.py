@@ -335,8 +335,7 @@ class Session:
                     outputs[branch] = self._forward(i, branch, x, t, text, prof, attention, deltas, report, adaptive,
                                                     extras[branch])
                     continue
-                # the extrapolation coefficient is a constant inside a captured graph: part of its key
-                ids = (*self.plan.step_ids(i, branch), self._stack_coeff.get((i, branch)))
+                ids = self._graph_key(i, branch)
 
                 def forward(x_, t_, text_, *extras_, i=i, branch=branch):
                     return self._forward(i, branch, x_, t_, text_, prof, attention, deltas, report, None, extras_)
@@ -370,6 +369,13 @@ class Session:
         if adaptive is not None:
             report.host_syncs, report.adaptive_fallbacks = adaptive.host_syncs, adaptive.fallbacks
         return GenerationResult(latents=x, report=report, trajectory=trajectory)
+
+    def _graph_key(self, step: int, branch: str) -> tuple:
+        """What a captured forward of this step and branch bakes in: the variant ids, the extrapolation
+        coefficient (a constant inside the graph) and whether a skipped uncond stack reads cond's
+        residual + the gap instead of its own (same ids and coefficient, another computation)."""
+        guidance = branch == "uncond" and step in self._guidance_steps
+        return (*self.plan.step_ids(step, branch), self._stack_coeff.get((step, branch)), guidance)
 
     def _local_branches(self, branches: list) -> list:
         return branches  # one process runs every CFG branch

@@ -13,7 +13,7 @@ from tests.conftest import build_tiny_artifact
 STEPS = 7
 
 
-def _guidance_plan(meta, uncond_skip="guidance"):
+def _guidance_plan(meta, uncond_skip="guidance", extrapolation="linear"):
     """uncond guidance-skipped at steps 2 and 5; step 3 skips both stacks (own extrapolation);
     step 4 skips cond's block 0 only (a partial stack still measures a residual)."""
     plan = plan_from_calibration(meta).to_json()
@@ -23,7 +23,7 @@ def _guidance_plan(meta, uncond_skip="guidance"):
         plan["steps"][i]["uncond"] = [skip] * 3
     plan["steps"][3] = {"cond": [skip] * 3, "uncond": [skip] * 3}
     plan["steps"][4]["cond"] = [skip, 0, 0]
-    plan["stack_extrapolation"] = "linear"
+    plan["stack_extrapolation"] = extrapolation
     plan["uncond_skip"] = uncond_skip
     return Plan.from_json(plan)
 
@@ -163,3 +163,17 @@ def test_round_trip_and_default():
     plan["uncond_skip"] = "guidance"
     again = Plan.from_json(Plan.from_json(plan).to_json())
     assert again.uncond_skip == "guidance" and again == Plan.from_json(plan)
+
+
+def test_graph_keys_tell_guidance_skips_from_own_residual_skips(tmp_path):
+    """A CUDA graph is replayed for every step with its key: a guidance skip and an own-residual
+    skip of uncond have the same variant ids and, here (no extrapolation), the same coefficient,
+    so without the flag one step's graph would replay the other's computation."""
+    path, _ = build_tiny_artifact(tmp_path, "tiny-wan", steps=STEPS,
+                                  plan_fn=lambda m: _guidance_plan(m, extrapolation="none"))
+    session = load(path)
+    keys = {i: session._graph_key(i, "uncond") for i in range(STEPS)}
+    assert keys[2][:-2] == keys[3][:-2] == keys[5][:-2]  # all three skip every block
+    assert keys[2][-1] and keys[5][-1] and not keys[3][-1]
+    assert keys[3] not in (keys[2], keys[5])
+    assert not any(session._graph_key(i, "cond")[-1] for i in range(STEPS))
