@@ -56,3 +56,52 @@ def test_explicit_steps_and_ineligible_ones_refused():
     for bad in ([7], [3], [0], [25]):  # a TDC skip, the warm-up prefix, step 0, past the end
         with pytest.raises(PlanError, match="not steps"):
             add_guidance_skips(plan, 0.0, at=bad)
+
+
+def test_choose_cheapest_without_neighbours(rng_seed):
+    from ditbake.exporter.plan_guidance import choose_guidance_steps
+
+    rnd = random.Random(rng_seed)
+    steps = sorted(rnd.sample(range(5, 60), 20))
+    errors = {i: rnd.random() for i in steps}
+    chosen = choose_guidance_steps(errors, 6)
+    assert len(chosen) == 6 and chosen == sorted(chosen)
+    pos = [steps.index(i) for i in chosen]
+    assert all(b - a >= 2 for a, b in zip(pos, pos[1:]))
+    assert min(errors, key=errors.get) in chosen
+    # greedy by error: a step left out is either dearer than every chosen one or a neighbour of a cheaper chosen one
+    for i in set(steps) - set(chosen):
+        k = steps.index(i)
+        cheaper_neighbour = any(abs(steps.index(j) - k) == 1 and errors[j] <= errors[i] for j in chosen)
+        assert cheaper_neighbour or errors[i] >= max(errors[j] for j in chosen)
+    with pytest.raises(PlanError, match="fit without two in a row"):
+        choose_guidance_steps({1: 0.1, 2: 0.2, 3: 0.3}, 3)
+
+
+def test_step_errors_measure_each_skip_alone(tmp_path):
+    import torch
+
+    from ditbake.exporter.plan_guidance import guidance_step_errors
+    from ditbake.runtime import load
+
+    from tests.conftest import build_tiny_artifact
+
+    def plan_fn(meta):
+        p = plan_from_calibration(meta).to_json()
+        p["variants"].append(BlockVariant(compute=False).to_json())
+        p["steps"][4] = {"cond": [1] * 3, "uncond": [1] * 3}
+        return Plan.from_json(p)
+
+    path, _ = build_tiny_artifact(tmp_path, "tiny-wan", steps=8, plan_fn=plan_fn)
+    session = load(path)
+    plan = session.plan
+    text = torch.randn(2, session.profile().text_len, 32)
+    negative = torch.randn_like(text)
+    errors = guidance_step_errors(session, plan, text, negative, seeds=[3], start=2)
+    assert sorted(errors) == [2, 3, 5, 6, 7] and session.plan is plan
+    assert all(0 < e < 10 for e in errors.values())
+    # one of them by hand
+    ref = session.generate(text, negative, seed=3).latents.flatten(1)
+    session.plan = add_guidance_skips(plan, 0.0, start=2, at=[6])
+    x = session.generate(text, negative, seed=3).latents.flatten(1)
+    assert errors[6] == pytest.approx(float(((x - ref).norm(dim=1) / ref.norm(dim=1)).mean()), rel=1e-5)
