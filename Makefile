@@ -105,9 +105,10 @@ run: setup
 	$(BIN)/ditbake run $(ARTIFACT) --output $(OUT)/clip.mp4 --out $(OUT) --seed $(SEED) \
 		$(if $(PROMPT),--prompt "$(PROMPT)",--random-embeddings)
 
-# On a GPU machine: the end-to-end race v3 (issue 19; README "End-to-end race v3"): the ditbake plan
-# calibrated on the 16k test bed at 50 steps (TDC 50 % of steps + INT8 W8A8), scored there with every
-# head in BENCH_ATTN (INT8 attention), then transplanted to the Wan2.1-1.3B architecture (480×832×81,
+# On a GPU machine: the end-to-end race v4 (issue 19; README "End-to-end race v4"): the ditbake plan
+# calibrated on the 16k test bed at 50 steps (TDC 50 % of steps + INT8 W8A8), BENCH_GUIDANCE guidance
+# skips placed by measurement on training captions (benchmarks/guidance_calibrate.py; 0: none, race v3),
+# scored there with every head in BENCH_ATTN (INT8 attention), then transplanted to the Wan2.1-1.3B architecture (480×832×81,
 # 50 steps, CFG) with those heads and timed as aoti; the peers' fidelity on the same bed; diffusers
 # eager / torch.compile / torch.compile + torchao FP8 / cache hooks at the most aggressive bed point
 # reaching the plan's PSNR; merged JSON + plot; Flux at 2048². Separate processes so each fits a
@@ -117,19 +118,25 @@ BENCH_OUT ?= out/bench
 EMBEDS ?= .carry/fid16k/embeds.safetensors
 BENCH_COMBO ?= 0.5:8:0
 BENCH_ATTN ?= int8
-BENCH_PLAN = $(BENCH_OUT)/plans/plan_$(subst :,_,$(BENCH_COMBO)).json
+BENCH_GUIDANCE ?= 5
+BENCH_TDC_PLAN = $(BENCH_OUT)/plans/plan_$(subst :,_,$(BENCH_COMBO)).json
+BENCH_PLAN = $(if $(filter 0,$(BENCH_GUIDANCE)),$(BENCH_TDC_PLAN),$(BENCH_OUT)/guidance16k.plan.json)
+comma := ,
+BENCH_PSNR = $(if $(filter 0,$(BENCH_GUIDANCE)),$(BENCH_OUT)/plan_fidelity16k.json:rows/plan $(notdir $(BENCH_PLAN))$(comma) every head $(BENCH_ATTN)/psnr_db,$(BENCH_OUT)/guidance16k.json:rows/calibrated/psnr_db)
 bench:
 	mkdir -p $(BENCH_OUT)
 	$(GPU_PYTHON) benchmarks/combined.py --device cuda --embeds $(EMBEDS) --steps 50 --granularity step \
 		--extrapolate linear --combos $(BENCH_COMBO) --prompts 3 --save-plans $(BENCH_OUT)/plans \
 		--out $(BENCH_OUT)/combined16k_50steps.json
-	$(GPU_PYTHON) benchmarks/forward_fidelity.py --device cuda --embeds $(EMBEDS) --prompts 4 --plan $(BENCH_PLAN) \
+	$(GPU_PYTHON) benchmarks/forward_fidelity.py --device cuda --embeds $(EMBEDS) --prompts 4 --plan $(BENCH_TDC_PLAN) \
 		--plan-attn $(BENCH_ATTN) --out $(BENCH_OUT)/plan_fidelity16k.json
+	$(if $(filter 0,$(BENCH_GUIDANCE)),,$(GPU_PYTHON) benchmarks/guidance_calibrate.py --device cuda --embeds $(EMBEDS) \
+		--source-plan $(BENCH_TDC_PLAN) --count $(BENCH_GUIDANCE) --attn $(BENCH_ATTN) --out $(BENCH_OUT)/guidance16k.json)
 	$(GPU_PYTHON) benchmarks/e2e.py --phase ditbake --source-plan $(BENCH_PLAN) --attn-format $(BENCH_ATTN) \
 		--artifact $(BENCH_OUT)/artifact --out $(BENCH_OUT)/e2e_ditbake.json
 	$(GPU_PYTHON) benchmarks/e2e_fidelity.py --device cuda --embeds $(EMBEDS) --out $(BENCH_OUT)/e2e_fidelity16k.json
 	$(GPU_PYTHON) benchmarks/e2e.py --phase peers --fp8-fidelity $(BENCH_OUT)/e2e_fidelity16k.json \
-		--fidelity-from "$(BENCH_OUT)/plan_fidelity16k.json:rows/plan $(notdir $(BENCH_PLAN)), every head $(BENCH_ATTN)/psnr_db" \
+		--fidelity-from "$(BENCH_PSNR)" \
 		--out $(BENCH_OUT)/e2e_peers.json
 	$(GPU_PYTHON) benchmarks/e2e.py --merge $(BENCH_OUT)/e2e_ditbake.json $(BENCH_OUT)/e2e_peers.json --out $(BENCH_OUT)/e2e.json
 	$(GPU_PYTHON) benchmarks/e2e_plot.py $(BENCH_OUT)/e2e.json
