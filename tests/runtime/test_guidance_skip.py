@@ -9,6 +9,7 @@ from ditbake.runtime.errors import PlanError
 from ditbake.runtime.plan import BlockVariant, Plan
 
 from tests.conftest import build_tiny_artifact
+from tests.hand_loop import blocks_by_hand
 
 STEPS = 7
 
@@ -36,7 +37,6 @@ def guided(tmp_path_factory):
 
 def _reference(session, e, n, seed, guidance_steps):
     """The loop written out: per-block Δs, stack residuals, the gap, linear extrapolation."""
-    from ditbake.runtime.attention import AttentionRunner
     from ditbake.runtime.sampler import BakedSampler
 
     w, cfg, arch, plan = session.weights, session.config, session.arch, session.plan
@@ -60,13 +60,7 @@ def _reference(session, e, n, seed, guidance_steps):
                     out[branch] = arch.epilogue(w, cfg, h + r1 + ((i - j1) / (j1 - j0)) * (r1 - r0), ctx)
                     continue
                 h_in = h
-                for b, vid in enumerate(ids):
-                    if plan.variants[vid].compute:
-                        o = arch.block(w, cfg, b, h, ctx, plan.variants[vid], AttentionRunner(), branch)
-                        deltas[branch, b] = o - h
-                        h = o
-                    else:
-                        h = h + deltas[branch, b]
+                h = blocks_by_hand(session, plan, ids, h, ctx, deltas, branch)
                 history[branch].append((i, h - h_in))
                 last[branch] = h - h_in
                 if branch == "uncond":
@@ -177,3 +171,16 @@ def test_graph_keys_tell_guidance_skips_from_own_residual_skips(tmp_path):
     assert keys[2][-1] and keys[5][-1] and not keys[3][-1]
     assert keys[3] not in (keys[2], keys[5])
     assert not any(session._graph_key(i, "cond")[-1] for i in range(STEPS))
+
+
+def test_cfg_parallel_refuses_guidance_plans(guided, monkeypatch):
+    """Guidance skips read cond's residual while computing uncond; CFG-parallel puts the branches on
+    different ranks, so the session refuses before any group is made (a 2-rank job, faked)."""
+    import torch.distributed as dist
+
+    from ditbake.runtime.distributed import ParallelError, ParallelSession
+
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 0)
+    with pytest.raises(ParallelError, match="reuse cond's residual"):
+        ParallelSession(guided.artifact, torch.device("cpu"), None, parallel="cfg")

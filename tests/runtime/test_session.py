@@ -4,12 +4,13 @@ import json
 import pytest
 import torch
 
-from ditbake.exporter.planner import baseline_variant, plan_from_calibration
+from ditbake.exporter.planner import plan_from_calibration
 from ditbake.runtime import BackendError, InputError, load
 from ditbake.runtime.errors import PlanError
 from ditbake.runtime.plan import BlockVariant, Plan
 
 from tests.conftest import build_tiny_artifact
+from tests.hand_loop import blocks_by_hand
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,6 @@ def test_whole_step_skip_uses_one_stack_residual(tmp_path, extrapolation):
 
     # reference, written out: per-block Δs for single skips; for a whole skipped step the stack
     # residual R = out − in of the last computed step, or R₁ + c·(R₁ − R₀) with c in step units
-    from ditbake.runtime.attention import AttentionRunner
     from ditbake.runtime.sampler import BakedSampler
 
     w, cfg, arch, plan = session.weights, session.config, session.arch, session.plan
@@ -180,13 +180,7 @@ def test_whole_step_skip_uses_one_stack_residual(tmp_path, extrapolation):
                     out[branch] = arch.epilogue(w, cfg, h + r, ctx)
                     continue
                 h_in = h
-                for b, vid in enumerate(ids):
-                    if plan.variants[vid].compute:
-                        o = arch.block(w, cfg, b, h, ctx, plan.variants[vid], AttentionRunner(), branch)
-                        deltas[branch, b] = o - h
-                        h = o
-                    else:
-                        h = h + deltas[branch, b]
+                h = blocks_by_hand(session, plan, ids, h, ctx, deltas, branch)
                 history[branch].append((i, h - h_in))
                 out[branch] = arch.epilogue(w, cfg, h, ctx)
             x = sampler.step(i, x, out["uncond"] + 5.0 * (out["cond"] - out["uncond"]))
