@@ -81,13 +81,14 @@ class CompiledTransformer(torch.nn.Module):
         out_dtype = hidden_states.dtype
         x, t = self._latents_in(hidden_states), self._timesteps_in(timestep, hidden_states.shape[0])
         branches = self._branches(x)
-        outs = []
-        for branch, rows in branches:
+        outs = {}
+        # cond first: a plan's guidance skips serve uncond from cond's residual of the same step
+        for branch, rows in sorted(branches, key=lambda b: b[0] != "cond"):
             text = encoder_hidden_states[rows]
             pooled = None if pooled_projections is None else pooled_projections[rows]
             g = None if guidance is None else guidance[rows]
-            outs.append(self._run(branch, x[rows], t[rows], text, pooled, g))
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+            outs[branch] = self._run(branch, x[rows], t[rows], text, pooled, g)
+        out = torch.cat([outs[b] for b, _ in branches]) if len(outs) > 1 else next(iter(outs.values()))
         out = self._latents_out(out).to(out_dtype)
         if not return_dict:
             return (out,)

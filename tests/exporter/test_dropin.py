@@ -193,3 +193,30 @@ def test_cogvideox_batched_cfg_in_cond_uncond_context(tmp_path):
     got = pipe(latents=latents.clone(), **args).frames
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert compiled.report.block_computes == STEPS * 2 * adapter.num_blocks
+
+
+def test_batched_cfg_runs_cond_first_for_guidance_skips(tmp_path):
+    """A plan with guidance skips (uncond served from cond's residual of the same step) through a
+    pipeline that batches [uncond; cond] into one call: the drop-in runs cond first and follows the
+    session's latents, with the uncond skips taken."""
+    from ditbake.exporter.plan_guidance import add_guidance_skips
+    from ditbake.exporter.sampler import make_scheduler
+
+    def guided(meta):
+        return add_guidance_skips(plan_from_calibration(meta), 0.0, start=1, at=[1, 3])
+
+    path, adapter = build_tiny_artifact(tmp_path, "tiny-cogvideox", steps=STEPS, samplers=["ddim"], plan_fn=guided)
+    session = load(path)
+    assert session.plan.uncond_skip == "guidance"
+    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=adapter.model,
+                                       scheduler=make_scheduler("ddim", "cogvideox"))
+    pipe.set_progress_bar_config(disable=True)
+    embeds, negative = torch.randn(2, 1, 8, 32)
+    latents = torch.randn(1, 3, 4, 8, 8)
+    compiled = dropin.replace_transformer(pipe, path)
+    got = pipe(latents=latents.clone(), prompt_embeds=embeds, negative_prompt_embeds=negative,
+               num_inference_steps=STEPS, guidance_scale=5.0, height=64, width=64, num_frames=9,
+               use_dynamic_cfg=False, output_type="latent").frames
+    expected = session.generate(embeds, negative, guidance_scale=5.0, latents=latents)
+    assert compiled.report.block_skips == expected.report.block_skips == 2 * adapter.num_blocks
+    torch.testing.assert_close(got, expected.latents, rtol=1e-4, atol=1e-4)
