@@ -218,6 +218,57 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_guidance(args) -> int:
+    """Place `--count` guidance skips on an artifact's plan by measurement; write the new plan."""
+    import dataclasses  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from ditbake.exporter.plan_guidance import (add_guidance_skips, choose_guidance_steps,  # noqa: PLC0415
+                                                eligible_steps, guidance_step_errors)
+    from ditbake.exporter.prompt_source import default_prompts, read_prompts  # noqa: PLC0415
+    from ditbake.runtime import load  # noqa: PLC0415
+
+    session = load(args.artifact, device=args.device)
+    if session.plan.mode != "baked":
+        raise InputError("guidance skips need a baked plan; this artifact's plan is adaptive")
+    if session.plan.uncond_skip == "guidance":
+        raise InputError("this artifact's plan already has guidance skips; place them on the plan without them")
+    fit = (len(eligible_steps(session.plan, args.start)) + 1) // 2  # no two in a row: checked before any run
+    if args.count > fit:
+        raise InputError(f"--count {args.count}: at most {fit} guidance skips fit this plan from step {args.start} "
+                         "(steps where both branches compute, no two in a row)")
+    n, prof = args.num_prompts, session.profile()
+    if args.random_embeddings:  # the session's own text-shape rule (Session._text)
+        gen = torch.Generator().manual_seed(args.seed)
+        dim = int(session.config.get("text_dim", session.config.get("text_embed_dim", 0)))
+        conditioning = {"text_embeds": torch.randn(n, prof.text_len, dim, generator=gen),
+                        "negative_embeds": torch.randn(n, prof.text_len, dim, generator=gen)}
+        if "pooled" in session.extra_inputs and not session.arch.pooled_is_token_mean(session.config):
+            pooled = session.arch.pooled_dim(session.config)
+            conditioning |= {"pooled_embeds": torch.randn(n, pooled, generator=gen),
+                             "negative_pooled_embeds": torch.randn(n, pooled, generator=gen)}
+    else:
+        prompts = read_prompts(args.prompts) or default_prompts(n)
+        conditioning = {"prompt": prompts[:n]}
+    errors = guidance_step_errors(session, session.plan, [args.seed + k for k in range(args.num_seeds)],
+                                  start=args.start, guidance_scale=args.guidance,
+                                  progress=lambda steps: tqdm(steps, desc="one guidance skip per step", unit="step"),
+                                  **conditioning)
+    chosen = choose_guidance_steps(errors, args.count)
+    plan = add_guidance_skips(session.plan, 0.0, start=args.start, at=chosen)
+    plan = dataclasses.replace(plan, predicted={**plan.predicted, "guidance_step_errors": {
+        str(i): e for i, e in errors.items()}})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plan.save(args.out)
+    log.info("guidance skips at steps %s (relative error alone %s); %.0f %% of the branch forwards compute; "
+             "plan written to %s: build it with `ditbake build --plan %s`", chosen,
+             ", ".join(f"{errors[i]:.3g}" for i in chosen), 100 * plan.predicted["forward_fraction"], args.out,
+             args.out)
+    return 0
+
+
 def _precision_config(args):
     """PrecisionConfig from the --precision-threshold / --avg-bits / --nvfp4-fraction flags (None: bf16 plan)."""
     if args.precision_threshold is None and args.avg_bits is None and args.nvfp4_fraction is None:
@@ -418,6 +469,23 @@ def make_parser() -> argparse.ArgumentParser:
                    help="re-solve at this per-layer error budget from the stored errors (not progressive)")
     g.add_argument("--heads-c", type=float, help="re-solve with this per-head bound factor c (c·δ/H)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("guidance", help="place guidance skips (uncond served from cond + the cached CFG gap) on an "
+                                        "artifact's plan by measuring each step's cost; writes plan.json")
+    p.add_argument("artifact", help="an artifact built with the plan to extend (any backend)")
+    p.add_argument("--count", type=int, required=True, help="guidance skips to place (each saves one branch forward)")
+    p.add_argument("--out", required=True, help="the new plan (build it with `ditbake build --plan`)")
+    p.add_argument("--start", type=int, default=5, help="first step a guidance skip may take")
+    p.add_argument("--prompts", help="calibration prompts: a .txt (one per line), 'default' or one prompt, encoded "
+                                     "with the artifact's text encoder (default: the shipped set); keep them apart "
+                                     "from the prompts you evaluate on")
+    p.add_argument("--num-prompts", type=int, default=4, help="prompts to calibrate on (one batch)")
+    p.add_argument("--random-embeddings", action="store_true", help="random prompt embeddings (no text encoder)")
+    p.add_argument("--seed", type=int, default=42, help="first calibration seed")
+    p.add_argument("--num-seeds", type=int, default=1, help="calibration seeds: seed, seed+1, …")
+    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale the plan will run at")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_guidance)
 
     p = sub.add_parser("build", help="bake model, plan and samplers into an artifact directory")
     p.add_argument("--model", required=True)

@@ -16,12 +16,12 @@ from ditbake.runtime.errors import DitbakeError, InputError, OutputError, Resour
 from ditbake.runtime.outputs import check_output
 
 # command → what its --out holds
-OUTPUT_KINDS = {"calibrate": "calibration", "plan": "plan", "build": "artifact", "unpack": "artifact",
+OUTPUT_KINDS = {"calibrate": "calibration", "plan": "plan", "guidance": "plan", "build": "artifact", "unpack": "artifact",
                 "package": "package", "run": "run", "eval": "eval"}
 INPUT_ARGS = ("model", "plan", "calibration", "prompts", "artifact", "package", "reference")
 SEED_ARGS = ("seed", "weights_seed")
 COUNT_ARGS = ("steps", "num_prompts", "num_seeds", "frames", "height", "width", "text_len",
-              "precision_max_tokens", "tdc_max_run")
+              "precision_max_tokens", "tdc_max_run", "count")
 MAX_GUIDANCE = 100.0  # far above any model's useful scale (1-15); beyond it the latents overflow
 
 

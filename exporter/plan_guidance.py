@@ -72,19 +72,20 @@ def _forward_fraction(plan: Plan, extra_skips: int) -> float:
     return (computed - extra_skips) / (2 * plan.num_steps)
 
 
-def guidance_step_errors(session, plan: Plan, text: torch.Tensor, negative: torch.Tensor, seeds: list[int],
-                         start: int = 5, guidance_scale: float = 5.0, progress=None) -> dict[int, float]:
+def guidance_step_errors(session, plan: Plan, seeds: list[int], *, start: int = 5, guidance_scale: float = 5.0,
+                         progress=None, **conditioning) -> dict[int, float]:
     """For every eligible step i: the mean relative L2 error of the final latents when uncond is
-    guidance-skipped at i alone, against `plan` itself, over the prompts of `text` / `negative`
-    ([B, L, D], one batch) × `seeds`. `session` runs any variant of `plan` (an eager artifact of
-    it); its plan is restored afterwards."""
+    guidance-skipped at i alone, against `plan` itself, over one batch of prompts × `seeds`.
+    `conditioning` is what `session.generate` takes for that batch (text_embeds and negative_embeds
+    [B, L, D], or prompt=[...], pooled vectors where the model has them). `session` runs `plan`'s
+    variants (guidance skips add none: the skip variant needs no engine); its plan is restored."""
     original = session.plan
     steps = eligible_steps(plan, start)
     if not seeds or not steps:
         raise PlanError("guidance step errors need seeds and eligible steps")
 
     def finals():
-        return [session.generate(text, negative, seed=s, guidance_scale=guidance_scale).latents.flatten(1)
+        return [session.generate(seed=s, guidance_scale=guidance_scale, **conditioning).latents.flatten(1)
                 for s in seeds]
 
     try:

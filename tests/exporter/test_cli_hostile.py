@@ -264,6 +264,16 @@ CASES = {
     "eval-artifact-missing": lambda w: (["eval", "nowhere", "--out", "e"], "e"),
     "eval-seed-negative": lambda w: (["eval", "art", "--out", "e", "--seed", "-1"], "e"),
     "eval-guidance-nan": lambda w: (["eval", "art", "--out", "e", "--guidance", "nan"], "e"),
+    # guidance
+    "guidance-out-foreign-file": lambda w: (["guidance", "art", "--count", "1", "--random-embeddings",
+                                             "--out", "foreign.txt"], "foreign.txt"),
+    "guidance-out-is-the-plan-read": lambda w: (["guidance", "art", "--count", "1", "--random-embeddings",
+                                                 "--out", "art/plan.json", "--force"], "art/plan.json"),
+    "guidance-artifact-tampered": lambda w: (["guidance", _tampered(w), "--count", "1", "--random-embeddings",
+                                              "--out", "g.json"], "g.json"),
+    "guidance-count-zero": lambda w: (["guidance", "art", "--count", "0", "--out", "g.json"], "g.json"),
+    "guidance-prompts-fifo": lambda w: (["guidance", "art", "--count", "1", "--prompts", _fifo(w, "p.txt"),
+                                         "--out", "g.json"], "g.json"),
 }
 
 

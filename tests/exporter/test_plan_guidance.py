@@ -97,7 +97,7 @@ def test_step_errors_measure_each_skip_alone(tmp_path):
     plan = session.plan
     text = torch.randn(2, session.profile().text_len, 32)
     negative = torch.randn_like(text)
-    errors = guidance_step_errors(session, plan, text, negative, seeds=[3], start=2)
+    errors = guidance_step_errors(session, plan, seeds=[3], start=2, text_embeds=text, negative_embeds=negative)
     assert sorted(errors) == [2, 3, 5, 6, 7] and session.plan is plan
     assert all(0 < e < 10 for e in errors.values())
     # one of them by hand
