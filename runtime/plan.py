@@ -31,6 +31,11 @@ from ditbake.runtime.safe_io import read_json
 
 PLAN_FORMAT = "ditbake-plan"
 PLAN_VERSION = 1
+# version 2: plans with guidance skips (uncond_skip "guidance"). A plan is written at the lowest
+# version that expresses it, so a version-1 runtime — which would ignore the field and serve those
+# steps from uncond's own residual — refuses it instead of running other numerics.
+GUIDANCE_PLAN_VERSION = 2
+READ_VERSIONS = (PLAN_VERSION, GUIDANCE_PLAN_VERSION)
 PRECISIONS = ("bf16", "int8", "fp8", "nvfp4")
 HEAD_KINDS = ("full", "arrow", "cached", "local3d")
 # attention precision of a head: bf16, or 8-bit (ditbake.plugins.attention_8bit): int8 = INT8 QK
@@ -236,7 +241,8 @@ class Plan:
         return skipped / max(total, 1)
 
     def to_json(self) -> dict:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "mode": self.mode,
+        version = GUIDANCE_PLAN_VERSION if self.uncond_skip == "guidance" else PLAN_VERSION
+        return {"format": PLAN_FORMAT, "version": version, "mode": self.mode,
                 "architecture": self.architecture, "num_blocks": self.num_blocks,
                 "num_steps": self.num_steps, "linear_layers": list(self.linear_layers),
                 "attention_sites": dict(self.attention_sites),
@@ -250,9 +256,13 @@ class Plan:
     def from_json(d: dict) -> "Plan":
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a ditbake plan (format {d.get('format') if isinstance(d, dict) else None!r})")
-        if d.get("version") != PLAN_VERSION:
+        version = d.get("version")
+        if version not in READ_VERSIONS or isinstance(version, bool):
             raise PlanError(f"plan version {d.get('version')!r} is not supported (this runtime reads "
-                            f"version {PLAN_VERSION}); re-run `ditbake plan` with this version")
+                            f"versions {READ_VERSIONS}); re-run `ditbake plan` with this version")
+        if d.get("uncond_skip") == "guidance" and version != GUIDANCE_PLAN_VERSION:
+            raise PlanError(f"a plan with guidance skips is version {GUIDANCE_PLAN_VERSION}, this one says "
+                            f"{version!r}; re-write it with `ditbake guidance`")
         from ditbake.runtime.validate import check_plan_json  # noqa: PLC0415 - validate imports the architectures
 
         check_plan_json(d)

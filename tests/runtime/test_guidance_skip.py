@@ -25,7 +25,7 @@ def _guidance_plan(meta, uncond_skip="guidance", extrapolation="linear"):
     plan["steps"][3] = {"cond": [skip] * 3, "uncond": [skip] * 3}
     plan["steps"][4]["cond"] = [skip, 0, 0]
     plan["stack_extrapolation"] = extrapolation
-    plan["uncond_skip"] = uncond_skip
+    plan["uncond_skip"], plan["version"] = uncond_skip, 2
     return Plan.from_json(plan)
 
 
@@ -137,7 +137,7 @@ def _meta():
 def test_bad_guidance_plans_are_refused(edit, message):
     plan = plan_from_calibration(_meta()).to_json()
     plan["variants"].append(BlockVariant(compute=False).to_json())
-    plan["uncond_skip"] = "guidance"
+    plan["uncond_skip"], plan["version"] = "guidance", 2
     edit(plan)
     with pytest.raises(PlanError, match=message):
         Plan.from_json(plan)
@@ -154,7 +154,7 @@ def test_round_trip_and_default():
     assert Plan.from_json(plan).uncond_skip == "residual"
     plan.pop("uncond_skip", None)  # plans written before the field read as residual reuse
     assert Plan.from_json(plan).uncond_skip == "residual"
-    plan["uncond_skip"] = "guidance"
+    plan["uncond_skip"], plan["version"] = "guidance", 2
     again = Plan.from_json(Plan.from_json(plan).to_json())
     assert again.uncond_skip == "guidance" and again == Plan.from_json(plan)
 
@@ -184,3 +184,19 @@ def test_cfg_parallel_refuses_guidance_plans(guided, monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 0)
     with pytest.raises(ParallelError, match="reuse cond's residual"):
         ParallelSession(guided.artifact, torch.device("cpu"), None, parallel="cfg")
+
+
+def test_guidance_plans_are_version_2_and_older_versions_refuse_them():
+    """A version-1 reader ignores unknown fields and would serve guidance steps from uncond's own
+    residual: guidance plans are written as version 2 (which it refuses); plans without them stay 1."""
+    plan = plan_from_calibration(_meta()).to_json()
+    assert plan["version"] == 1 and Plan.from_json(plan).to_json()["version"] == 1
+    plan["uncond_skip"] = "guidance"
+    with pytest.raises(PlanError, match="guidance skips is version 2"):
+        Plan.from_json(plan)  # says 1 but uses guidance skips
+    plan["version"] = 2
+    written = Plan.from_json(plan).to_json()
+    assert written["version"] == 2 and Plan.from_json(written).uncond_skip == "guidance"
+    for bad in (3, 0, True, "2", None):
+        with pytest.raises(PlanError, match="not supported"):
+            Plan.from_json(plan | {"version": bad})
