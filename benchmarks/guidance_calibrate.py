@@ -88,9 +88,9 @@ def run(args) -> dict:
         path = build(adapter, calibrated_on, Path(tmp) / "calib", profiles=[Profile("calib", latent, TEXT_LEN)],
                      samplers=["unipc"], dtype=torch.bfloat16, progress=False, label="guidance calibration")
         session = load(path, device=device)
-        errors = guidance_step_errors(session, session.plan, text.to(device, torch.bfloat16),
-                                      negative.to(device, torch.bfloat16), args.calib_seed_list, start=args.start,
-                                      guidance_scale=args.guidance)
+        errors = guidance_step_errors(session, session.plan, args.calib_seed_list, start=args.start,
+                                      guidance_scale=args.guidance, text_embeds=text.to(device, torch.bfloat16),
+                                      negative_embeds=negative.to(device, torch.bfloat16))
         del session
     out["calibration_s"] = time.perf_counter() - t0
     out["step_errors"] = {str(i): e for i, e in errors.items()}
