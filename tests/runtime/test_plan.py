@@ -55,7 +55,8 @@ def test_skip_and_cached_heads_plan_is_valid():
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (lambda d: d.update(version=3), "version 3 is not supported"),
+    (lambda d: d.update(version=2, uncond_skip="cfg"), "uncond_skip must be one of"),
     (lambda d: d.update(format="other"), "not a ditbake plan"),
     (lambda d: d.update(mode="eager"), "mode"),
     (lambda d: d.update(mode="adaptive"), "adaptive"),
