@@ -227,7 +227,7 @@ def cmd_guidance(args) -> int:
 
     from ditbake.exporter.plan_guidance import (add_guidance_skips, choose_guidance_steps,  # noqa: PLC0415
                                                 eligible_steps, guidance_step_errors)
-    from ditbake.exporter.prompt_source import default_prompts, read_prompts  # noqa: PLC0415
+    from ditbake.exporter.prompt_source import default_prompts, is_embeddings_file, read_prompts  # noqa: PLC0415
     from ditbake.runtime import load  # noqa: PLC0415
 
     session = load(args.artifact, device=args.device)
@@ -250,6 +250,9 @@ def cmd_guidance(args) -> int:
             conditioning |= {"pooled_embeds": torch.randn(n, pooled, generator=gen),
                              "negative_pooled_embeds": torch.randn(n, pooled, generator=gen)}
     else:
+        if is_embeddings_file(args.prompts):
+            raise InputError("ditbake guidance encodes text prompts with the artifact's encoder; pass a .txt, "
+                             "'default' or one prompt (or --random-embeddings)")
         prompts = read_prompts(args.prompts) or default_prompts(n)
         conditioning = {"prompt": prompts[:n]}
     errors = guidance_step_errors(session, session.plan, [args.seed + k for k in range(args.num_seeds)],

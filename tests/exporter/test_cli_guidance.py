@@ -63,6 +63,12 @@ def test_bad_requests_are_refused(artifact, tmp_path):
     assert not out.exists()
     assert main(["guidance", artifact, "--count", "0", "--random-embeddings", "--out", str(out)]) != 0
     assert main(["guidance", str(tmp_path / "missing"), "--count", "1", "--out", str(out)]) == 3
+    embeds = tmp_path / "e.safetensors"
+    embeds.write_bytes(b"")  # an embeddings file is not text to encode
+    assert main(["guidance", artifact, "--count", "1", "--prompts", str(embeds), "--out", str(out)]) == 5
+    # text prompts need the artifact's text encoder; this one stores none
+    assert main(["guidance", artifact, "--count", "1", "--prompts", "a red cat", "--out", str(out)]) == 5
+    assert not out.exists()
     notes = tmp_path / "notes.json"
     notes.write_text(json.dumps({"mine": 1}))  # not a plan: never replaced
     assert main(["guidance", artifact, "--count", "1", "--random-embeddings", "--out", str(notes)]) != 0
