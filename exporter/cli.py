@@ -240,11 +240,10 @@ def cmd_guidance(args) -> int:
         raise InputError(f"--count {args.count}: at most {fit} guidance skips fit this plan from step {args.start} "
                          "(steps where both branches compute, no two in a row)")
     n, prof = args.num_prompts, session.profile()
-    if args.random_embeddings:  # the session's own text-shape rule (Session._text)
+    if args.random_embeddings:
         gen = torch.Generator().manual_seed(args.seed)
-        dim = int(session.config.get("text_dim", session.config.get("text_embed_dim", 0)))
-        conditioning = {"text_embeds": torch.randn(n, prof.text_len, dim, generator=gen),
-                        "negative_embeds": torch.randn(n, prof.text_len, dim, generator=gen)}
+        conditioning = {"text_embeds": torch.randn(n, prof.text_len, session.text_dim, generator=gen),
+                        "negative_embeds": torch.randn(n, prof.text_len, session.text_dim, generator=gen)}
         if "pooled" in session.extra_inputs and not session.arch.pooled_is_token_mean(session.config):
             pooled = session.arch.pooled_dim(session.config)
             conditioning |= {"pooled_embeds": torch.randn(n, pooled, generator=gen),
@@ -260,7 +259,7 @@ def cmd_guidance(args) -> int:
                                   progress=lambda steps: tqdm(steps, desc="one guidance skip per step", unit="step"),
                                   **conditioning)
     chosen = choose_guidance_steps(errors, args.count)
-    plan = add_guidance_skips(session.plan, 0.0, start=args.start, at=chosen)
+    plan = add_guidance_skips(session.plan, start=args.start, at=chosen)
     plan = dataclasses.replace(plan, predicted={**plan.predicted, "guidance_step_errors": {
         str(i): e for i, e in errors.items()}})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -276,7 +276,7 @@ def prompt_embeddings(session, prompts: list[str], seed: int,
     """(embeds [N, L, D], negative [N, L, D]) for the session's first profile: the artifact's own text
     encoder(s), MiniLM for a test bed, random only when asked for explicitly."""
     profile = session.profile()
-    text_dim = int(session.config.get("text_dim", session.config.get("text_embed_dim", 0)))
+    text_dim = session.text_dim
     if has_text_encoder(session):
         negative = session._negative_default()
         return session.encode_prompt(prompts), session.encode_prompt([negative] * len(prompts))

@@ -135,6 +135,11 @@ class Session:
         self._graphs_required = bool(cuda_graphs)
 
     @property
+    def text_dim(self) -> int:
+        """Width of the per-token text embeddings the model takes."""
+        return int(self.config.get("text_dim", self.config.get("text_embed_dim", 0)))
+
+    @property
     def extra_inputs(self) -> tuple[str, ...]:
         """The architecture's conditioning beyond token embeddings: ("pooled",), ("pooled", "guidance") or ()."""
         return runtime_arch.extra_inputs(self.arch, self.config)
@@ -175,10 +180,9 @@ class Session:
             raise InputError(f"{what} must be a torch.Tensor, got {type(embeds).__name__}")
         if embeds.ndim == 2:
             embeds = embeds[None]
-        text_dim = int(self.config.get("text_dim", self.config.get("text_embed_dim", 0)))
-        if embeds.ndim != 3 or embeds.shape[1:] != (profile.text_len, text_dim):
+        if embeds.ndim != 3 or embeds.shape[1:] != (profile.text_len, self.text_dim):
             raise InputError(f"{what} has shape {list(embeds.shape)}; profile {profile.name} expects "
-                             f"[batch, {profile.text_len}, {text_dim}]")
+                             f"[batch, {profile.text_len}, {self.text_dim}]")
         check_embeds(what, embeds)
         return embeds.to(self.device, self.dtype)
 
@@ -501,11 +505,10 @@ def _delta_needs(plan) -> tuple[set[tuple[int, str]], set[tuple[str, int]]]:
     stack, blocks = set(), set()
     for i in range(plan.num_steps):
         for branch in ("cond", "uncond"):
-            variants = [plan.variants[v] for v in plan.step_ids(i, branch)]
-            if not any(v.compute for v in variants):
+            if not plan.computes_stack(i, branch):
                 stack.add((i, branch))
             else:
-                blocks.update((branch, b) for b, v in enumerate(variants) if not v.compute)
+                blocks.update((branch, b) for b, v in enumerate(plan.step_ids(i, branch)) if not plan.variants[v].compute)
     return stack, blocks
 
 
