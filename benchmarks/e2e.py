@@ -461,14 +461,16 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
 
         source = add_guidance_skips(unguided, args.guidance_skips)
     uncapped = plan_ratios(transplant_plan(source, adapter, visual, args.source_visual_tokens), visual)
-    plan = transplant_plan(source, adapter, visual, args.source_visual_tokens, act_format=args.act_format,
-                           max_variants=args.max_variants)
-    if args.attn_format:  # uniform, so the variant cap above (attention cost by scheme) is unaffected
-        plan = with_head_precision(plan, args.attn_format)
+
+    def transplanted(src, adapter=adapter):  # bound now: adapter is deleted below
+        out = transplant_plan(src, adapter, visual, args.source_visual_tokens, act_format=args.act_format,
+                              max_variants=args.max_variants)
+        # uniform, so the variant cap (attention cost by scheme) is unaffected
+        return with_head_precision(out, args.attn_format) if args.attn_format else out
+
+    plan = transplanted(source)
     if args.guidance_skips:  # the same engines serve the source plan without them: timed in this call too
-        base_plan = transplant_plan(unguided, adapter, visual, args.source_visual_tokens, act_format=args.act_format,
-                                    max_variants=args.max_variants)
-        base_plan = with_head_precision(base_plan, args.attn_format) if args.attn_format else base_plan
+        base_plan = transplanted(unguided)
         if base_plan.variants != plan.variants:
             raise ValueError("guidance skips changed the transplanted variants; time the plans in separate calls")
     if plan.num_steps != args.steps:

@@ -96,7 +96,7 @@ def run(args) -> dict:
     out["step_errors"] = {str(i): e for i, e in errors.items()}
     chosen = choose_guidance_steps(errors, args.count)
     eligible = len(eligible_steps(source, args.start))  # the same count, evenly spread
-    plans = {"calibrated": add_guidance_skips(source, 0.0, start=args.start, at=chosen),
+    plans = {"calibrated": add_guidance_skips(source, start=args.start, at=chosen),
              "spread": add_guidance_skips(source, min(0.5, args.count / eligible), start=args.start),
              "no guidance skips": source}
     out["chosen"], out["spread"] = chosen, plans["spread"].predicted["guidance_skips"]

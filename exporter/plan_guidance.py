@@ -34,7 +34,7 @@ def eligible_steps(plan: Plan, start: int) -> list[int]:
             if plan.computes_stack(i, "cond") and plan.computes_stack(i, "uncond")]
 
 
-def add_guidance_skips(plan: Plan, fraction: float, start: int = 5, at: list[int] | None = None) -> Plan:
+def add_guidance_skips(plan: Plan, fraction: float = 0.0, start: int = 5, at: list[int] | None = None) -> Plan:
     """The plan with uncond skipped at about `fraction` of its eligible steps, evenly spread and
     never two eligible steps in a row (each skipped one's gap comes from the computed one before);
     or, with `at`, exactly at those steps (each must be eligible)."""
@@ -93,7 +93,7 @@ def guidance_step_errors(session, plan: Plan, seeds: list[int], *, start: int = 
         refs = finals()
         errors = {}
         for i in (progress(steps) if progress else steps):
-            session.plan = add_guidance_skips(plan, 0.0, start=start, at=[i])
+            session.plan = add_guidance_skips(plan, start=start, at=[i])
             errs = torch.cat([(x - r).norm(dim=1) / r.norm(dim=1) for x, r in zip(finals(), refs)])
             errors[i] = float(errs.mean())
             log.debug("guidance skip at step %d: relative error %.4g", i, errors[i])

@@ -74,7 +74,7 @@ def test_bad_requests_are_refused(artifact, tmp_path):
     assert main(["guidance", artifact, "--count", "1", "--random-embeddings", "--out", str(notes)]) != 0
     assert json.loads(notes.read_text()) == {"mine": 1}
     # a plan that already has guidance skips is refused (place them on the plan without them)
-    guided = add_guidance_skips(load(artifact).plan, 0.0, start=1, at=[2])
+    guided = add_guidance_skips(load(artifact).plan, start=1, at=[2])
     path, _ = build_tiny_artifact(tmp_path / "g", "tiny-wan", steps=STEPS, plan_fn=lambda m: guided)
     assert main(["guidance", str(path), "--count", "1", "--random-embeddings", "--out", str(out)]) == 5
     assert not out.exists()

@@ -203,7 +203,7 @@ def test_batched_cfg_runs_cond_first_for_guidance_skips(tmp_path):
     from ditbake.exporter.sampler import make_scheduler
 
     def guided(meta):
-        return add_guidance_skips(plan_from_calibration(meta), 0.0, start=1, at=[1, 3])
+        return add_guidance_skips(plan_from_calibration(meta), start=1, at=[1, 3])
 
     path, adapter = build_tiny_artifact(tmp_path, "tiny-cogvideox", steps=STEPS, samplers=["ddim"], plan_fn=guided)
     session = load(path)

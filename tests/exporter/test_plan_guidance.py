@@ -50,12 +50,12 @@ def test_bad_fraction_refused(fraction):
 
 def test_explicit_steps_and_ineligible_ones_refused():
     plan = _tdc_plan(20, [7, 9, 12])
-    out = add_guidance_skips(plan, 0.0, at=[8, 15, 8])
+    out = add_guidance_skips(plan, at=[8, 15, 8])
     assert out.predicted["guidance_skips"] == [8, 15]
     assert not out.computes_stack(8, "uncond") and out.computes_stack(8, "cond")
     for bad in ([7], [3], [0], [25]):  # a TDC skip, the warm-up prefix, step 0, past the end
         with pytest.raises(PlanError, match="not steps"):
-            add_guidance_skips(plan, 0.0, at=bad)
+            add_guidance_skips(plan, at=bad)
 
 
 def test_choose_cheapest_without_neighbours(rng_seed):
@@ -102,6 +102,6 @@ def test_step_errors_measure_each_skip_alone(tmp_path):
     assert all(0 < e < 10 for e in errors.values())
     # one of them by hand
     ref = session.generate(text, negative, seed=3).latents.flatten(1)
-    session.plan = add_guidance_skips(plan, 0.0, start=2, at=[6])
+    session.plan = add_guidance_skips(plan, start=2, at=[6])
     x = session.generate(text, negative, seed=3).latents.flatten(1)
     assert errors[6] == pytest.approx(float(((x - ref).norm(dim=1) / ref.norm(dim=1)).mean()), rel=1e-5)
