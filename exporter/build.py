@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ditbake.exporter.adapters import Adapter
-from ditbake.exporter.build_quant import quantize_weights
+from ditbake.exporter.build_quant import nvfp4_stored_8bit_layers, quantize_weights
 from ditbake.exporter.sampler import bake_samplers
-from ditbake.runtime import atomic
+from ditbake.runtime import atomic, weights_4bit
 from ditbake.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, PLAN, WEIGHTS, Profile, sha256_file
 from ditbake.runtime.errors import BackendError, PlanError
 from ditbake.runtime.outputs import check_output
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PRODUCER_VERSION = "0.1.0"
 BUILD_BACKENDS = ("eager", "aoti", "tensorrt")
+WEIGHT_STORAGE = ("8bit", "nvfp4")  # how a layer run only in 8 bits is stored
 
 
 def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
@@ -45,16 +46,21 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
           dtype: torch.dtype = torch.bfloat16, backend: str = "eager", label: str = "",
           scheduler_config: dict | None = None, progress: bool = True, device: str = "cpu",
           text_encoder: bool = False, onnx_only: bool = False, pipeline_dir: str | Path | None = None,
-          negative_prompt: str = "", force: bool = False) -> Path:
+          negative_prompt: str = "", force: bool = False, weight_storage: str = "8bit",
+          hessians: dict[str, torch.Tensor] | None = None) -> Path:
     """`text_encoder=True` records the shipped MiniLM encoder (by the sha256 of its weights) so the
     runtime can take free-text prompts. `onnx_only` (tensorrt backend, no TensorRT here): ship the
     verified ONNX graphs without engines. `pipeline_dir`: also store that pipeline's text encoder(s),
     tokenizer(s) and VAE decoder (exporter/build_components.py), so the artifact serves text → frames.
     An existing `out` is replaced only when it is an earlier artifact or with `force`
-    (runtime/outputs.py)."""
+    (runtime/outputs.py). `weight_storage="nvfp4"`: layers run only in 8 bits are stored in NVFP4
+    and materialized in 8 bits at load (runtime/weights_4bit.py); `hessians` (exporter/gptq.py's
+    `collect_hessians`) round NVFP4-stored layers by GPTQ instead of to nearest."""
     if backend not in BUILD_BACKENDS:
         raise BackendError(f"backend {backend!r} cannot be built yet; available: {BUILD_BACKENDS}")
     check_plan_fits(adapter, plan)
+    if weight_storage not in WEIGHT_STORAGE:
+        raise PlanError(f"weight storage {weight_storage!r} is not one of {WEIGHT_STORAGE}")
     if not samplers:
         raise PlanError("at least one sampler must be baked")
     out = check_output(out, "artifact", force)
@@ -67,8 +73,11 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
                    for k, v in adapter.weights().items()}
         # layers some variant runs below bf16: NVFP4 (quantized from the original weights); the
         # 16-bit weight stays only where a variant still runs it in bf16
+        absent = set(adapter.absent_linears)
+        from_nvfp4 = (nvfp4_stored_8bit_layers(plan, adapter.arch.BLOCK_PREFIX, absent)
+                      if weight_storage == "nvfp4" else {})
         weights = quantize_weights({k: v.cpu() for k, v in adapter.weights().items()}, weights, plan,
-                                   adapter.arch.BLOCK_PREFIX, set(adapter.absent_linears))
+                                   adapter.arch.BLOCK_PREFIX, absent, nvfp4_8bit=from_nvfp4, hessians=hessians)
         for p in profiles:
             weights.update({k: v.contiguous() for k, v in adapter.profile_tensors(p.to_json()).items()})
         save_file(weights, str(tmp / WEIGHTS))
@@ -79,6 +88,7 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
         tables = bake_samplers(adapter, samplers, profiles, plan.num_steps, scheduler_config)
         bar.update(1)
         engines = []
+        stored, weights = weights, weights_4bit.materialize(weights, from_nvfp4)  # engines read what the loader gives
         if backend == "aoti":
             from ditbake.exporter.engine_aoti import compile_engines  # noqa: PLC0415
 
@@ -122,7 +132,8 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
             "engines": engines,  # empty for eager: the runtime composes the ops itself
             "files": files,
             "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-                        for k, v in weights.items()},  # checked against the safetensors header on load
+                        for k, v in stored.items()},  # checked against the safetensors header on load
+            **({weights_4bit.MANIFEST_KEY: from_nvfp4} if from_nvfp4 else {}),
             "text_encoder": _text_encoder_entry(adapter, profiles) if text_encoder else None,
             "components": components,  # text encoder(s), tokenizer(s), VAE decoder of a pipeline directory
         }

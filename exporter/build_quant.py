@@ -18,6 +18,10 @@ Per layer ``blocks.{b}.{name}`` the artifact then holds (runtime/nn.py `quantiza
 
 The Hadamard choice (NVFP4 layers) is the precision planner's measured one
 (`plan.predicted["precision"]["hadamard"]`); 8-bit layers store the plain weight.
+
+`--weight-storage nvfp4` stores a layer run only in 8 bits as its plain NVFP4 tensors instead
+(no Hadamard), listed in the manifest for the loader to materialize (runtime/weights_4bit.py);
+with calibration Hessians those, like every plain NVFP4 layer, are rounded by GPTQ (exporter/gptq.py).
 """
 from __future__ import annotations
 
@@ -32,59 +36,73 @@ from ditbake.runtime.plan import Plan
 
 log = logging.getLogger(__name__)
 
+WEIGHT_8BIT_FORMATS = ("fp8", "int8")
+
 
 def layer_precisions(plan: Plan, block_prefix: str = "blocks.",
                      absent: Collection[tuple[int, str]] = frozenset()) -> dict[str, set[str]]:
-    """Full layer name → the precisions it may run at. Baked: what the step table uses; adaptive:
-    any compute variant may run on any block. `absent`: (block, layer) pairs the block does not
-    have (their precision-map entries are ignored by the block, so nothing is stored for them)."""
-    used: dict[str, set[str]] = {}
-    for b, vid in plan.block_variant_ids():
-        v = plan.variants[vid]
-        if v.compute:
-            prec = v.precision_map
-            for name in plan.linear_layers:
-                if (b, name) in absent:
-                    continue
-                used.setdefault(f"{block_prefix}{b}.{name}", set()).add(prec.get(name, "bf16"))
-    return used
+    """Full layer name → the precisions it may run at (`Plan.layer_precisions`)."""
+    return plan.layer_precisions(block_prefix, absent)
+
+
+def nvfp4_stored_8bit_layers(plan: Plan, block_prefix: str = "blocks.",
+                             absent: Collection[tuple[int, str]] = frozenset()) -> dict[str, str]:
+    """Layers `--weight-storage nvfp4` stores in NVFP4 and the loader materializes in 8 bits: those
+    the plan runs in exactly one 8-bit format (int8 or fp8) and nothing else."""
+    return {layer: next(iter(p)) for layer, p in sorted(layer_precisions(plan, block_prefix, absent).items())
+            if len(p) == 1 and next(iter(p)) in WEIGHT_8BIT_FORMATS}
 
 
 def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], plan: Plan,
                      block_prefix: str = "blocks.",
-                     absent: Collection[tuple[int, str]] = frozenset()) -> dict[str, torch.Tensor]:
+                     absent: Collection[tuple[int, str]] = frozenset(), *,
+                     nvfp4_8bit: Collection[str] = frozenset(),
+                     hessians: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """`weights` (already cast to the artifact dtype) with NVFP4 layers added and unused 16-bit
-    weights dropped; quantized from `source` (the model's original-precision weights)."""
+    weights dropped; quantized from `source` (the model's original-precision weights).
+    `nvfp4_8bit`: layers run in 8 bits that are stored in NVFP4 instead (`nvfp4_stored_8bit_layers`;
+    runtime/weights_4bit.py materializes them at load). `hessians`: layer → input second moment
+    (exporter/gptq.py); an NVFP4 layer without a Hadamard that has one is rounded by GPTQ, the
+    others to nearest."""
     hadamard = {f"{block_prefix}{b}.{name}" for b, name in (plan.predicted.get("precision") or {}).get("hadamard", ())}
+    hessians = hessians or {}
     out = dict(weights)
     stored = {"nvfp4": 0, "fp8": 0, "int8": 0}
-    dropped = 0
+    dropped = gptq = 0
     for layer, precisions in sorted(layer_precisions(plan, block_prefix, absent).items()):
         if precisions == {"bf16"}:
             continue
         source_weight = source[layer + ".weight"].float()
-        if "nvfp4" in precisions:
-            had = layer in hadamard
-            t = prepare_nvfp4_weight(source_weight, hadamard=had)
+        as_nvfp4 = layer in nvfp4_8bit
+        if "nvfp4" in precisions or as_nvfp4:
+            had = layer in hadamard and not as_nvfp4  # a materialized layer runs the plain weight
+            if not had and layer in hessians:
+                from ditbake.exporter.gptq import gptq_nvfp4  # noqa: PLC0415
+
+                t = gptq_nvfp4(source_weight, hessians[layer].to(source_weight.device))
+                gptq += 1
+            else:
+                t = prepare_nvfp4_weight(source_weight, hadamard=had)
             out[layer + ".nvfp4_packed"] = t.packed.contiguous()
             out[layer + ".nvfp4_block_scales"] = t.block_scales.contiguous()
             out[layer + ".nvfp4_global_scale"] = t.global_scale.reshape(()).to(torch.float32).contiguous()
             if had:
                 out[layer + ".nvfp4_hadamard"] = torch.ones(1, dtype=torch.uint8)
-        for fmt in ("fp8", "int8"):
-            if fmt in precisions:
+        for fmt in WEIGHT_8BIT_FORMATS:
+            if fmt in precisions and not as_nvfp4:
                 q, scale = quantize_weight_per_channel(source_weight, fmt)
                 out[f"{layer}.{fmt}_weight"] = q.contiguous()
                 out[f"{layer}.{fmt}_scale"] = scale.contiguous()
         for fmt in stored:
-            stored[fmt] += fmt in precisions
+            stored[fmt] += (fmt == "nvfp4") if as_nvfp4 else (fmt in precisions)
         if "bf16" not in precisions:
             del out[layer + ".weight"]
             dropped += 1
     if any(stored.values()):
-        log.info("quantized weights stored: %s layers in NVFP4 (%d with Hadamard), %s in FP8, %s in INT8; "
-                 "16-bit weight dropped for %d", stored["nvfp4"], sum(1 for k in out if k.endswith(".nvfp4_hadamard")),
-                 stored["fp8"], stored["int8"], dropped)
+        log.info("quantized weights stored: %s layers in NVFP4 (%d with Hadamard, %d rounded by GPTQ, %d loaded as "
+                 "8-bit), %s in FP8, %s in INT8; 16-bit weight dropped for %d", stored["nvfp4"],
+                 sum(1 for k in out if k.endswith(".nvfp4_hadamard")), gptq, len(nvfp4_8bit), stored["fp8"],
+                 stored["int8"], dropped)
     return out
 
 

@@ -96,6 +96,14 @@ def cmd_calibrate(args) -> int:
         observers.append(observer_factory(PrecisionObserverConfig(
             max_tokens=args.precision_max_tokens,
             weight_cache_bytes=None if cache_gb is None else int(cache_gb * 1e9))))
+    hessian_collector = None
+    if args.gptq_hessians:  # GPTQ's per-layer input second moments, from the same pass (exporter/gptq.py)
+        from ditbake.exporter.gptq import HessianCollector  # noqa: PLC0415
+
+        if args.resume:
+            raise InputError("--gptq-hessians sums over the whole pass; run it without --resume")
+        hessian_collector = HessianCollector(args.gptq_max_tokens)
+        observers.append(hessian_collector.factory)
     sched = _scheduler_config(args.model)
     stats = cal.calibrate(adapter, embeds, negative, latent=latent, sampler=args.sampler or _samplers(adapter, sched)[0],
                           num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, source=str(args.model),
@@ -118,6 +126,12 @@ def cmd_calibrate(args) -> int:
         stats.tensors.update(tensors)
         stats.meta["heads"] = heads_meta
     out = stats.save(args.out, force=args.force)
+    if hessian_collector is not None:
+        from ditbake.exporter.gptq import HESSIANS_FILE, save_hessians  # noqa: PLC0415
+
+        save_hessians(out / HESSIANS_FILE, hessian_collector.hessians())
+        log.info("GPTQ input statistics of %d layers written to %s", len(hessian_collector.hessians()),
+                 out / HESSIANS_FILE)
     if args.precision_stats:
         _precision_outputs(stats, out)
     g = stats.tensors["gamma"]
@@ -329,10 +343,19 @@ def cmd_build(args) -> int:
     pipeline_dir = args.model if is_pipeline_dir(args.model) and args.components else None
     negative = args.negative_prompt if args.negative_prompt is not None else \
         (stats.meta.get("conditioning") or {}).get("negative_prompt", "")
+    hessians = None
+    if args.gptq:
+        from ditbake.exporter.gptq import HESSIANS_FILE, GPTQError, load_hessians  # noqa: PLC0415
+
+        path = Path(args.calibration) / HESSIANS_FILE
+        if not path.is_file():
+            raise GPTQError(f"--gptq needs {path}: calibrate with --gptq-hessians")
+        hessians = load_hessians(path)
     out = builder.build(adapter, plan, args.out, profiles=profiles, samplers=samplers, dtype=DTYPES[args.dtype],
                         backend=args.backend, label=args.label, device=args.device,
                         text_encoder=args.text_encoder, onnx_only=args.onnx_only, scheduler_config=sched,
-                        pipeline_dir=pipeline_dir, negative_prompt=negative, force=args.force)
+                        pipeline_dir=pipeline_dir, negative_prompt=negative, force=args.force,
+                        weight_storage=args.weight_storage, hessians=hessians)
     log.info("artifact ready: %s", out)
     return 0
 
@@ -421,6 +444,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision-weight-cache-gb", type=float,
                    help="memory for the layers' quantized weight copies (≈ 6 bytes per weight; default: a "
                         "quarter of the free GPU memory, all on cpu); layers beyond it re-quantize per call")
+    p.add_argument("--gptq-hessians", action="store_true",
+                   help="also record each block linear's input second moment (hessians.safetensors, K² floats "
+                        "per layer: ≈ 10 GB for Wan2.1-1.3B) for `build --gptq`")
+    p.add_argument("--gptq-max-tokens", type=int, default=4096,
+                   help="tokens per layer input summed into its second moment (strided subset)")
     g = p.add_argument_group("head-wise attention search (progressive, DiTFastAttnV2)")
     g.add_argument("--heads-delta", type=float, help="run the head search with this per-layer error budget δ")
     g.add_argument("--heads-c", type=float, help="per-head bound factor c: each head's error ≤ c·δ/H (default 1.5)")
@@ -511,6 +539,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
                    help="store a pipeline directory's text encoder(s), tokenizer(s) and VAE decoder")
     p.add_argument("--negative-prompt", help="default negative prompt of the artifact (default: the calibration's)")
+    p.add_argument("--weight-storage", choices=("8bit", "nvfp4"), default="8bit",
+                   help="how layers the plan runs only in 8 bits are stored: 8bit weights, or NVFP4 (4.5 bits per "
+                        "weight) that the loader turns into 8-bit weights (runtime/weights_4bit.py)")
+    p.add_argument("--gptq", action="store_true",
+                   help="round NVFP4 weights by GPTQ with the calibration's hessians.safetensors "
+                        "(calibrate --gptq-hessians) instead of to nearest")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("run", help="generate with an artifact: text in, decoded video/image (+ latents) out")

@@ -21,7 +21,7 @@ OUTPUT_KINDS = {"calibrate": "calibration", "plan": "plan", "guidance": "plan", 
 INPUT_ARGS = ("model", "plan", "calibration", "prompts", "artifact", "package", "reference")
 SEED_ARGS = ("seed", "weights_seed")
 COUNT_ARGS = ("steps", "num_prompts", "num_seeds", "frames", "height", "width", "text_len",
-              "precision_max_tokens", "tdc_max_run", "count")
+              "precision_max_tokens", "gptq_max_tokens", "tdc_max_run", "count")
 MAX_GUIDANCE = 100.0  # far above any model's useful scale (1-15); beyond it the latents overflow
 
 

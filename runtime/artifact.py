@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ditbake.runtime import arch as runtime_arch, weights_4bit
 from ditbake.runtime.errors import ArtifactError
 from ditbake.runtime.plan import Plan
 from ditbake.runtime.safe_io import MAX_JSON_BYTES, check_relative_name, read_json
@@ -184,4 +185,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: 
     if unknown:
         raise ArtifactError(f"sampler tables name unknown shape profiles {sorted(unknown)}; rebuild the artifact")
     check_fits_model(manifest, plan, weights, profiles)
+    from_nvfp4 = weights_4bit.check(manifest.get(weights_4bit.MANIFEST_KEY), weights,
+                                    plan.layer_precisions(runtime_arch.get(manifest["model"]["architecture"]).BLOCK_PREFIX))
+    weights = weights_4bit.materialize(weights, from_nvfp4)
     return Artifact(path, manifest, plan, samplers, profiles, weights, profile_samplers)

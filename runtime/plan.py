@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import numbers
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,6 +232,21 @@ class Plan:
             return [(b, vid) for vid in range(len(self.variants)) for b in range(self.num_blocks)]
         pairs = {(b, vid): None for step in self.steps for ids in step.values() for b, vid in enumerate(ids)}
         return list(pairs)
+
+    def layer_precisions(self, block_prefix: str = "blocks.",
+                         absent: Collection[tuple[int, str]] = frozenset()) -> dict[str, set[str]]:
+        """Full layer name → the precisions it may run at, over `block_variant_ids` (what the build
+        stores weights for). `absent`: (block, layer) pairs the block does not have (their
+        precision-map entries are ignored by the block, so nothing is stored for them)."""
+        used: dict[str, set[str]] = {}
+        for b, vid in self.block_variant_ids():
+            v = self.variants[vid]
+            if v.compute:
+                prec = v.precision_map
+                for name in self.linear_layers:
+                    if (b, name) not in absent:
+                        used.setdefault(f"{block_prefix}{b}.{name}", set()).add(prec.get(name, "bf16"))
+        return used
 
     def skip_fraction(self) -> float:
         total = skipped = 0

@@ -18,13 +18,14 @@ BED16K = ROOT / "artifacts" / "testbed-wan16k"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _cache(path: Path, spec, n: int) -> None:
+def _cache(path: Path, spec, n: int, train: int = 0) -> None:
     """A caption cache as prompt_cache.py writes it, with seeded random rows: the script must take its
     embeddings from the file (the GPU machine has no encoder), whatever they are."""
     import prompt_cache
 
     gen = torch.Generator().manual_seed(3)
-    captions = prompt_cache.held_out_captions(spec, n) + [""]
+    captions = (prompt_cache.held_out_captions(spec, n) + [""]
+                + prompt_cache.train_captions(spec.kind, spec.held_out_rule, train))
     prompt_cache.save(path, {c: torch.randn(prompt_cache.TEXT_LEN, 384, generator=gen) for c in captions})
 
 
@@ -57,10 +58,42 @@ def test_smoke_rows_against_the_bf16_reference(tmp_path):
     assert rows["(a) linears fp8"]["psnr_db"] != rows["(b) + attention int8 (Triton)"]["psnr_db"]  # attention ran 8-bit
 
 
+def test_nvfp4_weight_storage_rows(tmp_path):
+    """Each row also scored with the 8-bit layers stored in NVFP4 (rounded to nearest, and by GPTQ on a
+    training caption): smaller files, and the 4-bit weights cost fidelity the 8-bit ones do not."""
+    if not (BED16K / "testbed.json").is_file():
+        pytest.skip("artifacts/testbed-wan16k is not present")
+    import forward_fidelity
+    from ditbake.exporter.testbed.models import data_spec_of
+
+    _cache(tmp_path / "embeds.safetensors", data_spec_of(BED16K), 1, train=1)
+    out = tmp_path / "ff.json"
+    assert forward_fidelity.main(["--model", str(BED16K), "--embeds", str(tmp_path / "embeds.safetensors"),
+                                  "--frames", "2", "--size", "16", "--steps", "2", "--prompts", "1", "--seeds", "1234",
+                                  "--only", r"^\(a8\) linears int8$", "--weights", "8bit,nvfp4,nvfp4-gptq",
+                                  "--gptq-prompts", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    base = "(a8) linears int8"
+    assert list(rows) == [base, f"{base} [weights nvfp4]", f"{base} [weights nvfp4-gptq]"]
+    assert result["weight_storages"] == ["8bit", "nvfp4", "nvfp4-gptq"]
+    for name, row in rows.items():
+        assert "error" not in row, row
+        assert row["weight_storage"] == (name.partition("[weights ")[2].rstrip("]") or "8bit")
+    # the bed's block linears are 87 % of its parameters: 4.5 instead of 8 bits per weight shrinks the
+    # float32-built file by well over 10 %
+    assert rows[f"{base} [weights nvfp4]"]["weight_file_bytes"] < 0.9 * rows[base]["weight_file_bytes"]
+    assert rows[f"{base} [weights nvfp4-gptq]"]["weight_file_bytes"] == rows[f"{base} [weights nvfp4]"]["weight_file_bytes"]
+    # NVFP4's ~10 % weight error against INT8's ~0.3 %: far lower PSNR, whatever the rounding
+    for w in ("nvfp4", "nvfp4-gptq"):
+        assert rows[f"{base} [weights {w}]"]["psnr_db"] < rows[base]["psnr_db"] - 3
+
+
 def test_bad_arguments_are_refused(tmp_path):
     import forward_fidelity
 
-    for argv in (["--seeds", "1,x"], ["--seeds", ","], ["--prompts", "0"], ["--dtype", "float16"]):
+    for argv in (["--seeds", "1,x"], ["--seeds", ","], ["--prompts", "0"], ["--dtype", "float16"],
+                 ["--weights", "int4"], ["--weights", ","], ["--gptq-prompts", "0"]):
         with pytest.raises(SystemExit) as e:
             forward_fidelity.parse_args([*argv, "--out", str(tmp_path / "x.json")])
         assert e.value.code == 2, argv
