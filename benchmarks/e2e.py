@@ -480,8 +480,12 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
     t0 = time.perf_counter()
     path = build(adapter, plan, args.artifact, profiles=[Profile("e2e", latent, text_len)], samplers=["unipc"],
                  dtype=dtype, backend=args.backend, device=dev.type, label="Wan2.1-1.3B (random weights)",
-                 progress=False)
+                 progress=False, weight_storage=args.weight_storage)
     build_s = time.perf_counter() - t0
+    # what ships (weights.safetensors) vs the bf16 transformer: NVFP4 storage makes these differ from
+    # the resident weight bytes, which hold the 8-bit weights the loader materializes
+    file_bytes = (Path(path) / "weights.safetensors").stat().st_size
+    bf16_bytes = sum(t.numel() * 2 for t in adapter.weights().values())
     del model, adapter
     session = load(path, device=dev)
     weight_bytes = sum(t.numel() * t.element_size() for t in session.weights.values())
@@ -497,6 +501,8 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
     timer = StepTimer(dev)
     result = session.generate(cond, uncond, latents=latents, guidance_scale=args.guidance, progress=timer.wrap)
     row = {**summary(timer.step_ms(), dev), "weight_bytes": weight_bytes, "build_s": build_s,
+           "weight_storage": args.weight_storage, "weight_file_bytes": file_bytes,
+           "weight_file_ratio_vs_bf16": bf16_bytes / file_bytes,
            "skip_fraction": result.report.skip_fraction,
            "attention_flops_fraction": result.report.attention_flops_fraction, "plan": ratios,
            "backend": args.backend, "attention_format": args.attn_format or "the source plan's",
@@ -596,6 +602,8 @@ def merge(parts: list[dict]) -> dict:
     if ours and ours_eager:
         out["speedup_vs_diffusers_eager"] = ours_eager["total_s"] / ours["total_s"]
         out["weight_memory_ratio_vs_bf16"] = ours_eager["weight_bytes"] / ours["weight_bytes"]
+        if "weight_file_ratio_vs_bf16" in ours:
+            out["weight_file_ratio_vs_bf16"] = ours["weight_file_ratio_vs_bf16"]
     if ours and eager and "peak_memory_bytes" in ours:
         comp = rows.get("diffusers torch.compile")
         if comp and "peak_memory_bytes" in comp:
@@ -632,7 +640,7 @@ def print_table(result: dict) -> None:
               f"{(eager / r['total_s']) if eager else float('nan'):8.2f} {r.get('skip_fraction', 0):5.2f} "
               f"{r['weight_bytes'] / 1e9:10.2f} {r.get('peak_memory_bytes', 0) / 1e9:8.2f}")
     for k in ("speedup_vs_diffusers_eager", "speedup_vs_torch_compile", "speedup_vs_best_peer", "speedup_vs_fastest_peer",
-              "weight_memory_ratio_vs_bf16", "peak_memory_ratio_vs_bf16"):
+              "weight_memory_ratio_vs_bf16", "weight_file_ratio_vs_bf16", "peak_memory_ratio_vs_bf16"):
         if k in result:
             print(f"{k}: {result[k]:.2f}")
 
@@ -674,6 +682,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-dependent-peers", action="store_true",
                     help="also time FirstBlockCache (its skips on random weights are not the test bed's)")
     ap.add_argument("--only", default="", help="regex: time only the matching contenders (eager always runs)")
+    ap.add_argument("--weight-storage", default="8bit", choices=("8bit", "nvfp4"),
+                    help="ditbake build's storage of the 8-bit layers (nvfp4: 4.5 bits shipped, 8-bit resident; "
+                         "random weights, so rounded to nearest: speed and bytes only)")
     ap.add_argument("--fidelity-method", default="ditbake TDC per step, linear extrapolation",
                     help="the peer-source curve that stands for the ditbake plan's fidelity")
     ap.add_argument("--fidelity-skip", type=float, default=0.4, help="...at this skip fraction")

@@ -53,6 +53,7 @@ from provenance import stamp  # commit + dirty flag in every JSON
 log = logging.getLogger("forward_fidelity")
 REFERENCE = "ditbake bf16"
 FLOOR = "ditbake bf16 vs float32"
+WEIGHT_STORAGES = ("8bit", "nvfp4", "nvfp4-gptq")  # --weights: how the 8-bit layers are stored
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plan", help="score this plan JSON of the bed (its steps, skips, precisions) instead of the "
                                   "race's configurations: as stored, and with every head in each --plan-attn format")
     p.add_argument("--plan-attn", default="int8", help="comma-separated attention precisions for --plan's extra rows")
+    p.add_argument("--weights", default="8bit",
+                   help="comma-separated weight storages each row is scored with: 8bit (the 8-bit layers store 8-bit "
+                        "weights), nvfp4 (they store NVFP4, rounded to nearest, loaded as 8-bit), nvfp4-gptq (the "
+                        "same rounded by GPTQ on --gptq-prompts training captions)")
+    p.add_argument("--gptq-prompts", type=int, default=4, help="training captions GPTQ's statistics come from")
     p.add_argument("--frames", type=int, help="override the bed's frames (reduced-shape smoke runs)")
     p.add_argument("--size", type=int, help="override the bed's height and width (reduced-shape smoke runs)")
     args = p.parse_args(argv)
@@ -84,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if not args.seed_list:
         p.error("--seeds needs at least one seed")
+    args.weight_list = tuple(w for w in args.weights.split(",") if w)
+    if not args.weight_list or set(args.weight_list) - set(WEIGHT_STORAGES):
+        p.error(f"--weights takes a comma-separated subset of {WEIGHT_STORAGES}, got {args.weights!r}")
+    if args.gptq_prompts < 1:
+        p.error("--gptq-prompts must be at least 1")
     return args
 
 
@@ -141,6 +152,9 @@ def run(args) -> dict:
     names = list(variants) + list(plans) + ([FLOOR] if args.dtype == "bfloat16" and not plans else [])
     if args.only:
         names = [n for n in names if re.search(args.only, n)]
+    storage = {n: "8bit" for n in names}  # row → weight storage; rows beyond 8bit get a suffix
+    storage.update({f"{n} [weights {w}]": w for n in names if n != FLOOR for w in args.weight_list if w != "8bit"})
+    names = [n for n in storage if "8bit" in args.weight_list or storage[n] != "8bit" or n == FLOOR]
     prompts = held_out_captions(spec, args.prompts)
     embed = Embedder(args.embeds)
     embeds = embed(prompts)
@@ -152,6 +166,7 @@ def run(args) -> dict:
            "model": args.model, "latent_shape": list(latent), "tokens": visual, "held_out_rule": spec.held_out_rule,
            "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "band": args.band,
            "dtype": args.dtype, "prompts": prompts, "seeds": list(args.seed_list),
+           "weight_storages": list(args.weight_list), "gptq_prompts": args.gptq_prompts,
            "reference": f"an artifact of the '{REFERENCE}' row (bf16 linears, dense SDPA attention) built and run in "
                         f"{args.dtype}, same prompts, seeds and sampler; row '{FLOOR}' instead scores that bf16 "
                         "artifact against the same plan in float32",
@@ -168,10 +183,18 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         count = itertools.count()
 
+        hessians = {}
+
         def built(name: str, variant, build_dtype) -> Path:
-            plan = plans[name] if name in plans else single_variant_plan(adapter, variant, args.steps)
-            return build(adapter, plan, Path(tmp) / f"a{next(count)}",
-                         profiles=[profile], samplers=[args.sampler], dtype=build_dtype, progress=False, label=name)
+            base = name.split(" [weights ")[0]
+            plan = plans[base] if base in plans else single_variant_plan(adapter, variant, args.steps)
+            weights = storage.get(name, "8bit")
+            if weights == "nvfp4-gptq" and not hessians:
+                hessians.update(gptq_statistics(adapter, args, spec, embed, latent, device))
+            return build(adapter, plan, Path(tmp) / f"a{next(count)}", profiles=[profile], samplers=[args.sampler],
+                         dtype=build_dtype, progress=False, label=name,
+                         weight_storage="8bit" if weights == "8bit" else "nvfp4",
+                         hessians=hessians if weights == "nvfp4-gptq" else None)
 
         reference = built(REFERENCE, reference_variant, dtype)
         for name in names:
@@ -180,7 +203,7 @@ def run(args) -> dict:
                 if name == FLOOR:
                     path, ref = reference, built(FLOOR, reference_variant, torch.float32)
                 else:
-                    path, ref = built(name, variants.get(name), dtype), reference
+                    path, ref = built(name, variants.get(name.split(" [weights ")[0]), dtype), reference
                 r = evaluate(path, ref, prompts=prompts, seeds=args.seed_list, guidance_scale=args.guidance,
                              sampler=args.sampler, progress=False, device=device, embeddings=embeddings)
                 s = r.summary()
@@ -190,6 +213,8 @@ def run(args) -> dict:
                               "attention_flops_fraction": r.attention_flops_fraction,
                               "avg_activation_bits": r.avg_activation_bits,
                               "seconds_per_generation": r.seconds_compressed / len(r.samples),
+                              "weight_storage": storage.get(name, "8bit"),
+                              "weight_file_bytes": (path / "weights.safetensors").stat().st_size,
                               "seconds": time.perf_counter() - t0}
             except Exception as exc:  # noqa: BLE001 - one row's kernel failing must not hide the others
                 rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}", "seconds": time.perf_counter() - t0}
@@ -199,6 +224,25 @@ def run(args) -> dict:
     out["complete"] = True
     write()
     return out
+
+
+def gptq_statistics(adapter, args, spec, embed, latent, device) -> dict:
+    """GPTQ's per-layer input statistics from the bed's real sampler on training captions (never the
+    held-out ones scored here), on `device`; returned on the CPU for the build."""
+    from ditbake.exporter.gptq import collect_hessians  # noqa: PLC0415
+    from prompt_cache import train_captions  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    model = adapter.model.to(device)
+    try:
+        hessians = collect_hessians(adapter, embed(train_captions(spec.kind, spec.held_out_rule, args.gptq_prompts)),
+                                    embed([""]), latent=latent, sampler=args.sampler, num_steps=args.steps,
+                                    guidance_scale=args.guidance, progress=False)
+    finally:
+        model.to("cpu")
+    log.info("GPTQ statistics of %d layers from %d training captions in %.1f s", len(hessians), args.gptq_prompts,
+             time.perf_counter() - t0)
+    return {k: v.cpu() for k, v in hessians.items()}
 
 
 def table(out: dict) -> str:
