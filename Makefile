@@ -113,7 +113,9 @@ run: setup
 # eager / torch.compile / torch.compile + torchao FP8 / cache hooks at the most aggressive bed point
 # reaching the plan's PSNR; merged JSON + plot; Flux at 2048². Separate processes so each fits a
 # 10-minute slot; the merged table lands in $(BENCH_OUT)/e2e.json. BENCH_COMBO=0.4:8:0 BENCH_ATTN=bf16
-# is race v2.
+# is race v2. BENCH_WEIGHTS=nvfp4 is race v5: the 8-bit layers ship as NVFP4 (GPTQ-rounded on training
+# captions for the bed's score; the 1.3B artifact has random weights, rounded to nearest), and the peers
+# are held to the PSNR of that plan with those weights.
 BENCH_OUT ?= out/bench
 EMBEDS ?= .carry/fid16k/embeds.safetensors
 BENCH_COMBO ?= 0.5:8:0
@@ -122,7 +124,9 @@ BENCH_GUIDANCE ?= 5
 BENCH_TDC_PLAN = $(BENCH_OUT)/plans/plan_$(subst :,_,$(BENCH_COMBO)).json
 BENCH_PLAN = $(if $(filter 0,$(BENCH_GUIDANCE)),$(BENCH_TDC_PLAN),$(BENCH_OUT)/guidance16k.plan.json)
 comma := ,
-BENCH_PSNR = $(if $(filter 0,$(BENCH_GUIDANCE)),$(BENCH_OUT)/plan_fidelity16k.json:rows/plan $(notdir $(BENCH_PLAN))$(comma) every head $(BENCH_ATTN)/psnr_db,$(BENCH_OUT)/guidance16k.json:rows/calibrated/psnr_db)
+BENCH_WEIGHTS ?= 8bit
+BENCH_PSNR_8BIT = $(if $(filter 0,$(BENCH_GUIDANCE)),$(BENCH_OUT)/plan_fidelity16k.json:rows/plan $(notdir $(BENCH_PLAN))$(comma) every head $(BENCH_ATTN)/psnr_db,$(BENCH_OUT)/guidance16k.json:rows/calibrated/psnr_db)
+BENCH_PSNR = $(if $(filter nvfp4,$(BENCH_WEIGHTS)),$(BENCH_OUT)/plan_fidelity16k_w4.json:rows/plan $(notdir $(BENCH_PLAN))$(comma) every head $(BENCH_ATTN) [weights nvfp4-gptq]/psnr_db,$(BENCH_PSNR_8BIT))
 bench:
 	mkdir -p $(BENCH_OUT)
 	$(GPU_PYTHON) benchmarks/combined.py --device cuda --embeds $(EMBEDS) --steps 50 --granularity step \
@@ -132,8 +136,11 @@ bench:
 		--plan-attn $(BENCH_ATTN) --out $(BENCH_OUT)/plan_fidelity16k.json
 	$(if $(filter 0,$(BENCH_GUIDANCE)),,$(GPU_PYTHON) benchmarks/guidance_calibrate.py --device cuda --embeds $(EMBEDS) \
 		--source-plan $(BENCH_TDC_PLAN) --count $(BENCH_GUIDANCE) --attn $(BENCH_ATTN) --out $(BENCH_OUT)/guidance16k.json)
+	$(if $(filter nvfp4,$(BENCH_WEIGHTS)),$(GPU_PYTHON) benchmarks/forward_fidelity.py --device cuda --embeds $(EMBEDS) \
+		--prompts 4 --plan $(BENCH_PLAN) --plan-attn $(BENCH_ATTN) --only "every head" --weights nvfp4-gptq \
+		--gptq-prompts 16 --out $(BENCH_OUT)/plan_fidelity16k_w4.json)
 	$(GPU_PYTHON) benchmarks/e2e.py --phase ditbake --source-plan $(BENCH_PLAN) --attn-format $(BENCH_ATTN) \
-		--artifact $(BENCH_OUT)/artifact --out $(BENCH_OUT)/e2e_ditbake.json
+		--weight-storage $(BENCH_WEIGHTS) --artifact $(BENCH_OUT)/artifact --out $(BENCH_OUT)/e2e_ditbake.json
 	$(GPU_PYTHON) benchmarks/e2e_fidelity.py --device cuda --embeds $(EMBEDS) --out $(BENCH_OUT)/e2e_fidelity16k.json
 	$(GPU_PYTHON) benchmarks/e2e.py --phase peers --fp8-fidelity $(BENCH_OUT)/e2e_fidelity16k.json \
 		--fidelity-from "$(BENCH_PSNR)" \
