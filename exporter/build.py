@@ -77,7 +77,8 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
         from_nvfp4 = (nvfp4_stored_8bit_layers(plan, adapter.arch.BLOCK_PREFIX, absent)
                       if weight_storage == "nvfp4" else {})
         weights = quantize_weights({k: v.cpu() for k, v in adapter.weights().items()}, weights, plan,
-                                   adapter.arch.BLOCK_PREFIX, absent, nvfp4_8bit=from_nvfp4, hessians=hessians)
+                                   adapter.arch.BLOCK_PREFIX, absent, nvfp4_8bit=from_nvfp4, hessians=hessians,
+                                   gptq_device=device)
         for p in profiles:
             weights.update({k: v.contiguous() for k, v in adapter.profile_tensors(p.to_json()).items()})
         save_file(weights, str(tmp / WEIGHTS))

@@ -57,13 +57,15 @@ def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.T
                      block_prefix: str = "blocks.",
                      absent: Collection[tuple[int, str]] = frozenset(), *,
                      nvfp4_8bit: Collection[str] = frozenset(),
-                     hessians: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                     hessians: dict[str, torch.Tensor] | None = None,
+                     gptq_device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """`weights` (already cast to the artifact dtype) with NVFP4 layers added and unused 16-bit
     weights dropped; quantized from `source` (the model's original-precision weights).
     `nvfp4_8bit`: layers run in 8 bits that are stored in NVFP4 instead (`nvfp4_stored_8bit_layers`;
     runtime/weights_4bit.py materializes them at load). `hessians`: layer → input second moment
     (exporter/gptq.py); an NVFP4 layer without a Hadamard that has one is rounded by GPTQ, the
-    others to nearest."""
+    others to nearest, on `gptq_device` (a CUDA device rounds the 1.3B's 300 layers in about a minute;
+    the CPU takes many)."""
     hadamard = {f"{block_prefix}{b}.{name}" for b, name in (plan.predicted.get("precision") or {}).get("hadamard", ())}
     hessians = hessians or {}
     out = dict(weights)
@@ -79,7 +81,8 @@ def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.T
             if not had and layer in hessians:
                 from ditbake.exporter.gptq import gptq_nvfp4  # noqa: PLC0415
 
-                t = gptq_nvfp4(source_weight, hessians[layer].to(source_weight.device))
+                t = gptq_nvfp4(source_weight.to(gptq_device), hessians[layer].to(gptq_device))
+                t = type(t)(t.packed.cpu(), t.block_scales.cpu(), t.global_scale.cpu(), t.shape)
                 gptq += 1
             else:
                 t = prepare_nvfp4_weight(source_weight, hadamard=had)

@@ -446,7 +446,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "quarter of the free GPU memory, all on cpu); layers beyond it re-quantize per call")
     p.add_argument("--gptq-hessians", action="store_true",
                    help="also record each block linear's input second moment (hessians.safetensors, K² floats "
-                        "per layer: ≈ 10 GB for Wan2.1-1.3B) for `build --gptq`")
+                        "per layer: ≈ 12 GB for Wan2.1-1.3B) for `build --gptq`")
     p.add_argument("--gptq-max-tokens", type=int, default=4096,
                    help="tokens per layer input summed into its second moment (strided subset)")
     g = p.add_argument_group("head-wise attention search (progressive, DiTFastAttnV2)")
@@ -527,7 +527,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "tensorrt: ONNX + TensorRT engines per block variant")
     p.add_argument("--onnx-only", action="store_true",
                    help="tensorrt without TensorRT installed: ship the verified ONNX graphs, no engines")
-    p.add_argument("--device", default="cpu", help="device the aoti engines are compiled for")
+    p.add_argument("--device", default="cpu", help="device the aoti engines are compiled for (and --gptq rounds on)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--samplers", help="comma-separated samplers to bake; the first is the default")
     p.add_argument("--label", default="", help="shown on outputs, e.g. 'RANDOM WEIGHTS'")

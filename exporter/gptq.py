@@ -110,7 +110,7 @@ class HessianObserver(Observer):
     """Σ xᵀx of every block linear's input over the calibration pass (all prompts, CFG branches and
     steps), at most `max_tokens` rows per call taken with a fixed stride. Linears that read the same
     tensor (Wan's q, k, v) each hold their own sum; memory is K² floats per layer on the model's
-    device (Wan2.1-1.3B: ≈ 10 GB, most of it the FFN down projections' K = 8960)."""
+    device (Wan2.1-1.3B: ≈ 12 GB, most of it the FFN down projections' K = 8960)."""
 
     batched = True
 

@@ -164,3 +164,25 @@ def test_plot_without_matplotlib_logs_and_writes_nothing(tmp_path, monkeypatch, 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert e2e_plot.plot(_race(random.Random(0)), tmp_path / "x.png") is False
     assert not (tmp_path / "x.png").exists() and "matplotlib is not installed" in caplog.text
+
+
+def test_ditbake_phase_smoke_reports_the_shipped_weight_bytes(tmp_path):
+    """`--smoke --phase ditbake` on the CPU (a 4-block Wan, the bed's 50-step plan transplanted), once per
+    weight storage: the row records the weight file's ratio to bf16, which NVFP4 storage raises while
+    the resident 8-bit weights stay the same."""
+    import e2e
+
+    rows = {}
+    for storage in ("8bit", "nvfp4"):
+        out, art = tmp_path / f"{storage}.json", tmp_path / storage
+        assert e2e.main(["--smoke", "--phase", "ditbake", "--backend", "eager", "--weight-storage", storage,
+                         "--source-plan", str(ROOT / "benchmarks/results/e2e_source_plan16k_b05.json"),
+                         "--artifact", str(art), "--out", str(out)]) == 0
+        rows[storage] = row = json.loads(out.read_text())["rows"]["ditbake eager"]
+        assert row["weight_storage"] == storage
+        assert row["weight_file_bytes"] == (art / "weights.safetensors").stat().st_size
+        manifest = json.loads((art / "manifest.json").read_text())
+        assert ("weights_8bit_from_nvfp4" in manifest) == (storage == "nvfp4")
+    assert rows["nvfp4"]["weight_bytes"] == rows["8bit"]["weight_bytes"]  # the same INT8 weights resident
+    # the smoke model's block linears are a minority of its bytes, so the file shrinks by less than 8 / 4.5
+    assert rows["nvfp4"]["weight_file_ratio_vs_bf16"] > 1.1 * rows["8bit"]["weight_file_ratio_vs_bf16"]
