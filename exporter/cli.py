@@ -380,6 +380,7 @@ def cmd_inspect(args) -> int:
         "plan": {"mode": plan.mode, "steps": plan.num_steps, "blocks": plan.num_blocks,
                  "variants": len(plan.variants), "skip_fraction": plan.skip_fraction(), "predicted": plan.predicted},
         "files": m["files"], "hashes": "verified",
+        "layers_stored_nvfp4_loaded_8bit": len(m.get("weights_8bit_from_nvfp4") or {}),
         "components": {"pipeline": m["components"]["pipeline"],
                        "text_encoders": {k: v["class"] for k, v in m["components"]["text_encoders"].items()},
                        "vae": m["components"]["vae"]["class"]} if m.get("components") else None,

@@ -32,7 +32,7 @@ def test_calibration_writes_one_square_statistic_per_block_linear(calibrated):
         assert (h.diagonal() >= 0).all()
 
 
-def test_build_stores_gptq_nvfp4_and_the_artifact_runs(calibrated, tmp_path):
+def test_build_stores_gptq_nvfp4_and_the_artifact_runs(calibrated, tmp_path, capsys):
     cal, plan = calibrated
     art, rtn = tmp_path / "art", tmp_path / "rtn"
     assert main(["build", "--model", "tiny-wan", "--plan", str(plan), "--calibration", str(cal), "--out", str(art),
@@ -44,7 +44,9 @@ def test_build_stores_gptq_nvfp4_and_the_artifact_runs(calibrated, tmp_path):
     gptq_w, rtn_w = load_file(str(art / WEIGHTS)), load_file(str(rtn / WEIGHTS))
     assert any(not (gptq_w[f"{layer}.nvfp4_packed"] == rtn_w[f"{layer}.nvfp4_packed"]).all() for layer in listed)
     assert main(["run", str(art), "--out", str(tmp_path / "out"), "--seed", "3", "--random-embeddings"]) == 0
+    capsys.readouterr()
     assert main(["inspect", str(art)]) == 0
+    assert json.loads(capsys.readouterr().out)["layers_stored_nvfp4_loaded_8bit"] == len(listed)
 
 
 def test_gptq_without_statistics_is_refused_and_writes_nothing(tmp_path, calibrated):
