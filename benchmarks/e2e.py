@@ -682,7 +682,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-dependent-peers", action="store_true",
                     help="also time FirstBlockCache (its skips on random weights are not the test bed's)")
     ap.add_argument("--only", default="", help="regex: time only the matching contenders (eager always runs)")
-    ap.add_argument("--weight-storage", default="8bit", choices=("8bit", "nvfp4"),
+    ap.add_argument("--weight-storage", default="8bit", choices=("8bit", "nvfp4", "nvfp4-resident"),
                     help="ditbake build's storage of the 8-bit layers (nvfp4: 4.5 bits shipped, 8-bit resident; "
                          "random weights, so rounded to nearest: speed and bytes only)")
     ap.add_argument("--fidelity-method", default="ditbake TDC per step, linear extrapolation",

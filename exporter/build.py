@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PRODUCER_VERSION = "0.1.0"
 BUILD_BACKENDS = ("eager", "aoti", "tensorrt")
-WEIGHT_STORAGE = ("8bit", "nvfp4")  # how a layer run only in 8 bits is stored
+WEIGHT_STORAGE = ("8bit", "nvfp4", "nvfp4-resident")  # how a layer run only in 8 bits is stored
 
 
 def check_plan_fits(adapter: Adapter, plan: Plan) -> None:
@@ -54,7 +54,8 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
     tokenizer(s) and VAE decoder (exporter/build_components.py), so the artifact serves text → frames.
     An existing `out` is replaced only when it is an earlier artifact or with `force`
     (runtime/outputs.py). `weight_storage="nvfp4"`: layers run only in 8 bits are stored in NVFP4
-    and materialized in 8 bits at load (runtime/weights_4bit.py); `hessians` (exporter/gptq.py's
+    and materialized in 8 bits at load (runtime/weights_4bit.py); "nvfp4-resident": the same NVFP4
+    tensors stay resident and each call makes the 8-bit weight in the graph; `hessians` (exporter/gptq.py's
     `collect_hessians`) round NVFP4-stored layers by GPTQ instead of to nearest."""
     if backend not in BUILD_BACKENDS:
         raise BackendError(f"backend {backend!r} cannot be built yet; available: {BUILD_BACKENDS}")
@@ -74,11 +75,13 @@ def build(adapter: Adapter, plan: Plan, out: str | Path, *, profiles: list[Profi
         # layers some variant runs below bf16: NVFP4 (quantized from the original weights); the
         # 16-bit weight stays only where a variant still runs it in bf16
         absent = set(adapter.absent_linears)
-        from_nvfp4 = (nvfp4_stored_8bit_layers(plan, adapter.arch.BLOCK_PREFIX, absent)
-                      if weight_storage == "nvfp4" else {})
+        resident = weight_storage == "nvfp4-resident"
+        as_nvfp4 = (nvfp4_stored_8bit_layers(plan, adapter.arch.BLOCK_PREFIX, absent)
+                    if weight_storage != "8bit" else {})
         weights = quantize_weights({k: v.cpu() for k, v in adapter.weights().items()}, weights, plan,
-                                   adapter.arch.BLOCK_PREFIX, absent, nvfp4_8bit=from_nvfp4, hessians=hessians,
-                                   gptq_device=device)
+                                   adapter.arch.BLOCK_PREFIX, absent, nvfp4_8bit=as_nvfp4, hessians=hessians,
+                                   gptq_device=device, resident=resident)
+        from_nvfp4 = {} if resident else as_nvfp4  # converted at load; resident ones in the graph
         for p in profiles:
             weights.update({k: v.contiguous() for k, v in adapter.profile_tensors(p.to_json()).items()})
         save_file(weights, str(tmp / WEIGHTS))

@@ -58,13 +58,14 @@ def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.T
                      absent: Collection[tuple[int, str]] = frozenset(), *,
                      nvfp4_8bit: Collection[str] = frozenset(),
                      hessians: dict[str, torch.Tensor] | None = None,
-                     gptq_device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                     gptq_device: str | torch.device = "cpu", resident: bool = False) -> dict[str, torch.Tensor]:
     """`weights` (already cast to the artifact dtype) with NVFP4 layers added and unused 16-bit
     weights dropped; quantized from `source` (the model's original-precision weights).
     `nvfp4_8bit`: layers run in 8 bits that are stored in NVFP4 instead (`nvfp4_stored_8bit_layers`;
     runtime/weights_4bit.py materializes them at load). `hessians`: layer → input second moment
     (exporter/gptq.py); an NVFP4 layer without a Hadamard that has one is rounded by GPTQ, the
-    others to nearest, on `gptq_device` (a CUDA device rounds the 1.3B's 300 layers in about a minute;
+    others to nearest, on `gptq_device`. `resident`: mark the `nvfp4_8bit` layers `L.nvfp4_as_8bit` so the
+    runtime converts them per call instead of at load (`--weight-storage nvfp4-resident`), (a CUDA device rounds the 1.3B's 300 layers in about a minute;
     the CPU takes many)."""
     hadamard = {f"{block_prefix}{b}.{name}" for b, name in (plan.predicted.get("precision") or {}).get("hadamard", ())}
     hessians = hessians or {}
@@ -91,6 +92,8 @@ def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.T
             out[layer + ".nvfp4_global_scale"] = t.global_scale.reshape(()).to(torch.float32).contiguous()
             if had:
                 out[layer + ".nvfp4_hadamard"] = torch.ones(1, dtype=torch.uint8)
+            if as_nvfp4 and resident:
+                out[layer + ".nvfp4_as_8bit"] = torch.ones(1, dtype=torch.uint8)
         for fmt in WEIGHT_8BIT_FORMATS:
             if fmt in precisions and not as_nvfp4:
                 q, scale = quantize_weight_per_channel(source_weight, fmt)

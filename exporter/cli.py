@@ -540,9 +540,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
                    help="store a pipeline directory's text encoder(s), tokenizer(s) and VAE decoder")
     p.add_argument("--negative-prompt", help="default negative prompt of the artifact (default: the calibration's)")
-    p.add_argument("--weight-storage", choices=("8bit", "nvfp4"), default="8bit",
-                   help="how layers the plan runs only in 8 bits are stored: 8bit weights, or NVFP4 (4.5 bits per "
-                        "weight) that the loader turns into 8-bit weights (runtime/weights_4bit.py)")
+    p.add_argument("--weight-storage", choices=("8bit", "nvfp4", "nvfp4-resident"), default="8bit",
+                   help="how layers the plan runs only in 8 bits are stored: 8bit weights; NVFP4 (4.5 bits per "
+                        "weight) that the loader turns into 8-bit weights; or NVFP4 kept in memory too, turned "
+                        "into 8-bit weights at each call (runtime/weights_4bit.py)")
     p.add_argument("--gptq", action="store_true",
                    help="round NVFP4 weights by GPTQ with the calibration's hessians.safetensors "
                         "(calibrate --gptq-hessians) instead of to nearest")

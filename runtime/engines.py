@@ -69,7 +69,8 @@ def variant_weight_names(weights: dict, arch, config: dict, index: int, variant:
     unread = set()
     for layer in runtime_arch.block_linears(arch, config, index):
         fmt = linear_format(stored, layer, precisions.get(layer, "bf16"))
-        unread.update(f"{layer}.{s}" for f, suffixes in LINEAR_FORMAT_TENSORS.items() if f != fmt for s in suffixes)
+        unread.update(f"{layer}.{s}" for f, suffixes in LINEAR_FORMAT_TENSORS.items() if f != fmt
+                      for s in suffixes if s not in LINEAR_FORMAT_TENSORS[fmt])  # nvfp4_8bit shares nvfp4's
     return [n for n in names if n not in unread]
 
 

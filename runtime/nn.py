@@ -91,7 +91,7 @@ def _8bit_from_producer(x: LinearInput, w: Weights, name: str, precision: str):
     if made is None:
         return None
     q, s, (lead, dtype) = made
-    qw, sw, bias = w[name + f".{precision}_weight"], w[name + f".{precision}_scale"], w.get(name + ".bias")
+    (qw, sw), bias = eight_bit_weight(w, name, precision), w.get(name + ".bias")
     if precision == "fp8":
         from ditbake.plugins.linear_fp8 import gemm_fp8  # noqa: PLC0415
 
@@ -161,25 +161,45 @@ def residual_normed_input(h: torch.Tensor, a: torch.Tensor, gate: torch.Tensor |
 
 
 def eight_bit_format(stored, name: str, precision: str) -> str | None:
-    """The 8-bit format layer `name` reads its input in at `precision` (int8 / fp8 with that weight stored),
-    else None."""
-    return precision if precision in ("fp8", "int8") and linear_format(stored, name, precision) == precision else None
+    """The 8-bit format layer `name` reads its input in at `precision` (int8 / fp8 with that weight stored,
+    or made from a resident NVFP4 weight), else None."""
+    if precision not in ("fp8", "int8"):
+        return None
+    return precision if linear_format(stored, name, precision) in (precision, NVFP4_AS_8BIT) else None
 
 
 # The tensors of each stored format of a linear layer `L` (`L.<suffix>`); `L.bias` serves them all.
+# `nvfp4_8bit`: a resident NVFP4 weight (marked `L.nvfp4_as_8bit`) turned into the plan's 8-bit weight
+# inside the graph at each call (runtime/weights_4bit.py), then the W8A8 kernels as for a stored one.
+NVFP4_AS_8BIT = "nvfp4_8bit"
 LINEAR_FORMAT_TENSORS = {"bf16": ("weight",), "fp8": ("fp8_weight", "fp8_scale"), "int8": ("int8_weight", "int8_scale"),
-                         "nvfp4": ("nvfp4_packed", "nvfp4_block_scales", "nvfp4_global_scale", "nvfp4_hadamard")}
+                         "nvfp4": ("nvfp4_packed", "nvfp4_block_scales", "nvfp4_global_scale", "nvfp4_hadamard"),
+                         NVFP4_AS_8BIT: ("nvfp4_packed", "nvfp4_block_scales", "nvfp4_global_scale", "nvfp4_as_8bit")}
 
 
 def linear_format(stored, name: str, precision: str) -> str:
     """The stored format `quantizable_linear` runs layer `name` in at `precision` (`stored`: the weight
-    names, any container): bf16 its 16-bit weight, fp8 / int8 their 8-bit weights where stored, else
-    (and for nvfp4) the NVFP4 weight."""
+    names, any container): bf16 its 16-bit weight, fp8 / int8 their 8-bit weights where stored, or the
+    resident NVFP4 weight converted per call where marked, else (and for nvfp4) the NVFP4 weight (W4A8)."""
     if precision == "bf16":
         return "bf16"
-    if precision in ("fp8", "int8") and f"{name}.{precision}_weight" in stored:
-        return precision
+    if precision in ("fp8", "int8"):
+        if f"{name}.{precision}_weight" in stored:
+            return precision
+        if f"{name}.nvfp4_as_8bit" in stored:
+            return NVFP4_AS_8BIT
     return "nvfp4"
+
+
+def eight_bit_weight(w: Weights, name: str, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [N, K], per-channel scale fp32 [N]) of layer `name` in 8-bit `fmt`: the stored ones, or
+    made from its resident NVFP4 weight by torch ops (traced into the engine: memory-bound, ≈ 2 bytes
+    moved per weight, against the GEMM's M·K·2 operations per weight at 32k tokens)."""
+    if f"{name}.{fmt}_weight" in w:
+        return w[f"{name}.{fmt}_weight"], w[f"{name}.{fmt}_scale"]
+    from ditbake.runtime.weights_4bit import nvfp4_to_8bit  # noqa: PLC0415
+
+    return nvfp4_to_8bit(w[name + ".nvfp4_packed"], w[name + ".nvfp4_block_scales"], w[name + ".nvfp4_global_scale"], fmt)
 
 
 def quantizable_linear(x: torch.Tensor | LinearInput, w: Weights, name: str, precision: str) -> torch.Tensor:
@@ -203,14 +223,16 @@ def quantizable_linear(x: torch.Tensor | LinearInput, w: Weights, name: str, pre
     fmt = linear_format(w, name, precision)
     if fmt == "bf16":
         return dense(x, w, name)
+    if fmt == NVFP4_AS_8BIT:
+        fmt = precision
     if fmt == "fp8":
         from ditbake.plugins.linear_fp8 import linear_fp8  # noqa: PLC0415
 
-        return linear_fp8(x, w[name + ".fp8_weight"], w[name + ".fp8_scale"], w.get(name + ".bias"))
+        return linear_fp8(x, *eight_bit_weight(w, name, "fp8"), w.get(name + ".bias"))
     if fmt == "int8":
         from ditbake.plugins.linear_int8 import linear_int8  # noqa: PLC0415
 
-        return linear_int8(x, w[name + ".int8_weight"], w[name + ".int8_scale"], w.get(name + ".bias"))
+        return linear_int8(x, *eight_bit_weight(w, name, "int8"), w.get(name + ".bias"))
     packed = w.get(name + ".nvfp4_packed")
     if packed is None:
         raise ArtifactError(f"layer {name} is planned at {precision} but the artifact stores no weight in that "
@@ -277,9 +299,9 @@ def int8_gelu_gemm(x, w: Weights, up: str, down: str, precisions: dict[str, str]
     [M], lead shape, dtype of x), else None. x: a tensor or a LinearInput."""
     if not all(eight_bit_format(w, n, precisions.get(n, "bf16")) == "int8" for n in (up, down)):
         return None
-    qw, bias = w[up + ".int8_weight"], w.get(up + ".bias")
-    if not qw.is_cuda:
+    if not w[up + (".int8_weight" if up + ".int8_weight" in w else ".nvfp4_packed")].is_cuda:
         return None
+    (qw, sw), bias = eight_bit_weight(w, up, "int8"), w.get(up + ".bias")
     from ditbake.plugins import gemm_w8a8_cutlass  # noqa: PLC0415
     from ditbake.plugins.int8 import quantize_rows  # noqa: PLC0415
 
@@ -292,7 +314,7 @@ def int8_gelu_gemm(x, w: Weights, up: str, down: str, precisions: dict[str, str]
         q, s = quantize_rows(raw.reshape(-1, raw.shape[-1]), "int8")
     if dtype != torch.bfloat16 or not gemm_w8a8_cutlass.cutlass_gemm_applies(q, qw, torch.bfloat16, bias):
         return None
-    h, amax = torch.ops.ditbake.gemm_w8a8_gelu_cutlass(q, s.reshape(-1), qw, w[up + ".int8_scale"], bias, 0)
+    h, amax = torch.ops.ditbake.gemm_w8a8_gelu_cutlass(q, s.reshape(-1), qw, sw, bias, 0)
     return h, amax, lead, dtype
 
 

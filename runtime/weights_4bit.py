@@ -11,6 +11,11 @@ conversion `mixed_linear`'s W4A8 path makes in-kernel at every call).
 
 The build traces its engines with the same materialized weights (`materialize`), so an engine
 reads `L.int8_weight` / `L.int8_scale` exactly as for an artifact that stores them.
+
+`--weight-storage nvfp4-resident` keeps the NVFP4 tensors in GPU memory as well: such a layer carries
+the marker `L.nvfp4_as_8bit` instead of a manifest entry, and `runtime/nn.py` makes its 8-bit weight
+from them inside the graph at every call (`nvfp4_to_8bit`: the same numbers, recomputed), so resident
+weights are 4.5 bits too, for a memory-bound conversion per layer call.
 """
 from __future__ import annotations
 
@@ -47,20 +52,31 @@ def check(layers, weights: dict, planned: dict[str, set[str]] | None = None) -> 
     return dict(layers)
 
 
+def nvfp4_to_8bit(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                  fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit weight [N, K] and per-channel scale fp32 [N] of an NVFP4 weight: dequantized exactly
+    (FP32) and quantized per output channel as the build quantizes 8-bit weights. Torch ops only, so
+    `--weight-storage nvfp4-resident` engines trace it (the weight stays 4.5 bits in memory)."""
+    from ditbake.plugins.int8 import quantize_weight_per_channel  # noqa: PLC0415
+    from ditbake.plugins.nvfp4 import NVFP4Tensor, dequantize_nvfp4  # noqa: PLC0415
+
+    n, k = packed.shape[0], packed.shape[1] * 2
+    w = dequantize_nvfp4(NVFP4Tensor(packed, block_scales, global_scale.reshape(()), torch.Size((n, k))))
+    return quantize_weight_per_channel(w, fmt)
+
+
 def materialize(weights: dict[str, torch.Tensor], layers: dict[str, str]) -> dict[str, torch.Tensor]:
     """`weights` with each listed layer's NVFP4 tensors replaced by its 8-bit weight and per-channel
     scale, computed on the tensors' device (a new dict; `weights` is not changed)."""
     if not layers:
         return weights
-    from ditbake.plugins.int8 import quantize_weight_per_channel  # noqa: PLC0415
-    from ditbake.plugins.nvfp4 import NVFP4Tensor, check_nvfp4_weight, dequantize_nvfp4  # noqa: PLC0415
+    from ditbake.plugins.nvfp4 import check_nvfp4_weight  # noqa: PLC0415
 
     out = dict(weights)
     for layer, fmt in layers.items():
         packed, scales, global_scale = (out.pop(f"{layer}.{s}") for s in NVFP4_SUFFIXES)
-        n, k = check_nvfp4_weight(packed, scales, global_scale)
-        w = dequantize_nvfp4(NVFP4Tensor(packed, scales, global_scale.reshape(()), torch.Size((n, k))))
-        q, scale = quantize_weight_per_channel(w, fmt)
+        check_nvfp4_weight(packed, scales, global_scale)
+        q, scale = nvfp4_to_8bit(packed, scales, global_scale, fmt)
         out[f"{layer}.{fmt}_weight"] = q.contiguous()
         out[f"{layer}.{fmt}_scale"] = scale.contiguous()
     return out

@@ -36,6 +36,10 @@ def _build(adapter, plan, path, **kw):
                          samplers=["unipc"], dtype=torch.float32, progress=False, **kw)
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return adapter_for(models.load("tiny-wan"))
@@ -71,10 +75,11 @@ def test_nvfp4_storage_loads_the_8bit_weights_of_the_dequantized_nvfp4_weight(ti
     got = load(art).generate(embeds, latents=latents, guidance_scale=4.0).latents
     want = load(ref).generate(embeds, latents=latents, guidance_scale=4.0).latents
     plain = load(_build(tiny, plan, tmp_path / "plain")).generate(embeds, latents=latents, guidance_scale=4.0).latents
-    # same weights, same ops: only fp32 rounding of differently aligned buffers differs (measured 1.3e-6
-    # absolute), three orders of magnitude below what the NVFP4 rounding itself moves the output
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (plain - want).abs().max() > 1e-3
+    # same weights (equal above), same ops: only fp32 rounding of differently aligned buffers differs
+    # (≈ 1e-6), which at times flips an activation's INT8 rounding, and three CFG steps of this random
+    # model amplify a flip (measured up to 1.8e-3 relative L2); what the NVFP4 rounding itself moves the
+    # output is ≈ 30× more
+    assert _rel(got, want) < 0.1 * _rel(plain, want), (_rel(got, want), _rel(plain, want))
     assert (art / WEIGHTS).stat().st_size < (ref / WEIGHTS).stat().st_size
 
 
@@ -137,3 +142,53 @@ def test_stored_8bit_copy_beside_the_nvfp4_one_is_refused(tiny, tmp_path):
     del weights["l.int8_weight"]
     out = weights_4bit.materialize(weights, weights_4bit.check({"l": "int8"}, weights))
     assert out["l.int8_weight"].shape == (4, 16) and "l.nvfp4_packed" not in out and "l.nvfp4_packed" in weights
+
+
+def test_resident_nvfp4_converts_in_the_graph_and_matches_load_time_conversion(tiny, tmp_path, rng_seed):
+    """`nvfp4-resident`: the NVFP4 tensors stay in the session's weights (marked, no manifest entry, no
+    8-bit copy), each call makes the 8-bit weight, and the latents equal the load-time conversion's."""
+    from ditbake.runtime.engines import variant_weight_names
+
+    plan = _plan(tiny, bf16_layer="attn1.to_q")
+    resident = _build(tiny, plan, tmp_path / "r", weight_storage="nvfp4-resident")
+    loaded = _build(tiny, plan, tmp_path / "l", weight_storage="nvfp4")
+    manifest = json.loads((resident / MANIFEST).read_text())
+    assert weights_4bit.MANIFEST_KEY not in manifest
+    layers = nvfp4_stored_8bit_layers(plan)
+    session = load(resident)
+    for layer in layers:
+        assert f"{layer}.nvfp4_as_8bit" in session.weights and f"{layer}.int8_weight" not in session.weights
+    # the engine of a block reads the NVFP4 tensors and the marker of its converted layers
+    names = variant_weight_names(session.weights, session.arch, tiny.config, 1, plan.variants[0])
+    assert {"ffn.net.2.nvfp4_packed", "ffn.net.2.nvfp4_as_8bit", "ffn.net.2.nvfp4_global_scale"} <= set(names)
+    assert not any(n.endswith(".nvfp4_hadamard") or n.endswith("int8_weight") for n in names)
+    resident_bytes = sum(t.numel() * t.element_size() for t in session.weights.values())
+    loaded_bytes = sum(t.numel() * t.element_size() for t in load(loaded).weights.values())
+    assert resident_bytes < loaded_bytes
+    gen = torch.Generator().manual_seed(rng_seed)
+    embeds, latents = torch.randn(1, 8, 32, generator=gen), torch.randn(1, *tiny.latent_shape(2, 8, 8), generator=gen)
+    got = session.generate(embeds, latents=latents, guidance_scale=4.0).latents
+    want = load(loaded).generate(embeds, latents=latents, guidance_scale=4.0).latents
+    plain = load(_build(tiny, plan, tmp_path / "p")).generate(embeds, latents=latents, guidance_scale=4.0).latents
+    assert _rel(got, want) < 0.1 * _rel(plain, want)  # the same 8-bit weights, made per call (see above)
+
+
+@pytest.mark.slow
+def test_resident_nvfp4_compiles_into_aoti_engines(tiny, tmp_path, rng_seed):
+    """The per-call conversion traces into the block engines (CPU AOTInductor): the engine's inputs are
+    the NVFP4 tensors and its output equals the eager session's."""
+    plan = _plan(tiny)
+    art = _build(tiny, plan, tmp_path / "a", weight_storage="nvfp4-resident", backend="aoti")
+    manifest = json.loads((art / MANIFEST).read_text())
+    block = next(e for e in manifest["engines"] if e["key"].startswith("block"))
+    assert any(n.endswith(".nvfp4_as_8bit") for n in block["inputs"]) and not any("int8_weight" in n for n in block["inputs"])
+    gen = torch.Generator().manual_seed(rng_seed)
+    embeds, latents = torch.randn(1, 8, 32, generator=gen), torch.randn(1, *tiny.latent_shape(2, 8, 8), generator=gen)
+    got = load(art).generate(embeds, latents=latents, guidance_scale=4.0).latents
+    eager = _build(tiny, plan, tmp_path / "e", weight_storage="nvfp4-resident")
+    want = load(eager).generate(embeds, latents=latents, guidance_scale=4.0).latents
+    # Inductor's fp32 op order differs from eager's by ~1e-6 (measured after one step: ≤ 3e-6 absolute);
+    # over three CFG steps that can flip activations' INT8 rounding (measured up to 1.8e-3 relative L2),
+    # far below what the NVFP4 rounding itself moves the output
+    plain = load(_build(tiny, plan, tmp_path / "p")).generate(embeds, latents=latents, guidance_scale=4.0).latents
+    assert _rel(got, want) < 0.1 * _rel(plain, want), (_rel(got, want), _rel(plain, want))
