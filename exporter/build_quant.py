@@ -104,6 +104,9 @@ def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.T
         if "bf16" not in precisions:
             del out[layer + ".weight"]
             dropped += 1
+    if hessians and not gptq:
+        log.warning("GPTQ statistics were given but no layer is stored in plain NVFP4 (the plan runs none below 8 "
+                    "bits and --weight-storage is 8bit): every weight is stored as without them")
     if any(stored.values()):
         log.info("quantized weights stored: %s layers in NVFP4 (%d with Hadamard, %d rounded by GPTQ, %d loaded as "
                  "8-bit), %s in FP8, %s in INT8; 16-bit weight dropped for %d", stored["nvfp4"],

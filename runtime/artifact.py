@@ -185,7 +185,8 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: 
     if unknown:
         raise ArtifactError(f"sampler tables name unknown shape profiles {sorted(unknown)}; rebuild the artifact")
     check_fits_model(manifest, plan, weights, profiles)
-    from_nvfp4 = weights_4bit.check(manifest.get(weights_4bit.MANIFEST_KEY), weights,
-                                    plan.layer_precisions(runtime_arch.get(manifest["model"]["architecture"]).BLOCK_PREFIX))
-    weights = weights_4bit.materialize(weights, from_nvfp4)
+    listed = manifest.get(weights_4bit.MANIFEST_KEY)
+    if listed is not None:  # 8-bit layers shipped as NVFP4: made 8-bit here, once
+        prefix = runtime_arch.get(manifest["model"]["architecture"]).BLOCK_PREFIX
+        weights = weights_4bit.materialize(weights, weights_4bit.check(listed, weights, plan.layer_precisions(prefix)))
     return Artifact(path, manifest, plan, samplers, profiles, weights, profile_samplers)

@@ -104,9 +104,12 @@ def test_gptq_hessians_change_the_stored_rounding(tiny, tmp_path, rng_seed):
     assert err_gptq < err_rtn
 
 
-def test_default_storage_is_unchanged_and_unknown_storage_is_refused(tiny, tmp_path):
+def test_default_storage_is_unchanged_and_unknown_storage_is_refused(tiny, tmp_path, caplog):
     plan = _plan(tiny)
-    art = _build(tiny, plan, tmp_path / "d")
+    k = tiny.weights()["blocks.0.ffn.net.2.weight"].shape[1]
+    with caplog.at_level("WARNING"):  # statistics with nothing to round: said, not silently dropped
+        art = _build(tiny, plan, tmp_path / "d", hessians={"blocks.0.ffn.net.2": torch.eye(k)})
+    assert "no layer is stored in plain NVFP4" in caplog.text
     manifest = json.loads((art / MANIFEST).read_text())
     assert weights_4bit.MANIFEST_KEY not in manifest
     assert "blocks.0.attn1.to_q.int8_weight" in manifest["tensors"]
