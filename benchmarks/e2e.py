@@ -442,7 +442,7 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
     from ditbake.exporter.adapters import adapter_for
     from ditbake.exporter.build import build
     from ditbake.runtime import load
-    from ditbake.runtime.artifact import Profile
+    from ditbake.runtime.artifact import WEIGHTS, Profile
     from ditbake.runtime.plan import Plan
 
     torch.manual_seed(0)
@@ -484,7 +484,7 @@ def run_ditbake(args, cfg, latent, text_len, dev, dtype) -> dict:
     build_s = time.perf_counter() - t0
     # what ships (weights.safetensors) vs the bf16 transformer: NVFP4 storage makes these differ from
     # the resident weight bytes, which hold the 8-bit weights the loader materializes
-    file_bytes = (Path(path) / "weights.safetensors").stat().st_size
+    file_bytes = (Path(path) / WEIGHTS).stat().st_size
     bf16_bytes = sum(t.numel() * 2 for t in adapter.weights().values())
     del model, adapter
     session = load(path, device=dev)

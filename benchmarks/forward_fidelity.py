@@ -128,7 +128,7 @@ def run(args) -> dict:
     from ditbake.exporter.build import build
     from ditbake.exporter.evaluate import evaluate
     from ditbake.exporter.testbed.models import data_spec_of
-    from ditbake.runtime.artifact import Profile
+    from ditbake.runtime.artifact import WEIGHTS, Profile
 
     dtype = getattr(torch, args.dtype)
     spec = data_spec_of(args.model)
@@ -152,9 +152,10 @@ def run(args) -> dict:
     names = list(variants) + list(plans) + ([FLOOR] if args.dtype == "bfloat16" and not plans else [])
     if args.only:
         names = [n for n in names if re.search(args.only, n)]
-    storage = {n: "8bit" for n in names}  # row → weight storage; rows beyond 8bit get a suffix
-    storage.update({f"{n} [weights {w}]": w for n in names if n != FLOOR for w in args.weight_list if w != "8bit"})
-    names = [n for n in storage if "8bit" in args.weight_list or storage[n] != "8bit" or n == FLOOR]
+    # row → (the configuration it scores, its weight storage); rows beyond 8bit get a suffix
+    storage = {n: (n, "8bit") for n in names}
+    storage.update({f"{n} [weights {w}]": (n, w) for n in names if n != FLOOR for w in args.weight_list if w != "8bit"})
+    names = [n for n, (_, w) in storage.items() if "8bit" in args.weight_list or w != "8bit" or n == FLOOR]
     prompts = held_out_captions(spec, args.prompts)
     embed = Embedder(args.embeds)
     embeds = embed(prompts)
@@ -186,9 +187,8 @@ def run(args) -> dict:
         hessians = {}
 
         def built(name: str, variant, build_dtype) -> Path:
-            base = name.split(" [weights ")[0]
+            base, weights = storage.get(name, (name, "8bit"))
             plan = plans[base] if base in plans else single_variant_plan(adapter, variant, args.steps)
-            weights = storage.get(name, "8bit")
             if weights == "nvfp4-gptq" and not hessians:
                 hessians.update(gptq_statistics(adapter, args, spec, embed, latent, device))
             return build(adapter, plan, Path(tmp) / f"a{next(count)}", profiles=[profile], samplers=[args.sampler],
@@ -203,7 +203,7 @@ def run(args) -> dict:
                 if name == FLOOR:
                     path, ref = reference, built(FLOOR, reference_variant, torch.float32)
                 else:
-                    path, ref = built(name, variants.get(name.split(" [weights ")[0]), dtype), reference
+                    path, ref = built(name, variants.get(storage[name][0]), dtype), reference
                 r = evaluate(path, ref, prompts=prompts, seeds=args.seed_list, guidance_scale=args.guidance,
                              sampler=args.sampler, progress=False, device=device, embeddings=embeddings)
                 s = r.summary()
@@ -213,8 +213,8 @@ def run(args) -> dict:
                               "attention_flops_fraction": r.attention_flops_fraction,
                               "avg_activation_bits": r.avg_activation_bits,
                               "seconds_per_generation": r.seconds_compressed / len(r.samples),
-                              "weight_storage": storage.get(name, "8bit"),
-                              "weight_file_bytes": (path / "weights.safetensors").stat().st_size,
+                              "weight_storage": storage[name][1],
+                              "weight_file_bytes": (path / WEIGHTS).stat().st_size,
                               "seconds": time.perf_counter() - t0}
             except Exception as exc:  # noqa: BLE001 - one row's kernel failing must not hide the others
                 rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}", "seconds": time.perf_counter() - t0}

@@ -30,27 +30,18 @@ from collections.abc import Collection
 
 import torch
 
-from ditbake.plugins.int8 import quantize_weight_per_channel
+from ditbake.plugins.int8 import EIGHT_BIT_FORMATS, quantize_weight_per_channel
 from ditbake.plugins.mixed_linear import prepare_nvfp4_weight
 from ditbake.runtime.plan import Plan
 
 log = logging.getLogger(__name__)
 
-WEIGHT_8BIT_FORMATS = ("fp8", "int8")
-
-
-def layer_precisions(plan: Plan, block_prefix: str = "blocks.",
-                     absent: Collection[tuple[int, str]] = frozenset()) -> dict[str, set[str]]:
-    """Full layer name → the precisions it may run at (`Plan.layer_precisions`)."""
-    return plan.layer_precisions(block_prefix, absent)
-
-
 def nvfp4_stored_8bit_layers(plan: Plan, block_prefix: str = "blocks.",
                              absent: Collection[tuple[int, str]] = frozenset()) -> dict[str, str]:
     """Layers `--weight-storage nvfp4` stores in NVFP4 and the loader materializes in 8 bits: those
     the plan runs in exactly one 8-bit format (int8 or fp8) and nothing else."""
-    return {layer: next(iter(p)) for layer, p in sorted(layer_precisions(plan, block_prefix, absent).items())
-            if len(p) == 1 and next(iter(p)) in WEIGHT_8BIT_FORMATS}
+    return {layer: next(iter(p)) for layer, p in sorted(plan.layer_precisions(block_prefix, absent).items())
+            if len(p) == 1 and next(iter(p)) in EIGHT_BIT_FORMATS}
 
 
 def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], plan: Plan,
@@ -64,15 +55,15 @@ def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.T
     `nvfp4_8bit`: layers run in 8 bits that are stored in NVFP4 instead (`nvfp4_stored_8bit_layers`;
     runtime/weights_4bit.py materializes them at load). `hessians`: layer → input second moment
     (exporter/gptq.py); an NVFP4 layer without a Hadamard that has one is rounded by GPTQ, the
-    others to nearest, on `gptq_device`. `resident`: mark the `nvfp4_8bit` layers `L.nvfp4_as_8bit` so the
-    runtime converts them per call instead of at load (`--weight-storage nvfp4-resident`), (a CUDA device rounds the 1.3B's 300 layers in about a minute;
-    the CPU takes many)."""
+    others to nearest, on `gptq_device` (a CUDA device rounds the 1.3B's 300 layers in about a minute;
+    the CPU takes many). `resident`: mark the `nvfp4_8bit` layers `L.nvfp4_as_8bit` so the runtime
+    converts them per call instead of at load (`--weight-storage nvfp4-resident`)."""
     hadamard = {f"{block_prefix}{b}.{name}" for b, name in (plan.predicted.get("precision") or {}).get("hadamard", ())}
     hessians = hessians or {}
     out = dict(weights)
     stored = {"nvfp4": 0, "fp8": 0, "int8": 0}
     dropped = gptq = 0
-    for layer, precisions in sorted(layer_precisions(plan, block_prefix, absent).items()):
+    for layer, precisions in sorted(plan.layer_precisions(block_prefix, absent).items()):
         if precisions == {"bf16"}:
             continue
         source_weight = source[layer + ".weight"].float()
@@ -94,7 +85,7 @@ def quantize_weights(source: dict[str, torch.Tensor], weights: dict[str, torch.T
                 out[layer + ".nvfp4_hadamard"] = torch.ones(1, dtype=torch.uint8)
             if as_nvfp4 and resident:
                 out[layer + ".nvfp4_as_8bit"] = torch.ones(1, dtype=torch.uint8)
-        for fmt in WEIGHT_8BIT_FORMATS:
+        for fmt in EIGHT_BIT_FORMATS:
             if fmt in precisions and not as_nvfp4:
                 q, scale = quantize_weight_per_channel(source_weight, fmt)
                 out[f"{layer}.{fmt}_weight"] = q.contiguous()

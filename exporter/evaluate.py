@@ -300,13 +300,12 @@ def dequantize_missing_weights(session, plan) -> int:
     baseline plan can run on a quantized artifact. Returns how many layers needed it: for those the
     reference carries the weight quantization, so the comparison measures skips, heads and activation
     precision but not the NVFP4 weights (an uncompressed `--reference` build measures everything)."""
-    from ditbake.exporter.build_quant import layer_precisions  # noqa: PLC0415
     from ditbake.plugins.hadamard import fold_hadamard_into_weight  # noqa: PLC0415
     from ditbake.plugins.nvfp4 import NVFP4Tensor, dequantize_nvfp4  # noqa: PLC0415
 
     w = session.weights
     count = 0
-    for layer in layer_precisions(plan, session.arch.BLOCK_PREFIX):
+    for layer in plan.layer_precisions(session.arch.BLOCK_PREFIX):
         if layer + ".weight" in w:
             continue
         eight = next((f for f in ("fp8", "int8") if f"{layer}.{f}_weight" in w), None)

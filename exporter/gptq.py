@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 
@@ -176,8 +177,6 @@ def save_hessians(path, hessians: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from ditbake.runtime import atomic  # noqa: PLC0415
-
-    import os  # noqa: PLC0415
 
     fd, tmp = atomic.temp_file(path)
     os.close(fd)

@@ -24,7 +24,6 @@ import torch
 from ditbake.runtime.errors import ArtifactError
 
 MANIFEST_KEY = "weights_8bit_from_nvfp4"
-FORMATS = ("int8", "fp8")
 NVFP4_SUFFIXES = ("nvfp4_packed", "nvfp4_block_scales", "nvfp4_global_scale")
 
 
@@ -33,11 +32,13 @@ def check(layers, weights: dict, planned: dict[str, set[str]] | None = None) -> 
     precisions per layer, when given): typed errors for anything the loader could not honour."""
     if layers is None:
         return {}
+    from ditbake.plugins.int8 import EIGHT_BIT_FORMATS  # noqa: PLC0415 - the runtime loads plugins lazily
+
     if not isinstance(layers, dict):
         raise ArtifactError(f"manifest {MANIFEST_KEY} must be an object {{layer: format}}, got {type(layers).__name__}")
     for layer, fmt in layers.items():
-        if fmt not in FORMATS:
-            raise ArtifactError(f"manifest {MANIFEST_KEY}[{layer!r}] is {fmt!r}; expected one of {FORMATS}")
+        if fmt not in EIGHT_BIT_FORMATS:
+            raise ArtifactError(f"manifest {MANIFEST_KEY}[{layer!r}] is {fmt!r}; expected one of {EIGHT_BIT_FORMATS}")
         missing = [s for s in NVFP4_SUFFIXES if f"{layer}.{s}" not in weights]
         if missing:
             raise ArtifactError(f"layer {layer} is to be loaded from NVFP4 but weights.safetensors has no "

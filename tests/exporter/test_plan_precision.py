@@ -4,7 +4,6 @@ import torch
 
 from ditbake.exporter import build as builder, calibrate as cal, calibrate_precision as cp, models
 from ditbake.exporter.adapters import adapter_for
-from ditbake.exporter.build_quant import layer_precisions
 from ditbake.exporter.plan_cache import CacheConfig
 from ditbake.exporter.plan_pdr import PdrConfig, refresh_steps
 from ditbake.exporter.plan_precision import (BITS, PrecisionConfig, PrecisionConfigError, precision_tables,
@@ -167,8 +166,8 @@ def test_pdr_purifies_refreshes_and_keeps_outlier_layers_bf16(rng_seed):
     # the skip schedule is the same with and without PDR
     assert with_pdr.skip_fraction() == without.skip_fraction()
     # the build keeps layer d's 16-bit weight only when PDR runs it in bf16
-    assert layer_precisions(with_pdr)["blocks.0.d"] == {"nvfp4", "bf16"}
-    assert layer_precisions(without)["blocks.0.d"] == {"nvfp4"}
+    assert with_pdr.layer_precisions()["blocks.0.d"] == {"nvfp4", "bf16"}
+    assert without.layer_precisions()["blocks.0.d"] == {"nvfp4"}
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +225,13 @@ def test_build_stores_nvfp4_and_8bit_weights_and_eager_runtime_matches_reference
                          dtype=torch.float32, progress=False)
     session = load(path)
     w = session.weights
-    name = next(layer for layer, ps in layer_precisions(plan).items() if "nvfp4" in ps)
+    name = next(layer for layer, ps in plan.layer_precisions().items() if "nvfp4" in ps)
     assert w[name + ".nvfp4_packed"].dtype == torch.uint8
     assert w[name + ".nvfp4_block_scales"].dtype == torch.float8_e4m3fn
     assert w[name + ".nvfp4_global_scale"].dtype == torch.float32
-    int8_layer = next(layer for layer, ps in layer_precisions(plan).items() if "int8" in ps)
+    int8_layer = next(layer for layer, ps in plan.layer_precisions().items() if "int8" in ps)
     assert w[int8_layer + ".int8_weight"].dtype == torch.int8 and w[int8_layer + ".int8_scale"].dtype == torch.float32
-    precisions = layer_precisions(plan)
+    precisions = plan.layer_precisions()
     for layer, ps in precisions.items():  # each format the layer runs in is stored, and only those
         assert (layer + ".weight" in w) == ("bf16" in ps)
         assert (layer + ".nvfp4_packed" in w) == ("nvfp4" in ps) and (layer + ".int8_weight" in w) == ("int8" in ps)
